@@ -1,0 +1,10 @@
+"""dualrpo-mcore: DualRPO (certainty-modulated GRPO) for vision-language models on Megatron-Core.
+
+Public entry points (stable, see DESIGN.md section 3)::
+
+    from dualrpo_mcore.algo import self_certainty, shape_rewards, group_advantages, kl_coefficient
+    from dualrpo_mcore.ops import token_stats
+    from dualrpo_mcore.verifiers import verify
+"""
+
+__version__ = "0.1.0"

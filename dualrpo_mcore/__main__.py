@@ -1,0 +1,5 @@
+import sys
+
+from dualrpo_mcore.cli import main
+
+sys.exit(main())

@@ -1,0 +1,59 @@
+"""The ``dualrpo`` command line (also ``python -m dualrpo_mcore``).
+
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
+this file only maps names to modules, so subsystems add commands without touching each other.
+A name whose module is not part of this build yet is left out of ``--help`` rather than
+offered as a stub.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "train": ("dualrpo_mcore.trainer.cli", "run DualRPO / GRPO training"),
+    "sft": ("dualrpo_mcore.trainer.sft_cli", "supervised warm-start on the Megatron actor"),
+    "demo": ("dualrpo_mcore.trainer.demo", "the tiny CPU demo end to end"),
+    "convert": ("dualrpo_mcore.models.qwen2_5_vl.convert_cli", "HF <-> Megatron checkpoint conversion"),
+    "data": ("dualrpo_mcore.data.cli", "dataset tools (synthetic eight-task set, V-Triune conversion)"),
+    "bench": ("dualrpo_mcore.bench.cli", "benchmarks that print ratios against baselines"),
+    "plot": ("dualrpo_mcore.trainer.plot", "training curves from one or more runs"),
+    "plan": ("dualrpo_mcore.launch.plan", "per-GPU memory plan for a recipe"),
+    "launch": ("dualrpo_mcore.launch.cli", "launch a recipe through nemo-run"),
+}
+
+
+def available(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dualrpo", description="DualRPO trainer for vision-language models on Megatron-Core")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        if not available(module):
+            continue
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        mod = importlib.import_module(module)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

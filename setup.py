@@ -1,0 +1,62 @@
+"""Build script: package metadata lives in pyproject.toml; this file adds what is dynamic.
+
+The fused token-statistics extension under csrc/ is built by `dualrpo_build.py` (CMake driven
+from setuptools). Install with `pip install --no-build-isolation .` so the build sees the torch
+that is already installed instead of downloading another.
+"""
+import os
+import re
+import sys
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)  # PEP 517 backends do not put the project dir on sys.path
+
+
+def read_version():
+    with open(os.path.join(HERE, "dualrpo_mcore", "__init__.py")) as f:
+        return re.search(r'__version__ = "([^"]+)"', f.read()).group(1)
+
+
+# torch is left unpinned on purpose: a user's CUDA build must stay; CI installs the CPU
+# 2.13.0 wheel before this package so pip finds the requirement already satisfied.
+INSTALL_REQUIRES = [
+    "torch>=2.4",
+    "numpy>=1.24",
+    "sympy>=1.12",
+    "math-verify>=0.7",
+    "latex2sympy2_extended>=1.0",
+    "pillow>=10",
+    "tqdm>=4.60",
+]
+
+EXTRAS = {
+    "test": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100", "pycocotools>=2.0.7"],
+    "sglang": ["sglang>=0.5"],
+    "te": ["transformer-engine[pytorch]>=2.0"],
+    "launch": ["nemo-run==0.11.1", "leptonai==0.27.3"],
+}
+
+
+def extension_build():
+    """Return (ext_modules, cmdclass) for csrc/ when its build helper is present."""
+    try:
+        import dualrpo_build  # noqa: F401  (lives beside this file)
+    except ImportError:
+        return [], {}
+    return dualrpo_build.ext_modules(), dualrpo_build.cmdclass()
+
+
+ext_modules, cmdclass = extension_build()
+
+setup(
+    version=read_version(),
+    packages=find_packages(include=["dualrpo_mcore", "dualrpo_mcore.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    include_package_data=True,
+    zip_safe=False,
+)
