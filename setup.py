@@ -29,6 +29,15 @@ INSTALL_REQUIRES = [
     "latex2sympy2_extended>=1.0",
     "pillow>=10",
     "tqdm>=4.60",
+    "rapidfuzz>=3.0",
+    "megatron-core>=0.16.1,<0.17",
+    "transformers>=5.0,<6",
+    "datasets>=3.0",
+    "tokenizers>=0.20",
+    "safetensors>=0.4",
+    "pyarrow>=15",
+    "tensorboard>=2.15",
+    "matplotlib>=3.7",
 ]
 
 EXTRAS = {
