@@ -1,0 +1,146 @@
+"""Reading the answer span out of a model response, with hard length caps.
+
+Everything here is linear in the (capped) input: plain ``str.rfind`` scans and regexes without
+nested quantifiers, so a 1 MB adversarial response costs milliseconds, not minutes.
+"""
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+from dualrpo_mcore.verifiers.base import Unparsable
+
+# Final answers live at the end of a response; looking further back only costs time.
+TAIL_CHARS = 4096
+MAX_SPAN_CHARS = 2048
+_MAX_BOXED_TRIES = 16
+
+FALLBACKS = ("none", "last_line", "full")
+
+
+def tail(text: str, n: int = TAIL_CHARS) -> str:
+    return text[-n:] if len(text) > n else text
+
+
+def _balanced_from(text: str, open_idx: int) -> Optional[str]:
+    """Content of the brace group opening at ``text[open_idx] == '{'`` or None if unclosed."""
+    depth = 0
+    for j in range(open_idx, min(len(text), open_idx + MAX_SPAN_CHARS + 2)):
+        c = text[j]
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return text[open_idx + 1:j]
+    return None
+
+
+def last_boxed(text: str) -> Optional[str]:
+    """Content of the last complete ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces allowed)."""
+    end = len(text)
+    for _ in range(_MAX_BOXED_TRIES):
+        i = max(text.rfind("\\boxed", 0, end), text.rfind("\\fbox", 0, end))
+        if i < 0:
+            return None
+        j = i + (6 if text.startswith("\\boxed", i) else 5)
+        while j < len(text) and text[j] == " ":
+            j += 1
+        if j < len(text) and text[j] == "{":
+            inner = _balanced_from(text, j)
+            if inner is not None:
+                return inner
+        elif j < len(text) and text.startswith("\\boxed ", i):
+            # ``\boxed 5`` (TeX allows a single-token argument)
+            m = re.match(r"[^\s$]+", text[j:j + 64])
+            if m:
+                return m.group(0)
+        end = i
+    return None
+
+
+def last_answer_tag(text: str) -> Optional[str]:
+    """Content of the last ``<answer>...</answer>`` pair (case-insensitive tags)."""
+    low = text.lower()
+    close = low.rfind("</answer>")
+    if close < 0:
+        return None
+    open_ = low.rfind("<answer>", 0, close)
+    if open_ < 0:
+        return None
+    return text[open_ + len("<answer>"):close]
+
+
+def answer_span(response: str, fallback: str = "none", *, prefer_boxed: bool = True) -> str:
+    """The text holding the final answer.
+
+    Order: the last ``<answer>`` block (and inside it a ``\\boxed`` if present), else the last
+    ``\\boxed``, else ``fallback``: ``none`` (raise :class:`Unparsable`), ``last_line`` (the last
+    non-empty line) or ``full`` (the whole capped tail).
+    """
+    text = tail(response)
+    tagged = last_answer_tag(text)
+    if tagged is not None:
+        if prefer_boxed:
+            boxed = last_boxed(tagged)
+            if boxed is not None:
+                return boxed.strip()
+        return tagged.strip()[-MAX_SPAN_CHARS:]
+    if prefer_boxed:
+        boxed = last_boxed(text)
+        if boxed is not None:
+            return boxed.strip()
+    if fallback == "last_line":
+        for line in reversed(text.splitlines()):
+            if line.strip():
+                return line.strip()[-MAX_SPAN_CHARS:]
+        raise Unparsable("empty response")
+    if fallback == "full":
+        if not text.strip():
+            raise Unparsable("empty response")
+        return text.strip()[-MAX_SPAN_CHARS:]
+    raise Unparsable("no \\boxed{} or <answer> block")
+
+
+_TEXT_CMD = re.compile(r"\\(?:text|textbf|mathrm|mathbf|textit|mbox)\s*\{([^{}]{0,200})\}")
+
+
+def strip_latex_text(s: str) -> str:
+    """``\\text{B}`` -> ``B``; removes ``$`` math delimiters (one level of text commands)."""
+    s = _TEXT_CMD.sub(r"\1", s)
+    return s.replace("$", "").replace("\\(", "").replace("\\)", "").strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# numbers
+
+_NUM_RE = re.compile(
+    r"(?<![\w.])([-+\u2212]?)"
+    r"(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
+    r"(?:[eE]([-+]?\d{1,4}))?"
+    r"(\s*(?:\\?%|percent\b))?"
+)
+
+
+def find_numbers(s: str, limit: int = 256):
+    """``[(value: float, is_percent: bool, start, end)]`` for plain-text numbers in ``s``.
+
+    Handles signs (including U+2212), thousands separators ``1,234.5``, scientific ``1.5e3``
+    and percent (``45%``, ``45\\%``, ``45 percent``). At most ``limit`` numbers are returned,
+    the last ones when there are more.
+    """
+    out = []
+    for m in _NUM_RE.finditer(s):
+        sign, digits, exp, pct = m.groups()
+        if len(digits) > 64:
+            continue
+        try:
+            val = float(digits.replace(",", "") + (f"e{exp}" if exp else ""))
+        except (ValueError, OverflowError):
+            continue
+        if sign in ("-", "\u2212"):
+            val = -val
+        out.append((val, bool(pct), m.start(), m.end()))
+        if len(out) > 2 * limit:
+            out = out[-limit:]
+    return out[-limit:]
