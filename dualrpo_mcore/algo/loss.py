@@ -1,0 +1,247 @@
+"""The DualRPO policy loss (DESIGN.md eq. 5): clipped surrogate + certainty-weighted KL, minimised.
+
+Sign convention: the objective to *maximise* per token is
+``J_t = min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A) - beta * KL_t``; the function
+returns ``loss = agg(-J_t)``, so ``loss.backward()`` followed by an optimiser step ascends J.
+With ratio == 1 and no KL the token-mean loss is exactly ``-mean_tokens(A)``.
+
+Per token, in order:
+
+1. ``ratio = exp(logp - old_logp)``, the log-ratio clamped to +-``log_ratio_clamp`` (default 20)
+   so exp cannot overflow; far beyond any clip range, so this only bites on broken inputs.
+2. Clipped surrogate ``pg = max(-A * ratio, -A * clip(ratio))``, with separate lower and upper
+   clip (clip-higher). Dual clip (``dual_clip = c > 1``): for A < 0 the loss is additionally
+   capped at ``-A * c``, so a token whose ratio has run away above c stops pushing.
+3. Truncated importance sampling (``tis_cap``): ``pg *= min(exp(old_logp - rollout_logp), cap)``,
+   detached. It corrects for the rollout engine (SGLang, bf16/FP8 kernels) sampling from a
+   slightly different distribution than the trainer's old policy.
+4. KL: ``+ beta * KL_est(logp, ref_logp)`` with ``beta`` a scalar, per sequence or per token
+   (``kl_coefficient`` of the normalised certainty) and ``KL_est`` from ``KL_ESTIMATORS``.
+5. Aggregation (``LOSS_AGGREGATIONS``) over the response mask:
+   ``token-mean`` sum over all tokens / number of tokens (default);
+   ``seq-mean`` mean over non-empty sequences of each sequence's token mean;
+   ``seq-mean-token-sum-norm`` each sequence's token sum / ``max_response_length`` (a constant,
+   default the padded length T), then the mean over all sequences (Dr. GRPO: no length bias).
+   ``denominator`` replaces the count divided by (tokens, resp. sequences) so the trainer can use
+   the global count over micro-batches and data-parallel ranks and keep accumulation exact.
+
+Metrics (detached 0-dim tensors, token-means over the mask, 0 when the mask is empty; they stay
+on device so logging does not force a sync): ``pg_loss``, ``clip_frac_low`` (A < 0 and
+ratio < 1 - clip_low), ``clip_frac_high`` (A > 0 and ratio > 1 + clip_high), ``clip_frac`` (their
+sum: tokens whose gradient the clip removed), ``dual_clip_frac`` (A < 0 and ratio > c),
+``ratio_mean/min/max``, ``approx_kl``; with TIS ``tis_weight_mean`` and ``tis_trunc_frac``; with a
+rollout logp ``rollout_logp_absdiff``; with KL ``kl_mean``, ``beta_mean``, ``kl_loss``.
+``approx_kl`` is the k3 estimate of KL(pi_old || pi) on tokens sampled from pi_old,
+``mean(exp(logp - old) - (logp - old) - 1)``: non-negative and low-variance, unlike the k1 mean
+``mean(old - logp)``, which is noisy and can go negative. No entropy term is involved.
+
+Precision: computed in float32 (float64 when ``logp`` is float64); bf16 inputs are upcast.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from dualrpo_mcore.registry import Registry
+
+from .certainty import compute_dtype, masked_mean, masked_sum
+from .kl import KL_ESTIMATORS
+
+__all__ = ["LOSS_AGGREGATIONS", "PolicyLossConfig", "aggregate", "policy_loss"]
+
+AggFn = Callable[..., Tensor]
+LOSS_AGGREGATIONS: Registry[AggFn] = Registry("loss aggregation")
+
+
+def _safe_div(num: Tensor, den: Tensor) -> Tensor:
+    """num / den, and 0 where den == 0 (num is then 0 too: nothing was summed)."""
+    return num / torch.where(den > 0, den, torch.ones_like(den))
+
+
+@LOSS_AGGREGATIONS.register("token-mean")
+def _token_mean(x: Tensor, mask: Tensor, *, max_response_length: Optional[int],
+                denominator: Optional[float]) -> Tensor:
+    den = mask.sum() if denominator is None else torch.as_tensor(denominator, dtype=x.dtype)
+    return _safe_div(masked_sum(x, mask), den)
+
+
+@LOSS_AGGREGATIONS.register("seq-mean")
+def _seq_mean(x: Tensor, mask: Tensor, *, max_response_length: Optional[int],
+              denominator: Optional[float]) -> Tensor:
+    per_seq = masked_mean(x, mask, dim=-1)
+    nonempty = (mask.sum(-1) > 0).to(x.dtype)
+    den = nonempty.sum() if denominator is None else torch.as_tensor(denominator, dtype=x.dtype)
+    return _safe_div(per_seq.sum(), den)
+
+
+@LOSS_AGGREGATIONS.register("seq-mean-token-sum-norm")
+def _seq_mean_token_sum_norm(x: Tensor, mask: Tensor, *, max_response_length: Optional[int],
+                             denominator: Optional[float]) -> Tensor:
+    length = mask.shape[-1] if max_response_length is None else max_response_length
+    per_seq = masked_sum(x, mask, dim=-1) / length
+    den = x.new_tensor(float(per_seq.numel())) if denominator is None else x.new_tensor(float(denominator))
+    return _safe_div(per_seq.sum(), den)
+
+
+def aggregate(x: Tensor, mask: Tensor, agg: str = "token-mean", *, max_response_length: Optional[int] = None,
+              denominator: Optional[float] = None) -> Tensor:
+    """Reduce per-token values ``[B, T]`` to a scalar with the named aggregation (see module doc)."""
+    return LOSS_AGGREGATIONS.get(agg)(x, mask.to(x.dtype), max_response_length=max_response_length,
+                                      denominator=denominator)
+
+
+@dataclass
+class PolicyLossConfig:
+    """Hyper-parameters of :func:`policy_loss` (DESIGN.md eq. 5)."""
+
+    clip_low: float = 0.2
+    """Lower PPO clip: the ratio is clipped at ``1 - clip_low``; in [0, 1)."""
+    clip_high: float = 0.2
+    """Upper PPO clip (clip-higher when > clip_low): the ratio is clipped at ``1 + clip_high``; >= 0."""
+    dual_clip: Optional[float] = None
+    """Dual-clip constant c > 1: for A < 0 the per-token loss is capped at ``-A * c``. None = off."""
+    agg: str = "token-mean"
+    """Aggregation over tokens, a name in ``LOSS_AGGREGATIONS``."""
+    max_response_length: Optional[int] = None
+    """Constant divisor of ``seq-mean-token-sum-norm``; None = the padded response length T."""
+    kl_estimator: str = "k3"
+    """Per-token KL(pi || pi_ref) estimator, a name in ``KL_ESTIMATORS`` (k3 = eq. 5)."""
+    kl_options: Dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments of the estimator, e.g. ``{"clamp": (-10, 10)}`` for k3_clamped."""
+    tis_cap: Optional[float] = None
+    """Truncated importance sampling cap on exp(old - rollout logp); None = off (needs rollout logp)."""
+    log_ratio_clamp: float = 20.0
+    """|logp - old_logp| is clamped to this before exp, for overflow safety only; > 0."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.clip_low < 1.0:
+            raise ValueError(f"PolicyLossConfig.clip_low must lie in [0, 1), got {self.clip_low}")
+        if not self.clip_high >= 0.0:
+            raise ValueError(f"PolicyLossConfig.clip_high must be >= 0, got {self.clip_high}")
+        if self.dual_clip is not None and not self.dual_clip > 1.0:
+            raise ValueError(f"PolicyLossConfig.dual_clip must be > 1 (or None), got {self.dual_clip}")
+        if self.agg not in LOSS_AGGREGATIONS:
+            raise ValueError(f"PolicyLossConfig.agg {self.agg!r} unknown; known: {LOSS_AGGREGATIONS.names()}")
+        if self.max_response_length is not None and not self.max_response_length >= 1:
+            raise ValueError(f"PolicyLossConfig.max_response_length must be >= 1, got {self.max_response_length}")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"PolicyLossConfig.kl_estimator {self.kl_estimator!r} unknown; "
+                             f"known: {KL_ESTIMATORS.names()}")
+        if self.tis_cap is not None and not self.tis_cap > 0:
+            raise ValueError(f"PolicyLossConfig.tis_cap must be > 0 (or None), got {self.tis_cap}")
+        if not self.log_ratio_clamp > 0:
+            raise ValueError(f"PolicyLossConfig.log_ratio_clamp must be > 0, got {self.log_ratio_clamp}")
+
+
+def _per_token(x: Union[Tensor, float], shape: torch.Size, name: str, like: Tensor) -> Tensor:
+    """Broadcast a scalar, per-sequence ``shape[:-1]`` or per-token ``shape`` value to ``shape``."""
+    t = torch.as_tensor(x, device=like.device).detach().to(like.dtype)
+    if t.dim() == 0 or t.shape == shape:
+        return t.expand(shape)
+    if t.shape == shape[:-1]:
+        return t.unsqueeze(-1).expand(shape)
+    raise ValueError(f"{name} has shape {tuple(t.shape)}; expected a scalar, {tuple(shape[:-1])} "
+                     f"(per sequence) or {tuple(shape)} (per token)")
+
+
+def _clipped_surrogate(ratio: Tensor, adv: Tensor, cfg: PolicyLossConfig) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """Per-token ``-min(ratio A, clip(ratio) A)`` (dual-clipped if set) and the clip indicators."""
+    lo, hi = 1.0 - cfg.clip_low, 1.0 + cfg.clip_high
+    loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(lo, hi))
+    flags = {"clip_frac_high": (adv > 0) & (ratio > hi), "clip_frac_low": (adv < 0) & (ratio < lo)}
+    if cfg.dual_clip is not None:
+        loss = torch.where(adv < 0, torch.minimum(loss, -adv * cfg.dual_clip), loss)
+        flags["dual_clip_frac"] = (adv < 0) & (ratio > cfg.dual_clip)
+    else:
+        flags["dual_clip_frac"] = torch.zeros_like(flags["clip_frac_low"])
+    return loss, flags
+
+
+def _masked_extreme(x: Tensor, mask: Tensor, fn: Callable[[Tensor], Tensor], fill: float) -> Tensor:
+    if x.numel() == 0:
+        return x.new_zeros(())
+    # where() instead of a Python branch on mask.any(): metrics must not force a device sync.
+    extreme = fn(torch.where(mask, x, torch.full_like(x, fill)))
+    return torch.where(mask.any(), extreme, x.new_zeros(()))
+
+
+def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Union[Tensor, float], mask: Tensor, *,
+                ref_logp: Optional[Tensor] = None, kl_coef: Union[Tensor, float, None] = None,
+                rollout_logp: Optional[Tensor] = None, denominator: Optional[float] = None,
+                config: Optional[PolicyLossConfig] = None, **hparams) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """Clipped-surrogate + KL loss to minimise, and its metrics (see the module docstring).
+
+    Args:
+        logp: ``[..., T]`` log-probabilities of the sampled tokens under the current policy
+            (the only input that carries gradient).
+        old_logp: ``[..., T]`` the same under the policy that generated the batch (detached).
+        advantages: scalar, ``[...]`` per sequence or ``[..., T]`` per token.
+        mask: ``[..., T]``, 1 on response tokens.
+        ref_logp, kl_coef: reference-policy logp ``[..., T]`` and beta (scalar, per sequence or
+            per token); give both to enable the KL term, or neither.
+        rollout_logp: ``[..., T]`` logp reported by the rollout engine; needed when ``tis_cap`` is set.
+        denominator: overrides the aggregation's count (tokens or sequences), e.g. a global count.
+        config: a :class:`PolicyLossConfig`; or pass its fields as keyword arguments (not both).
+
+    Returns:
+        ``(loss, metrics)``: a 0-dim tensor and a dict of detached 0-dim tensors.
+    """
+    if config is not None and hparams:
+        raise TypeError(f"pass either config or loss keyword arguments, not both (got {sorted(hparams)})")
+    cfg = config if config is not None else PolicyLossConfig(**hparams)
+    shape = logp.shape
+    if logp.dim() < 1:
+        raise ValueError("logp must be [..., T]")
+    for name, t in (("old_logp", old_logp), ("mask", mask), ("ref_logp", ref_logp), ("rollout_logp", rollout_logp)):
+        if t is not None and t.shape != shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected logp's shape {tuple(shape)}")
+    if (ref_logp is None) != (kl_coef is None):
+        raise ValueError("the KL term needs both ref_logp and kl_coef (pass neither to disable it)")
+    if cfg.tis_cap is not None and rollout_logp is None:
+        raise ValueError("tis_cap is set but rollout_logp was not given")
+
+    dtype = compute_dtype(logp)
+    keep = mask.to(torch.bool)
+    zero = torch.zeros((), dtype=dtype, device=logp.device)
+    # Padding may hold -inf/NaN logps; select before any arithmetic so no NaN reaches the gradient.
+    def clean(t: Tensor) -> Tensor:
+        return torch.where(keep, t.to(dtype), zero)
+
+    cur, old = clean(logp), clean(old_logp).detach()
+    adv = torch.where(keep, _per_token(advantages, shape, "advantages", cur), zero)
+    log_ratio = (cur - old).clamp(-cfg.log_ratio_clamp, cfg.log_ratio_clamp)
+    ratio = torch.exp(log_ratio)
+    pg, flags = _clipped_surrogate(ratio, adv, cfg)
+    metrics: Dict[str, Tensor] = {}
+    if rollout_logp is not None:
+        roll = clean(rollout_logp).detach()
+        metrics["rollout_logp_absdiff"] = masked_mean((old - roll).abs(), keep)
+        if cfg.tis_cap is not None:
+            raw_w = torch.exp(old - roll)
+            pg = pg * raw_w.clamp(max=cfg.tis_cap)
+            metrics["tis_weight_mean"] = masked_mean(raw_w.clamp(max=cfg.tis_cap), keep)
+            metrics["tis_trunc_frac"] = masked_mean((raw_w > cfg.tis_cap).to(dtype), keep)
+
+    agg = dict(agg=cfg.agg, max_response_length=cfg.max_response_length, denominator=denominator)
+    loss = aggregate(pg, keep, **agg)
+    metrics["pg_loss"] = loss.detach()
+    if ref_logp is not None:
+        beta = torch.where(keep, _per_token(kl_coef, shape, "kl_coef", cur), zero)
+        kl = KL_ESTIMATORS.get(cfg.kl_estimator)(cur, clean(ref_logp).detach(), **cfg.kl_options)
+        kl_loss = aggregate(beta * kl, keep, **agg)
+        loss = loss + kl_loss
+        metrics.update(kl_loss=kl_loss.detach(), kl_mean=masked_mean(kl.detach(), keep),
+                       beta_mean=masked_mean(beta, keep))
+
+    with torch.no_grad():
+        for name, flag in flags.items():
+            metrics[name] = masked_mean(flag.to(dtype), keep)
+        metrics["clip_frac"] = metrics["clip_frac_low"] + metrics["clip_frac_high"]
+        metrics["ratio_mean"] = masked_mean(ratio, keep)
+        metrics["ratio_min"] = _masked_extreme(ratio, keep, torch.min, float("inf"))
+        metrics["ratio_max"] = _masked_extreme(ratio, keep, torch.max, float("-inf"))
+        metrics["approx_kl"] = masked_mean(torch.expm1(log_ratio) - log_ratio, keep)
+    return loss, {k: v.detach() for k, v in metrics.items()}
