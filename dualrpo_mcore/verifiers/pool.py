@@ -1,0 +1,609 @@
+"""Sandboxed verifier pool: score untrusted model output in killable worker processes.
+
+``VerifierPool(num_workers=2, timeout_s=5.0).verify_batch(specs, responses)`` returns one
+:class:`VerifyResult` per sample, in input order, and always completes: a sample whose worker
+runs past its budget is SIGKILLed with its worker (reward 0, status ``timeout``); a worker that
+dies (segfault, MemoryError, ``os._exit``, EOF, garbage on the pipe) is replaced and its sample
+scores 0 with status ``crash``. Other statuses come from the scorer: ``ok``, ``bad_spec``,
+``unparsable``, ``error``.
+
+Design, and why:
+
+* Workers are ``python -m dualrpo_mcore.verifiers.worker`` subprocesses (see that module for the
+  wire protocol and the in-worker hardening). Frames are length-prefixed JSON; nothing on the
+  reward path is pickled or eval'd, and the parent parses worker output defensively (size cap,
+  strict shape) because a worker is exactly the process that has touched untrusted input.
+* One dispatcher thread per pool owns every worker and pipe and multiplexes them with
+  ``selectors``: callers enqueue jobs and wait. Deadlines are checked in the same loop, so the
+  budget holds however many callers share the pool, and the thread that spawned a worker lives as
+  long as the worker (which makes the worker's parent-death signal safe to use).
+* The pool keeps ``num_workers + spares`` processes alive but never runs more than
+  ``num_workers`` samples at once; the spares are warm (scorer imported, warm-up sample run), so a
+  killed worker's place is taken at once while its replacement starts in the background.
+* Responses longer than ``max_response_chars`` (default 1 Mi characters) keep their *last*
+  ``max_response_chars`` characters: final answers (``\\boxed{}``, ``<answer>``) sit at the end,
+  and a verifier that needs the start (``format``) then simply fails, which is the right reward
+  for a response that long. ``info["truncated"]`` and ``stats()["truncated"]`` record it.
+* Per-sample time runs from the moment the sample is written to an idle worker. A caller may also
+  give ``total_timeout_s``: samples not *finished* by then score 0 / ``timeout`` (this is how the
+  ``verify`` front door keeps its promise even while the pool is still starting).
+"""
+from __future__ import annotations
+
+import atexit
+import collections
+import json
+import logging
+import math
+import os
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+from dualrpo_mcore.verifiers.worker import EXIT_MEMORY, HEADER
+
+STATUSES = ("ok", "timeout", "crash", "error", "bad_spec", "unparsable")
+DEFAULT_SCORER = "dualrpo_mcore.verifiers.scoring:score_with_info"
+# Run once in each new worker so the first real sample does not pay sympy's lazy imports.
+DEFAULT_WARMUP = [[{"verifier": "math", "answer": "\\frac{1}{2}"}, "so \\boxed{0.5}"]]
+MAX_RESULT_BYTES = 1 << 20  # a result frame is a float and a short info dict
+_STDERR_TAIL = 4096
+_log = logging.getLogger(__name__)
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class VerifierPoolError(RuntimeError):
+    """The pool itself is unusable (closed, or workers cannot start: a config/install problem)."""
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    reward: float
+    status: str
+    elapsed_s: float
+    info: dict = field(default_factory=dict, compare=False)
+
+
+class _Batch:
+    def __init__(self, n: int):
+        self.results: list[Optional[VerifyResult]] = [None] * n
+        self.left = n
+        self.done = threading.Event()
+        self.error: Optional[str] = None
+
+
+@dataclass
+class _Job:
+    batch: _Batch
+    index: int
+    frame: bytes  # the encoded request, ready to write
+    timeout_s: float
+    deadline: float  # absolute: latest time to finish (inf when the caller gave none)
+    enqueued: float
+    info: dict
+
+
+class _Worker:
+    """Parent-side handle of one worker process and its three pipes."""
+
+    def __init__(self, proc: subprocess.Popen, tmpdir: str):
+        self.proc = proc
+        self.tmpdir = tmpdir
+        self.state = "starting"  # starting | idle | busy | dead
+        self.job: Optional[_Job] = None
+        self.started = time.monotonic()
+        self.dispatched = 0.0
+        self.deadline = math.inf
+        self.rbuf = bytearray()
+        self.wbuf = memoryview(b"")
+        self.errtail = bytearray()
+        self.served = 0
+
+
+def _clean_reward(value: Any) -> Optional[float]:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return min(1.0, max(0.0, value)) if math.isfinite(value) else None
+
+
+class VerifierPool:
+    """A fixed-size pool of sandboxed verifier workers; see the module docstring.
+
+    Args:
+        num_workers: samples scored concurrently (one process each).
+        timeout_s: per-sample budget in seconds, from dispatch to result.
+        max_memory_mb: address-space limit of each worker (``RLIMIT_AS``); 0 disables it.
+        scorer: ``"module:function"`` called as ``fn(spec, response, progress=...)``, returning a
+            float or ``(float, info)`` with ``info["status"]``. Trusted configuration.
+        spares: extra warm workers kept ready to replace a killed one without a stall.
+        max_response_chars: longer responses keep only their tail (see module docstring).
+        max_samples_per_worker: recycle a worker after this many samples (bounds cache growth).
+        startup_timeout_s: a worker not ready by then is killed and counted as a failed start.
+        pythonpath: extra import roots for the worker (e.g. a tests directory).
+        warmup: ``[spec, response]`` pairs each new worker scores before reporting ready;
+            None uses a math sample when the scorer is the default one.
+    """
+
+    def __init__(self, num_workers: int = 2, timeout_s: float = 5.0, max_memory_mb: int = 2048,
+                 scorer: str = DEFAULT_SCORER, *, spares: int = 1,
+                 max_response_chars: int = 1 << 20, max_samples_per_worker: int = 5000,
+                 startup_timeout_s: float = 120.0, pythonpath: Sequence[str] = (),
+                 warmup: Optional[list] = None):
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        if ":" not in scorer:
+            raise ValueError(f"scorer must be 'module:function', got {scorer!r}")
+        self.num_workers, self.timeout_s, self.scorer = num_workers, float(timeout_s), scorer
+        self.max_memory_mb, self.spares = int(max_memory_mb), max(0, int(spares))
+        self.max_response_chars = int(max_response_chars)
+        self.max_samples_per_worker = int(max_samples_per_worker)
+        self.startup_timeout_s = float(startup_timeout_s)
+        self._pythonpath = [_PACKAGE_ROOT, *[os.path.abspath(p) for p in pythonpath]]
+        if warmup is None:
+            warmup = DEFAULT_WARMUP if scorer == DEFAULT_SCORER else []
+        self._warmup = json.dumps(warmup)
+        self._owner_pid = os.getpid()
+        self._lock = threading.Lock()  # guards _queue, _stats, _closing, _broken
+        self._queue: collections.deque[_Job] = collections.deque()
+        self._stats = collections.Counter()
+        self._closing = False
+        self._broken: Optional[str] = None
+        self._ready_event = threading.Event()
+        self._workers: list[_Worker] = []
+        self._failed_starts = 0
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._thread = threading.Thread(target=self._run, name="verifier-pool", daemon=True)
+        self._thread.start()
+        _LIVE_POOLS.add(self)
+
+    # ------------------------------------------------------------------ public API
+    def verify_batch(self, specs: Sequence[Any], responses: Sequence[Any], progress: Any = None, *,
+                     timeout_s: Optional[float] = None,
+                     total_timeout_s: Optional[float] = None) -> list[VerifyResult]:
+        """Score ``responses[i]`` against ``specs[i]``; results in input order, never raises
+        for any spec or response content (only for a closed or unstartable pool)."""
+        if len(specs) != len(responses):
+            raise ValueError(f"{len(specs)} specs but {len(responses)} responses")
+        self._check_usable()
+        if not specs:
+            return []
+        budget = self.timeout_s if timeout_s is None else float(timeout_s)
+        now = time.monotonic()
+        deadline = math.inf if total_timeout_s is None else now + float(total_timeout_s)
+        batch = _Batch(len(specs))
+        jobs = []
+        for i, (spec, response) in enumerate(zip(specs, responses)):
+            job = self._make_job(batch, i, spec, response, progress, budget, deadline, now)
+            if job is not None:
+                jobs.append(job)
+        with self._lock:
+            self._queue.extend(jobs)
+        self._wake()
+        while not batch.done.wait(0.5):
+            if not self._thread.is_alive():  # a dispatcher bug must not hang the trainer
+                raise VerifierPoolError(self._broken or "verifier pool dispatcher thread died")
+        if batch.error:
+            raise VerifierPoolError(batch.error)
+        return list(batch.results)  # type: ignore[arg-type]
+
+    def wait_ready(self, timeout: Optional[float] = None) -> bool:
+        """Block until ``num_workers`` workers are warm (call at trainer start-up)."""
+        ok = self._ready_event.wait(timeout)
+        self._check_usable()
+        return ok
+
+    def stats(self) -> dict:
+        """Counters for metrics: samples by status, time totals, worker lifecycle events."""
+        with self._lock:
+            s = dict(self._stats)
+        out = {f"status/{k}": s.get(f"status/{k}", 0) for k in STATUSES}
+        for key in ("samples", "truncated", "workers_started", "workers_replaced", "failed_starts",
+                    "recycled"):
+            out[key] = s.get(key, 0)
+        out["elapsed_s_total"] = s.get("elapsed_us_total", 0) / 1e6
+        out["elapsed_s_max"] = s.get("elapsed_us_max", 0) / 1e6
+        return out
+
+    def close(self) -> None:
+        """Stop the dispatcher and every worker (EOF, then SIGKILL after 1 s); idempotent."""
+        with self._lock:
+            if self._closing:
+                already = True
+            else:
+                self._closing, already = True, False
+        if not already:
+            self._wake()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=30)
+        _LIVE_POOLS.discard(self)
+
+    def __enter__(self) -> "VerifierPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def worker_pids(self) -> list[int]:
+        return [w.proc.pid for w in list(self._workers) if w.state != "dead"]
+
+    # ------------------------------------------------------------------ job intake
+    def _check_usable(self) -> None:
+        if os.getpid() != self._owner_pid:
+            raise VerifierPoolError("VerifierPool used in a forked child; create a new pool there")
+        if self._closing:
+            raise VerifierPoolError("VerifierPool is closed")
+        if self._broken:
+            raise VerifierPoolError(self._broken)
+
+    def _make_job(self, batch, index, spec, response, progress, budget, deadline, now):
+        """Encode one request; samples that can not be sent are finished here and now."""
+        info: dict = {}
+        if isinstance(response, (bytes, bytearray)):
+            response = bytes(response).decode("utf-8", errors="replace")
+        elif not isinstance(response, str):
+            response = "" if response is None else str(response)
+        if len(response) > self.max_response_chars:
+            info["truncated"] = len(response)
+            response = response[-self.max_response_chars:]
+        try:
+            body = json.dumps({"id": index, "spec": spec, "response": response, "progress": progress},
+                              ensure_ascii=True).encode("ascii")
+        except (TypeError, ValueError, RecursionError) as exc:
+            self._finish(batch, index, VerifyResult(0.0, "bad_spec", 0.0, {
+                "error": f"spec is not JSON-serialisable: {type(exc).__name__}: {exc}"[:300]}))
+            return None
+        return _Job(batch, index, HEADER.pack(len(body)) + body, budget, deadline, now, info)
+
+    def _finish(self, batch: _Batch, index: int, result: VerifyResult) -> None:
+        with self._lock:
+            self._stats["samples"] += 1
+            self._stats[f"status/{result.status}"] += 1
+            self._stats["truncated"] += "truncated" in result.info
+            us = int(result.elapsed_s * 1e6)
+            self._stats["elapsed_us_total"] += us
+            self._stats["elapsed_us_max"] = max(self._stats["elapsed_us_max"], us)
+        batch.results[index] = result
+        batch.left -= 1
+        if batch.left == 0:
+            batch.done.set()
+        elif batch.left < 0:  # pragma: no cover -- would be a dispatcher bug
+            raise AssertionError("sample finished twice")
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full, so the dispatcher is already due to wake
+
+    # ------------------------------------------------------------------ dispatcher thread
+    def _run(self) -> None:
+        try:
+            while not self._closing:
+                self._maintain()
+                self._assign()
+                for key, events in self._sel.select(self._next_timeout()):
+                    self._on_event(key, events)
+                self._check_deadlines()
+        except BaseException as exc:  # noqa: BLE001 -- fail callers loudly rather than hang them
+            _log.exception("verifier pool dispatcher failed")
+            self._broken = f"verifier pool dispatcher failed: {type(exc).__name__}: {exc}"
+        finally:
+            self._shutdown()
+
+    def _maintain(self) -> None:
+        """Keep num_workers + spares processes alive; give up after repeated failed starts."""
+        alive = [w for w in self._workers if w.state != "dead"]
+        self._workers = alive
+        if self._broken:
+            return
+        if self._failed_starts >= 3:
+            tail = self._last_start_error or "(no output)"
+            self._broken = (f"verifier workers fail to start ({self._failed_starts} times in a row) "
+                            f"with scorer {self.scorer!r}: {tail}")
+            self._fail_queue(self._broken)
+            return
+        while len(self._workers) < self.num_workers + self.spares:
+            self._spawn()
+        ready = sum(w.state in ("idle", "busy") for w in self._workers)
+        if ready >= self.num_workers:
+            self._ready_event.set()
+
+    _last_start_error: Optional[str] = None
+
+    def _spawn(self) -> None:
+        tmpdir = tempfile.mkdtemp(prefix="dualrpo-verifier-")
+        env = {
+            "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": tmpdir,
+            "TMPDIR": tmpdir, "PYTHONPATH": os.pathsep.join(self._pythonpath),
+            "PYTHONDONTWRITEBYTECODE": "1", "PYTHONNOUSERSITE": "1", "PYTHONHASHSEED": "0",
+            "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+        }
+        cmd = [sys.executable, "-s", "-B", "-m", "dualrpo_mcore.verifiers.worker",
+               "--scorer", self.scorer, "--max-memory-mb", str(self.max_memory_mb),
+               "--parent-pid", str(os.getpid()), "--pdeathsig", "--warmup", self._warmup]
+        os.chmod(tmpdir, 0o500)  # nothing to write in the worker's cwd, even by accident
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, cwd=tmpdir, env=env, close_fds=True,
+                                start_new_session=True, bufsize=0)
+        worker = _Worker(proc, tmpdir)
+        for f in (proc.stdin, proc.stdout, proc.stderr):
+            os.set_blocking(f.fileno(), False)
+        self._sel.register(proc.stdout.fileno(), selectors.EVENT_READ, (worker, "out"))
+        self._sel.register(proc.stderr.fileno(), selectors.EVENT_READ, (worker, "err"))
+        self._workers.append(worker)
+        with self._lock:
+            self._stats["workers_started"] += 1
+
+    def _assign(self) -> None:
+        busy = sum(w.state == "busy" for w in self._workers)
+        idle = [w for w in self._workers if w.state == "idle"]
+        now = time.monotonic()
+        while idle and busy < self.num_workers:
+            with self._lock:
+                job = self._queue.popleft() if self._queue else None
+            if job is None:
+                return
+            if now >= job.deadline:  # the caller's overall budget ran out while queued
+                self._finish(job.batch, job.index,
+                             VerifyResult(0.0, "timeout", now - job.enqueued, dict(job.info)))
+                continue
+            worker = idle.pop()
+            worker.state, worker.job, worker.dispatched = "busy", job, now
+            worker.deadline = min(now + job.timeout_s, job.deadline)
+            worker.wbuf = memoryview(job.frame)
+            busy += 1
+            self._flush(worker)
+
+    def _flush(self, worker: _Worker) -> None:
+        """Write as much of the pending request as the pipe takes; never blocks."""
+        fd = worker.proc.stdin.fileno()
+        try:
+            while worker.wbuf:
+                n = os.write(fd, worker.wbuf)
+                worker.wbuf = worker.wbuf[n:]
+        except BlockingIOError:
+            pass
+        except OSError:  # BrokenPipe: the worker died; its stdout EOF reports the crash
+            worker.wbuf = memoryview(b"")
+        key = self._sel.get_map().get(fd)
+        if worker.wbuf and key is None:
+            self._sel.register(fd, selectors.EVENT_WRITE, (worker, "in"))
+        elif not worker.wbuf and key is not None:
+            self._sel.unregister(fd)
+
+    def _next_timeout(self) -> Optional[float]:
+        now = time.monotonic()
+        times = [w.deadline for w in self._workers if w.state == "busy"]
+        times += [w.started + self.startup_timeout_s for w in self._workers if w.state == "starting"]
+        with self._lock:
+            if self._queue:
+                times.append(min(j.deadline for j in self._queue))
+        times = [t for t in times if t != math.inf]
+        return max(0.0, min(times) - now) if times else None
+
+    def _on_event(self, key, events) -> None:
+        if key.data is None:  # the wake pipe
+            try:
+                while os.read(self._wake_r, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+            return
+        worker, which = key.data
+        if worker.state == "dead":
+            return
+        if which == "in":
+            self._flush(worker)
+        elif which == "err":
+            self._read_stderr(worker)
+        else:
+            self._read_stdout(worker)
+
+    def _read_stderr(self, worker: _Worker) -> None:
+        try:
+            chunk = os.read(worker.proc.stderr.fileno(), 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self._sel.unregister(worker.proc.stderr.fileno())
+            return
+        worker.errtail += chunk
+        del worker.errtail[:-_STDERR_TAIL]
+
+    def _read_stdout(self, worker: _Worker) -> None:
+        try:
+            chunk = os.read(worker.proc.stdout.fileno(), 1 << 16)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self._worker_died(worker, "crash", "worker closed its pipe (EOF)")
+            return
+        worker.rbuf += chunk
+        while len(worker.rbuf) >= HEADER.size and worker.state != "dead":
+            (size,) = HEADER.unpack_from(worker.rbuf)
+            if size > MAX_RESULT_BYTES:
+                self._worker_died(worker, "crash", f"protocol violation: {size}-byte frame")
+                return
+            if len(worker.rbuf) < HEADER.size + size:
+                return
+            body = bytes(worker.rbuf[HEADER.size:HEADER.size + size])
+            del worker.rbuf[:HEADER.size + size]
+            try:
+                msg = json.loads(body)
+                if not isinstance(msg, dict):
+                    raise ValueError("frame is not an object")
+            except (ValueError, RecursionError) as exc:
+                self._worker_died(worker, "crash", f"protocol violation: {exc}"[:300])
+                return
+            self._on_message(worker, msg)
+
+    def _on_message(self, worker: _Worker, msg: dict) -> None:
+        kind = msg.get("type")
+        if kind == "ready" and worker.state == "starting":
+            worker.state = "idle"
+            self._failed_starts = 0
+        elif kind == "fatal" and worker.state == "starting":
+            self._worker_died(worker, "crash", str(msg.get("error"))[:1000])
+        elif kind == "result" and worker.state == "busy" and msg.get("id") == worker.job.index:
+            job, now = worker.job, time.monotonic()
+            reward, status = _clean_reward(msg.get("reward")), msg.get("status")
+            info = msg.get("info") if isinstance(msg.get("info"), dict) else {}
+            info.update(job.info)
+            if reward is None or status not in STATUSES:
+                reward, status = 0.0, "error"
+                info["error"] = "worker sent an invalid reward or status"
+            worker.state, worker.job, worker.deadline = "idle", None, math.inf
+            worker.served += 1
+            self._finish(job.batch, job.index, VerifyResult(reward, status, now - worker.dispatched, info))
+            if worker.served >= self.max_samples_per_worker:
+                with self._lock:
+                    self._stats["recycled"] += 1
+                self._retire(worker)
+        else:
+            self._worker_died(worker, "crash", f"protocol violation: unexpected {kind!r} message")
+
+    def _check_deadlines(self) -> None:
+        now = time.monotonic()
+        for worker in list(self._workers):
+            if worker.state == "busy" and now >= worker.deadline:
+                self._worker_died(worker, "timeout", f"exceeded {worker.job.timeout_s:g} s budget")
+            elif worker.state == "starting" and now >= worker.started + self.startup_timeout_s:
+                self._worker_died(worker, "crash", "worker did not become ready in time")
+        with self._lock:
+            expired = [j for j in self._queue if now >= j.deadline]
+            for job in expired:
+                self._queue.remove(job)
+        for job in expired:
+            self._finish(job.batch, job.index, VerifyResult(0.0, "timeout", now - job.enqueued, dict(job.info)))
+
+    def _worker_died(self, worker: _Worker, status: str, why: str) -> None:
+        """Kill (if needed) and reap a worker; its sample, if any, scores 0 with ``status``."""
+        was, job = worker.state, worker.job
+        if status == "crash":
+            try:  # an EOF arrives just before the exit status; wait for it to tell why
+                worker.proc.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                pass
+        self._kill(worker)
+        code = worker.proc.returncode
+        if was == "starting":
+            self._failed_starts += 1
+            tail = worker.errtail.decode("utf-8", "replace").strip().splitlines()[-3:]
+            self._last_start_error = f"{why}; exit code {code}; stderr: {' | '.join(tail)}"[:1500]
+            with self._lock:
+                self._stats["failed_starts"] += 1
+        elif was == "busy":
+            now = time.monotonic()
+            info = dict(job.info, error=why, exit_code=code)
+            if code == EXIT_MEMORY:
+                info["error"] = "MemoryError in worker"
+            elif code is not None and code < 0:
+                info["error"] = f"{why}; killed by {signal.Signals(-code).name}" if status == "crash" else why
+            self._finish(job.batch, job.index, VerifyResult(0.0, status, now - worker.dispatched, info))
+        if was in ("busy", "idle"):
+            with self._lock:
+                self._stats["workers_replaced"] += 1
+
+    def _kill(self, worker: _Worker) -> None:
+        worker.state, worker.job = "dead", None
+        for f in (worker.proc.stdin, worker.proc.stdout, worker.proc.stderr):
+            try:
+                self._sel.unregister(f.fileno())
+            except (KeyError, ValueError):
+                pass
+        if worker.proc.poll() is None:
+            try:  # the whole session: a grandchild must not outlive its worker
+                os.killpg(worker.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self._reap(worker)
+
+    def _retire(self, worker: _Worker) -> None:
+        """Graceful stop of an idle worker: EOF on its stdin, SIGKILL if it lingers."""
+        try:
+            worker.proc.stdin.close()
+            worker.proc.wait(timeout=1.0)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        self._kill(worker)
+
+    @staticmethod
+    def _reap(worker: _Worker) -> None:
+        try:
+            worker.proc.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:  # pragma: no cover -- a process stuck in the kernel
+            pass
+        for f in (worker.proc.stdin, worker.proc.stdout, worker.proc.stderr):
+            try:
+                f.close()
+            except OSError:
+                pass
+        try:
+            os.chmod(worker.tmpdir, 0o700)
+        except OSError:
+            pass
+        shutil.rmtree(worker.tmpdir, ignore_errors=True)
+
+    def _fail_queue(self, why: str) -> None:
+        with self._lock:
+            jobs, self._queue = list(self._queue), collections.deque()
+        for job in jobs:
+            job.batch.error = why
+            self._finish(job.batch, job.index, VerifyResult(0.0, "error", 0.0, {"error": why}))
+
+    def _shutdown(self) -> None:
+        for worker in self._workers:
+            if worker.job is not None:
+                job = worker.job
+                job.batch.error = self._broken or "VerifierPool closed while scoring"
+                self._finish(job.batch, job.index, VerifyResult(0.0, "error", 0.0, {"error": job.batch.error}))
+                worker.job = None
+        self._fail_queue(self._broken or "VerifierPool closed while scoring")
+        for worker in self._workers:
+            if worker.state != "dead":
+                try:
+                    worker.proc.stdin.close()
+                except OSError:
+                    pass
+        end = time.monotonic() + 1.0
+        for worker in self._workers:
+            if worker.state != "dead":
+                try:
+                    worker.proc.wait(timeout=max(0.0, end - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+                self._kill(worker)
+        self._workers = []
+        self._ready_event.set()  # release wait_ready(); it then reports the pool as closed
+        self._sel.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+
+_LIVE_POOLS: "weakref.WeakSet[VerifierPool]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all_pools() -> None:
+    for pool in list(_LIVE_POOLS):
+        if pool._owner_pid == os.getpid():
+            pool.close()
