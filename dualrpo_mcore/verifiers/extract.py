@@ -71,21 +71,22 @@ def last_answer_tag(text: str) -> Optional[str]:
     return text[open_ + len("<answer>"):close]
 
 
-def answer_span(response: str, fallback: str = "none", *, prefer_boxed: bool = True) -> str:
+def answer_span(response: str, fallback: str = "none", *, prefer_boxed: bool = True,
+                tail_chars: int = TAIL_CHARS, span_chars: int = MAX_SPAN_CHARS) -> str:
     """The text holding the final answer.
 
     Order: the last ``<answer>`` block (and inside it a ``\\boxed`` if present), else the last
     ``\\boxed``, else ``fallback``: ``none`` (raise :class:`Unparsable`), ``last_line`` (the last
     non-empty line) or ``full`` (the whole capped tail).
     """
-    text = tail(response)
+    text = tail(response, tail_chars)
     tagged = last_answer_tag(text)
     if tagged is not None:
         if prefer_boxed:
             boxed = last_boxed(tagged)
             if boxed is not None:
                 return boxed.strip()
-        return tagged.strip()[-MAX_SPAN_CHARS:]
+        return tagged.strip()[-span_chars:]
     if prefer_boxed:
         boxed = last_boxed(text)
         if boxed is not None:
@@ -93,12 +94,12 @@ def answer_span(response: str, fallback: str = "none", *, prefer_boxed: bool = T
     if fallback == "last_line":
         for line in reversed(text.splitlines()):
             if line.strip():
-                return line.strip()[-MAX_SPAN_CHARS:]
+                return line.strip()[-span_chars:]
         raise Unparsable("empty response")
     if fallback == "full":
         if not text.strip():
             raise Unparsable("empty response")
-        return text.strip()[-MAX_SPAN_CHARS:]
+        return text.strip()[-span_chars:]
     raise Unparsable("no \\boxed{} or <answer> block")
 
 
