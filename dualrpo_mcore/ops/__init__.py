@@ -1,0 +1,9 @@
+"""Python face of ``csrc/``: fused vocab-parallel token statistics (see ``token_stats.py``).
+
+``token_stats`` runs the compiled kernel (C++ on CPU, CUDA on GPU) when ``dualrpo_mcore._C`` is
+built, else a pure-torch fallback with the same semantics (logged once).
+"""
+from ._ext import BACKEND_ENV, load_error, load_extension
+from .token_stats import IGNORE_INDEX, TokenStats, token_stats
+
+__all__ = ["token_stats", "TokenStats", "IGNORE_INDEX", "BACKEND_ENV", "load_extension", "load_error"]

@@ -1,0 +1,221 @@
+r"""Fused, vocab-parallel token statistics: log-prob, entropy, self-certainty (and full KL).
+
+Definitions (DESIGN.md section 1, eq. 1), per token, over the V *real* columns only
+(columns at or past ``vocab_size`` are padding and ignored), with temperature T:
+
+    x = z / T,   log Z = logsumexp_j x_j,   p = softmax(x)
+    logprob  = x_y - log Z                       (0 for label -100, which also gets no gradient)
+    entropy  = -sum_j p_j log p_j = log Z - mu,  mu = sum_j p_j x_j
+    self_certainty = KL(U || p) = log Z - mean_j x_j - log V
+    kl       = KL(p || q) = sum_j p_j (x_j - r_j) - log Z + log Z_r,   q = softmax(r),  r = z_ref / T
+
+Every statistic is taken in the scaled units x (the temperature applies to the reference too).
+
+**Partials.** Each rank reduces its shard of a row to a few floats (the kernels in ``csrc/``,
+or ``_fallback.py``), relative to its local maxima m = max x, m_r = max r:
+
+    m, S = sum e_j, A = sum e_j (x_j - m), B = sum x_j, y = x_label (if owned, else 0)
+    [with ref]  m_r, S_r = sum exp(r_j - m_r), C = sum e_j ((x_j - m) - (r_j - m_r))
+    where e_j = exp(x_j - m); a term with e_j = 0 contributes 0 (so x_j = -inf is harmless).
+
+**Merge.** One all-gather of the ``[T, 5]`` (or ``[T, 8]``) partials; every rank then folds the
+ranks in the fixed order 0..W-1, so all ranks produce bitwise identical numbers. Moving a
+partial from its max m_k to the global max M (delta = m_k - M, w = exp(delta)):
+
+    S += w S_k,   A += w (A_k + delta S_k),   C += w (C_k + S_k (delta - delta_r)),   S_r += w_r S_r,k
+
+and B, y simply add (only the owner's y is non-zero, so the sum is exact). Then
+
+    log Z = M + log S,  mu = M + A / S,  entropy = log S - A / S,
+    self_certainty = M + log S - B / V - log V,   kl = C / S - log S + log S_r,
+
+written so that the large M cancels analytically where it can (entropy, kl are M-free).
+
+**Backward** (no collective; per shard; one read of z [and z_ref], one write of dz). With the
+incoming gradients c (logprob; 0 where the label is -100), g_H, g_SC, g_KL, and p_j = exp(x_j -
+M - log S) from the saved (M, log S, hbar = A / S [, M_r, D = C / S]):
+
+    d logprob / dx_j = 1[j = y] - p_j
+    d entropy / dx_j = -p_j (x_j - mu)                 (d mu/dx_j = p_j (1 + x_j - mu))
+    d sc      / dx_j = p_j - 1 / V
+    d kl      / dx_j = p_j ((x_j - r_j) - sum_k p_k (x_k - r_k)) = p_j (d_j - D),
+                       d_j = (x_j - M) - (r_j - M_r)  (the constants cancel against D)
+
+and by the chain rule dz_j = dx_j / T on real columns, 0 on padding. In the code
+``x_j - mu = (x_j - M) - hbar``. The reference logits are constant (no gradient). Saved for
+backward: 3 floats per token (5 with ``ref_logits``) plus references to the inputs, never a copy.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+
+from . import _ext
+from ._fallback import acc_dtype
+
+IGNORE_INDEX = -100
+
+
+class _TokenStatsFields(NamedTuple):
+    logprob: torch.Tensor
+    entropy: torch.Tensor
+    self_certainty: torch.Tensor
+
+
+class TokenStats(_TokenStatsFields):
+    """``(logprob, entropy, self_certainty)``, each ``[T]``; plus the attribute ``kl``.
+
+    A 3-field named tuple, so ``lp, h, sc = token_stats(...)`` keeps working; ``out.kl`` is the
+    per-token full-vocabulary KL(pi || pi_ref) when ``ref_logits`` was given, else None.
+    """
+
+    def __new__(cls, logprob, entropy, self_certainty, kl=None):
+        self = super().__new__(cls, logprob, entropy, self_certainty)
+        self.kl = kl
+        return self
+
+    def __getnewargs__(self):
+        return (self.logprob, self.entropy, self.self_certainty, self.kl)
+
+
+def _all_gather(parts: torch.Tensor, group) -> torch.Tensor:
+    """``[W, T, K]``: the partials of every rank, in rank order (the one collective)."""
+    world = 1 if group is None else dist.get_world_size(group)
+    if world == 1:
+        return parts[None]
+    parts = parts.contiguous()
+    if dist.get_backend(group) == "gloo":  # gloo lacks all_gather_into_tensor in some builds
+        out = [torch.empty_like(parts) for _ in range(world)]
+        dist.all_gather(out, parts, group=group)
+        return torch.stack(out)
+    out = parts.new_empty((world,) + tuple(parts.shape))
+    dist.all_gather_into_tensor(out, parts, group=group)
+    return out
+
+
+def merge(gathered: torch.Tensor, labels: torch.Tensor, vocab_size: int):
+    """Fold ``[W, T, K]`` partials in rank order; return (outputs, saved stats), see module doc."""
+    g = gathered.to(torch.float64)  # [T]-sized work: float64 costs nothing and helps sc at |z|~1e4
+    m, s, a, b, y = g[..., 0], g[..., 1], g[..., 2], g[..., 3], g[..., 4]
+    big_m = m.amax(0)
+    big_m = torch.where(torch.isfinite(big_m), big_m, torch.zeros_like(big_m))
+    has_ref = g.shape[-1] == 8
+    if has_ref:
+        mr_all = g[..., 5].amax(0)
+        big_mr = torch.where(torch.isfinite(mr_all), mr_all, torch.zeros_like(mr_all))
+    zero = torch.zeros((), dtype=torch.float64, device=g.device)
+    s_t = a_t = b_t = y_t = sr_t = c_t = zero
+    for k in range(g.shape[0]):  # fixed order: every rank does the same float operations
+        live = s[k] > 0  # a shard with no real column (or all -inf) contributes only to B
+        delta = torch.where(live, m[k] - big_m, zero)
+        w = torch.where(live, torch.exp(delta), zero)
+        s_t = s_t + w * s[k]
+        a_t = a_t + torch.where(live, w * (a[k] + delta * s[k]), zero)
+        b_t = b_t + b[k]
+        y_t = y_t + y[k]
+        if has_ref:
+            live_r = g[k, :, 6] > 0
+            delta_r = torch.where(live_r, g[k, :, 5] - big_mr, zero)
+            sr_t = sr_t + torch.where(live_r, torch.exp(delta_r) * g[k, :, 6], zero)
+            c_t = c_t + torch.where(live, w * (g[k, :, 7] + s[k] * (delta - delta_r)), zero)
+    log_s = torch.log(s_t)
+    hbar = a_t / s_t
+    ignore = labels == IGNORE_INDEX
+    logprob = torch.where(ignore, zero, y_t - big_m - log_s)
+    entropy = log_s - hbar
+    sc = big_m + log_s - b_t / vocab_size - math.log(vocab_size)
+    cols = [big_m, log_s, hbar]
+    kl = None
+    if has_ref:
+        d = c_t / s_t
+        kl = d - log_s + torch.log(sr_t)
+        cols += [big_mr, d]
+    return (logprob, entropy, sc, kl), torch.stack(cols, dim=1)
+
+
+class _TokenStatsFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, ref, vocab_start, n_real, vocab_size, inv_t, group, backend):
+        partials_op, grad_op = _ext.ops(backend)
+        parts = partials_op(logits, labels, ref, vocab_start, n_real, vocab_size, inv_t)
+        (lp, h, sc, kl), stats = merge(_all_gather(parts, group), labels, vocab_size)
+        out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        ctx.save_for_backward(logits, labels, ref, stats.to(acc_dtype(logits.dtype)))
+        ctx.args = (vocab_start, n_real, vocab_size, inv_t, grad_op)
+        ctx.mark_non_differentiable(labels)
+        kl_out = kl.to(out_dtype) if kl is not None else logits.new_zeros(0, dtype=out_dtype)
+        return lp.to(out_dtype), h.to(out_dtype), sc.to(out_dtype), kl_out
+
+    @staticmethod
+    def backward(ctx, g_lp, g_h, g_sc, g_kl):
+        logits, labels, ref, stats = ctx.saved_tensors
+        vocab_start, n_real, vocab_size, inv_t, grad_op = ctx.args
+        rows = logits.shape[0]
+        acc = stats.dtype
+
+        def col(g):
+            return torch.zeros(rows, dtype=acc, device=logits.device) if g is None else g.to(acc)
+
+        c = torch.where(labels == IGNORE_INDEX, torch.zeros((), dtype=acc, device=logits.device), col(g_lp))
+        g_kl = None if ref is None or g_kl is None or g_kl.numel() == 0 else g_kl
+        grads = torch.stack([c, col(g_h), col(g_sc), col(g_kl)], dim=1)
+        dz = grad_op(logits, labels, ref, stats, grads, vocab_start, n_real, vocab_size, inv_t)
+        return dz, None, None, None, None, None, None, None, None
+
+
+def _check(logits, labels, ref, vocab_start, vocab_size, temperature):
+    if logits.dim() != 2:
+        raise ValueError(f"token_stats: logits must be [T, V_local], got shape {tuple(logits.shape)}")
+    if labels.shape != logits.shape[:1]:
+        raise ValueError(f"token_stats: labels must be [T]={logits.shape[0]}, got {tuple(labels.shape)}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"token_stats: labels must be int64/int32, got {labels.dtype}")
+    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        raise ValueError(f"token_stats: logits dtype {logits.dtype} not supported")
+    if ref is not None and (ref.shape != logits.shape or ref.dtype != logits.dtype):
+        raise ValueError(f"token_stats: ref_logits must match logits ({tuple(logits.shape)}, "
+                         f"{logits.dtype}), got ({tuple(ref.shape)}, {ref.dtype})")
+    if not temperature > 0:
+        raise ValueError(f"token_stats: temperature must be > 0, got {temperature}")
+    if vocab_size <= 0 or vocab_start < 0:
+        raise ValueError(f"token_stats: need vocab_size > 0 and vocab_start >= 0, got "
+                         f"{vocab_size}, {vocab_start}")
+    # Label range check on CPU only: on a GPU it would cost a host sync per call.
+    if labels.device.type == "cpu" and labels.numel() and not torch.compiler.is_compiling():
+        bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))
+        if bool(bad.any()):
+            row = int(torch.nonzero(bad)[0, 0])
+            raise ValueError(f"token_stats: label {int(labels[row])} at row {row} is outside "
+                             f"[0, vocab_size={vocab_size}) and is not {IGNORE_INDEX}")
+
+
+def token_stats(logits: torch.Tensor, labels: torch.Tensor, *, vocab_start: int = 0,
+                vocab_size: Optional[int] = None, group=None, temperature: float = 1.0,
+                ref_logits: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> TokenStats:
+    """Per-token log-prob, entropy and self-certainty of a vocab-parallel logits shard.
+
+    ``logits [T, V_local]`` (fp32/bf16/fp16; fp64 for gradcheck) is this rank's shard starting at
+    global column ``vocab_start``; ``labels [T]`` are global ids (-100 = ignore: logprob 0, no
+    gradient); ``group`` is the tensor-parallel group (None = unsharded); ``vocab_size`` is the
+    global number of real tokens (default: ``vocab_start + V_local`` unsharded, ``V_local *
+    world`` with a group), columns at or past it are padding. ``ref_logits`` (same shard shape,
+    constant) adds ``out.kl`` = KL(pi || pi_ref) over the full vocabulary. Outputs are float32
+    (float64 for float64 logits), identical on every rank, differentiable w.r.t. ``logits``.
+    ``backend``: ``auto`` | ``ext`` | ``torch`` (see ``_ext.choose``). The formulas and their
+    derivatives are in this module's docstring.
+    """
+    world = 1 if group is None else dist.get_world_size(group)
+    if vocab_size is None:
+        vocab_size = vocab_start + logits.shape[-1] if world == 1 else logits.shape[-1] * world
+    _check(logits, labels, ref_logits, vocab_start, vocab_size, temperature)
+    labels = labels.long()
+    n_real = max(0, min(logits.shape[1], vocab_size - vocab_start))
+    chosen = _ext.choose(logits.device, backend)
+    if ref_logits is not None:
+        ref_logits = ref_logits.detach()
+    lp, h, sc, kl = _TokenStatsFn.apply(logits, labels, ref_logits, int(vocab_start), int(n_real),
+                                        int(vocab_size), 1.0 / float(temperature), group, chosen)
+    return TokenStats(lp, h, sc, kl if ref_logits is not None else None)

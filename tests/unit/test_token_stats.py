@@ -1,0 +1,167 @@
+"""``token_stats`` unsharded (TP = 1) against the float64 reference, both backends."""
+import os
+
+import pytest
+import torch
+
+from dualrpo_mcore.ops import TokenStats, load_error, load_extension, token_stats
+from test_token_stats_reference import IGNORE, awkward_inputs, reference_with_grads, tolerance
+
+HAS_EXT = load_extension() is not None
+BACKENDS = [
+    pytest.param("torch", id="fallback"),
+    pytest.param("ext", id="kernel", marks=pytest.mark.skipif(
+        not HAS_EXT, reason=f"compiled extension not built here: {load_error()}")),
+]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _upstream(rows, n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(rows, generator=g, dtype=torch.float64) for _ in range(n)]
+
+
+def _assert_close(got, want, rtol, atol, what):
+    got = got.double()
+    both_inf = torch.isinf(want) & (got == want)
+    diff = torch.where(both_inf, torch.zeros_like(want), (got - want).abs())
+    bound = atol + rtol * torch.where(torch.isinf(want), torch.zeros_like(want), want.abs())
+    bad = ~(diff <= bound)
+    assert not bool(bad.any()), (f"{what}: max err {float(diff[bad].max())} at rows "
+                                 f"{torch.nonzero(bad)[:, 0].tolist()[:8]}")
+
+
+def check_against_reference(z, labels, vocab_size, temperature, ref, backend, vocab_start=0,
+                            width=None):
+    """Run token_stats on the columns [vocab_start, vocab_start + width) and compare with float64."""
+    width = z.shape[1] - vocab_start if width is None else width
+    shard = z[:, vocab_start:vocab_start + width].clone().requires_grad_(True)
+    rshard = None if ref is None else ref[:, vocab_start:vocab_start + width]
+    out = token_stats(shard, labels, vocab_start=vocab_start, vocab_size=vocab_size,
+                      temperature=temperature, ref_logits=rshard, backend=backend)
+    outs = list(out) + ([out.kl] if ref is not None else [])
+    up = _upstream(z.shape[0], len(outs))
+    want, want_grad = reference_with_grads(z, labels, vocab_size, temperature, ref, up)
+    rtol, atol = tolerance(z.dtype, z / temperature)
+    for name, g, w in zip(["logprob", "entropy", "self_certainty", "kl"], outs, want):
+        assert g.dtype == torch.float32 and g.shape == (z.shape[0],)
+        _assert_close(g, w, rtol, atol, name)
+    (grad,) = torch.autograd.grad(outs, [shard], [u.float() for u in up])
+    assert grad.dtype == z.dtype
+    grtol = 2e-5 if z.dtype == torch.float32 else 1e-2
+    _assert_close(grad, want_grad[:, vocab_start:vocab_start + width], grtol, 1e-6 / temperature,
+                  "grad")
+    return out, grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("with_ref", [False, True], ids=["no-ref", "ref"])
+def test_matches_float64(backend, dtype, with_ref):
+    z, labels, ref = awkward_inputs(11, 37, 5, dtype)
+    check_against_reference(z, labels, 37, 0.7, ref if with_ref else None, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_temperature_one_long_rows(backend):
+    # Rows longer than the kernel's tile (several tiles, a ragged last one).
+    z, labels, ref = awkward_inputs(7, 1500, 3, torch.float32, seed=3)
+    check_against_reference(z, labels, 1500, 1.0, ref, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_logits(backend):
+    # A strided view (every other column of a wider buffer) must give the same answer.
+    z, labels, ref = awkward_inputs(9, 41, 0, torch.float32, extreme=False)
+    wide = torch.zeros(9, 82)
+    wide[:, ::2] = z.float()
+    view = wide[:, ::2].requires_grad_(False)
+    full = view.clone().requires_grad_(True)
+    out_view = token_stats(view, labels, ref_logits=ref.float(), backend=backend)
+    out = token_stats(full, labels, ref_logits=ref.float(), backend=backend)
+    for a, b in zip(list(out_view) + [out_view.kl], list(out) + [out.kl]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignore_labels_have_zero_logprob_and_no_logprob_gradient(backend):
+    z, labels, _ = awkward_inputs(6, 20, 2, torch.float32, extreme=False)
+    labels[:] = IGNORE
+    zz = z.clone().requires_grad_(True)
+    out = token_stats(zz, labels, vocab_size=20, backend=backend)
+    assert torch.equal(out.logprob, torch.zeros(6))
+    (g,) = torch.autograd.grad(out.logprob.sum(), [zz])
+    assert torch.equal(g, torch.zeros_like(g))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_float64(backend):
+    # float64 end to end: the fallback computes in float64; the C++ kernel instantiates a
+    # float64-accumulating version of the same code for double inputs.
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(4, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    ref = torch.randn(4, 7, generator=g, dtype=torch.float64)
+    labels = torch.tensor([0, 4, IGNORE, 2])
+
+    def fn(x):
+        o = token_stats(x, labels, vocab_size=5, temperature=1.3, ref_logits=ref, backend=backend)
+        assert o.logprob.dtype == torch.float64
+        return o.logprob, o.entropy, o.self_certainty, o.kl
+
+    assert torch.autograd.gradcheck(fn, (z,), eps=1e-6, atol=1e-7)
+
+
+def test_result_shape_contract():
+    z, labels, ref = awkward_inputs(6, 10, 0, torch.float32, extreme=False)
+    lp, h, sc = token_stats(z, labels)  # the 3-field contract unpacks
+    out = token_stats(z, labels)
+    assert isinstance(out, TokenStats) and out.kl is None and len(out) == 3
+    assert out.logprob is out[0] and out.entropy is out[1] and out.self_certainty is out[2]
+    assert token_stats(z, labels, ref_logits=ref).kl.shape == (6,)
+    assert bool((out.self_certainty >= -1e-6).all()) and bool((out.entropy >= -1e-6).all())
+
+
+def test_bad_inputs_name_the_problem():
+    z = torch.randn(3, 8)
+    with pytest.raises(ValueError, match="label 8 at row 1"):
+        token_stats(z, torch.tensor([0, 8, 1]))
+    with pytest.raises(ValueError, match="temperature"):
+        token_stats(z, torch.tensor([0, 1, 1]), temperature=0.0)
+    with pytest.raises(ValueError, match="ref_logits"):
+        token_stats(z, torch.tensor([0, 1, 1]), ref_logits=torch.randn(3, 7))
+    with pytest.raises(ValueError, match="backend"):
+        token_stats(z, torch.tensor([0, 1, 1]), backend="cuda-please")
+
+
+def test_backends_agree_exactly_on_structure():
+    # Zero-row input and a row of a single real column.
+    for backend in ["torch"] + (["ext"] if HAS_EXT else []):
+        out = token_stats(torch.zeros(0, 5), torch.zeros(0, dtype=torch.long), backend=backend)
+        assert out.logprob.shape == (0,)
+        one = token_stats(torch.tensor([[2.0, 5.0]]), torch.tensor([0]), vocab_size=1, backend=backend)
+        assert float(one.logprob) == 0.0 and float(one.entropy) == 0.0
+        assert float(one.self_certainty) == 0.0
+
+
+def test_compiled_extension_is_loaded_when_required():
+    if os.environ.get("DUALRPO_REQUIRE_EXT") != "1":
+        pytest.skip("DUALRPO_REQUIRE_EXT is not 1: the fallback is allowed in this environment")
+    assert HAS_EXT, f"DUALRPO_REQUIRE_EXT=1 but dualrpo_mcore._C did not load: {load_error()}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile(backend):
+    z, labels, ref = awkward_inputs(5, 16, 2, torch.float32, extreme=False)
+
+    def loss(x):
+        o = token_stats(x, labels, vocab_size=16, temperature=0.9, ref_logits=ref, backend=backend)
+        return o.logprob.sum() + o.entropy.sum() + o.self_certainty.sum() + o.kl.sum()
+
+    x1 = z.clone().requires_grad_(True)
+    x2 = z.clone().requires_grad_(True)
+    eager = loss(x1)
+    eager.backward()
+    compiled = torch.compile(loss, backend="aot_eager")(x2)
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(x2.grad, x1.grad)
