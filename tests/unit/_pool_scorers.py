@@ -78,7 +78,27 @@ def _bad_spec(spec, response):
     return 0.0, {"status": "bad_spec", "detail": "test"}
 
 
+def _introspect(spec, response):
+    import resource
+    import sys
+
+    return 1.0, {
+        "status": "ok",
+        "as_mb": resource.getrlimit(resource.RLIMIT_AS)[0] >> 20,
+        "fsize": resource.getrlimit(resource.RLIMIT_FSIZE)[0],
+        "core": resource.getrlimit(resource.RLIMIT_CORE)[0],
+        "cwd": os.getcwd(),
+        "cwd_entries": len(os.listdir(".")),
+        "env": ",".join(sorted(os.environ)),
+        "stdout_is_stderr": sys.stdout is sys.stderr,
+        "fd1_is_fd2": os.path.samestat(os.fstat(1), os.fstat(2)),
+        "sigxfsz_ignored": signal.getsignal(signal.SIGXFSZ) == signal.SIG_IGN,
+        "torch_loaded": "torch" in sys.modules,
+    }
+
+
 BEHAVIOURS = {
+    "introspect": _introspect,
     "echo": _echo, "sleep": _sleep, "spin": _spin, "bigint": _bigint, "segfault": _segfault,
     "memory": _memory_bomb, "exit": _exit, "raise": _raise, "print": _print, "nan": _nan,
     "big": _big, "write_file": _write_file, "shell": _shell, "bad_spec": _bad_spec,
