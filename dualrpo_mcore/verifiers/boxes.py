@@ -81,6 +81,7 @@ def parse_boxes(text: str, limit: int = MAX_BOXES) -> List[Tuple[Any, Optional[s
         s = s.strip("`").strip()
         if s.startswith("json"):
             s = s[4:]
+        s = s.strip()
     if s[:1] in "[{":
         try:
             _from_json(json.loads(s.replace("'", '"')), out, limit)
@@ -106,7 +107,9 @@ _LABEL_RX = re.compile(r"[\"']?([A-Za-z][\w \-]{0,40}?)[\"']? ?[:=] ?$")
 def _label_before(text: str, start: int) -> Optional[str]:
     """A ``label: [box]`` prefix just before a bracketed box, if any."""
     m = _LABEL_RX.search(text[max(0, start - 48):start])
-    return m.group(1).strip() if m else None
+    if m is None or m.group(1).strip().lower() in _BOX_KEYS:
+        return None
+    return m.group(1).strip()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from typing import Any, Mapping, Optional
 
 from dualrpo_mcore.verifiers.base import (
@@ -29,6 +30,8 @@ from dualrpo_mcore.verifiers.extract import FALLBACKS, answer_span
 from dualrpo_mcore.verifiers.math_parse import MAX_ANSWER_CHARS, to_sympy
 
 _PCT_SCALE = 100
+# "The final answer is: 1/2" -> "1/2" (spans read without \boxed/<answer>, e.g. fallback last_line)
+_ANSWER_PREFIX = re.compile(r"(?:answer|result)(?: is)?(?: ?[:=])? ?", re.I)
 
 
 def _numeric_values(expr) -> Optional[list]:
@@ -111,7 +114,12 @@ def _check(answer: Any, params: Mapping[str, Any]) -> None:
 @register_verifier("math", params=("fallback", "rel_tol"), check=_check)
 def score_math(answer: Any, response: str, params: Mapping[str, Any], ctx: Context) -> float:
     gold_text = _gold_text(answer)
-    span = answer_span(response, params.get("fallback", "none"))
+    span = " ".join(answer_span(response, params.get("fallback", "none")).split())
+    prefix = None
+    for prefix in _ANSWER_PREFIX.finditer(span):
+        pass
+    if prefix is not None and prefix.end() < len(span):
+        span = span[prefix.end():]
     try:
         to_sympy(gold_text)
     except Unparsable as e:
