@@ -80,7 +80,10 @@ def write_split(path: str, num_per_task: int, *, seed: int, split: str, progress
 
 
 def corpus_texts(num_per_task: int = 60, seed: int = 0) -> Iterator[str]:
-    """Text a tokenizer for the synthetic set should know: prompts, responses and templates."""
+    """Text a tokenizer for the synthetic set should know: prompts, responses and templates.
+
+    Its own split ("corpus") and a fixed default seed: the tokenizer - hence the demo model's
+    vocabulary - does not change with the seed of the data set it is shipped with."""
     from dualrpo_mcore.data.tokenizer import DEFAULT_SYSTEM, corpus_words
 
     yield DEFAULT_SYSTEM
