@@ -168,6 +168,18 @@ def _masked_extreme(x: Tensor, mask: Tensor, fn: Callable[[Tensor], Tensor], fil
     return torch.where(mask.any(), extreme, x.new_zeros(()))
 
 
+def _check_inputs(cfg: PolicyLossConfig, logp: Tensor, *, kl_on: bool, **others: Optional[Tensor]) -> None:
+    if logp.dim() < 1:
+        raise ValueError("logp must be [..., T]")
+    for name, t in others.items():
+        if t is not None and t.shape != logp.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected logp's shape {tuple(logp.shape)}")
+    if (others["ref_logp"] is None) == kl_on:
+        raise ValueError("the KL term needs both ref_logp and kl_coef (pass neither to disable it)")
+    if cfg.tis_cap is not None and others["rollout_logp"] is None:
+        raise ValueError("tis_cap is set but rollout_logp was not given")
+
+
 def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Union[Tensor, float], mask: Tensor, *,
                 ref_logp: Optional[Tensor] = None, kl_coef: Union[Tensor, float, None] = None,
                 rollout_logp: Optional[Tensor] = None, denominator: Optional[float] = None,
@@ -192,17 +204,9 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Union[Tensor, float]
     if config is not None and hparams:
         raise TypeError(f"pass either config or loss keyword arguments, not both (got {sorted(hparams)})")
     cfg = config if config is not None else PolicyLossConfig(**hparams)
+    _check_inputs(cfg, logp, old_logp=old_logp, mask=mask, ref_logp=ref_logp, rollout_logp=rollout_logp,
+                  kl_on=kl_coef is not None)
     shape = logp.shape
-    if logp.dim() < 1:
-        raise ValueError("logp must be [..., T]")
-    for name, t in (("old_logp", old_logp), ("mask", mask), ("ref_logp", ref_logp), ("rollout_logp", rollout_logp)):
-        if t is not None and t.shape != shape:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected logp's shape {tuple(shape)}")
-    if (ref_logp is None) != (kl_coef is None):
-        raise ValueError("the KL term needs both ref_logp and kl_coef (pass neither to disable it)")
-    if cfg.tis_cap is not None and rollout_logp is None:
-        raise ValueError("tis_cap is set but rollout_logp was not given")
-
     dtype = compute_dtype(logp)
     keep = mask.to(torch.bool)
     zero = torch.zeros((), dtype=dtype, device=logp.device)
