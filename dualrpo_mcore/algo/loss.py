@@ -61,33 +61,38 @@ def _safe_div(num: Tensor, den: Tensor) -> Tensor:
     return num / torch.where(den > 0, den, torch.ones_like(den))
 
 
+def _as_count(denominator: Union[Tensor, float], like: Tensor) -> Tensor:
+    """A caller's count (float or an all-reduced tensor) on ``like``'s device; no host sync."""
+    return torch.as_tensor(denominator, dtype=like.dtype, device=like.device)
+
+
 @LOSS_AGGREGATIONS.register("token-mean")
 def _token_mean(x: Tensor, mask: Tensor, *, max_response_length: Optional[int],
-                denominator: Optional[float]) -> Tensor:
-    den = mask.sum() if denominator is None else torch.as_tensor(denominator, dtype=x.dtype)
+                denominator: Union[Tensor, float, None]) -> Tensor:
+    den = mask.sum() if denominator is None else _as_count(denominator, x)
     return _safe_div(masked_sum(x, mask), den)
 
 
 @LOSS_AGGREGATIONS.register("seq-mean")
 def _seq_mean(x: Tensor, mask: Tensor, *, max_response_length: Optional[int],
-              denominator: Optional[float]) -> Tensor:
+              denominator: Union[Tensor, float, None]) -> Tensor:
     per_seq = masked_mean(x, mask, dim=-1)
     nonempty = (mask.sum(-1) > 0).to(x.dtype)
-    den = nonempty.sum() if denominator is None else torch.as_tensor(denominator, dtype=x.dtype)
+    den = nonempty.sum() if denominator is None else _as_count(denominator, x)
     return _safe_div(per_seq.sum(), den)
 
 
 @LOSS_AGGREGATIONS.register("seq-mean-token-sum-norm")
 def _seq_mean_token_sum_norm(x: Tensor, mask: Tensor, *, max_response_length: Optional[int],
-                             denominator: Optional[float]) -> Tensor:
+                             denominator: Union[Tensor, float, None]) -> Tensor:
     length = mask.shape[-1] if max_response_length is None else max_response_length
     per_seq = masked_sum(x, mask, dim=-1) / length
-    den = x.new_tensor(float(per_seq.numel())) if denominator is None else x.new_tensor(float(denominator))
+    den = x.new_tensor(float(per_seq.numel())) if denominator is None else _as_count(denominator, x)
     return _safe_div(per_seq.sum(), den)
 
 
 def aggregate(x: Tensor, mask: Tensor, agg: str = "token-mean", *, max_response_length: Optional[int] = None,
-              denominator: Optional[float] = None) -> Tensor:
+              denominator: Union[Tensor, float, None] = None) -> Tensor:
     """Reduce per-token values ``[B, T]`` to a scalar with the named aggregation (see module doc)."""
     return LOSS_AGGREGATIONS.get(agg)(x, mask.to(x.dtype), max_response_length=max_response_length,
                                       denominator=denominator)
@@ -182,7 +187,7 @@ def _check_inputs(cfg: PolicyLossConfig, logp: Tensor, *, kl_on: bool, **others:
 
 def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Union[Tensor, float], mask: Tensor, *,
                 ref_logp: Optional[Tensor] = None, kl_coef: Union[Tensor, float, None] = None,
-                rollout_logp: Optional[Tensor] = None, denominator: Optional[float] = None,
+                rollout_logp: Optional[Tensor] = None, denominator: Union[Tensor, float, None] = None,
                 config: Optional[PolicyLossConfig] = None, **hparams) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Clipped-surrogate + KL loss to minimise, and its metrics (see the module docstring).
 
