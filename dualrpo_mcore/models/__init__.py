@@ -1,0 +1,1 @@
+"""Policy models built from Megatron-Core parts."""

@@ -1,0 +1,111 @@
+"""Qwen2.5-VL on Megatron-Core: the vision tower on the first pipeline stage and the language model
+as Megatron's GPTModel with multimodal rotary embeddings (mrope).
+
+Forward takes a padded batch ``[B, S]`` of token ids in which every image is a run of
+``image_token_id`` tokens; image embeddings from the ViT replace those tokens' embeddings (in
+row-major order, like transformers), and 3D position ids are computed from the image grids when
+not given.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.module import MegatronModule
+
+from . import geometry
+from .config import QwenVLConfig, check_parallel, language_config, merger_config, vision_config
+from .precision import Precision
+from .specs import language_layer_spec, resolve_backend
+from .vision import VisionModel
+
+
+@dataclass
+class ModelOptions:
+    """How to build the policy (beyond what config.json says)."""
+
+    precision: Precision = field(default_factory=Precision)
+    """Numeric format (dtype, FP8)."""
+    backend: str = "auto"
+    """'auto' (TE where it imports), 'te' or 'local' (Megatron-only modules; CPU)."""
+    vocab_divisible_by: int = 128
+    """The embedding/output rows are padded to a multiple of this (and of TP)."""
+
+
+class QwenVLModel(MegatronModule):
+    """One pipeline stage of the Qwen2.5-VL policy."""
+
+    def __init__(self, cfg: QwenVLConfig, options: Optional[ModelOptions] = None, pre_process: bool = True,
+                 post_process: bool = True, tp: int = 1, pp: int = 1):
+        options = options or ModelOptions()
+        options.precision.check_runtime()
+        check_parallel(cfg, tp, pp)
+        backend = resolve_backend(options.backend, needs_te=options.precision.uses_te)
+        lm_config = language_config(cfg, tp, pp, options.precision)
+        super().__init__(config=lm_config)
+        self.cfg, self.backend = cfg, backend
+        self.pre_process, self.post_process = pre_process, post_process
+        self.padded_vocab_size = cfg.padded_vocab_size(max(options.vocab_divisible_by, tp))
+        self.vision = None
+        if pre_process:
+            self.vision = VisionModel(cfg, vision_config(cfg, tp, options.precision),
+                                      merger_config(cfg, tp, options.precision), backend)
+        self.language_model = GPTModel(
+            config=lm_config, transformer_layer_spec=language_layer_spec(backend),
+            vocab_size=self.padded_vocab_size, max_sequence_length=cfg.max_position_embeddings,
+            pre_process=pre_process, post_process=post_process, parallel_output=True,
+            share_embeddings_and_output_weights=cfg.tie_word_embeddings,
+            position_embedding_type="mrope", rotary_base=cfg.rope_theta)
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Pipeline schedules hand the previous stage's activations in here."""
+        self.language_model.set_input_tensor(input_tensor)
+
+    def position_ids(self, input_ids, image_grid_thw=None, attention_mask=None) -> torch.Tensor:
+        pos, _ = geometry.rope_index(input_ids, image_grid_thw, self.cfg.image_token_id,
+                                     self.cfg.spatial_merge_size, attention_mask)
+        return pos
+
+    def _embed(self, input_ids, pixel_values, image_grid_thw) -> torch.Tensor:
+        emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [S, B, H]
+        if pixel_values is None:
+            return emb
+        image = self.vision(pixel_values, image_grid_thw).to(emb.dtype)
+        where = (input_ids == self.cfg.image_token_id).nonzero(as_tuple=True)  # row-major (b, s)
+        if where[0].numel() != image.shape[0]:
+            raise ValueError(f"batch has {where[0].numel()} image tokens but the images give "
+                             f"{image.shape[0]} embeddings")
+        return emb.transpose(0, 1).index_put(where, image).transpose(0, 1).contiguous()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None, pixel_values: Optional[torch.Tensor] = None,
+                image_grid_thw: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
+                runtime_gather_output: Optional[bool] = None) -> torch.Tensor:
+        """input_ids/attention_mask [B, S] (mask 1 = real token); returns logits [B, S, V/TP]
+        (last stage; gathered over TP with ``runtime_gather_output``), per-token loss with
+        ``labels``, or hidden states [S, B, H] on earlier stages."""
+        if position_ids is None:
+            position_ids = self.position_ids(input_ids, image_grid_thw, attention_mask)
+        b, s = input_ids.shape
+        mask = geometry.causal_padding_mask(attention_mask, s, b, device=input_ids.device)
+        decoder_input = self._embed(input_ids, pixel_values, image_grid_thw) if self.pre_process else None
+        return self.language_model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
+                                   decoder_input=decoder_input, labels=labels,
+                                   runtime_gather_output=runtime_gather_output)
+
+
+def build_model(hf_config, options: Optional[ModelOptions] = None) -> QwenVLModel:
+    """This rank's stage of the model, from a HF config (path, dict or config object), using
+    Megatron's initialised parallel state."""
+    from megatron.core import parallel_state as ps
+
+    from .config import from_hf
+
+    cfg = hf_config if isinstance(hf_config, QwenVLConfig) else from_hf(hf_config)
+    pp = ps.get_pipeline_model_parallel_world_size()
+    rank = ps.get_pipeline_model_parallel_rank()
+    return QwenVLModel(cfg, options, pre_process=rank == 0, post_process=rank == pp - 1,
+                       tp=ps.get_tensor_model_parallel_world_size(), pp=pp)

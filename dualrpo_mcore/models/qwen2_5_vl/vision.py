@@ -1,0 +1,122 @@
+"""Qwen2.5-VL vision encoder and patch merger, built from Megatron-Core parts.
+
+Layers are Megatron ``TransformerLayer``s built from a ModuleSpec (TE or local), so tensor
+parallelism comes from Megatron's column/row-parallel linears. What Megatron does not have is
+assembled here: the 3D patch embedding, the 2D (row, col) rotary embedding, and the window
+attention (windows of merged units, full attention at ``fullatt_block_indexes``), expressed as a
+per-layer block-diagonal mask over the window-permuted patch sequence.
+"""
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import build_module
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+from . import geometry
+from .config import QwenVLConfig
+from .specs import norm_module, vision_layer_spec
+
+
+class PatchEmbed(torch.nn.Module):
+    """Conv3d with kernel == stride over one (C, T, P, P) patch, i.e. a linear map of the
+    flattened patch; kept as a conv weight so it maps 1:1 onto the HF tensor. Replicated over TP
+    (it is tiny and its output feeds every rank)."""
+
+    def __init__(self, cfg: QwenVLConfig, dtype: torch.dtype):
+        super().__init__()
+        self.proj = torch.nn.Module()
+        shape = (cfg.vision_hidden_size, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
+        self.proj.weight = torch.nn.Parameter(torch.empty(shape, dtype=dtype))
+        torch.nn.init.normal_(self.proj.weight, std=0.02)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        w = self.proj.weight
+        return F.linear(pixels.to(w.dtype).reshape(-1, w[0].numel()), w.reshape(w.shape[0], -1))
+
+
+class PatchMerger(MegatronModule):
+    """RMSNorm per patch, concatenate each merge x merge block, 2-layer GELU MLP to the LM width."""
+
+    def __init__(self, cfg: QwenVLConfig, merger_config, vision_config, backend: str):
+        super().__init__(config=merger_config)
+        self.unit = cfg.merger_hidden_size
+        self.ln_q = build_module(norm_module(backend), config=vision_config,
+                                 hidden_size=cfg.vision_hidden_size, eps=vision_config.layernorm_epsilon)
+        self.mlp = MLP(merger_config, MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+                       input_size=self.unit)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.ln_q(x).reshape(-1, 1, self.unit)  # [N/merge^2, 1, unit]: MLP expects [s, b, h]
+        out, bias = self.mlp(x)
+        if bias is not None:
+            out = out + bias
+        return out.squeeze(1)
+
+
+class VisionRotary(torch.nn.Module):
+    """2D rotary: the first half of the rotated dims follow the patch row, the second the column."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        quarter = head_dim // 2
+        self.register_buffer(
+            "inv_freq", 1.0 / theta ** (torch.arange(0, quarter, 2, dtype=torch.float) / quarter),
+            persistent=False)
+
+    def forward(self, rc: torch.Tensor) -> torch.Tensor:
+        """rc [N, 2] -> Megatron rotary tensor [N, 1, 1, head_dim] (cos/sin taken downstream)."""
+        freqs = rc.to(self.inv_freq.device, torch.float)[..., None] * self.inv_freq  # [N, 2, d/4]
+        freqs = freqs.reshape(rc.shape[0], -1)  # [N, d/2]: rows then cols
+        return torch.cat([freqs, freqs], dim=-1)[:, None, None, :]
+
+
+class VisionModel(MegatronModule):
+    """Patch embedding -> windowed ViT layers -> merger; returns merged embeddings in image order."""
+
+    def __init__(self, cfg: QwenVLConfig, vision_config, merger_config, backend: str = "local"):
+        super().__init__(config=vision_config)
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg, vision_config.params_dtype)
+        self.rotary = VisionRotary(cfg.vision_head_dim, cfg.vision_rope_theta)
+        spec = vision_layer_spec(backend)
+        self.layers = torch.nn.ModuleList(
+            build_module(spec, config=vision_config, layer_number=i + 1) for i in range(cfg.vision_depth))
+        self.merger = PatchMerger(cfg, merger_config, vision_config, backend)
+        self.full_attention = set(cfg.fullatt_block_indexes)
+
+    def _plan(self, grid_thw: torch.Tensor, device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Window order of merged units and the two attention masks over the permuted sequence."""
+        c = self.cfg
+        order, win_lengths = geometry.window_permutation(grid_thw.cpu(), c.spatial_merge_size, c.window_size,
+                                                          c.patch_size)
+        full = geometry.block_diagonal_mask(geometry.segment_lengths(grid_thw.cpu()), device)
+        window = geometry.block_diagonal_mask(win_lengths, device)
+        return order.to(device), full, window
+
+    def _permute(self, x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        unit = self.cfg.spatial_merge_size ** 2
+        return x.reshape(-1, unit, *x.shape[1:])[order].reshape(x.shape)
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """pixel_values [N, C*T*P*P] (the HF processor's layout), grid_thw [I, 3] -> [N/merge^2, H_lm]."""
+        x = self.patch_embed(pixel_values)
+        order, full_mask, window_mask = self._plan(grid_thw, x.device)
+        rc = geometry.vision_patch_positions(grid_thw.cpu(), self.cfg.spatial_merge_size).to(x.device)
+        x = self._permute(x, order)[:, None, :]  # [N, 1, H]: Megatron's [s, b, h]
+        rotary = self._permute(self.rotary(rc), order)
+        for i, layer in enumerate(self.layers):
+            mask = full_mask if i in self.full_attention else window_mask
+            x, _ = layer(hidden_states=x, attention_mask=mask, rotary_pos_emb=rotary)
+        merged = self.merger(x[:, 0])
+        return merged[torch.argsort(order)]
+
+
+def split_per_image(embeds: torch.Tensor, grid_thw: torch.Tensor, merge: int) -> List[torch.Tensor]:
+    sizes = (grid_thw.prod(-1) // merge ** 2).tolist()
+    return list(torch.split(embeds, sizes))
