@@ -81,17 +81,27 @@ class ImageProcessor:
 
     def __init__(self, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280,
                  processor_dir: Optional[str] = None):
-        if processor_dir:
-            from transformers import AutoImageProcessor
-
-            self.hf = AutoImageProcessor.from_pretrained(processor_dir)
-        else:
-            from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as m
-
-            self.hf = m.Qwen2VLImageProcessorPil()
-        self.hf.size = {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)}
         self.min_pixels, self.max_pixels = int(min_pixels), int(max_pixels)
+        self.processor_dir = processor_dir
+        self._hf = None
         self.calls = 0  # how many times images were processed (tests: once per prompt)
+
+    @property
+    def hf(self):
+        """transformers' processor, built on first use (importing it costs seconds; text-only
+        data never pays)."""
+        if self._hf is None:
+            if self.processor_dir:
+                from transformers import AutoImageProcessor
+
+                hf = AutoImageProcessor.from_pretrained(self.processor_dir)
+            else:
+                from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as m
+
+                hf = m.Qwen2VLImageProcessorPil()
+            hf.size = {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}
+            self._hf = hf
+        return self._hf
 
     def __call__(self, images: List[Any]) -> Optional[ProcessedImages]:
         if not images:
