@@ -29,7 +29,7 @@ from typing import Any, Optional, Sequence
 from dualrpo_mcore.verifiers.pool import VerifierPool, VerifierPoolError, VerifyResult
 
 __all__ = [
-    "verify", "verify_batch", "default_pool", "VerifierPool", "VerifierPoolError", "VerifyResult",
+    "verify", "verify_batch", "default_pool", "shutdown_default_pool", "VerifierPool", "VerifierPoolError", "VerifyResult",
     "score", "score_with_info", "validate_spec", "register_verifier", "VERIFIERS",
 ]
 
@@ -96,6 +96,15 @@ def _forget_after_fork() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+def shutdown_default_pool() -> None:
+    """Close the default pool now (it is also closed at exit); the next ``verify`` restarts it."""
+    global _default_pool
+    with _default_lock:
+        pool, _default_pool = _default_pool, None
+    if pool is not None and pool._owner_pid == os.getpid():
+        pool.close()
 
 
 def verify(spec: dict, response: str, *, progress: Optional[float] = None,

@@ -40,7 +40,6 @@ import selectors
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -48,12 +47,25 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-from dualrpo_mcore.verifiers.worker import EXIT_MEMORY, HEADER
+from dualrpo_mcore.verifiers.worker import EXIT_MEMORY, HEADER, encode_frame, worker_command, worker_env
 
 STATUSES = ("ok", "timeout", "crash", "error", "bad_spec", "unparsable")
 DEFAULT_SCORER = "dualrpo_mcore.verifiers.scoring:score_with_info"
-# Run once in each new worker so the first real sample does not pay sympy's lazy imports.
-DEFAULT_WARMUP = [[{"verifier": "math", "answer": "\\frac{1}{2}"}, "so \\boxed{0.5}"]]
+# Scored once by each new worker, one sample per built-in task, so that a worker's first real
+# samples do not pay the verifiers' lazy imports (sympy parsers, rapidfuzz, matching code).
+_OK = "<think>ok</think> <answer>{}</answer>"
+DEFAULT_WARMUP = [
+    [{"verifier": "math", "answer": "\\frac{1}{2}"}, _OK.format("\\boxed{0.5}")],
+    [{"verifier": "math", "answer": "x^2-1"}, _OK.format("\\boxed{(x-1)(x+1)}")],
+    [{"verifier": "choice", "answer": "B", "params": {"options": ["1", "2"]}}, _OK.format("(B) 2")],
+    [{"verifier": "numeric", "answer": 2.5}, _OK.format("2.5")],
+    [{"verifier": "counting", "answer": 3}, _OK.format("three")],
+    [{"verifier": "ocr", "answer": "STOP"}, _OK.format("stop")],
+    [{"verifier": "grounding", "answer": [0, 0, 10, 10]}, _OK.format("[0, 0, 9, 10]")],
+    [{"verifier": "detection", "answer": [[0, 0, 10, 10], [20, 20, 30, 30]]},
+     _OK.format("[[0, 0, 9, 10], [20, 20, 30, 31]]")],
+    [{"verifier": "format"}, _OK.format("1")],
+]
 MAX_RESULT_BYTES = 1 << 20  # a result frame is a float and a short info dict
 _STDERR_TAIL = 4096
 _log = logging.getLogger(__name__)
@@ -162,10 +174,12 @@ class VerifierPool:
         self._ready_event = threading.Event()
         self._workers: list[_Worker] = []
         self._failed_starts = 0
+        self._last_start_error: Optional[str] = None
         self._sel = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = os.pipe()
+        self._wake_r, wake_w = os.pipe()
+        self._wake_w: Optional[int] = wake_w
         os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        os.set_blocking(wake_w, False)
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._thread = threading.Thread(target=self._run, name="verifier-pool", daemon=True)
         self._thread.start()
@@ -222,14 +236,15 @@ class VerifierPool:
     def close(self) -> None:
         """Stop the dispatcher and every worker (EOF, then SIGKILL after 1 s); idempotent."""
         with self._lock:
-            if self._closing:
-                already = True
-            else:
-                self._closing, already = True, False
-        if not already:
-            self._wake()
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._closing = True
+        self._wake()
+        if threading.current_thread() is not self._thread:
             self._thread.join(timeout=30)
+        with self._lock:
+            if not self._thread.is_alive() and self._wake_w is not None:
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+                self._wake_w = None
         _LIVE_POOLS.discard(self)
 
     def __enter__(self) -> "VerifierPool":
@@ -261,13 +276,12 @@ class VerifierPool:
             info["truncated"] = len(response)
             response = response[-self.max_response_chars:]
         try:
-            body = json.dumps({"id": index, "spec": spec, "response": response, "progress": progress},
-                              ensure_ascii=True).encode("ascii")
+            frame = encode_frame({"id": index, "spec": spec, "response": response, "progress": progress})
         except (TypeError, ValueError, RecursionError) as exc:
             self._finish(batch, index, VerifyResult(0.0, "bad_spec", 0.0, {
                 "error": f"spec is not JSON-serialisable: {type(exc).__name__}: {exc}"[:300]}))
             return None
-        return _Job(batch, index, HEADER.pack(len(body)) + body, budget, deadline, now, info)
+        return _Job(batch, index, frame, budget, deadline, now, info)
 
     def _finish(self, batch: _Batch, index: int, result: VerifyResult) -> None:
         with self._lock:
@@ -285,10 +299,13 @@ class VerifierPool:
             raise AssertionError("sample finished twice")
 
     def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"x")
-        except (BlockingIOError, OSError):
-            pass  # the pipe is full, so the dispatcher is already due to wake
+        with self._lock:  # close() closes the pipe under the same lock: no write to a reused fd
+            if self._wake_w is None:
+                return
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:
+                pass  # full (BlockingIOError): the dispatcher is already due to wake
 
     # ------------------------------------------------------------------ dispatcher thread
     def _run(self) -> None:
@@ -323,22 +340,13 @@ class VerifierPool:
         if ready >= self.num_workers:
             self._ready_event.set()
 
-    _last_start_error: Optional[str] = None
-
     def _spawn(self) -> None:
         tmpdir = tempfile.mkdtemp(prefix="dualrpo-verifier-")
-        env = {
-            "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": tmpdir,
-            "TMPDIR": tmpdir, "PYTHONPATH": os.pathsep.join(self._pythonpath),
-            "PYTHONDONTWRITEBYTECODE": "1", "PYTHONNOUSERSITE": "1", "PYTHONHASHSEED": "0",
-            "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-        }
-        cmd = [sys.executable, "-s", "-B", "-m", "dualrpo_mcore.verifiers.worker",
-               "--scorer", self.scorer, "--max-memory-mb", str(self.max_memory_mb),
-               "--parent-pid", str(os.getpid()), "--pdeathsig", "--warmup", self._warmup]
+        cmd = worker_command(self.scorer, self.max_memory_mb, os.getpid(), self._warmup)
         os.chmod(tmpdir, 0o500)  # nothing to write in the worker's cwd, even by accident
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, cwd=tmpdir, env=env, close_fds=True,
+                                stderr=subprocess.PIPE, cwd=tmpdir, env=worker_env(tmpdir, self._pythonpath),
+                                close_fds=True,
                                 start_new_session=True, bufsize=0)
         worker = _Worker(proc, tmpdir)
         for f in (proc.stdin, proc.stdout, proc.stderr):
@@ -538,12 +546,8 @@ class VerifierPool:
         self._reap(worker)
 
     def _retire(self, worker: _Worker) -> None:
-        """Graceful stop of an idle worker: EOF on its stdin, SIGKILL if it lingers."""
-        try:
-            worker.proc.stdin.close()
-            worker.proc.wait(timeout=1.0)
-        except (OSError, subprocess.TimeoutExpired):
-            pass
+        # An idle worker holds no state worth a graceful exit, and waiting for one would stall
+        # the deadlines of the busy ones.
         self._kill(worker)
 
     @staticmethod
@@ -571,19 +575,18 @@ class VerifierPool:
             self._finish(job.batch, job.index, VerifyResult(0.0, "error", 0.0, {"error": why}))
 
     def _shutdown(self) -> None:
+        why = self._broken or "VerifierPool closed while scoring"
         for worker in self._workers:
-            if worker.job is not None:
-                job = worker.job
-                job.batch.error = self._broken or "VerifierPool closed while scoring"
-                self._finish(job.batch, job.index, VerifyResult(0.0, "error", 0.0, {"error": job.batch.error}))
-                worker.job = None
-        self._fail_queue(self._broken or "VerifierPool closed while scoring")
-        for worker in self._workers:
+            job, worker.job = worker.job, None
+            if job is not None:
+                job.batch.error = why
+                self._finish(job.batch, job.index, VerifyResult(0.0, "error", 0.0, {"error": why}))
             if worker.state != "dead":
                 try:
-                    worker.proc.stdin.close()
+                    worker.proc.stdin.close()  # EOF: an idle worker exits by itself
                 except OSError:
                     pass
+        self._fail_queue(why)
         end = time.monotonic() + 1.0
         for worker in self._workers:
             if worker.state != "dead":
@@ -594,9 +597,7 @@ class VerifierPool:
                 self._kill(worker)
         self._workers = []
         self._ready_event.set()  # release wait_ready(); it then reports the pool as closed
-        self._sel.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        self._sel.close()  # the wake pipe is closed by close(), after the join: no fd reuse race
 
 
 _LIVE_POOLS: "weakref.WeakSet[VerifierPool]" = weakref.WeakSet()

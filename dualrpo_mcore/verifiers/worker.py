@@ -125,9 +125,33 @@ def _set_parent_death_signal(parent_pid: int) -> None:
         os._exit(0)
 
 
-def _send(out, obj: dict) -> None:
+def encode_frame(obj: dict) -> bytes:
+    """One protocol frame. ``ensure_ascii`` keeps lone surrogates (valid in a Python str, not in
+    UTF-8) intact; raises TypeError/ValueError for what JSON can not carry."""
     body = json.dumps(obj, ensure_ascii=True).encode("ascii")
-    out.write(HEADER.pack(len(body)) + body)
+    return HEADER.pack(len(body)) + body
+
+
+def _send(out, obj: dict) -> None:
+    out.write(encode_frame(obj))
+
+
+def worker_command(scorer: str, max_memory_mb: int, parent_pid: int, warmup_json: str) -> list:
+    """argv of a worker: no user site-packages, no bytecode writes."""
+    return [sys.executable, "-s", "-B", "-m", "dualrpo_mcore.verifiers.worker", "--scorer", scorer,
+            "--max-memory-mb", str(max_memory_mb), "--parent-pid", str(parent_pid), "--pdeathsig",
+            "--warmup", warmup_json]
+
+
+def worker_env(tmpdir: str, pythonpath: list) -> dict:
+    """The whole environment of a worker: nothing of the trainer's (tokens, cluster settings)
+    leaks in; HOME/TMPDIR point at its own empty, read-only temp dir."""
+    return {
+        "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": tmpdir,
+        "TMPDIR": tmpdir, "PYTHONPATH": os.pathsep.join(pythonpath),
+        "PYTHONDONTWRITEBYTECODE": "1", "PYTHONNOUSERSITE": "1", "PYTHONHASHSEED": "0",
+        "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+    }
 
 
 def _read_frame(inp):

@@ -1,0 +1,210 @@
+"""``dualrpo bench verifiers``: throughput of the sandboxed pool, and its worst case.
+
+Two batches go through the same run:
+
+* **mixed**: realistic correct and incorrect responses for all eight tasks (math, choice,
+  numeric, counting, ocr, grounding, detection, format). Baselines measured in the same run:
+  in-process serial ``score_with_info`` (what a trainer without a sandbox would do) and the pool
+  with one worker; the table gives each runner's ratio against the serial baseline.
+* **adversarial**: the corpus of :mod:`dualrpo_mcore.verifiers.adversarial` through the pool
+  only (in-process it could hang forever, which is the point). The number to read is the
+  worst-case per-sample latency against the budget.
+
+Latency is per sample: in-process, the time of one ``score`` call; in the pool, from dispatch to
+a worker until its result is back (pipe transfer included, queueing excluded).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import random
+import subprocess
+import time
+import uuid
+from typing import List, Tuple
+
+from dualrpo_mcore.verifiers.adversarial import adversarial_corpus, markers_left
+from dualrpo_mcore.verifiers.pool import VerifierPool
+
+TASKS = ("math", "choice", "numeric", "counting", "ocr", "grounding", "detection", "format")
+_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+          "fifteen sixteen seventeen eighteen nineteen twenty").split()
+_PHRASES = ("STOP AHEAD", "No parking any time", "Exit 12B Main St", "FRESH BREAD DAILY",
+            "Platform 9 3/4", "Caution: wet floor", "OPEN 24 HOURS", "Speed limit 35")
+_LABELS = ("cat", "dog", "car", "person", "bicycle")
+
+
+def _think(rng: random.Random) -> str:
+    steps = rng.randint(2, 12)
+    return "<think>" + " ".join(f"Step {i}: we simplify the expression and check it." for i in range(steps)) + "</think> "
+
+
+def _jitter(box: List[float], rng: random.Random, scale: float) -> List[float]:
+    return [round(v + rng.uniform(-scale, scale), 1) for v in box]
+
+
+def _box(rng: random.Random) -> List[int]:
+    x, y = rng.randint(0, 800), rng.randint(0, 600)
+    return [x, y, x + rng.randint(20, 300), y + rng.randint(20, 300)]
+
+
+def _sample(task: str, ok: bool, rng: random.Random) -> Tuple[dict, str]:
+    """One (spec, response) pair; ``ok`` asks for a response that should earn the reward."""
+    think = _think(rng)
+    if task == "math":
+        p, q = rng.randint(1, 50), rng.randint(2, 60)
+        shown = rng.choice([f"\\frac{{{p}}}{{{q}}}", f"{p}/{q}", f"\\dfrac{{{2 * p}}}{{{2 * q}}}"])
+        if not ok:
+            shown = f"\\frac{{{p + 1}}}{{{q}}}"
+        return {"verifier": "math", "answer": f"\\frac{{{p}}}{{{q}}}"}, f"{think}<answer>\\boxed{{{shown}}}</answer>"
+    if task == "choice":
+        opts = [str(rng.randint(1, 99)) for _ in range(4)]
+        gold = rng.randrange(4)
+        pick = gold if ok else (gold + 1) % 4
+        said = rng.choice([f"{'ABCD'[pick]}", f"({'ABCD'[pick]}) {opts[pick]}"])
+        return ({"verifier": "choice", "answer": "ABCD"[gold], "params": {"options": opts}},
+                f"{think}<answer>{said}</answer>")
+    if task == "numeric":
+        gold = round(rng.uniform(1, 1000), 2)
+        said = gold * (1 + rng.uniform(-0.004, 0.004)) if ok else gold * 1.3
+        return ({"verifier": "numeric", "answer": gold, "params": {"rel_tol": 0.01}},
+                f"{think}The chart shows about <answer>{said:.2f}</answer>")
+    if task == "counting":
+        gold = rng.randint(0, 20)
+        said = gold if ok else gold + rng.randint(1, 3)
+        text = _WORDS[said] if said < len(_WORDS) and rng.random() < 0.5 else str(said)
+        return {"verifier": "counting", "answer": gold}, f"{think}<answer>{text}</answer>"
+    if task == "ocr":
+        gold = rng.choice(_PHRASES)
+        said = gold if ok else rng.choice([p for p in _PHRASES if p != gold])
+        return {"verifier": "ocr", "answer": gold}, f"{think}<answer>{said}</answer>"
+    if task == "grounding":
+        gold = _box(rng)
+        said = _jitter(gold, rng, 3) if ok else _box(rng)
+        return {"verifier": "grounding", "answer": gold}, f"{think}<answer>{json.dumps(said)}</answer>"
+    if task == "detection":
+        gold = [{"bbox_2d": _box(rng), "label": rng.choice(_LABELS)} for _ in range(rng.randint(1, 6))]
+        pred = [dict(g, bbox_2d=_jitter(g["bbox_2d"], rng, 1)) for g in gold] if ok else \
+            [{"bbox_2d": _box(rng), "label": rng.choice(_LABELS)} for _ in range(rng.randint(0, 6))]
+        return ({"verifier": "detection", "answer": gold, "params": {"iou_threshold": 0.5}},
+                f"{think}<answer>{json.dumps(pred)}</answer>")
+    body = "<answer>42</answer>" if ok else "The answer is 42."
+    return {"verifier": "format", "params": {"mode": "think_answer"}}, think + body
+
+
+def mixed_batch(n: int, seed: int = 0) -> List[Tuple[dict, str]]:
+    """``n`` realistic samples cycling through the eight tasks, about half of them correct."""
+    rng = random.Random(seed)
+    return [_sample(TASKS[i % len(TASKS)], rng.random() < 0.5, rng) for i in range(n)]
+
+
+def _summary(name: str, batch: str, latencies: List[float], wall: float, statuses: List[str]) -> dict:
+    lat = sorted(latencies)
+
+    def pct(q: float) -> float:
+        return lat[min(len(lat) - 1, int(q * len(lat)))] if lat else 0.0
+
+    return {"batch": batch, "runner": name, "samples": len(lat), "wall_s": wall,
+            "samples_per_s": len(lat) / wall if wall > 0 else float("inf"),
+            "p50_s": pct(0.50), "p99_s": pct(0.99), "max_s": lat[-1] if lat else 0.0,
+            "timeouts": statuses.count("timeout"), "crashes": statuses.count("crash"),
+            "statuses": {s: statuses.count(s) for s in sorted(set(statuses))}}
+
+
+def _serial(samples) -> dict:
+    from dualrpo_mcore.verifiers.scoring import score_with_info
+
+    score_with_info(*samples[0])  # lazy imports are start-up cost, not throughput
+    lat, statuses = [], []
+    start = time.perf_counter()
+    for spec, response in samples:
+        t0 = time.perf_counter()
+        _, info = score_with_info(spec, response)
+        lat.append(time.perf_counter() - t0)
+        statuses.append(info["status"])
+    return _summary("serial score (in-process)", "mixed", lat, time.perf_counter() - start, statuses)
+
+
+def _pooled(samples, workers: int, timeout: float, batch: str) -> dict:
+    with VerifierPool(num_workers=workers, timeout_s=timeout) as pool:
+        pool.wait_ready(300)  # worker start-up (sympy import) is not throughput either
+        start = time.perf_counter()
+        results = pool.verify_batch([s for s, _ in samples], [r for _, r in samples])
+        wall = time.perf_counter() - start
+        stats = pool.stats()
+    row = _summary(f"pool, {workers} worker{'s' if workers > 1 else ''}", batch,
+                   [r.elapsed_s for r in results], wall, [r.status for r in results])
+    row["workers_replaced"] = stats["workers_replaced"]
+    return row
+
+
+def _machine() -> dict:
+    return {"platform": platform.platform(), "python": platform.python_version(),
+            "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None}
+
+
+def _commit() -> str:
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head + ("-dirty" if dirty else "")) if head else "unknown"
+
+
+def _table(rows: List[dict], serial_rate: float) -> str:
+    head = (f"{'batch':<12} {'runner':<27} {'samples':>7} {'samples/s':>10} {'p50 ms':>8} "
+            f"{'p99 ms':>8} {'max ms':>8} {'timeouts':>8} {'crashes':>7} {'vs serial':>9}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        ratio = f"{r['samples_per_s'] / serial_rate:.2f}x" if r["batch"] == "mixed" else "n/a"
+        lines.append(f"{r['batch']:<12} {r['runner']:<27} {r['samples']:>7} {r['samples_per_s']:>10.1f} "
+                     f"{r['p50_s'] * 1e3:>8.2f} {r['p99_s'] * 1e3:>8.1f} {r['max_s'] * 1e3:>8.1f} "
+                     f"{r['timeouts']:>8} {r['crashes']:>7} {ratio:>9}")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2))),
+                        help="pool workers (default: CPU count, at most 8)")
+    parser.add_argument("--timeout", type=float, default=5.0, help="per-sample budget in seconds")
+    parser.add_argument("--num-samples", type=int, default=800, help="mixed-batch size")
+    parser.add_argument("--num-adversarial", type=int, default=1000, help="adversarial-batch size")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+
+
+def run(args: argparse.Namespace) -> int:
+    mixed = mixed_batch(args.num_samples, args.seed)
+    token = uuid.uuid4().hex
+    adversarial = [(c.spec, c.response) for c in
+                   adversarial_corpus(args.num_adversarial, token=token, seed=args.seed)]
+    print(f"verifier bench: {len(mixed)} mixed + {len(adversarial)} adversarial samples, "
+          f"{args.workers} workers, {args.timeout:g} s budget", flush=True)
+    rows = [_serial(mixed)]
+    if args.workers > 1:
+        rows.append(_pooled(mixed, 1, args.timeout, "mixed"))
+    rows.append(_pooled(mixed, args.workers, args.timeout, "mixed"))
+    rows.append(_pooled(adversarial, args.workers, args.timeout, "adversarial"))
+    print(_table(rows, rows[0]["samples_per_s"]))
+    worst = rows[-1]["max_s"]
+    leaked = markers_left(token)
+    print(f"worst-case adversarial latency: {worst:.3f} s (budget {args.timeout:g} s); "
+          f"adversarial statuses: {rows[-1]['statuses']}; code-execution markers found: {len(leaked)}")
+    if args.json:
+        out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "commit": _commit(), "machine": _machine(),
+               "config": {"workers": args.workers, "timeout_s": args.timeout, "seed": args.seed,
+                          "num_samples": args.num_samples, "num_adversarial": args.num_adversarial},
+               "results": rows, "worst_case_adversarial_s": worst, "markers_found": leaked}
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+        print(f"wrote {args.json}")
+    return 1 if leaked else 0
