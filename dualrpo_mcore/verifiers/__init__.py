@@ -13,10 +13,14 @@ pool has ``DUALRPO_VERIFY_WORKERS`` (default 2) workers. A trainer scoring whole
 own a pool (``with VerifierPool(num_workers=16) as pool: pool.verify_batch(...)``), which also
 gives it statuses and counters for its metrics.
 
-The in-process scorers (``score``, ``validate_spec``, the registry) live in ``scoring`` and
-``base``; they are re-exported here lazily, so importing this package (as the trainer and the
-pool's parent side do) does not import sympy. In-process ``score`` has no time or memory limit:
+The in-process scorers (``score``, ``score_with_info``, ``validate_spec``, ``register_verifier``,
+``VERIFIERS``) live in ``scoring`` and ``base`` and are re-exported here on first access (PEP 562),
+not at import: the pool's parent side (the trainer) never needs sympy, and a worker
+(``python -m dualrpo_mcore.verifiers.worker``, which imports this package first) must be able to
+set its limits before the heavy imports happen. In-process ``score`` has no time or memory limit:
 use it on trusted strings only (data validation, tests, the serial baseline of the benchmark).
+A verifier registered with ``register_verifier`` in the trainer is not visible to pool workers
+(separate interpreters): name its module in ``VerifierPool(imports=[...])``.
 """
 from __future__ import annotations
 

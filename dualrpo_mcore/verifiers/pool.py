@@ -141,6 +141,9 @@ class VerifierPool:
         max_samples_per_worker: recycle a worker after this many samples (bounds cache growth).
         startup_timeout_s: a worker not ready by then is killed and counted as a failed start.
         pythonpath: extra import roots for the worker (e.g. a tests directory).
+        imports: modules each worker imports before the scorer, e.g. the module that calls
+            ``register_verifier`` for a custom verifier (a registration made in the trainer
+            process is invisible to the workers, which are separate interpreters).
         warmup: ``[spec, response]`` pairs each new worker scores before reporting ready;
             None uses a math sample when the scorer is the default one.
     """
@@ -149,7 +152,7 @@ class VerifierPool:
                  scorer: str = DEFAULT_SCORER, *, spares: int = 1,
                  max_response_chars: int = 1 << 20, max_samples_per_worker: int = 5000,
                  startup_timeout_s: float = 120.0, pythonpath: Sequence[str] = (),
-                 warmup: Optional[list] = None):
+                 imports: Sequence[str] = (), warmup: Optional[list] = None):
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         if not timeout_s > 0:
@@ -161,6 +164,7 @@ class VerifierPool:
         self.max_response_chars = int(max_response_chars)
         self.max_samples_per_worker = int(max_samples_per_worker)
         self.startup_timeout_s = float(startup_timeout_s)
+        self._imports = list(imports)
         self._pythonpath = [_PACKAGE_ROOT, *[os.path.abspath(p) for p in pythonpath]]
         if warmup is None:
             warmup = DEFAULT_WARMUP if scorer == DEFAULT_SCORER else []
@@ -334,15 +338,19 @@ class VerifierPool:
                             f"with scorer {self.scorer!r}: {tail}")
             self._fail_queue(self._broken)
             return
-        while len(self._workers) < self.num_workers + self.spares:
-            self._spawn()
         ready = sum(w.state in ("idle", "busy") for w in self._workers)
+        # Spares start only once the regular workers are up, so that at a cold start they do
+        # not compete for the CPU with the workers the first samples wait for.
+        target = self.num_workers + (self.spares if ready >= self.num_workers else 0)
+        while len(self._workers) < target:
+            self._spawn()
         if ready >= self.num_workers:
             self._ready_event.set()
 
     def _spawn(self) -> None:
         tmpdir = tempfile.mkdtemp(prefix="dualrpo-verifier-")
-        cmd = worker_command(self.scorer, self.max_memory_mb, os.getpid(), self._warmup)
+        cmd = worker_command(self.scorer, self.max_memory_mb, os.getpid(), self._warmup,
+                             self._imports)
         os.chmod(tmpdir, 0o500)  # nothing to write in the worker's cwd, even by accident
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, cwd=tmpdir, env=worker_env(tmpdir, self._pythonpath),

@@ -136,11 +136,15 @@ def _send(out, obj: dict) -> None:
     out.write(encode_frame(obj))
 
 
-def worker_command(scorer: str, max_memory_mb: int, parent_pid: int, warmup_json: str) -> list:
+def worker_command(scorer: str, max_memory_mb: int, parent_pid: int, warmup_json: str,
+                   imports=()) -> list:
     """argv of a worker: no user site-packages, no bytecode writes."""
-    return [sys.executable, "-s", "-B", "-m", "dualrpo_mcore.verifiers.worker", "--scorer", scorer,
-            "--max-memory-mb", str(max_memory_mb), "--parent-pid", str(parent_pid), "--pdeathsig",
-            "--warmup", warmup_json]
+    cmd = [sys.executable, "-s", "-B", "-m", "dualrpo_mcore.verifiers.worker", "--scorer", scorer,
+           "--max-memory-mb", str(max_memory_mb), "--parent-pid", str(parent_pid), "--pdeathsig",
+           "--warmup", warmup_json]
+    for module in imports:
+        cmd += ["--import", module]
+    return cmd
 
 
 def worker_env(tmpdir: str, pythonpath: list) -> dict:
@@ -239,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent-pid", type=int, default=0)
     parser.add_argument("--pdeathsig", action="store_true")
     parser.add_argument("--warmup", default="", help="JSON list of [spec, response] pairs")
+    parser.add_argument("--import", dest="imports", action="append", default=[],
+                        help="module to import first (e.g. one that registers custom verifiers)")
     args = parser.parse_args(argv)
 
     proto_in, proto_out = _take_protocol_fds()
@@ -246,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.pdeathsig and args.parent_pid:
         _set_parent_death_signal(args.parent_pid)
     try:
+        for module in args.imports:
+            importlib.import_module(module)
         scorer = _load_scorer(args.scorer)
         _warm(scorer, args.warmup)
     except BaseException as exc:  # noqa: BLE001 -- report any startup failure, then exit

@@ -105,6 +105,16 @@ BEHAVIOURS = {
 }
 
 
+IMPORTED = []  # modules named in the pool's ``imports`` option append themselves here
+
+
+def _imported(spec, response):
+    return float(bool(IMPORTED)), {"status": "ok", "imported": ",".join(IMPORTED)}
+
+
+BEHAVIOURS["imported"] = _imported
+
+
 def behave(spec, response, *, progress=None):
     if progress == "len":  # lets a test see what the worker received
         return min(1.0, len(response) / 1e7), {"status": "ok", "len": len(response)}

@@ -98,7 +98,6 @@ def test_crash_is_contained(behaviour, detail):
     assert [r.reward for i, r in enumerate(results) if i != 4] == [1.0] * 9
     assert all(r.reward == 1.0 for r in again)
     assert stats["status/crash"] == 1 and stats["workers_replaced"] == 1
-    assert stats["workers_started"] >= 4  # 2 workers + 1 spare + the replacement
 
 
 def test_many_crashes_in_one_batch_still_complete():
@@ -238,3 +237,9 @@ def test_close_leaves_no_child_processes():
             os.waitpid(pid, os.WNOHANG)
     with pytest.raises(VerifierPoolError, match="closed"):
         pool.verify_batch([echo("a")], ["a"])
+
+
+def test_imports_option_loads_modules_in_the_worker():
+    with make_pool(num_workers=1, spares=0, imports=["_pool_plugin"]) as pool:
+        (res,) = pool.verify_batch([{"verifier": "imported"}], [""])
+    assert (res.reward, res.info["imported"]) == (1.0, "_pool_plugin")
