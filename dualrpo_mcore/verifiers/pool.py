@@ -47,25 +47,12 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-from dualrpo_mcore.verifiers.worker import EXIT_MEMORY, HEADER, encode_frame, worker_command, worker_env
+from dualrpo_mcore.verifiers.worker import (
+    DEFAULT_WARMUP, EXIT_MEMORY, HEADER, encode_frame, worker_command, worker_env,
+)
 
 STATUSES = ("ok", "timeout", "crash", "error", "bad_spec", "unparsable")
 DEFAULT_SCORER = "dualrpo_mcore.verifiers.scoring:score_with_info"
-# Scored once by each new worker, one sample per built-in task, so that a worker's first real
-# samples do not pay the verifiers' lazy imports (sympy parsers, rapidfuzz, matching code).
-_OK = "<think>ok</think> <answer>{}</answer>"
-DEFAULT_WARMUP = [
-    [{"verifier": "math", "answer": "\\frac{1}{2}"}, _OK.format("\\boxed{0.5}")],
-    [{"verifier": "math", "answer": "x^2-1"}, _OK.format("\\boxed{(x-1)(x+1)}")],
-    [{"verifier": "choice", "answer": "B", "params": {"options": ["1", "2"]}}, _OK.format("(B) 2")],
-    [{"verifier": "numeric", "answer": 2.5}, _OK.format("2.5")],
-    [{"verifier": "counting", "answer": 3}, _OK.format("three")],
-    [{"verifier": "ocr", "answer": "STOP"}, _OK.format("stop")],
-    [{"verifier": "grounding", "answer": [0, 0, 10, 10]}, _OK.format("[0, 0, 9, 10]")],
-    [{"verifier": "detection", "answer": [[0, 0, 10, 10], [20, 20, 30, 30]]},
-     _OK.format("[[0, 0, 9, 10], [20, 20, 30, 31]]")],
-    [{"verifier": "format"}, _OK.format("1")],
-]
 MAX_RESULT_BYTES = 1 << 20  # a result frame is a float and a short info dict
 _STDERR_TAIL = 4096
 _log = logging.getLogger(__name__)
@@ -78,6 +65,8 @@ class VerifierPoolError(RuntimeError):
 
 @dataclass(frozen=True)
 class VerifyResult:
+    """One sample's outcome: reward in [0, 1], a status from STATUSES, seconds from dispatch."""
+
     reward: float
     status: str
     elapsed_s: float
@@ -121,10 +110,8 @@ class _Worker:
 
 
 def _clean_reward(value: Any) -> Optional[float]:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    value = float(value)
-    return min(1.0, max(0.0, value)) if math.isfinite(value) else None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return min(1.0, max(0.0, float(value))) if ok else None
 
 
 class VerifierPool:

@@ -56,6 +56,22 @@ STATUSES = ("ok", "bad_spec", "unparsable", "error")
 
 _PR_SET_PDEATHSIG = 1
 
+# Scored once by each new worker, one sample per built-in task, so that a worker's first real
+# samples do not pay the verifiers' lazy imports (sympy parsers, rapidfuzz, matching code).
+_OK = "<think>ok</think> <answer>{}</answer>"
+DEFAULT_WARMUP = [
+    [{"verifier": "math", "answer": "\\frac{1}{2}"}, _OK.format("\\boxed{0.5}")],
+    [{"verifier": "math", "answer": "x^2-1"}, _OK.format("\\boxed{(x-1)(x+1)}")],
+    [{"verifier": "choice", "answer": "B", "params": {"options": ["1", "2"]}}, _OK.format("(B) 2")],
+    [{"verifier": "numeric", "answer": 2.5}, _OK.format("2.5")],
+    [{"verifier": "counting", "answer": 3}, _OK.format("three")],
+    [{"verifier": "ocr", "answer": "STOP"}, _OK.format("stop")],
+    [{"verifier": "grounding", "answer": [0, 0, 10, 10]}, _OK.format("[0, 0, 9, 10]")],
+    [{"verifier": "detection", "answer": [[0, 0, 10, 10], [20, 20, 30, 30]]},
+     _OK.format("[[0, 0, 9, 10], [20, 20, 30, 31]]")],
+    [{"verifier": "format"}, _OK.format("1")],
+]
+
 # Audit events refused after warm-up. Opening files for reading stays allowed (lazy imports,
 # sympy data files); opening for writing is checked separately in the hook.
 _BLOCKED_EVENTS = frozenset({
