@@ -187,6 +187,8 @@ class VerifierPool:
         self._check_usable()
         if not specs:
             return []
+        if progress is not None and not isinstance(progress, (int, float, str)):
+            progress = float(progress)  # e.g. a numpy or torch scalar
         budget = self.timeout_s if timeout_s is None else float(timeout_s)
         now = time.monotonic()
         deadline = math.inf if total_timeout_s is None else now + float(total_timeout_s)
@@ -329,20 +331,28 @@ class VerifierPool:
         # Spares start only once the regular workers are up, so that at a cold start they do
         # not compete for the CPU with the workers the first samples wait for.
         target = self.num_workers + (self.spares if ready >= self.num_workers else 0)
-        while len(self._workers) < target:
-            self._spawn()
+        while len(self._workers) < target and self._spawn():
+            pass
         if ready >= self.num_workers:
             self._ready_event.set()
 
-    def _spawn(self) -> None:
-        tmpdir = tempfile.mkdtemp(prefix="dualrpo-verifier-")
+    def _spawn(self) -> bool:
         cmd = worker_command(self.scorer, self.max_memory_mb, os.getpid(), self._warmup,
                              self._imports)
-        os.chmod(tmpdir, 0o500)  # nothing to write in the worker's cwd, even by accident
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, cwd=tmpdir, env=worker_env(tmpdir, self._pythonpath),
-                                close_fds=True,
-                                start_new_session=True, bufsize=0)
+        tmpdir = None
+        try:
+            tmpdir = tempfile.mkdtemp(prefix="dualrpo-verifier-")
+            os.chmod(tmpdir, 0o500)  # nothing to write in the worker's cwd, even by accident
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, cwd=tmpdir, close_fds=True,
+                                    env=worker_env(tmpdir, self._pythonpath),
+                                    start_new_session=True, bufsize=0)
+        except OSError as exc:  # out of fds/memory/pids: retried by _maintain, counted
+            self._failed_starts += 1
+            self._last_start_error = f"could not start a worker: {exc}"
+            if tmpdir:
+                shutil.rmtree(tmpdir, ignore_errors=True)
+            return False
         worker = _Worker(proc, tmpdir)
         for f in (proc.stdin, proc.stdout, proc.stderr):
             os.set_blocking(f.fileno(), False)
@@ -351,6 +361,7 @@ class VerifierPool:
         self._workers.append(worker)
         with self._lock:
             self._stats["workers_started"] += 1
+        return True
 
     def _assign(self) -> None:
         busy = sum(w.state == "busy" for w in self._workers)
@@ -393,6 +404,8 @@ class VerifierPool:
         now = time.monotonic()
         times = [w.deadline for w in self._workers if w.state == "busy"]
         times += [w.started + self.startup_timeout_s for w in self._workers if w.state == "starting"]
+        if len(self._workers) < self.num_workers:  # a failed spawn: retry soon
+            times.append(now + 0.5)
         with self._lock:
             if self._queue:
                 times.append(min(j.deadline for j in self._queue))

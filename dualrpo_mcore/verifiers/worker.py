@@ -144,8 +144,15 @@ def _set_parent_death_signal(parent_pid: int) -> None:
 def encode_frame(obj: dict) -> bytes:
     """One protocol frame. ``ensure_ascii`` keeps lone surrogates (valid in a Python str, not in
     UTF-8) intact; raises TypeError/ValueError for what JSON can not carry."""
-    body = json.dumps(obj, ensure_ascii=True).encode("ascii")
+    body = json.dumps(obj, ensure_ascii=True, default=_plain).encode("ascii")
     return HEADER.pack(len(body)) + body
+
+
+def _plain(obj):
+    """numpy scalars and arrays (specs read from parquet often hold them) as plain JSON."""
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
 def _send(out, obj: dict) -> None:

@@ -243,3 +243,13 @@ def test_imports_option_loads_modules_in_the_worker():
     with make_pool(num_workers=1, spares=0, imports=["_pool_plugin"]) as pool:
         (res,) = pool.verify_batch([{"verifier": "imported"}], [""])
     assert (res.reward, res.info["imported"]) == (1.0, "_pool_plugin")
+
+
+def test_numpy_values_travel_as_plain_json():
+    np = pytest.importorskip("numpy", reason="numpy is optional for the pool itself")
+    with make_pool(num_workers=1, spares=0) as pool:
+        results = pool.verify_batch([{"verifier": "echo", "answer": np.str_("3")},
+                                     {"verifier": "echo", "answer": np.array([1, 2]), "x": np.int64(1)}],
+                                    ["3", "[1, 2]"], progress=np.float32(0.5))
+    assert [r.status for r in results] == ["ok", "ok"]
+    assert results[0].reward == 1.0
