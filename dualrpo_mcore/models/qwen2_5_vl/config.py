@@ -179,6 +179,8 @@ def language_config(cfg: QwenVLConfig, tp: int = 1, pp: int = 1, precision: Opti
         layernorm_epsilon=cfg.rms_norm_eps, gated_linear_unit=True, activation_func=F.silu,
         add_bias_linear=False, add_qkv_bias=True, mrope_section=list(cfg.mrope_section),
         init_method_std=float(cfg.hf.get("initializer_range", 0.02)),
+        # gloo has no batched isend/irecv: plain p2p between pipeline stages off-GPU.
+        batch_p2p_comm=torch.cuda.is_available(),
     )
     kw.update(overrides)
     return TransformerConfig(**kw)

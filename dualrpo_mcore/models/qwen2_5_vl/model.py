@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.module import MegatronModule
 
@@ -47,6 +48,7 @@ class QwenVLModel(MegatronModule):
         lm_config = language_config(cfg, tp, pp, options.precision)
         super().__init__(config=lm_config)
         self.cfg, self.backend = cfg, backend
+        self.model_type = ModelType.encoder_or_decoder  # what Megatron's pipeline schedules look for
         self.pre_process, self.post_process = pre_process, post_process
         self.padded_vocab_size = cfg.padded_vocab_size(max(options.vocab_divisible_by, tp))
         self.vision = None

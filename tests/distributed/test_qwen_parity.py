@@ -1,0 +1,183 @@
+"""Megatron Qwen2.5-VL vs transformers' Qwen2_5_VLForConditionalGeneration on tiny random configs,
+as 2 gloo processes on CPU: logits (fp32, max abs diff <= 1e-4) and gradients of chosen parameters
+at TP=2, TP=1 (also an odd-sized config) and PP=2 (through Megatron's 1F1B schedule), and TP=2 == TP=1.
+One spawned group runs every setting, re-initialising Megatron's parallel state in between, because
+process start-up (importing Megatron and transformers) dominates the cost on CI's 2 cores.
+"""
+import pytest
+import torch
+
+from dualrpo_mcore.parallel.spawn import run_distributed
+
+TOL = 1e-4
+# Megatron (canonical) name -> compared gradient; a mix of ViT, merger, embedding and LM tensors.
+GRAD_PARAMS = [
+    "vision.patch_embed.proj.weight",
+    "vision.layers.0.self_attention.linear_qkv.weight",
+    "vision.layers.1.mlp.linear_fc1.weight",
+    "vision.merger.mlp.linear_fc1.weight",
+    "language_model.embedding.word_embeddings.weight",
+    "language_model.decoder.layers.0.self_attention.linear_qkv.bias",
+    "language_model.decoder.layers.1.mlp.linear_fc1.weight",
+    "language_model.decoder.final_layernorm.weight",
+    "language_model.output_layer.weight",
+]
+
+
+def _setup(tp, pp, hf_kwargs):
+    from dualrpo_mcore.models.qwen2_5_vl import from_hf, mapping, testing
+    from dualrpo_mcore.models.qwen2_5_vl.model import ModelOptions, QwenVLModel
+    from dualrpo_mcore.parallel import initialize
+
+    info = initialize(tp, pp)
+    hf = testing.tiny_hf_model(**hf_kwargs)
+    cfg = from_hf(hf.config)
+    model = QwenVLModel(cfg, ModelOptions(backend="local"), pre_process=info.is_first_stage,
+                        post_process=info.is_last_stage, tp=tp, pp=pp)
+    model.load_state_dict(mapping.hf_state_dict_to_rank(cfg, hf.state_dict(), info.tp_rank, tp, info.pp_rank, pp))
+    batch = testing.make_batch(patch_dim=cfg.patch_dim)
+    weights = torch.randn(*batch["input_ids"].shape, cfg.vocab_size, generator=torch.Generator().manual_seed(1))
+    return info, hf, cfg, model, batch, weights
+
+
+def _objective(logits, batch, weights, vocab):
+    """A scalar touching every real logit with a fixed random weight (padding rows excluded)."""
+    valid = batch["attention_mask"].bool()[..., None]
+    return (logits[..., :vocab] * weights * valid).sum()
+
+
+def _hf_reference(hf, batch, weights, cfg):
+    from dualrpo_mcore.models.qwen2_5_vl import testing
+
+    hf.zero_grad()
+    logits = testing.hf_forward(hf, batch)
+    _objective(logits, batch, weights, cfg.vocab_size).backward()
+    return logits.detach()
+
+
+def _grad_diffs(model, hf, cfg, info, pp):
+    """Max abs diff of TP-merged Megatron grads vs the HF grads fused the same way, for the chosen
+    parameters this stage owns."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from dualrpo_mcore.models.qwen2_5_vl import mapping
+
+    hf_grads = {mapping.normalize_hf_name(n): p.grad for n, p in hf.named_parameters() if p.grad is not None}
+    if cfg.tie_word_embeddings:
+        hf_grads["lm_head.weight"] = hf_grads["model.embed_tokens.weight"]
+    conv = mapping.Converter(cfg, model.padded_vocab_size)
+    params = dict(model.named_parameters())
+    out = {}
+    for rule in mapping.rules(cfg, pp):
+        if rule.mcore not in GRAD_PARAMS or mapping.owner_stage(rule, cfg, pp) != info.pp_rank:
+            continue
+        name = mapping.from_canonical(mapping.local_name(rule, cfg, pp), te_spec=False)
+        if name not in params:  # tied output layer at pp=1
+            continue
+        g = params[name].grad
+        pieces = [torch.empty_like(g) for _ in range(info.tp_size)]
+        dist.all_gather(pieces, g.contiguous(), group=ps.get_tensor_model_parallel_group())
+        got = mapping.tp_merge(pieces, rule.split)
+        want = conv.to_mcore(rule, [hf_grads[n] for n in rule.hf])
+        out[rule.mcore] = float((got - want).abs().max()) / max(float(want.abs().max()), 1.0)
+    return out
+
+
+def _run_plain(tp, hf_kwargs):
+    info, hf, cfg, model, batch, weights = _setup(tp, 1, hf_kwargs)
+    ref = _hf_reference(hf, batch, weights, cfg)
+    logits = model(batch["input_ids"], batch["attention_mask"], pixel_values=batch.get("pixel_values"),
+                   image_grid_thw=batch.get("image_grid_thw"), runtime_gather_output=True)
+    _objective(logits, batch, weights, cfg.vocab_size).backward()
+    valid = batch["attention_mask"].bool()
+    diff = float((logits[..., : cfg.vocab_size] - ref).abs()[valid].max())
+    return dict(logit_diff=diff, grads=_grad_diffs(model, hf, cfg, info, 1),
+                logits=logits[..., : cfg.vocab_size].detach())
+
+
+def _run_pipeline(hf_kwargs):
+    from megatron.core.pipeline_parallel.schedules import get_forward_backward_func
+
+    info, hf, cfg, model, batch, weights = _setup(1, 2, hf_kwargs)
+    ref = _hf_reference(hf, batch, weights, cfg)
+    captured = {}
+
+    def loss_func(logits):
+        captured["logits"] = logits.detach()
+        return _objective(logits, batch, weights, cfg.vocab_size), {}
+
+    def forward_step(data_iterator, m):
+        b = next(data_iterator)
+        out = m(b["input_ids"], b["attention_mask"], pixel_values=b.get("pixel_values"),
+                image_grid_thw=b.get("image_grid_thw"), runtime_gather_output=True)
+        return out, loss_func
+
+    bsz, seq = batch["input_ids"].shape
+    get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([batch]), model=[model],
+                                num_microbatches=1, seq_length=seq, micro_batch_size=bsz, forward_only=False)
+    if cfg.tie_word_embeddings:
+        _sync_tied_embedding_grads(model)
+    result = dict(grads=_grad_diffs(model, hf, cfg, info, 2))
+    if info.is_last_stage:
+        valid = batch["attention_mask"].bool()
+        result["logit_diff"] = float((captured["logits"][..., : cfg.vocab_size] - ref).abs()[valid].max())
+    return result
+
+
+def _sync_tied_embedding_grads(model):
+    """What Megatron's finalize_model_grads does for tied embeddings split over pipeline stages:
+    the first stage's input-embedding grad and the last stage's output-layer grad are summed."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    lm = model.language_model
+    weight = lm.embedding.word_embeddings.weight if lm.pre_process else lm.output_layer.weight
+    dist.all_reduce(weight.grad, group=ps.get_embedding_group())
+
+
+ODD = dict(hidden_size=40, num_attention_heads=5, num_key_value_heads=1, intermediate_size=37,
+           rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]})
+
+
+def _all_settings(rank, world_size):
+    torch.manual_seed(0)
+    out = {"tp2": _run_plain(2, {})}
+    out["tp1"] = _run_plain(1, {})
+    out["tp1_odd_tied"] = _run_plain(1, dict(tie=True, **ODD))
+    out["pp2"] = _run_pipeline({})
+    out["pp2_tied"] = _run_pipeline(dict(tie=True))
+    return out
+
+
+@pytest.fixture(scope="module")
+def results():
+    return run_distributed(_all_settings, 2, timeout=600)
+
+
+@pytest.mark.parametrize("setting", ["tp2", "tp1", "tp1_odd_tied"])
+def test_logits_and_grads_match_transformers(results, setting):
+    for rank, res in enumerate(results):
+        r = res[setting]
+        assert r["logit_diff"] <= TOL, f"{setting} rank {rank}: logits differ by {r['logit_diff']:.3g}"
+        assert r["grads"], f"{setting}: no gradient compared"
+        bad = {k: v for k, v in r["grads"].items() if v > TOL}
+        assert not bad, f"{setting} rank {rank}: gradients differ (relative) {bad}"
+
+
+def test_tp2_equals_tp1(results):
+    for res in results:
+        diff = float((res["tp2"]["logits"] - res["tp1"]["logits"]).abs().max())
+        assert diff <= TOL, f"TP=2 and TP=1 logits differ by {diff:.3g}"
+
+
+@pytest.mark.parametrize("setting", ["pp2", "pp2_tied"])
+def test_pipeline_parallel_matches_transformers(results, setting):
+    first, last = results[0][setting], results[1][setting]
+    assert "logit_diff" in last and last["logit_diff"] <= TOL, f"{setting}: {last.get('logit_diff')}"
+    # the ViT and the embedding live on stage 0, the head on stage 1: both had gradients checked
+    assert "vision.patch_embed.proj.weight" in first["grads"]
+    assert "language_model.decoder.final_layernorm.weight" in last["grads"]
+    for stage, res in enumerate((first, last)):
+        bad = {k: v for k, v in res["grads"].items() if v > TOL}
+        assert not bad, f"{setting} stage {stage}: gradients differ (relative) {bad}"
