@@ -20,13 +20,11 @@ Design, and why:
 * The pool keeps ``num_workers + spares`` processes alive but never runs more than
   ``num_workers`` samples at once; the spares are warm (scorer imported, warm-up sample run), so a
   killed worker's place is taken at once while its replacement starts in the background.
-* Responses longer than ``max_response_chars`` (default 1 Mi characters) keep their *last*
-  ``max_response_chars`` characters: final answers (``\\boxed{}``, ``<answer>``) sit at the end,
-  and a verifier that needs the start (``format``) then simply fails, which is the right reward
-  for a response that long. ``info["truncated"]`` and ``stats()["truncated"]`` record it.
-* Per-sample time runs from the moment the sample is written to an idle worker. A caller may also
-  give ``total_timeout_s``: samples not *finished* by then score 0 / ``timeout`` (this is how the
-  ``verify`` front door keeps its promise even while the pool is still starting).
+* Responses over ``max_response_chars`` (default 1 Mi characters) keep their *last* part: final
+  answers sit at the end, and a verifier needing the start (``format``) then fails, the right
+  reward for such a response. ``info["truncated"]`` and ``stats()["truncated"]`` record it.
+* Per-sample time runs from the write to an idle worker; ``total_timeout_s`` also bounds the
+  whole call (how the ``verify`` front door keeps its budget during a cold start).
 """
 from __future__ import annotations
 
@@ -176,7 +174,6 @@ class VerifierPool:
         self._thread.start()
         _LIVE_POOLS.add(self)
 
-    # ------------------------------------------------------------------ public API
     def verify_batch(self, specs: Sequence[Any], responses: Sequence[Any], progress: Any = None, *,
                      timeout_s: Optional[float] = None,
                      total_timeout_s: Optional[float] = None) -> list[VerifyResult]:
@@ -249,7 +246,6 @@ class VerifierPool:
     def worker_pids(self) -> list[int]:
         return [w.proc.pid for w in list(self._workers) if w.state != "dead"]
 
-    # ------------------------------------------------------------------ job intake
     def _check_usable(self) -> None:
         if os.getpid() != self._owner_pid:
             raise VerifierPoolError("VerifierPool used in a forked child; create a new pool there")
@@ -300,7 +296,6 @@ class VerifierPool:
             except OSError:
                 pass  # full (BlockingIOError): the dispatcher is already due to wake
 
-    # ------------------------------------------------------------------ dispatcher thread
     def _run(self) -> None:
         try:
             while not self._closing:
@@ -431,25 +426,29 @@ class VerifierPool:
             self._read_stdout(worker)
 
     def _read_stderr(self, worker: _Worker) -> None:
-        try:
-            chunk = os.read(worker.proc.stderr.fileno(), 65536)
-        except BlockingIOError:
+        chunk = self._read(worker.proc.stderr.fileno())
+        if chunk is None:
             return
-        except OSError:
-            chunk = b""
         if not chunk:
             self._sel.unregister(worker.proc.stderr.fileno())
             return
         worker.errtail += chunk
         del worker.errtail[:-_STDERR_TAIL]
 
-    def _read_stdout(self, worker: _Worker) -> None:
+    @staticmethod
+    def _read(fd: int) -> Optional[bytes]:
+        """What the pipe has now: None if nothing yet, b"" at EOF or on error."""
         try:
-            chunk = os.read(worker.proc.stdout.fileno(), 1 << 16)
+            return os.read(fd, 1 << 16)
         except BlockingIOError:
-            return
+            return None
         except OSError:
-            chunk = b""
+            return b""
+
+    def _read_stdout(self, worker: _Worker) -> None:
+        chunk = self._read(worker.proc.stdout.fileno())
+        if chunk is None:
+            return
         if not chunk:
             self._worker_died(worker, "crash", "worker closed its pipe (EOF)")
             return
