@@ -28,6 +28,12 @@ _MAX_DIGIT_RUN = 100
 _MAX_EXPONENT_PRODUCT = 10 ** 5
 _MAX_FACTORIAL = 500
 _MAX_CARETS = 8
+# Symbolic powers are expanded by simplification: (x+1)^{100000} hangs where 2^{100000} is cheap.
+_MAX_SYMBOLIC_EXPONENT = 64
+_MAX_BINOM_ARG = 500
+_BINOM = re.compile(r"\\[dt]?binom\s*\{([^{}]*)\}\s*\{([^{}]*)\}|\\[dt]?binom|\\choose")
+# A free variable: a letter that is not part of a \command name.
+_FREE_SYMBOL = re.compile(r"(?<![\\A-Za-z])[A-Za-z](?![A-Za-z])")
 
 _FORBIDDEN_CMDS = re.compile(r"\\(?:sum|prod|int|iint|iiint|oint|lim|limsup|liminf|det|begin)"
                              r"(?![A-Za-z])")
@@ -186,11 +192,23 @@ def guard(s: str) -> None:
                        functools.reduce(lambda a, b: a * max(b, 1.0), lits, 1.0))
         if product > _MAX_EXPONENT_PRODUCT:
             raise Unparsable("exponent too large")
+    if product > _MAX_SYMBOLIC_EXPONENT and _FREE_SYMBOL.search(s):
+        raise Unparsable("symbolic power too large")
+    _guard_binomials(s)
     for m in re.finditer(r"(\d+)\s*!", s):
         if int(m.group(1)) > _MAX_FACTORIAL:
             raise Unparsable("factorial too large")
     if s.count("!") > 1 and re.search(r"[)}\]]\s*!", s):
         raise Unparsable("nested factorial")
+
+
+def _guard_binomials(s: str) -> None:
+    """Binomials are evaluated exactly: only small literal integer arguments are allowed."""
+    for m in _BINOM.finditer(s):
+        args = m.groups()
+        if args[0] is None or not all(re.fullmatch(r"\s*\d{1,3}\s*", a) for a in args) \
+                or max(int(a) for a in args) > _MAX_BINOM_ARG:
+            raise Unparsable("binomial with large or non-literal arguments")
 
 
 # ---------------------------------------------------------------------------------------------

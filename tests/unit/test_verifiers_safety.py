@@ -95,3 +95,23 @@ def test_megabyte_responses_are_bounded(spec):
                  "\\boxed{" * 100_000, "[1," * 300_000, "<answer>" * 100_000 + "1" * 100_000,
                  "1" * 1_000_000, "{" * 1_000_000]:
         assert 0.0 <= score(spec, resp) <= 1.0
+
+
+@pytest.mark.parametrize("response", [
+    r"\boxed{(x+1)^{100000}}",                       # symbolic expansion bomb
+    r"\boxed{x^{70}}",
+    r"\boxed{\binom{10^{10}}{5 \cdot 10^{9}}}",     # exact binomial of astronomic size
+    r"\boxed{\binom{n}{2}}",
+    r"\boxed{{10 \choose 5}}",
+])
+def test_expensive_math_is_refused_before_evaluation(response):
+    # These hung sympy in-process for minutes before the guard learned them; the pool's timeout
+    # is the backstop, the guard must be the first line.
+    reward, info = score_with_info({"verifier": "math", "answer": "1/2"}, response)
+    assert reward == 0.0 and info["status"] == "unparsable", info
+
+
+def test_small_binomials_and_numeric_powers_still_evaluate():
+    assert score({"verifier": "math", "answer": "120"}, r"\boxed{\binom{10}{3}}") == 1.0
+    assert score({"verifier": "math", "answer": "1024"}, r"\boxed{2^{10}}") == 1.0
+    assert score({"verifier": "math", "answer": "x^2+2x+1"}, r"\boxed{(x+1)^{2}}") == 1.0
