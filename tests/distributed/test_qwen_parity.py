@@ -24,8 +24,10 @@ GRAD_PARAMS = [
 ]
 
 
-def _setup(tp, pp, hf_kwargs):
-    from dualrpo_mcore.models.qwen2_5_vl import from_hf, mapping, testing
+def _setup(tp, pp, hf_kwargs, ckpt=None):
+    """HF reference + this rank's Megatron stage, loaded from the HF weights through the mapping
+    table, or (``ckpt``) from a converted Megatron checkpoint of another TP/PP layout."""
+    from dualrpo_mcore.models.qwen2_5_vl import convert, from_hf, mapping, testing
     from dualrpo_mcore.models.qwen2_5_vl.model import ModelOptions, QwenVLModel
     from dualrpo_mcore.parallel import initialize
 
@@ -34,7 +36,10 @@ def _setup(tp, pp, hf_kwargs):
     cfg = from_hf(hf.config)
     model = QwenVLModel(cfg, ModelOptions(backend="local"), pre_process=info.is_first_stage,
                         post_process=info.is_last_stage, tp=tp, pp=pp)
-    model.load_state_dict(mapping.hf_state_dict_to_rank(cfg, hf.state_dict(), info.tp_rank, tp, info.pp_rank, pp))
+    if ckpt is None:
+        model.load_state_dict(mapping.hf_state_dict_to_rank(cfg, hf.state_dict(), info.tp_rank, tp, info.pp_rank, pp))
+    else:
+        convert.load_into(model, ckpt, info.tp_rank, tp, info.pp_rank, pp)
     batch = testing.make_batch(patch_dim=cfg.patch_dim)
     weights = torch.randn(*batch["input_ids"].shape, cfg.vocab_size, generator=torch.Generator().manual_seed(1))
     return info, hf, cfg, model, batch, weights
@@ -92,14 +97,17 @@ def _run_plain(tp, hf_kwargs):
     _objective(logits, batch, weights, cfg.vocab_size).backward()
     valid = batch["attention_mask"].bool()
     diff = float((logits[..., : cfg.vocab_size] - ref).abs()[valid].max())
+    from dualrpo_mcore.models.qwen2_5_vl.training import part_of
+
+    parts = sorted({part_of(n) for n, _ in model.named_parameters()})
     return dict(logit_diff=diff, grads=_grad_diffs(model, hf, cfg, info, 1),
-                logits=logits[..., : cfg.vocab_size].detach())
+                logits=logits[..., : cfg.vocab_size].detach(), parts=parts)
 
 
-def _run_pipeline(hf_kwargs):
+def _run_pipeline(hf_kwargs, ckpt=None):
     from megatron.core.pipeline_parallel.schedules import get_forward_backward_func
 
-    info, hf, cfg, model, batch, weights = _setup(1, 2, hf_kwargs)
+    info, hf, cfg, model, batch, weights = _setup(1, 2, hf_kwargs, ckpt)
     ref = _hf_reference(hf, batch, weights, cfg)
     captured = {}
 
@@ -140,19 +148,25 @@ ODD = dict(hidden_size=40, num_attention_heads=5, num_key_value_heads=1, interme
            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]})
 
 
-def _all_settings(rank, world_size):
+def _all_settings(rank, world_size, tp2_checkpoint):
     torch.manual_seed(0)
     out = {"tp2": _run_plain(2, {})}
     out["tp1"] = _run_plain(1, {})
     out["tp1_odd_tied"] = _run_plain(1, dict(tie=True, **ODD))
-    out["pp2"] = _run_pipeline({})
+    # PP=2 loads a checkpoint converted for TP=2/PP=1: resharding on load is exercised too.
+    out["pp2"] = _run_pipeline({}, tp2_checkpoint)
     out["pp2_tied"] = _run_pipeline(dict(tie=True))
     return out
 
 
 @pytest.fixture(scope="module")
-def results():
-    return run_distributed(_all_settings, 2, timeout=600)
+def results(tmp_path_factory):
+    from dualrpo_mcore.models.qwen2_5_vl import convert, testing
+
+    root = tmp_path_factory.mktemp("qwen_ckpt")
+    testing.tiny_hf_model().save_pretrained(root / "hf")
+    ckpt = convert.hf_to_megatron(str(root / "hf"), str(root / "mcore_tp2"), tp=2, pp=1)
+    return run_distributed(_all_settings, 2, ckpt, timeout=600)
 
 
 @pytest.mark.parametrize("setting", ["tp2", "tp1", "tp1_odd_tied"])
@@ -163,6 +177,7 @@ def test_logits_and_grads_match_transformers(results, setting):
         assert r["grads"], f"{setting}: no gradient compared"
         bad = {k: v for k, v in r["grads"].items() if v > TOL}
         assert not bad, f"{setting} rank {rank}: gradients differ (relative) {bad}"
+        assert r["parts"] == ["language", "merger", "vision"]  # every parameter has a part (lr mult)
 
 
 def test_tp2_equals_tp1(results):
