@@ -48,16 +48,18 @@ def load_error() -> Optional[str]:
     return _state["error"]
 
 
-def ext_supports(device: torch.device) -> bool:
+def ext_supports(device: torch.device, dtype: torch.dtype = torch.float32) -> bool:
     ext = load_extension()
     if ext is None:
         return False
     if device.type == "cpu":
-        return True
-    return device.type == "cuda" and bool(ext.has_cuda())
+        return True  # fp32/bf16/fp16, and fp64 (accumulated in fp64) for gradcheck
+    # The CUDA kernel reads fp32/bf16/fp16; float64 on a GPU takes the torch path.
+    return device.type == "cuda" and bool(ext.has_cuda()) and dtype != torch.float64
 
 
-def choose(device: torch.device, backend: Optional[str] = None) -> str:
+def choose(device: torch.device, backend: Optional[str] = None,
+           dtype: torch.dtype = torch.float32) -> str:
     """Return ``"ext"`` or ``"torch"`` for tensors on ``device``."""
     want = (backend or os.environ.get(BACKEND_ENV) or "auto").lower()
     if want not in ("auto", "ext", "torch"):
@@ -65,11 +67,11 @@ def choose(device: torch.device, backend: Optional[str] = None) -> str:
                          f"(argument backend= or env {BACKEND_ENV})")
     if want == "torch":
         return "torch"
-    if ext_supports(device):
+    if ext_supports(device, dtype):
         return "ext"
     if want == "ext":
         raise RuntimeError(f"token_stats backend 'ext' requested but the compiled kernel is not "
-                           f"available for {device} ({load_error() or 'built without this device'}); "
+                           f"available for {device}/{dtype} ({load_error() or 'built without this device'}); "
                            f"rebuild with `pip install --no-build-isolation -e .`")
     if not _state["warned"]:
         _state["warned"] = True

@@ -213,7 +213,7 @@ def token_stats(logits: torch.Tensor, labels: torch.Tensor, *, vocab_start: int 
     _check(logits, labels, ref_logits, vocab_start, vocab_size, temperature)
     labels = labels.long()
     n_real = max(0, min(logits.shape[1], vocab_size - vocab_start))
-    chosen = _ext.choose(logits.device, backend)
+    chosen = _ext.choose(logits.device, backend, logits.dtype)
     if ref_logits is not None:
         ref_logits = ref_logits.detach()
     lp, h, sc, kl = _TokenStatsFn.apply(logits, labels, ref_logits, int(vocab_start), int(n_real),
