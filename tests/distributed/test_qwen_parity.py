@@ -101,7 +101,20 @@ def _run_plain(tp, hf_kwargs):
 
     parts = sorted({part_of(n) for n, _ in model.named_parameters()})
     return dict(logit_diff=diff, grads=_grad_diffs(model, hf, cfg, info, 1),
-                logits=logits[..., : cfg.vocab_size].detach(), parts=parts)
+                logits=logits[..., : cfg.vocab_size].detach(), parts=parts,
+                export_mismatch=_export_mismatch(model, hf))
+
+
+def _export_mismatch(model, hf):
+    """Weight-sync export (TP-gathered, HF names) must reproduce the HF weights bit for bit."""
+    from dualrpo_mcore.models.qwen2_5_vl import mapping
+    from dualrpo_mcore.models.qwen2_5_vl.weights import export_hf
+
+    want = {mapping.normalize_hf_name(k): v for k, v in hf.state_dict().items()}
+    if model.cfg.tie_word_embeddings:
+        want.pop("lm_head.weight", None)
+    got = dict(export_hf(model))
+    return sorted(set(want) ^ set(got)) + [k for k in got if k in want and not torch.equal(got[k], want[k])]
 
 
 def _run_pipeline(hf_kwargs, ckpt=None):
@@ -178,6 +191,7 @@ def test_logits_and_grads_match_transformers(results, setting):
         bad = {k: v for k, v in r["grads"].items() if v > TOL}
         assert not bad, f"{setting} rank {rank}: gradients differ (relative) {bad}"
         assert r["parts"] == ["language", "merger", "vision"]  # every parameter has a part (lr mult)
+        assert r["export_mismatch"] == [], f"{setting}: weight export differs for {r['export_mismatch'][:5]}"
 
 
 def test_tp2_equals_tp1(results):
