@@ -1,0 +1,1 @@
+"""The DualRPO training loop: actor, rollout orchestration, checkpoints, metrics."""
