@@ -1,0 +1,227 @@
+"""Training metrics: per-task aggregation, phase timing, and the JSONL / TensorBoard / console sinks.
+
+One record per optimizer step goes to ``metrics.jsonl`` (one flushed line each, so a crash loses at
+most the step being written), to TensorBoard, and to a tqdm progress bar. Only the global rank 0
+writes anything; other ranks hold a logger that silently drops records, so the loop calls it
+unconditionally.
+
+Resuming: ``MetricsLogger(..., resume_step=k)`` keeps the lines with ``step <= k`` and drops the
+rest (they came from steps the resumed run will redo), so a curve never has two points per step.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, Mapping, Optional, Sequence
+
+import numpy as np
+
+JSONL_NAME = "metrics.jsonl"
+# Per-sample quantities aggregated per task; the key is the metric prefix (``acc/<task>``).
+SAMPLE_FIELDS = ("acc", "reward", "certainty", "entropy", "length")
+PHASES = ("rollout", "verify", "logprob", "update", "sync")
+# Shown on the progress bar when present (short label, record key).
+_BAR_KEYS = (("acc", "acc/all"), ("rew", "reward/all"), ("u", "certainty/all"), ("kl", "kl"))
+
+
+def _is_rank0() -> bool:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank() == 0
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        pass
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def to_float(value: Any) -> Optional[float]:
+    """A plain Python float for JSON, or None for NaN/inf (JSON has no spelling for them)."""
+    if hasattr(value, "item"):
+        value = value.item()
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _as_array(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().double().numpy()
+    return np.asarray(x, dtype=np.float64).reshape(-1)
+
+
+def per_task_means(tasks: Sequence[str], **fields: Any) -> Dict[str, float]:
+    """Means per task and overall of per-sample arrays.
+
+    ``tasks[i]`` names sample i's task; each keyword (``acc=v, reward=r, certainty=u, entropy=...,
+    length=...``) is a length-N array or tensor. Returns ``{"<field>/<task>": mean, "<field>/all":
+    mean, "count/<task>": n}``. Non-finite samples are left out of the mean they would poison (and
+    counted under ``nonfinite/<field>``) so one bad sample never blanks a whole curve.
+    """
+    tasks = list(tasks)
+    n = len(tasks)
+    out: Dict[str, float] = {}
+    by_task: Dict[str, list] = defaultdict(list)
+    for i, t in enumerate(tasks):
+        by_task[str(t)].append(i)
+    for name, values in fields.items():
+        if values is None:
+            continue
+        arr = _as_array(values)
+        if arr.shape[0] != n:
+            raise ValueError(f"metric {name!r} has {arr.shape[0]} values for {n} samples")
+        ok = np.isfinite(arr)
+        if not ok.all():
+            out[f"nonfinite/{name}"] = float((~ok).sum())
+        out[f"{name}/all"] = float(arr[ok].mean()) if ok.any() else float("nan")
+        for task, idx in sorted(by_task.items()):
+            sel = arr[idx][ok[idx]]
+            out[f"{name}/{task}"] = float(sel.mean()) if sel.size else float("nan")
+    for task, idx in sorted(by_task.items()):
+        out[f"count/{task}"] = float(len(idx))
+    return out
+
+
+class PhaseTimer:
+    """Wall-clock seconds per phase of one step: ``with timer("rollout"): ...``.
+
+    Re-entering a phase in the same step adds to it (e.g. several update micro-steps). ``pop()``
+    returns ``{"time/<phase>": s, "time/step": total}`` and starts the next step afresh.
+    """
+
+    def __init__(self, clock=time.perf_counter):
+        self._clock = clock
+        self._acc: Dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = self._clock()
+        try:
+            yield
+        finally:
+            self._acc[phase] += self._clock() - start
+
+    def pop(self) -> Dict[str, float]:
+        out = {f"time/{k}": v for k, v in self._acc.items()}
+        out["time/step"] = sum(self._acc.values())
+        self._acc = defaultdict(float)
+        return out
+
+
+def truncate_jsonl(path: str, keep_through_step: int) -> int:
+    """Drop records with ``step > keep_through_step`` (and a torn last line) from ``path``, atomically.
+
+    Returns the number of lines kept. The rewrite goes through a temp file + rename so a crash
+    here never leaves a half-written metrics file.
+    """
+    if not os.path.exists(path):
+        return 0
+    kept = []
+    with open(path, "r", encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by a crash mid-write
+            if isinstance(rec, dict) and rec.get("step", -1) <= keep_through_step:
+                kept.append(json.dumps(rec, allow_nan=False) + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return len(kept)
+
+
+class MetricsLogger:
+    """JSONL + TensorBoard + progress bar for one run directory (rank 0 only).
+
+    ``log(step, metrics)`` writes one record; ``log_config(cfg)`` writes ``config.json`` once (the
+    plotter reads ``reward_mode`` from it). ``tensorboard=False`` / ``progress=False`` turn sinks
+    off (tests, non-interactive jobs).
+    """
+
+    def __init__(self, run_dir: str, total_steps: Optional[int] = None, resume_step: Optional[int] = None,
+                 tensorboard: bool = True, progress: bool = True, enabled: Optional[bool] = None):
+        self.run_dir = run_dir
+        self.enabled = _is_rank0() if enabled is None else enabled
+        self._jsonl = self._tb = self._bar = None
+        if not self.enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        self.path = os.path.join(run_dir, JSONL_NAME)
+        if resume_step is not None:
+            truncate_jsonl(self.path, resume_step)
+        elif os.path.exists(self.path):
+            # A fresh run in a used directory starts a fresh file rather than interleaving curves.
+            os.replace(self.path, self.path + f".old-{int(time.time())}")
+        self._jsonl = open(self.path, "a", encoding="utf-8")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops events past the resume point the same way the JSONL is truncated.
+            self._tb = SummaryWriter(os.path.join(run_dir, "tb"),
+                                     purge_step=None if resume_step is None else resume_step + 1)
+        if progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=resume_step or 0, desc="train", dynamic_ncols=True)
+
+    def log_config(self, config: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        tmp = os.path.join(self.run_dir, "config.json.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True, default=str)
+        os.replace(tmp, os.path.join(self.run_dir, "config.json"))
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> Dict[str, Any]:
+        """Write one step's record; returns it (non-finite values as None)."""
+        record: Dict[str, Any] = {"step": int(step), "time": time.time()}
+        for k, v in metrics.items():
+            record[k] = v if isinstance(v, str) else to_float(v)
+        if not self.enabled:
+            return record
+        self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in record.items():
+                if k not in ("step", "time") and isinstance(v, float):
+                    self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+        if self._bar is not None:
+            shown = {lab: f"{record[key]:.3g}" for lab, key in _BAR_KEYS if isinstance(record.get(key), float)}
+            self._bar.set_postfix(shown, refresh=False)
+            self._bar.update(max(0, int(step) - self._bar.n))
+        return record
+
+    def close(self) -> None:
+        for sink in (self._jsonl, self._tb, self._bar):
+            if sink is not None:
+                sink.close()
+        self._jsonl = self._tb = self._bar = None
+
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_jsonl(path: str) -> list:
+    """All records of a metrics file (torn lines skipped), None for values logged as non-finite."""
+    out = []
+    with open(path, "r", encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
