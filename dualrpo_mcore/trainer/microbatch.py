@@ -1,0 +1,56 @@
+"""Token-balanced micro-batches.
+
+RL batches mix short and long responses; a fixed number of rows per micro-batch wastes memory on
+some and overflows on others. Rows are instead packed into as few micro-batches as keep every one
+at or under ``max_tokens`` real tokens, balancing the totals (longest-processing-time greedy:
+rows by decreasing length, each into the currently lightest micro-batch; that is within 4/3 of the
+optimal makespan). A row longer than ``max_tokens`` on its own gets a micro-batch to itself.
+
+Under data parallelism every rank must run the same number of micro-batches (the pipeline schedule
+and the gradient all-reduce count them), so the caller may force ``num_microbatches`` to the
+maximum over ranks (:func:`partition`'s ``min_microbatches``).
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from typing import List, Sequence
+
+
+def _lpt(lengths: Sequence[int], k: int) -> List[List[int]]:
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    heap = [(0, b) for b in range(k)]  # (load, bin id): ties go to the lower id, deterministically
+    bins: List[List[int]] = [[] for _ in range(k)]
+    for i in order:
+        load, b = heapq.heappop(heap)
+        bins[b].append(i)
+        heapq.heappush(heap, (load + lengths[i], b))
+    return bins
+
+
+def partition(lengths: Sequence[int], max_tokens: int, min_microbatches: int = 1) -> List[List[int]]:
+    """Split row indices ``0..n-1`` into micro-batches of at most ``max_tokens`` tokens each.
+
+    Returns a list of index lists, each sorted ascending, ordered by their first index; no list is
+    empty. The count is the smallest ``k >= min_microbatches`` for which the greedy packing fits
+    (bounded by ``n``: one row per micro-batch always fits, oversize rows aside).
+    """
+    n = len(lengths)
+    if n == 0:
+        return []
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    if any(x < 0 for x in lengths):
+        raise ValueError("row lengths must be >= 0")
+    if min_microbatches > n:
+        raise ValueError(f"cannot split {n} rows into {min_microbatches} non-empty micro-batches")
+    oversize = sum(1 for x in lengths if x > max_tokens)
+    k = max(min_microbatches, math.ceil(sum(lengths) / max_tokens), oversize, 1)
+    while True:
+        bins = _lpt(lengths, min(k, n))
+        # A bin may exceed max_tokens only by holding a single oversize row.
+        if k >= n or all(sum(lengths[i] for i in b) <= max_tokens or len(b) == 1 for b in bins):
+            break
+        k += 1
+    bins = [sorted(b) for b in bins if b]
+    return sorted(bins, key=lambda b: b[0])
