@@ -33,16 +33,22 @@ def available(module: str) -> bool:
         return False
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dualrpo", description="DualRPO trainer for vision-language models on Megatron-Core")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_text) in COMMANDS.items():
+def add_command_table(sub, table: dict, run_attr: str) -> None:
+    """Add one subparser per ``name -> (module, help)`` entry whose module is present; the
+    module's ``run`` is stored on the parsed namespace under ``run_attr``."""
+    for name, (module, help_text) in table.items():
         if not available(module):
             continue
         p = sub.add_parser(name, help=help_text, description=help_text)
         mod = importlib.import_module(module)
         mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+        p.set_defaults(**{run_attr: mod.run})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dualrpo",
+                                     description="DualRPO trainer for vision-language models on Megatron-Core")
+    add_command_table(parser.add_subparsers(dest="command", metavar="COMMAND"), COMMANDS, "_run")
     return parser
 
 

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 
-from dualrpo_mcore.cli import available
+from dualrpo_mcore.cli import add_command_table
 
 BENCHES = {
     "verifiers": ("dualrpo_mcore.bench.verifiers", "verifier pool throughput and adversarial latency"),
@@ -16,14 +15,7 @@ BENCHES = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="bench", metavar="NAME")
-    for name, (module, help_text) in BENCHES.items():
-        if not available(module):
-            continue
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        mod = importlib.import_module(module)
-        mod.add_arguments(p)
-        p.set_defaults(_bench_run=mod.run)
+    add_command_table(parser.add_subparsers(dest="bench", metavar="NAME"), BENCHES, "_bench_run")
     parser.set_defaults(_bench_parser=parser)
 
 
