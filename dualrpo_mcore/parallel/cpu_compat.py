@@ -9,7 +9,10 @@ tensors with ``.cuda()`` and builds causal masks with ``device="cuda"``. On a ma
   argument that names CUDA (or a bare int) to CPU, and turns ``Tensor.cuda()`` into a no-op;
 * the CUDA RNG tracker reads and writes the CPU generator, so ``model_parallel_cuda_manual_seed``
   and ``get_cuda_rng_tracker().fork()`` behave as on GPU (distinct TP streams for init/dropout);
-* ``torch.cuda.synchronize`` / ``empty_cache`` become no-ops.
+* ``torch.cuda.synchronize`` / ``empty_cache`` become no-ops;
+* ``Tensor.type()`` (no argument: the type *name*) reports a CPU tensor under its CUDA name, because
+  Megatron's optimizers gate on that string (``'torch.cuda.FloatTensor'`` in the distributed
+  optimizer's parameter sharding and in ``clip_grads``); conversions ``Tensor.type(dtype)`` are untouched.
 
 :func:`enable` is idempotent and does nothing when CUDA is available, so production code can call it
 unconditionally.
@@ -55,7 +58,11 @@ class _CpuDeviceMode(TorchFunctionMode):
             kwargs = dict(kwargs, device=_CPU)
         if func in _TO_METHODS and len(args) > 1 and _is_cuda_device(args[1]):
             args = (args[0], _CPU) + tuple(args[2:])
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs and isinstance(out, str) \
+                and out.startswith("torch.") and not out.startswith("torch.cuda."):
+            return "torch.cuda." + out[len("torch."):]
+        return out
 
 
 def _cpu_get_rng_state(*_args, **_kwargs):
