@@ -1,0 +1,313 @@
+"""The Megatron actor: per-token statistics of the policy (and reference) and the policy update.
+
+* :meth:`Actor.compute_token_stats` — log-prob, entropy and self-certainty of every response token,
+  from the vocab-parallel logits through ``ops.token_stats`` (TP merge inside), under Megatron's
+  pipeline schedule (forward only), on token-balanced micro-batches.
+* :meth:`Actor.compute_ref_logprobs` — the same log-probs under the frozen reference policy
+  (only when the KL weight is on); its weights live on CPU between uses.
+* :meth:`Actor.update` — one optimizer update with the DualRPO policy loss (``algo.policy_loss``),
+  exact over micro-batches and data-parallel ranks (the token-mean uses the global token count),
+  Megatron's DDP + (distributed) optimizer, gradient clipping and the warm-up-then-constant schedule.
+  A non-finite loss or gradient skips the update (nothing reaches the weights) and is counted.
+* :meth:`Actor.sft_step` — the same machinery with cross-entropy on the response tokens (warm start).
+
+Batch layout: see :mod:`.batching`. Every returned per-token tensor is ``[B, S]`` float32 on CPU,
+aligned with ``input_ids`` (position t holds the statistic of token t), zero off the response.
+"""
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from dualrpo_mcore.algo import kl_coefficient, make_normalizer, masked_mean, policy_loss
+from dualrpo_mcore.ops import IGNORE_INDEX, token_stats
+
+from . import batching, megatron_setup
+from .badsteps import BadStepGuard
+from .config import ActorConfig
+from .microbatch import partition
+from .schedule import lr_factor
+
+log = logging.getLogger(__name__)
+STATS = ("logprob", "entropy", "self_certainty")
+SUMMED = ("loss", "pg_loss", "kl_loss", "tokens")
+# A micro-batch's loss function: (per-token stats [b, s], micro-batch, denominator) -> (loss, metrics).
+LossFn = Callable[[Dict[str, torch.Tensor], Dict[str, Any], torch.Tensor], Tuple[torch.Tensor, Dict[str, torch.Tensor]]]
+
+
+class Actor:
+    """The policy (and optional reference) on Megatron-Core for one rank of the TP x PP x DP grid."""
+
+    def __init__(self, config: ActorConfig, hf_state_dict: Optional[Dict[str, torch.Tensor]] = None):
+        """Initialise the parallel state, build and load the model, wrap it, build the optimizer.
+
+        ``hf_state_dict``: weights in HF naming (e.g. a transformers model's ``state_dict()``) to load
+        instead of the config's source (tests, the SFT warm start from a fresh tiny model).
+        """
+        from dualrpo_mcore.parallel import initialize
+
+        self.config = config
+        self.info = initialize(config.parallel.tp, config.parallel.pp, config.parallel.backend, seed=config.seed)
+        self.cfg = megatron_setup.resolve_model_config(config.model)
+        self.module = megatron_setup.build_and_load(self.cfg, config.model, self.info, hf_state_dict)
+        self.model, self.optimizer, self.distributed_optimizer = megatron_setup.wrap_and_optimizer(
+            self.module, config)
+        self.reference = None
+        if config.kl.enabled:
+            self.reference = megatron_setup.ReferencePolicy(self.cfg, config.model, self.module,
+                                                            offload=config.kl.offload_reference)
+        self.normalizer = make_normalizer(config.kl.normalizer, **config.kl.normalizer_options)
+        self.guard = BadStepGuard(config.bad_steps.max_consecutive)
+        self.steps_taken = 0  # successful optimizer updates: the LR schedule's clock
+        self.updates_tried = 0
+
+    # ------------------------------------------------------------------ micro-batches and schedule
+    def _groups(self) -> Dict[str, Any]:
+        from megatron.core import parallel_state as ps
+
+        return dict(tp=ps.get_tensor_model_parallel_group(), dp=ps.get_data_parallel_group(),
+                    pp=ps.get_pipeline_model_parallel_group(), pp_last=ps.get_pipeline_model_parallel_last_rank())
+
+    def _split(self, batch: Dict[str, Any]) -> Tuple[List[List[int]], List[Dict[str, Any]]]:
+        """Token-balanced micro-batches; the same count on every data-parallel rank."""
+        batching.check_batch(batch)
+        lengths = batch["attention_mask"].sum(-1).tolist()
+        groups = partition(lengths, self.config.micro.max_tokens)
+        if self.info.dp_size > 1:
+            k = torch.tensor([len(groups)], dtype=torch.long)
+            dist.all_reduce(k, op=dist.ReduceOp.MAX, group=self._groups()["dp"])
+            groups = partition(lengths, self.config.micro.max_tokens, min_microbatches=int(k))
+        spans = batching.image_spans(batch, self.cfg.image_token_id, self.cfg.spatial_merge_size)
+        return groups, [batching.select_rows(batch, g, spans) for g in groups]
+
+    def _stats(self, logits: torch.Tensor, mb: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        """Per-token stats ``[b, s]`` of the micro-batch from this rank's vocab shard of the logits."""
+        b, s, v_local = logits.shape
+        labels = mb["input_ids"][:, 1:].clone()
+        labels[~mb["response_mask"][:, 1:].bool()] = IGNORE_INDEX
+        tp = self.info.tp_size
+        ts = token_stats(logits[:, :-1].reshape(-1, v_local), labels.reshape(-1),
+                         vocab_start=self.info.tp_rank * v_local, vocab_size=self.cfg.vocab_size,
+                         group=self._groups()["tp"] if tp > 1 else None, temperature=self.config.temperature)
+        pad = logits.new_zeros(b, 1, dtype=torch.float32)
+        resp = mb["response_mask"].to(torch.float32)
+        # Column 0 has no prediction; off-response positions are zeroed so they can never leak.
+        return {k: torch.cat([pad, getattr(ts, k).reshape(b, s - 1)], 1) * resp for k in STATS}
+
+    def _run(self, model, micro: List[Dict[str, Any]], loss_fn: Optional[LossFn], forward_only: bool,
+             denominator: Optional[torch.Tensor] = None) -> List[Dict[str, torch.Tensor]]:
+        """Megatron's schedule over the micro-batches; returns the last stage's per-micro outputs."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        n = len(micro)
+        # The schedule divides each micro-batch loss by n, and DDP averages over data-parallel ranks;
+        # our losses are already sums over the global denominator, so both are undone here.
+        scale = float(n * self.info.dp_size)
+
+        def loss_func(mb, logits):
+            stats = self._stats(logits, mb)
+            if forward_only:
+                return logits.new_zeros(()), {k: v.detach() for k, v in stats.items()}
+            loss, metrics = loss_fn(stats, mb, denominator)
+            return loss * scale, dict(metrics, loss=loss.detach(), tokens=mb["response_mask"][:, 1:].sum())
+
+        def forward_step(data_iterator, m):
+            mb = next(data_iterator)
+            out = m(mb["input_ids"], mb["attention_mask"], pixel_values=mb.get("pixel_values"),
+                    image_grid_thw=mb.get("image_grid_thw"))
+            return out, partial(loss_func, mb)
+
+        bsz = max(x["input_ids"].shape[0] for x in micro)
+        seq = max(x["input_ids"].shape[1] for x in micro)
+        return get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(micro), model=[model], num_microbatches=n,
+            seq_length=seq, micro_batch_size=bsz, forward_only=forward_only)
+
+    def _broadcast_from_last_stage(self, tensor: Optional[torch.Tensor], shape, dtype=torch.float32) -> torch.Tensor:
+        """Pipeline stages other than the last get the last stage's result (same on every rank)."""
+        if self.info.pp_size == 1:
+            return tensor
+        g = self._groups()
+        buf = tensor.contiguous() if self.info.is_last_stage else torch.empty(shape, dtype=dtype)
+        dist.broadcast(buf, src=g["pp_last"], group=g["pp"])
+        return buf
+
+    # ------------------------------------------------------------------ statistics
+    @torch.no_grad()
+    def compute_token_stats(self, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        """``logprob``, ``entropy``, ``self_certainty`` ``[B, S]`` of the current policy, and
+        ``seq_self_certainty [B]`` (u of eq. 1: mean over each row's response tokens)."""
+        return self._forward_stats(self.model, batch)
+
+    @torch.no_grad()
+    def compute_ref_logprobs(self, batch: Dict[str, Any]) -> torch.Tensor:
+        """Reference-policy log-probs ``[B, S]`` (the KL weight must be on)."""
+        if self.reference is None:
+            raise RuntimeError("compute_ref_logprobs: actor.kl.beta0 is 0, so there is no reference model")
+        with self.reference.on_device() as ref:
+            return self._forward_stats(ref, batch)["logprob"]
+
+    def _forward_stats(self, model, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        b, s = batch["input_ids"].shape
+        groups, micro = self._split(batch)
+        model.eval()
+        try:
+            outs = self._run(model, micro, None, forward_only=True)
+        finally:
+            model.train()
+        stacked = None
+        if self.info.is_last_stage:
+            stacked = torch.stack([batching.scatter_rows([o[k] for o in outs], groups, b, s) for k in STATS])
+        stacked = self._broadcast_from_last_stage(stacked, (len(STATS), b, s))
+        result = dict(zip(STATS, stacked.unbind(0)))
+        result["seq_self_certainty"] = masked_mean(result["self_certainty"], batch["response_mask"].bool(), dim=-1)
+        return result
+
+    # ------------------------------------------------------------------ updates
+    def update(self, batch: Dict[str, Any]) -> Dict[str, float]:
+        """One policy update on ``batch`` (needs ``old_logprob`` and ``advantages``; with the KL on,
+        ``ref_logprob`` (computed here if absent) and ``self_certainty [B]`` (u of the old policy,
+        from :meth:`compute_token_stats`) or a ready ``kl_coef``). Returns metrics (floats)."""
+        for key in ("old_logprob", "advantages"):
+            if key not in batch:
+                raise KeyError(f"Actor.update: batch is missing {key!r}")
+        batch = dict(batch)
+        if self.reference is not None:
+            if "ref_logprob" not in batch:
+                batch["ref_logprob"] = self.compute_ref_logprobs(batch)
+            if "kl_coef" not in batch:
+                batch["kl_coef"] = self._kl_coef(batch)
+        cfg = self.config.loss
+
+        def loss_fn(stats, mb, den):
+            kl = {}
+            if self.reference is not None:
+                kl = dict(ref_logp=mb["ref_logprob"], kl_coef=mb["kl_coef"])
+            loss, metrics = policy_loss(stats["logprob"], mb["old_logprob"], mb["advantages"], mb["response_mask"],
+                                        rollout_logp=mb.get("rollout_logprob"), denominator=den, config=cfg, **kl)
+            keep = mb["response_mask"].bool()
+            metrics.update(entropy=masked_mean(stats["entropy"].detach(), keep),
+                           self_certainty=masked_mean(stats["self_certainty"].detach(), keep))
+            return loss, metrics
+
+        return self._train_step(batch, loss_fn, self._denominator(batch, cfg.agg))
+
+    def sft_step(self, batch: Dict[str, Any]) -> Dict[str, float]:
+        """Supervised step: token-mean cross-entropy on the response tokens (global over micro-batches)."""
+        def loss_fn(stats, mb, den):
+            loss = -(stats["logprob"] * mb["response_mask"]).sum() / den
+            return loss, {}
+
+        return self._train_step(batch, loss_fn, self._denominator(batch, "token-mean"))
+
+    def _denominator(self, batch: Dict[str, Any], agg: str) -> torch.Tensor:
+        """The aggregation's count over the whole batch and all data-parallel ranks."""
+        resp = batch["response_mask"][:, 1:]
+        if agg == "token-mean":
+            count = resp.sum()
+        elif agg == "seq-mean":
+            count = (resp.sum(-1) > 0).sum()
+        else:
+            count = torch.tensor(resp.shape[0])
+        count = count.to(torch.float64).reshape(1)
+        if self.info.dp_size > 1:
+            dist.all_reduce(count, group=self._groups()["dp"])
+        return count[0].to(torch.float32)
+
+    def _kl_coef(self, batch: Dict[str, Any]) -> torch.Tensor:
+        """beta(c) per row (eq. 4), c = the normaliser applied to the old policy's u over all DP ranks."""
+        if "self_certainty" not in batch:
+            raise KeyError("Actor.update with the KL on needs batch['self_certainty'] (u per row) or 'kl_coef'")
+        u = batch["self_certainty"].to(torch.float32).reshape(-1)
+        if self.info.dp_size > 1:
+            parts: List[Any] = [None] * self.info.dp_size
+            dist.all_gather_object(parts, u, group=self._groups()["dp"])
+            c_all = self.normalizer(torch.cat(parts))
+            start = sum(p.numel() for p in parts[: self.info.dp_rank])
+            c = c_all[start:start + u.numel()]
+        else:
+            c = self.normalizer(u)
+        return kl_coefficient(c, self.config.kl.beta0, self.config.kl.beta_min)
+
+    def _train_step(self, batch: Dict[str, Any], loss_fn: LossFn, denominator: torch.Tensor) -> Dict[str, float]:
+        step = self.updates_tried
+        self.updates_tried += 1
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        groups, micro = self._split(batch)
+        outs = self._run(self.model, micro, loss_fn, forward_only=False, denominator=denominator)
+        metrics = _reduce_metrics(outs) if self.info.is_last_stage else {}
+        loss = metrics.get("loss", torch.zeros(()))
+        finite = torch.tensor([float(bool(torch.isfinite(loss))), float(megatron_setup.grads_finite(self.model))])
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank of every group takes the same decision
+        ok = bool(finite.min() > 0)
+        lr = self._set_lr()
+        grad_norm = float("nan")
+        if self.guard.record(ok, step, f"loss={float(loss):.4g}" if not finite[0] else "gradient"):
+            _, grad_norm, _ = self.optimizer.step()
+            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+            self.steps_taken += 1
+        else:
+            self.model.zero_grad_buffer()
+            self.optimizer.zero_grad()
+        out = {k: float(v) for k, v in metrics.items()}
+        out = self._broadcast_metrics(out)
+        out.update(lr=lr, grad_norm=grad_norm, skipped=float(not ok), bad_steps_in_a_row=float(self.guard.consecutive),
+                   num_microbatches=float(len(micro)))
+        return out
+
+    def _set_lr(self) -> float:
+        """Schedule factor on every parameter group's peak (per-module multipliers kept via ``max_lr``)."""
+        o = self.config.optim
+        factor = lr_factor(self.steps_taken, o.total_steps, o.warmup_fraction)
+        for group in self.optimizer.param_groups:
+            group["lr"] = factor * group.get("max_lr", o.lr)
+        return factor * o.lr
+
+    def _broadcast_metrics(self, metrics: Dict[str, float]) -> Dict[str, float]:
+        if self.info.pp_size == 1:
+            return metrics
+        g = self._groups()
+        box = [metrics]
+        dist.broadcast_object_list(box, src=g["pp_last"], group=g["pp"])
+        return box[0]
+
+    # ------------------------------------------------------------------ weights and state
+    def export_hf(self):
+        """``(hf_name, tensor)`` of this pipeline stage's weights, TP-gathered (weight sync, saving)."""
+        from dualrpo_mcore.models.qwen2_5_vl.weights import export_hf
+
+        return export_hf(self.module, te_spec=self.config.model.spec_backend == "te")
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Actor-side state the loop checkpoints next to the weights and optimizer."""
+        return dict(steps_taken=self.steps_taken, updates_tried=self.updates_tried,
+                    guard=self.guard.state_dict(), normalizer=self.normalizer.state_dict())
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.steps_taken, self.updates_tried = int(state["steps_taken"]), int(state["updates_tried"])
+        self.guard.load_state_dict(state["guard"])
+        self.normalizer.load_state_dict(state["normalizer"])
+
+
+def _reduce_metrics(outs: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """Micro-batch metrics -> batch metrics: losses summed (each is already over the global count),
+    extremes by min/max, the rest token-weighted means."""
+    tokens = torch.stack([o["tokens"].to(torch.float64) for o in outs])
+    total = tokens.sum().clamp(min=1)
+    out: Dict[str, torch.Tensor] = {}
+    for key in outs[0]:
+        vals = torch.stack([o[key].to(torch.float64) for o in outs])
+        if key in SUMMED:
+            out[key] = vals.sum()
+        elif key.endswith("_max"):
+            out[key] = vals.max()
+        elif key.endswith("_min"):
+            out[key] = vals.min()
+        else:
+            out[key] = (vals * tokens).sum() / total
+    return out

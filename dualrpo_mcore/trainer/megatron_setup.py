@@ -1,0 +1,153 @@
+"""Building the actor's Megatron pieces: model stage, weights, DDP wrapper, optimizer, reference.
+
+On CPU (gloo) Megatron's distributed optimizer runs as on GPU once ``parallel.cpu_compat`` is on
+(it reports CPU tensors under their CUDA type names, which the optimizer checks); only its optional
+extra gloo process groups are switched off (``use_gloo_process_groups=False``), because on CPU the
+main groups already are gloo groups and ``parallel.initialize`` does not create the extra ones.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from typing import Any, Dict, Iterator, Optional, Tuple
+
+import torch
+
+from .config import ActorConfig, ModelSourceConfig
+
+log = logging.getLogger(__name__)
+
+
+def resolve_model_config(src: ModelSourceConfig):
+    """The :class:`QwenVLConfig` of the configured source."""
+    from dualrpo_mcore.models.qwen2_5_vl import from_hf
+
+    if src.hf_dir:
+        return from_hf(src.hf_dir)
+    if src.megatron_ckpt:
+        import json
+        import os
+
+        with open(os.path.join(src.megatron_ckpt, "meta.json")) as f:
+            return from_hf(json.load(f)["hf_config"])
+    if src.hf_config is not None:
+        return from_hf(src.hf_config)
+    from dualrpo_mcore.models.qwen2_5_vl import testing
+
+    return from_hf(testing.tiny_hf_config(**src.tiny_overrides))
+
+
+def _options(src: ModelSourceConfig):
+    from dualrpo_mcore.models.qwen2_5_vl import Precision
+    from dualrpo_mcore.models.qwen2_5_vl.model import ModelOptions
+
+    return ModelOptions(precision=Precision(dtype=src.precision), backend=src.spec_backend)
+
+
+def build_and_load(cfg, src: ModelSourceConfig, info, hf_state_dict: Optional[Dict[str, torch.Tensor]] = None):
+    """This rank's model stage with the source's weights (random init for a tiny model), frozen parts set."""
+    from dualrpo_mcore.models.qwen2_5_vl import convert, mapping
+    from dualrpo_mcore.models.qwen2_5_vl.model import build_model
+    from dualrpo_mcore.models.qwen2_5_vl.training import apply_freeze
+
+    model = build_model(cfg, _options(src))
+    te = src.spec_backend == "te"
+    shard = dict(tp_rank=info.tp_rank, tp=info.tp_size, pp_rank=info.pp_rank, pp=info.pp_size, te_spec=te)
+    conv = mapping.Converter(cfg, model.padded_vocab_size)
+    if hf_state_dict is not None:
+        named = {mapping.normalize_hf_name(k): v for k, v in hf_state_dict.items()}
+        _load(model, mapping.shard_for_rank(cfg, named.__getitem__, converter=conv, **shard), "hf_state_dict")
+    elif src.hf_dir:
+        reader = convert.HFReader(src.hf_dir)
+        try:
+            _load(model, mapping.shard_for_rank(cfg, reader.__getitem__, converter=conv, **shard), src.hf_dir)
+        finally:
+            reader.close()
+    elif src.megatron_ckpt:
+        convert.load_into(model, src.megatron_ckpt, info.tp_rank, info.tp_size, info.pp_rank, info.pp_size, te_spec=te)
+    apply_freeze(model, src.training)
+    return model
+
+
+def _load(model, items: Iterator[Tuple[str, torch.Tensor]], where: str) -> None:
+    missing, unexpected = model.load_state_dict(dict(items), strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise RuntimeError(f"{where}: weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def wrap_and_optimizer(module, config: ActorConfig):
+    """Megatron DDP around the stage and ``get_megatron_optimizer``; returns (ddp, optimizer, distributed?)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from dualrpo_mcore.models.qwen2_5_vl.training import megatron_overrides
+
+    o = config.optim
+    use_dist = o.distributed_optimizer
+    ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                            use_distributed_optimizer=use_dist, check_for_nan_in_grad=False)
+    ddp = DistributedDataParallel(config=module.config, ddp_config=ddp_cfg, module=module)
+    mc = module.config
+    # Rows and lengths differ between micro-batches (token-balanced): stages exchange shapes first.
+    mc.variable_seq_lengths = True
+    mc.no_sync_func = ddp.no_sync
+    mc.finalize_model_grads_func = finalize_model_grads
+    dtype = module.config.params_dtype
+    ocfg = OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=0.0, weight_decay=o.weight_decay,
+                           adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+                           clip_grad=o.grad_clip, use_distributed_optimizer=use_dist,
+                           bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, params_dtype=dtype)
+    on_cpu = not torch.cuda.is_available()
+    optimizer = get_megatron_optimizer(ocfg, [ddp], config_overrides=megatron_overrides(config.model.training, o.lr)
+                                       or None, use_gloo_process_groups=not on_cpu)
+    return ddp, optimizer, use_dist
+
+
+def grads_finite(ddp) -> bool:
+    """All of this rank's gradient buffers are finite (after the data-parallel reduction)."""
+    for buffers in (getattr(ddp, "buffers", []), getattr(ddp, "expert_parallel_buffers", [])):
+        for buf in buffers:
+            if not bool(torch.isfinite(buf.grad_data).all()):
+                return False
+    return True
+
+
+class ReferencePolicy:
+    """A frozen copy of the initial policy stage for the reference KL.
+
+    With ``offload`` its weights sit in CPU memory and move to the accelerator only inside
+    :meth:`on_device` (one forward pass per step), so the reference costs no GPU memory during the
+    update. On a CPU-only machine the moves are no-ops, but the same code path runs.
+    """
+
+    def __init__(self, cfg, src: ModelSourceConfig, policy_module, offload: bool = True):
+        from dualrpo_mcore.models.qwen2_5_vl.model import build_model
+
+        self.module = build_model(cfg, _options(src))
+        self.module.load_state_dict(copy.deepcopy(policy_module.state_dict()))
+        self.module.requires_grad_(False).eval()
+        self.module.config.variable_seq_lengths = True
+        self.offload = offload
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        if offload:
+            self._move(torch.device("cpu"))
+
+    def _move(self, device) -> None:
+        if device is None:
+            return
+        for t in list(self.module.parameters()) + list(self.module.buffers()):
+            t.data = t.data.to(device, non_blocking=True)
+
+    @contextlib.contextmanager
+    def on_device(self) -> Iterator[Any]:
+        if self.offload:
+            self._move(self.device)
+        try:
+            yield self.module
+        finally:
+            if self.offload:
+                self._move(torch.device("cpu"))
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
