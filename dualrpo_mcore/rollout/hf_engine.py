@@ -1,0 +1,148 @@
+"""Hugging Face transformers rollout engine (CPU, tests, small demos).
+
+Own sampling loop rather than ``model.generate`` so the semantics are exactly the documented ones
+(:mod:`.engine`): temperature, then top-k, then top-p on the probabilities, a multinomial draw from a
+per-(prompt, sample) ``torch.Generator``, and log-probs of the chosen token under softmax(logits/T)
+before truncation. Each prompt is prefilled once (images go through the ViT once) and its KV cache
+copied for each of the n samples; samples then decode one at a time with batch 1, so a sample's
+tokens do not depend on which other prompts share the call (deterministic on CPU).
+
+3D rope positions are computed here (the same ``geometry.rope_index`` as the Megatron actor) and
+passed explicitly, instead of relying on transformers' cached ``rope_deltas`` state.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+from dualrpo_mcore.models.qwen2_5_vl import geometry, mapping
+
+from .engine import ENGINES, RolloutEngine, RolloutRequest, Sample, SamplingParams, seed_for
+
+
+def filter_probs(probs: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Zero the tokens outside top-k, then outside the smallest set whose mass reaches ``top_p``
+    (the most likely token always survives). ``probs`` is 1-D; returns unnormalised weights."""
+    out = probs.clone()
+    if 0 < top_k < out.numel():
+        kth = torch.topk(out, top_k).values[-1]
+        out[out < kth] = 0
+    if top_p < 1.0:
+        sorted_p, order = torch.sort(out, descending=True)
+        mass_before = torch.cumsum(sorted_p, 0) - sorted_p
+        drop = mass_before > top_p * sorted_p.sum()
+        out[order[drop]] = 0
+    return out
+
+
+def choose_token(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> Tuple[int, float]:
+    """One draw from 1-D ``logits``; returns ``(token, logprob)`` per the module convention."""
+    logits = logits.float()
+    if params.temperature == 0:
+        tok = int(torch.argmax(logits))
+        return tok, float(torch.log_softmax(logits, -1)[tok])
+    logp = torch.log_softmax(logits / params.temperature, -1)
+    weights = filter_probs(logp.exp(), params.top_k, params.top_p)
+    tok = int(torch.multinomial(weights, 1, generator=gen))
+    return tok, float(logp[tok])
+
+
+@ENGINES.register("hf")
+class HFEngine(RolloutEngine):
+    """``model``: a ``Qwen2_5_VLForConditionalGeneration`` (or build one from ``hf_config``)."""
+
+    def __init__(self, model=None, *, hf_config=None, tokenizer=None, eos_token_ids: Optional[Sequence[int]] = None,
+                 dtype: torch.dtype = torch.float32, device: str = "cpu"):
+        if model is None:
+            if hf_config is None:
+                raise ValueError("HFEngine needs a model or an hf_config")
+            from transformers import Qwen2_5_VLForConditionalGeneration
+
+            model = Qwen2_5_VLForConditionalGeneration(hf_config)
+        self.model = model.to(device=device, dtype=dtype).eval()
+        self.tokenizer = tokenizer
+        self.device = device
+        cfg = self.model.config
+        if eos_token_ids is None:
+            eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+            eos = eos if eos is not None else cfg.get_text_config().eos_token_id
+            eos_token_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
+        # Published checkpoint names (what the exporter sends) -> live tensors; tied weights
+        # appear under both names and share storage, so copying one updates both.
+        self._params: Dict[str, torch.Tensor] = {
+            mapping.normalize_hf_name(n): t for n, t in self.model.state_dict(keep_vars=True).items()}
+
+    # ------------------------------------------------------------ weights
+    @torch.no_grad()
+    def update_weights(self, named_tensors: Iterable[Tuple[str, torch.Tensor]]) -> int:
+        count = 0
+        for name, tensor in named_tensors:
+            key = mapping.normalize_hf_name(name)
+            dst = self._params.get(key)
+            if dst is None:
+                raise KeyError(f"update_weights: unknown parameter {name!r} for {type(self.model).__name__}")
+            if tuple(dst.shape) != tuple(tensor.shape):
+                raise ValueError(f"update_weights: {name!r} has shape {tuple(tensor.shape)}, "
+                                 f"model expects {tuple(dst.shape)}")
+            dst.data.copy_(tensor)
+            count += 1
+        return count
+
+    def shutdown(self) -> None:
+        self.model = None
+        self._params = {}
+
+    # ------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, requests: Sequence[RolloutRequest], params: SamplingParams) -> List[List[Sample]]:
+        if self.model is None:
+            raise RuntimeError("HFEngine was shut down")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer: HFEngine(tokenizer=...)")
+        base = params.seed if params.seed is not None else int(torch.randint(0, 2 ** 62, (1,)))
+        out = []
+        for i, req in enumerate(requests):
+            uid = req.uid or str(i)
+            first_logits, cache, next_pos = self._prefill(req)
+            out.append([self._decode(first_logits, copy.deepcopy(cache), next_pos, params,
+                                     torch.Generator().manual_seed(seed_for(base, uid, j)))
+                        for j in range(params.n)])
+        return out
+
+    def _prefill(self, req: RolloutRequest):
+        cfg = self.model.config
+        ids = torch.tensor([req.input_ids], dtype=torch.long, device=self.device)
+        grid = None if req.image_grid_thw is None else req.image_grid_thw.to(self.device)
+        pos, _ = geometry.rope_index(ids.cpu(), None if grid is None else grid.cpu(), cfg.image_token_id,
+                                     cfg.vision_config.spatial_merge_size)
+        pv = None if req.pixel_values is None else req.pixel_values.to(self.device, self.model.dtype)
+        res = self.model(input_ids=ids, pixel_values=pv, image_grid_thw=grid, position_ids=pos.to(self.device),
+                         use_cache=True)
+        return res.logits[0, -1], res.past_key_values, int(pos.max()) + 1
+
+    def _decode(self, logits, cache, pos: int, params: SamplingParams, gen: torch.Generator) -> Sample:
+        stops = set(self.eos_token_ids) | set(params.stop_token_ids)
+        tokens: List[int] = []
+        logprobs: List[float] = []
+        while True:
+            tok, lp = choose_token(logits, params, gen)
+            tokens.append(tok)
+            logprobs.append(lp)
+            if tok in stops or self._hit_stop_string(tokens, params.stop):
+                return Sample(tokens, logprobs, "stop")
+            if len(tokens) >= params.max_new_tokens:
+                return Sample(tokens, logprobs, "length")
+            step_pos = torch.full((3, 1, 1), pos, dtype=torch.long, device=self.device)
+            res = self.model(input_ids=torch.tensor([[tok]], device=self.device), position_ids=step_pos,
+                             past_key_values=cache, use_cache=True)
+            logits, cache, pos = res.logits[0, -1], res.past_key_values, pos + 1
+
+    def _hit_stop_string(self, tokens: List[int], stop: Tuple[str, ...]) -> bool:
+        if not stop:
+            return False
+        # Only the tail can complete a new match; decode a few tokens more than the longest string.
+        tail = self.tokenizer.decode(tokens[-(max(len(s) for s in stop) + 4):], skip_special_tokens=False)
+        return any(s in tail for s in stop)

@@ -1,0 +1,235 @@
+"""Weight sync: live Megatron shards -> full HF-named tensors, handed over in bounded buckets.
+
+Same mapping table as checkpoint conversion (``models.qwen2_5_vl.mapping``): each rule's TP shards
+are gathered into one buffer, merged and converted to its HF tensor(s), which join the current
+bucket. Memory bound (the exporter's own accounting, cross-checked by the allocator in the tests):
+before a rule of global size G is gathered, the bucket is flushed if ``bucket + G`` would exceed the
+bucket size B, and the gather buffer is freed before the HF copies are made, so the bytes held at once
+never exceed ``max(B, L) + L`` (L = largest global tensor; a tensor is never split across buckets, so
+a bucket is at least L). Tensors that are the model's own parameters (no TP split, no conversion) are
+handed over as views and cost nothing.
+
+Frozen parameters (``requires_grad`` False, e.g. a frozen ViT) are sent on the first export only;
+the exporter remembers them, so later syncs skip them without any communication.
+
+With pipeline parallelism each rule's owner stage gathers and converts, then broadcasts the HF
+tensors over the pipeline group so that every rank sees the same buckets; the caller feeds its
+engine from the rank(s) it lives on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Iterable, Iterator, List, Optional, Set, Tuple
+
+import torch
+import torch.distributed as dist
+
+from dualrpo_mcore.models.qwen2_5_vl import mapping
+
+Named = Tuple[str, torch.Tensor]
+
+
+@dataclass
+class ExportStats:
+    tensors: int = 0
+    """HF tensors handed over."""
+    bytes: int = 0
+    """Their total bytes."""
+    buckets: int = 0
+    skipped_frozen: int = 0
+    """Rules skipped because their frozen weights were already sent."""
+    peak_held_bytes: int = 0
+    """Most bytes the exporter held at once (bucket + gather/convert workspace), excluding views
+    of the model's own parameters."""
+    largest_bytes: int = 0
+    """Largest global (gathered) tensor in this export."""
+
+
+def plan_buckets(sizes: Iterable[int], bucket_bytes: int) -> List[List[int]]:
+    """Greedy, order-keeping grouping of tensor sizes: a bucket closes before a tensor that would
+    push it past ``bucket_bytes``; an oversize tensor travels alone. Returns index lists."""
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes={bucket_bytes}: must be > 0")
+    plan: List[List[int]] = []
+    cur: List[int] = []
+    used = 0
+    for i, size in enumerate(sizes):
+        if cur and used + size > bucket_bytes:
+            plan.append(cur)
+            cur, used = [], 0
+        cur.append(i)
+        used += size
+    if cur:
+        plan.append(cur)
+    return plan
+
+
+def bucketize(named: Iterable[Named], bucket_bytes: int) -> Iterator[List[Named]]:
+    """Stream ``(name, tensor)`` pairs as lists following :func:`plan_buckets` (holds one bucket)."""
+    cur: List[Named] = []
+    used = 0
+    for name, t in named:
+        size = t.numel() * t.element_size()
+        if cur and used + size > bucket_bytes:
+            yield cur
+            cur, used = [], 0
+        cur.append((name, t))
+        used += size
+    if cur:
+        yield cur
+
+
+class _Held:
+    """Bytes of storages the exporter allocated and still references (by storage pointer)."""
+
+    def __init__(self, model_ptrs: Set[int]):
+        self.model_ptrs = model_ptrs
+        self.owned: Dict[int, int] = {}
+        self.peak = 0
+
+    def add(self, t: torch.Tensor) -> None:
+        st = t.untyped_storage()
+        if st.data_ptr() not in self.model_ptrs:
+            self.owned[st.data_ptr()] = st.nbytes()
+            self.peak = max(self.peak, sum(self.owned.values()))
+
+    def drop(self, t: torch.Tensor) -> None:
+        self.owned.pop(t.untyped_storage().data_ptr(), None)
+
+
+class BucketedExporter:
+    """Stateful (remembers frozen tensors already sent); one per (model, engine) pair."""
+
+    def __init__(self, bucket_bytes: int = 512 << 20, te_spec: bool = False):
+        if bucket_bytes <= 0:
+            raise ValueError(f"bucket_bytes={bucket_bytes}: must be > 0")
+        self.bucket_bytes = bucket_bytes
+        self.te_spec = te_spec
+        self.frozen_sent: Set[str] = set()
+        self.last_stats = ExportStats()
+
+    def reset_frozen(self) -> None:
+        """Send frozen tensors again on the next export (e.g. after the engine was rebuilt)."""
+        self.frozen_sent.clear()
+
+    def buckets(self, model) -> Iterator[List[Named]]:
+        """Yield buckets of ``(hf_name, full tensor)``; identical on every rank. Consume each bucket
+        before asking for the next (the exporter forgets it then)."""
+        from megatron.core import parallel_state as ps
+
+        cfg = model.cfg
+        tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+        pp_rank = ps.get_pipeline_model_parallel_rank()
+        conv = mapping.Converter(cfg, model.padded_vocab_size)
+        params = dict(model.state_dict(keep_vars=True))
+        held = _Held({p.untyped_storage().data_ptr() for p in params.values() if isinstance(p, torch.Tensor)})
+        stats = self.last_stats = ExportStats()
+        bucket: List[Named] = []
+        for rule in mapping.rules(cfg, pp):
+            owner = mapping.owner_stage(rule, cfg, pp)
+            if cfg.tie_word_embeddings and rule.mcore.endswith("output_layer.weight"):
+                continue  # HF has no lm_head; the embedding carries it
+            local = params[mapping.from_canonical(mapping.local_name(rule, cfg, pp), self.te_spec)] \
+                if owner == pp_rank else None
+            size = self._global_bytes(local, rule, tp, owner, pp_rank, pp)
+            if size is None:  # frozen and already sent (decided by the owner stage)
+                stats.skipped_frozen += 1
+                continue
+            stats.largest_bytes = max(stats.largest_bytes, size)
+            if bucket and _nbytes(bucket) + size > self.bucket_bytes:
+                yield from self._flush(bucket, held, stats)
+                bucket = []
+            hf = self._convert(local, rule, conv, tp, held) if owner == pp_rank else None
+            if pp > 1:
+                hf = _broadcast_named(hf, owner, held)
+            bucket += hf
+            if local is not None and not local.requires_grad:
+                self.frozen_sent.add(rule.mcore)
+            if _nbytes(bucket) >= self.bucket_bytes:
+                yield from self._flush(bucket, held, stats)
+                bucket = []
+        if bucket:
+            yield from self._flush(bucket, held, stats)
+        stats.peak_held_bytes = held.peak
+
+    def _global_bytes(self, local, rule, tp, owner, pp_rank, pp) -> Optional[int]:
+        """Bytes of the gathered tensor, or None to skip (same answer on every rank)."""
+        from megatron.core import parallel_state as ps
+
+        if owner == pp_rank:
+            skip = not local.requires_grad and rule.mcore in self.frozen_sent
+            size = local.numel() * local.element_size() * (tp if rule.split != "none" else 1)
+        if pp > 1:
+            box = [(skip, size) if owner == pp_rank else None]
+            dist.broadcast_object_list(box, src=_stage_global_rank(owner), group=ps.get_pipeline_model_parallel_group())
+            skip, size = box[0]
+        return None if skip else size
+
+    def _convert(self, local, rule, conv, tp, held: _Held) -> List[Named]:
+        local = local.detach()
+        if tp > 1 and rule.split != "none":
+            from megatron.core import parallel_state as ps
+
+            buf = torch.empty((tp,) + tuple(local.shape), dtype=local.dtype, device=local.device)
+            held.add(buf)
+            dist.all_gather(list(buf.unbind(0)), local.contiguous(), group=ps.get_tensor_model_parallel_group())
+            glob = mapping.tp_merge(list(buf.unbind(0)), rule.split)
+            held.add(glob)
+            held.drop(buf)
+            del buf  # freed before the HF copies are made: at most 2 x G in flight
+        else:
+            glob = local
+        return self._to_hf(rule, conv, glob, held)
+
+    @staticmethod
+    def _to_hf(rule, conv, glob, held: _Held) -> List[Named]:
+        out = list(zip(rule.hf, conv.to_hf(rule, glob)))
+        for _, t in out:
+            held.add(t)
+        if all(t.untyped_storage().data_ptr() != glob.untyped_storage().data_ptr() for _, t in out):
+            held.drop(glob)
+        return out
+
+    def _flush(self, bucket: List[Named], held: _Held, stats: ExportStats) -> Iterator[List[Named]]:
+        stats.buckets += 1
+        stats.tensors += len(bucket)
+        stats.bytes += _nbytes(bucket)
+        yield bucket
+        for _, t in bucket:
+            held.drop(t)
+        bucket.clear()
+
+
+def _nbytes(named: List[Named]) -> int:
+    return sum(t.numel() * t.element_size() for _, t in named)
+
+
+def _stage_global_rank(stage: int) -> int:
+    from megatron.core import parallel_state as ps
+
+    return dist.get_global_rank(ps.get_pipeline_model_parallel_group(), stage)
+
+
+def _broadcast_named(named: Optional[List[Named]], owner: int, held: _Held) -> List[Named]:
+    """The owner stage's converted tensors, on every stage of this pipeline."""
+    from megatron.core import parallel_state as ps
+
+    group, src = ps.get_pipeline_model_parallel_group(), _stage_global_rank(owner)
+    meta = [[(n, tuple(t.shape), t.dtype) for n, t in named] if named is not None else None]
+    dist.broadcast_object_list(meta, src=src, group=group)
+    if named is None:
+        named = [(n, torch.empty(shape, dtype=dtype)) for n, shape, dtype in meta[0]]
+        for _, t in named:
+            held.add(t)
+    for _, t in named:
+        dist.broadcast(t, src=src, group=group)
+    return named
+
+
+def sync_weights(exporter: BucketedExporter, model, engine=None) -> ExportStats:
+    """Export ``model`` and feed every bucket to ``engine.update_weights`` (pass ``engine`` only on
+    the rank(s) hosting it; the others still take part in the collectives)."""
+    for bucket in exporter.buckets(model):
+        if engine is not None:
+            engine.update_weights(bucket)
+    return exporter.last_stats
