@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import warnings
 from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
@@ -17,6 +18,10 @@ import torch
 from .config import ActorConfig, ModelSourceConfig
 
 log = logging.getLogger(__name__)
+# Megatron's buffers call the torch collectives under their pre-2.10 names; torch warns on every
+# call, which would bury the training log. Only these two messages are silenced.
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` "
+                        r"is deprecated", category=FutureWarning)
 
 
 def resolve_model_config(src: ModelSourceConfig):
