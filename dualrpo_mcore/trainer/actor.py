@@ -154,11 +154,12 @@ class Actor:
     def _forward_stats(self, model, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         b, s = batch["input_ids"].shape
         groups, micro = self._split(batch)
+        was_training = model.training
         model.eval()
         try:
             outs = self._run(model, micro, None, forward_only=True)
         finally:
-            model.train()
+            model.train(was_training)
         stacked = None
         if self.info.is_last_stage:
             stacked = torch.stack([batching.scatter_rows([o[k] for o in outs], groups, b, s) for k in STATS])

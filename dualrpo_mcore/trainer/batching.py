@@ -32,8 +32,13 @@ def check_batch(batch: Batch) -> Tuple[int, int]:
             continue
         if val.shape[0] != b or (val.dim() > 1 and val.shape[:2] != (b, s)):
             raise ValueError(f"actor batch field {key!r} has shape {tuple(val.shape)}; expected [{b}] or [{b}, {s}]")
-    if (batch["response_mask"].bool() & ~batch["attention_mask"].bool()).any():
+    resp = batch["response_mask"].bool()
+    if (resp & ~batch["attention_mask"].bool()).any():
         raise ValueError("actor batch: response_mask marks padding positions (attention_mask 0)")
+    if resp[:, 0].any():
+        row = int(resp[:, 0].nonzero()[0, 0])
+        raise ValueError(f"actor batch row {row}: response_mask[:, 0] is set, but the first token has no "
+                         f"prediction (a response needs at least one prompt token before it)")
     return b, s
 
 

@@ -84,7 +84,7 @@ def _load(model, items: Iterator[Tuple[str, torch.Tensor]], where: str) -> None:
 
 def wrap_and_optimizer(module, config: ActorConfig):
     """Megatron DDP around the stage and ``get_megatron_optimizer``; returns (ddp, optimizer, distributed?)."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     from dualrpo_mcore.models.qwen2_5_vl.training import megatron_overrides
@@ -98,7 +98,7 @@ def wrap_and_optimizer(module, config: ActorConfig):
     # Rows and lengths differ between micro-batches (token-balanced): stages exchange shapes first.
     mc.variable_seq_lengths = True
     mc.no_sync_func = ddp.no_sync
-    mc.finalize_model_grads_func = finalize_model_grads
+    mc.finalize_model_grads_func = _finalize_grads(module)
     dtype = module.config.params_dtype
     ocfg = OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=0.0, weight_decay=o.weight_decay,
                            adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
@@ -108,6 +108,26 @@ def wrap_and_optimizer(module, config: ActorConfig):
     optimizer = get_megatron_optimizer(ocfg, [ddp], config_overrides=megatron_overrides(config.model.training, o.lr)
                                        or None, use_gloo_process_groups=not on_cpu)
     return ddp, optimizer, use_dist
+
+
+def _finalize_grads(module):
+    """What Megatron's ``finalize_model_grads`` does, for our wrapper model (whose GPTModel sits one
+    level down, where Megatron's helper does not look): the data-parallel gradient reduction, then,
+    with tied embeddings split over pipeline stages, the sum of the first stage's input-embedding
+    gradient and the last stage's output-layer gradient (they are one parameter in HF)."""
+    def finalize(model_chunks, *_args, **_kwargs):
+        from megatron.core import parallel_state as ps
+
+        for chunk in model_chunks:
+            chunk.finish_grad_sync()
+        lm = module.language_model
+        if ps.get_pipeline_model_parallel_world_size() == 1 or not module.cfg.tie_word_embeddings:
+            return
+        weight = lm.embedding.word_embeddings.weight if lm.pre_process else lm.output_layer.weight
+        if ps.is_rank_in_embedding_group(ignore_virtual=True) and weight.requires_grad:
+            torch.distributed.all_reduce(weight.main_grad, group=ps.get_embedding_group())
+
+    return finalize
 
 
 def grads_finite(ddp) -> bool:

@@ -48,12 +48,13 @@ def _hf_stats(hf, batch):
     return {k: torch.cat([pad, v], 1) * m for k, v in dict(logprob=lp, entropy=ent, self_certainty=sc).items()}
 
 
-def _actor(tp, pp, hf, **kw):
+def _actor(tp, pp, hf, source=None, **kw):
     from dualrpo_mcore.trainer.actor import Actor
     from dualrpo_mcore.trainer.config import (ActorConfig, BadStepConfig, KLConfig, MicroBatchConfig,
                                               ModelSourceConfig, OptimConfig, ParallelConfig)
 
-    cfg = ActorConfig(model=ModelSourceConfig(tiny=True, hf_config=hf.config),
+    src = ModelSourceConfig(**source) if source else ModelSourceConfig(tiny=True, hf_config=hf.config)
+    cfg = ActorConfig(model=src,
                       parallel=ParallelConfig(tp=tp, pp=pp, backend="gloo"),
                       # A large Adam eps keeps the first update smooth in the gradient: with the default 1e-8,
                       # a gradient of ~1e-8 becomes a full +-lr step and amplifies fp32 rounding.
@@ -61,7 +62,7 @@ def _actor(tp, pp, hf, **kw):
                       micro=MicroBatchConfig(max_tokens=kw.pop("max_tokens", 45)),
                       kl=KLConfig(beta0=kw.pop("beta0", 0.0), normalizer="batch_minmax"),
                       bad_steps=BadStepConfig(max_consecutive=2), seed=7)
-    return Actor(cfg, hf_state_dict=hf.state_dict())
+    return Actor(cfg, hf_state_dict=None if source else hf.state_dict())
 
 
 def _weights(actor):
@@ -94,7 +95,7 @@ def _tp2_run(hf, batch, ref):
     metrics = actor.update(inputs)
     w1 = _weights(actor)
     ref_after = actor.compute_ref_logprobs(batch)  # the reference never moves
-    return dict(stats_diff=_stats_diff(stats, ref), metrics=metrics, weights=w1, ref_diff=float(
+    return dict(stats_diff=_stats_diff(stats, ref), metrics=metrics, weights=w1, stats=stats, ref_diff=float(
         (ref_after.double() - ref["logprob"]).abs().max()), changed=sum(not torch.equal(w0[k], w1[k]) for k in w0),
         inputs=inputs, seq_u=stats["seq_self_certainty"])
 
@@ -125,10 +126,10 @@ def _pad_stats(stats, rows, batch):
     return out
 
 
-def _poison_run(hf, batch):
+def _poison_run(hf, batch, hf_dir):
     from dualrpo_mcore.trainer.badsteps import PoisonedStepError
 
-    actor = _actor(2, 1, hf)
+    actor = _actor(2, 1, hf, source=dict(hf_dir=hf_dir))  # weights read from a HF directory this time
     stats = actor.compute_token_stats(batch)
     inputs = _update_inputs(batch, stats)
     inputs["advantages"] = torch.tensor([1.0, float("nan"), 0.4, -1.2])
@@ -140,31 +141,39 @@ def _poison_run(hf, batch):
         message = None
     except PoisonedStepError as e:
         message = str(e)
-    return dict(first=first, unchanged=unchanged, message=message)
+    return dict(first=first, unchanged=unchanged, message=message, stats=stats)
 
 
-def _pp2_run(hf, batch, ref):
-    actor = _actor(1, 2, hf, max_tokens=30)
-    return dict(stats_diff=_stats_diff(actor.compute_token_stats(batch), ref))
+def _pp2_run(hf, batch, ref, ckpt, inputs):
+    """PP=2 from a Megatron checkpoint converted at TP=1/PP=1 (resharded on load), KL on."""
+    actor = _actor(1, 2, hf, source=dict(megatron_ckpt=ckpt), max_tokens=30, beta0=0.1)
+    stats = actor.compute_token_stats(batch)
+    metrics = actor.update(inputs)
+    return dict(stats_diff=_stats_diff(stats, ref), metrics=metrics, weights=_weights(actor))
 
 
-def _all(rank, world_size):
+def _all(rank, world_size, hf_dir, ckpt):
     from dualrpo_mcore.models.qwen2_5_vl import from_hf, testing
 
     hf = testing.tiny_hf_model(seed=0)
     batch = _batch(from_hf(hf.config))
     ref = _hf_stats(hf, batch)
     out = dict(tp2=_tp2_run(hf, batch, ref), dp2=_dp2_run(rank, hf, batch, ref))
-    out["poison"] = _poison_run(hf, batch)
-    out["pp2"] = _pp2_run(hf, batch, ref)
+    out["poison"] = _poison_run(hf, batch, hf_dir)
+    out["pp2"] = _pp2_run(hf, batch, ref, ckpt, out["tp2"]["inputs"])
     if rank == 0:
         out["ref"], out["batch"] = ref, batch
     return out
 
 
 @pytest.fixture(scope="module")
-def results():
-    return run_distributed(_all, 2, timeout=600)
+def results(tmp_path_factory):
+    from dualrpo_mcore.models.qwen2_5_vl import convert, testing
+
+    root = tmp_path_factory.mktemp("actor_ckpt")
+    testing.tiny_hf_model(seed=0).save_pretrained(root / "hf")
+    ckpt = convert.hf_to_megatron(str(root / "hf"), str(root / "mcore_tp1"), tp=1, pp=1)
+    return run_distributed(_all, 2, str(root / "hf"), ckpt, timeout=600)
 
 
 @pytest.mark.parametrize("setting", ["tp2", "dp2", "pp2"])
@@ -218,3 +227,23 @@ def test_poisoned_step_skipped_then_abort(results):
         assert p["first"]["skipped"] == 1.0 and p["first"]["bad_steps_in_a_row"] == 1.0
         assert p["unchanged"], "a poisoned update reached the weights"
         assert p["message"] and "2 consecutive updates" in p["message"] and "max_consecutive=2" in p["message"]
+
+
+def test_pp2_update_equals_tp2_update(results):
+    w_tp2 = results[0]["tp2"]["weights"]
+    loss_tp2 = results[0]["tp2"]["metrics"]["loss"]
+    seen = set()
+    for rank, res in enumerate(results):
+        r = res["pp2"]
+        assert abs(r["metrics"]["loss"] - loss_tp2) <= 1e-6, (rank, r["metrics"]["loss"], loss_tp2)
+        worst = max(float((v - w_tp2[k]).abs().max()) for k, v in r["weights"].items())
+        assert worst <= 1e-6, f"PP=2 stage {rank}: weights differ from the TP=2 update by {worst:.3g}"
+        seen |= set(r["weights"])
+    assert seen == set(w_tp2), "the two pipeline stages do not cover every weight"
+
+
+def test_deterministic_and_hf_dir_source(results):
+    # A second TP=2 actor, built from the saved HF directory, gives bit-identical statistics.
+    for res in results:
+        for k in ("logprob", "entropy", "self_certainty"):
+            assert torch.equal(res["poison"]["stats"][k], res["tp2"]["stats"][k]), k
