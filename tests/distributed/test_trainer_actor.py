@@ -152,6 +152,21 @@ def _pp2_run(hf, batch, ref, ckpt, inputs):
     return dict(stats_diff=_stats_diff(stats, ref), metrics=metrics, weights=_weights(actor))
 
 
+def _tied_run(batch, inputs):
+    """Tied embeddings: at PP=2 the input embedding (stage 0) and output layer (stage 1) are one HF
+    tensor, so their gradients must be summed; the update must equal the TP=2 (one stage) update."""
+    from dualrpo_mcore.models.qwen2_5_vl import testing
+
+    hf = testing.tiny_hf_model(seed=1, tie=True)
+    plain = dict(inputs)
+    plain.pop("self_certainty")
+    out = {}
+    for name, (tp, pp) in dict(tp2=(2, 1), pp2=(1, 2)).items():
+        actor = _actor(tp, pp, hf, max_tokens=30)
+        out[name] = dict(metrics=actor.update(plain), weights=_weights(actor))
+    return out
+
+
 def _all(rank, world_size, hf_dir, ckpt):
     from dualrpo_mcore.models.qwen2_5_vl import from_hf, testing
 
@@ -161,6 +176,7 @@ def _all(rank, world_size, hf_dir, ckpt):
     out = dict(tp2=_tp2_run(hf, batch, ref), dp2=_dp2_run(rank, hf, batch, ref))
     out["poison"] = _poison_run(hf, batch, hf_dir)
     out["pp2"] = _pp2_run(hf, batch, ref, ckpt, out["tp2"]["inputs"])
+    out["tied"] = _tied_run(batch, out["tp2"]["inputs"])
     if rank == 0:
         out["ref"], out["batch"] = ref, batch
     return out
@@ -247,3 +263,15 @@ def test_deterministic_and_hf_dir_source(results):
     for res in results:
         for k in ("logprob", "entropy", "self_certainty"):
             assert torch.equal(res["poison"]["stats"][k], res["tp2"]["stats"][k]), k
+
+
+def test_tied_embeddings_pp2_update_equals_tp2(results):
+    w_tp2 = results[0]["tied"]["tp2"]["weights"]
+    emb = [k for k in w_tp2 if "embed_tokens" in k]
+    assert emb and not any("lm_head" in k for k in w_tp2)  # tied: HF has no separate head
+    for rank, res in enumerate(results):
+        r = res["tied"]["pp2"]
+        assert abs(r["metrics"]["loss"] - results[0]["tied"]["tp2"]["metrics"]["loss"]) <= 1e-6
+        worst = max(float((v - w_tp2[k]).abs().max()) for k, v in r["weights"].items())
+        assert worst <= 1e-6, f"tied PP=2 stage {rank}: weights differ from TP=2 by {worst:.3g}"
+    assert any(k in results[0]["tied"]["pp2"]["weights"] for k in emb)  # stage 0 exports the embedding
