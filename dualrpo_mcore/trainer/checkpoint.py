@@ -1,0 +1,396 @@
+"""Atomic, resumable training checkpoints: model + optimizer through Megatron-Core's distributed
+checkpointing, plus per-rank loop state (step, data position, RNG streams, normaliser, ...).
+
+Layout under ``root``::
+
+    step_00000042/            one complete checkpoint (only ever appears by rename)
+        dist/                 megatron.core.dist_checkpointing (torch_dist format, any TP/PP/DP)
+        rank_00000.pt ...     per-rank loop state + RNG states (torch.save)
+        meta.json             written last inside the temp dir: step, world size, format
+    step_00000043.tmp/        a save in progress (or one that crashed): never loaded, cleaned
+    latest                    text file naming the newest complete checkpoint (temp + rename)
+
+Atomicity: everything is written into ``step_N.tmp/``, every file and directory is fsynced, then
+rank 0 renames the directory to ``step_N/`` and rewrites ``latest``. A crash at any point leaves
+either the old set of complete checkpoints or the old set plus the new one; ``latest()`` trusts
+the marker only if it names a directory holding ``meta.json`` and otherwise scans.
+
+Backend on CPU (gloo) and GPU: Megatron's stock ``torch_dist`` save strategy hands the writing to
+forked writer processes and needs ``psutil``; neither is available in every environment (the gloo
+test workers are daemonic processes, which may not fork children, and psutil is not a Megatron
+dependency). :class:`SyncTorchDistSave` writes the same torch_dist format synchronously from the
+calling process with ``torch.distributed.checkpoint``; loading uses Megatron's stock torch_dist
+loader. The optimizer is saved with Megatron's ``sharded_state_dict`` (for the distributed optimizer
+with the ``dp_reshardable`` layout, which does no communication; see :data:`OPTIM_METADATA`).
+
+A poisoned step (NaN/inf) must never be saved: the loop passes ``poisoned=True`` when the step was
+skipped, and ``check_finite`` (on by default) refuses to save non-finite parameters, agreed across
+ranks so every rank raises together instead of some hanging in a collective.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+STEP_RE = re.compile(r"^step_(\d{8})$")
+TMP_SUFFIX = ".tmp"
+LATEST = "latest"
+META = "meta.json"
+FORMAT_VERSION = 1
+# dp_reshardable: each DP rank writes its own optimizer shard with no gather (the older default,
+# fully_sharded_model_space, is rejected by Megatron 0.16's ShardedTensor validation).
+OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+class PoisonedStepError(RuntimeError):
+    """Raised instead of writing a checkpoint of a step whose parameters or loss were non-finite."""
+
+
+# ----------------------------------------------------------------------------------------- RNG
+def capture_rng_state() -> Dict[str, Any]:
+    """Every random stream the loop draws from: python, numpy, torch CPU, CUDA and Megatron's
+    model-parallel tracker (per-TP-rank streams for init/dropout) where present."""
+    state: Dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
+                             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    tracker = _megatron_tracker()
+    if tracker is not None:
+        state["megatron_tracker"] = {k: v.clone() for k, v in tracker.get_states().items()}
+    return state
+
+
+def restore_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    tracker = _megatron_tracker()
+    if tracker is not None and state.get("megatron_tracker"):
+        tracker.set_states(state["megatron_tracker"])
+
+
+def _megatron_tracker():
+    try:
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+    except ImportError:
+        return None
+    tracker = get_cuda_rng_tracker()
+    return tracker if getattr(tracker, "get_states", None) and tracker.get_states() else None
+
+
+# ----------------------------------------------------------------------------- dist plumbing
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def _rank() -> int:
+    d = _dist()
+    return d.get_rank() if d else 0
+
+
+def _world() -> int:
+    d = _dist()
+    return d.get_world_size() if d else 1
+
+
+def _barrier() -> None:
+    d = _dist()
+    if d:
+        d.barrier()
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any rank."""
+    d = _dist()
+    if not d:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    if d.get_backend() == "nccl":
+        t = t.cuda()
+    d.all_reduce(t, op=d.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _fsync_tree(path: str) -> None:
+    """fsync every file and directory under ``path`` (contents before the rename that publishes it)."""
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(dirpath)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path) or ".")
+
+
+def _write_rank_state(path: str, payload: Dict[str, Any]) -> None:
+    with open(path, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# -------------------------------------------------------------------------- Megatron backend
+def _sync_save_strategy():
+    from megatron.core.dist_checkpointing.strategies import torch as mtorch
+
+    class SyncTorchDistSave(mtorch.TorchDistSaveShardedStrategy):
+        """Megatron's torch_dist format written synchronously in this process (see module doc)."""
+
+        def __init__(self):
+            super().__init__("torch_dist", 1, thread_count=1)
+
+        def save(self, sharded_state_dict, checkpoint_dir):
+            from torch.distributed import checkpoint as dcp
+
+            sd, _, _ = mtorch._replace_state_dict_keys_with_sharded_keys(
+                sharded_state_dict, self.keep_only_main_replica)
+            pyt = mtorch.mcore_to_pyt_state_dict(sd, False)
+            planner = mtorch.MCoreSavePlanner(dedup_replicated_tensors=not self.keep_only_main_replica,
+                                              flatten_state_dict=False)
+            dcp.save(pyt, storage_writer=dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1),
+                     planner=planner)
+
+    return SyncTorchDistSave()
+
+
+def _unwrap(module):
+    # DDP wrappers (Megatron's or torch's) keep the real model in ``.module``; the sharded state
+    # dict must come from the model so keys match across wrapped/unwrapped runs.
+    while hasattr(module, "module") and isinstance(getattr(module, "module"), torch.nn.Module):
+        module = module.module
+    return module
+
+
+def _as_list(model) -> List[torch.nn.Module]:
+    if model is None:
+        return []
+    return [_unwrap(m) for m in (model if isinstance(model, (list, tuple)) else [model])]
+
+
+def _model_key(i: int, n: int) -> str:
+    return "model" if n == 1 else f"model{i}"  # Megatron's convention for virtual-pipeline chunks
+
+
+def _sharded_state(chunks, optimizer, is_loading: bool) -> Dict[str, Any]:
+    sd: Dict[str, Any] = {}
+    model_sd: Dict[str, Any] = {}
+    for i, m in enumerate(chunks):
+        model_sd[_model_key(i, len(chunks))] = m.sharded_state_dict()
+    sd.update(model_sd)
+    if optimizer is not None:
+        flat = model_sd["model"] if len(chunks) == 1 else model_sd
+        sd["optimizer"] = optimizer.sharded_state_dict(flat, is_loading=is_loading, metadata=OPTIM_METADATA)
+    return sd
+
+
+def _nonfinite_params(chunks) -> bool:
+    for m in chunks:
+        for p in m.parameters():
+            if not torch.isfinite(p.detach()).all():
+                return True
+    return False
+
+
+# ------------------------------------------------------------------------------------ manager
+class CheckpointManager:
+    """Save / find / load the training checkpoints under ``root``, keeping the last ``keep_last``.
+
+    Every rank calls :meth:`save` and :meth:`load` (they are collective when torch.distributed is
+    initialised); only rank 0 touches directories and markers.
+    """
+
+    def __init__(self, root: str, keep_last: Optional[int] = 3, check_finite: bool = True):
+        if keep_last is not None and keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1 or None (keep all), got {keep_last}")
+        self.root = os.path.abspath(root)
+        self.keep_last = keep_last
+        self.check_finite = check_finite
+
+    # ---- discovery
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.root, f"step_{int(step):08d}")
+
+    def complete(self) -> List[Tuple[int, str]]:
+        """(step, path) of every complete checkpoint, oldest first."""
+        if not os.path.isdir(self.root):
+            return []
+        out = []
+        for name in os.listdir(self.root):
+            m = STEP_RE.match(name)
+            path = os.path.join(self.root, name)
+            if m and os.path.isfile(os.path.join(path, META)):
+                out.append((int(m.group(1)), path))
+        return sorted(out)
+
+    def latest(self) -> Optional[str]:
+        """Newest complete checkpoint: the ``latest`` marker if it is valid, else by scanning."""
+        marker = os.path.join(self.root, LATEST)
+        done = self.complete()
+        if os.path.isfile(marker):
+            with open(marker, encoding="utf-8") as f:
+                path = os.path.join(self.root, f.read().strip())
+            # Trust the marker only when it names the newest complete dir: a crash between the
+            # rename and the marker update leaves it one step behind.
+            if os.path.isfile(os.path.join(path, META)) and done and done[-1][1] == path:
+                return path
+        return done[-1][1] if done else None
+
+    def resolve_resume(self, spec: Union[str, None]) -> Optional[str]:
+        """``None``/``"none"``/``""`` -> start fresh; ``"auto"`` -> newest complete checkpoint under
+        ``root`` (None if there is none); a path -> that checkpoint, or the newest inside it if it
+        is a checkpoint root. A path that holds no complete checkpoint is an error naming it."""
+        if spec is None or str(spec).strip().lower() in ("", "none", "no"):
+            return None
+        if str(spec).strip().lower() == "auto":
+            return self.latest()
+        path = os.path.abspath(str(spec))
+        if os.path.isfile(os.path.join(path, META)):
+            return path
+        inner = CheckpointManager(path, keep_last=None).latest() if os.path.isdir(path) else None
+        if inner is None:
+            raise FileNotFoundError(f"--resume {spec}: no complete checkpoint (a directory with {META}) "
+                                    f"at {path}")
+        return inner
+
+    # ---- save
+    def save(self, step: int, model=None, optimizer=None, extra_state: Optional[Dict[str, Any]] = None,
+             poisoned: bool = False, save_rng: bool = True) -> str:
+        """Write checkpoint ``step`` atomically and prune to ``keep_last``; returns its path.
+
+        ``model``: a Megatron module (or list of virtual-pipeline chunks; DDP wrappers are
+        unwrapped); ``optimizer``: a Megatron optimizer; ``extra_state``: this rank's loop state
+        (data loader ``state_dict()``, normaliser, config, ...), any torch-picklable objects.
+        """
+        chunks = _as_list(model)
+        if poisoned:
+            raise PoisonedStepError(f"refusing to checkpoint step {step}: it was marked poisoned (NaN/inf)")
+        if _any_rank(self.check_finite and _nonfinite_params(chunks)):
+            raise PoisonedStepError(f"refusing to checkpoint step {step}: non-finite parameters on some rank")
+        final = self.step_dir(step)
+        tmp = final + TMP_SUFFIX
+        if _rank() == 0:
+            os.makedirs(self.root, exist_ok=True)
+            self.clean_stale()
+            os.makedirs(os.path.join(tmp, "dist"))
+        _barrier()
+        if chunks or optimizer is not None:
+            from megatron.core import dist_checkpointing
+
+            dist_checkpointing.save(_sharded_state(chunks, optimizer, is_loading=False),
+                                    os.path.join(tmp, "dist"), sharded_strategy=_sync_save_strategy())
+        payload = {"step": int(step), "extra": extra_state or {},
+                   "rng": capture_rng_state() if save_rng else None}
+        _write_rank_state(os.path.join(tmp, f"rank_{_rank():05d}.pt"), payload)
+        _barrier()
+        if _rank() == 0:
+            self._publish(step, tmp, final, has_model=bool(chunks), has_optimizer=optimizer is not None)
+        _barrier()
+        return final
+
+    def _publish(self, step: int, tmp: str, final: str, has_model: bool, has_optimizer: bool) -> None:
+        meta = {"step": int(step), "world_size": _world(), "format": FORMAT_VERSION, "time": time.time(),
+                "model": has_model, "optimizer": has_optimizer, "optimizer_metadata": OPTIM_METADATA}
+        _write_meta(os.path.join(tmp, META), meta)
+        _fsync_tree(tmp)
+        if os.path.exists(final):  # re-saving a step (e.g. after a resume): replace it whole
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(self.root)
+        _atomic_write_text(os.path.join(self.root, LATEST), os.path.basename(final) + "\n")
+        self.prune()
+
+    def clean_stale(self) -> List[str]:
+        """Remove leftover ``*.tmp`` dirs of saves that never completed (rank 0, before a save)."""
+        removed = []
+        if os.path.isdir(self.root):
+            for name in os.listdir(self.root):
+                if name.endswith(TMP_SUFFIX) and STEP_RE.match(name[: -len(TMP_SUFFIX)]):
+                    shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+                    removed.append(name)
+        return removed
+
+    def prune(self) -> List[str]:
+        """Delete all but the newest ``keep_last`` complete checkpoints."""
+        done = self.complete()
+        if self.keep_last is None or len(done) <= self.keep_last:
+            return []
+        doomed = [p for _, p in done[: len(done) - self.keep_last]]
+        for p in doomed:
+            shutil.rmtree(p, ignore_errors=True)
+        return doomed
+
+    # ---- load
+    def load(self, path: Optional[str] = None, model=None, optimizer=None, restore_rng: bool = True,
+             strict: bool = True) -> Dict[str, Any]:
+        """Load a complete checkpoint (default: :meth:`latest`) into ``model``/``optimizer`` in place,
+        restore this rank's RNG streams, and return ``{"step", "extra", "path", "meta"}``."""
+        path = path or self.latest()
+        if path is None or not os.path.isfile(os.path.join(path, META)):
+            raise FileNotFoundError(f"no complete checkpoint to load at {path or self.root}")
+        with open(os.path.join(path, META), encoding="utf-8") as f:
+            meta = json.load(f)
+        chunks = _as_list(model)
+        if optimizer is not None and not meta.get("optimizer"):
+            raise ValueError(f"{path} holds no optimizer state (saved without an optimizer)")
+        if chunks or optimizer is not None:
+            self._load_megatron(path, chunks, optimizer, strict)
+        rank_file = os.path.join(path, f"rank_{_rank():05d}.pt")
+        if not os.path.isfile(rank_file):
+            raise FileNotFoundError(f"{rank_file} missing: {path} was saved by {meta.get('world_size')} "
+                                    f"ranks, this run has {_world()}")
+        payload = torch.load(rank_file, map_location="cpu", weights_only=False)
+        if restore_rng and payload.get("rng") is not None:
+            restore_rng_state(payload["rng"])
+        return {"step": payload["step"], "extra": payload["extra"], "path": path, "meta": meta}
+
+    @staticmethod
+    def _load_megatron(path: str, chunks, optimizer, strict: bool) -> None:
+        from megatron.core import dist_checkpointing
+
+        loaded = dist_checkpointing.load(_sharded_state(chunks, optimizer, is_loading=True),
+                                         os.path.join(path, "dist"))
+        for i, m in enumerate(chunks):
+            m.load_state_dict(loaded[_model_key(i, len(chunks))], strict=strict)
+        if optimizer is not None:
+            # The optimizer copies into views of parameters that require grad.
+            with torch.no_grad():
+                optimizer.load_state_dict(loaded["optimizer"])
+
+
+def _write_meta(path: str, meta: Dict[str, Any]) -> None:
+    """The completion stamp of a checkpoint dir (a separate function so tests can make it fail)."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
