@@ -95,7 +95,10 @@ def _tp2_run(hf, batch, ref):
     metrics = actor.update(inputs)
     w1 = _weights(actor)
     ref_after = actor.compute_ref_logprobs(batch)  # the reference never moves
-    return dict(stats_diff=_stats_diff(stats, ref), metrics=metrics, weights=w1, stats=stats, ref_diff=float(
+    # A second update on the same rollout: now policy != reference, so the KL term is live.
+    metrics2 = actor.update(inputs)
+    return dict(stats_diff=_stats_diff(stats, ref), metrics=metrics, metrics2=metrics2, weights=w1, stats=stats,
+                ref_diff=float(
         (ref_after.double() - ref["logprob"]).abs().max()), changed=sum(not torch.equal(w0[k], w1[k]) for k in w0),
         inputs=inputs, seq_u=stats["seq_self_certainty"])
 
@@ -199,26 +202,43 @@ def test_token_stats_match_transformers(results, setting):
         assert not bad, f"{setting} rank {rank}: token stats differ from transformers by {bad}"
 
 
-def _hand_loss(ref, inputs, seq_u, beta0=0.1, beta_min=0.05, clip=0.2):
-    """float64 eq. 5 on the HF log-probs: token-mean of the clipped surrogate + beta(c) * k3 (c min-max of u)."""
+def _hand_loss(lp, ref_lp, inputs, beta0=0.1, beta_min=0.05, clip=0.2):
+    """float64 eq. 5 on HF log-probs: token-mean of the clipped surrogate + beta(c) * k3(ref_lp - lp),
+    c = min-max normalised u (the batch's ``self_certainty``)."""
     m = inputs["response_mask"].double()
-    lp, old = ref["logprob"], inputs["old_logprob"].double()
+    old = inputs["old_logprob"].double()
     adv = inputs["advantages"].double()[:, None]
     ratio = torch.exp(lp - old)
     pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip))
-    u = seq_u.double()
+    u = inputs["self_certainty"].double()
     c = (u - u.min()) / (u.max() - u.min())
     beta = (beta0 * (beta_min + (1 - beta_min) * (1 - c)))[:, None]
-    d = lp - lp  # the reference is the initial policy: ref_logp == logp at the first update
+    d = ref_lp - lp
     k3 = torch.exp(d) - d - 1
     return float(((pg + beta * k3) * m).sum() / m.sum())
+
+
+def _hf_with(weights):
+    """transformers' model carrying exported (HF-named) actor weights."""
+    from dualrpo_mcore.models.qwen2_5_vl import mapping, testing
+
+    hf = testing.tiny_hf_model(seed=0)
+    own = {mapping.normalize_hf_name(k): k for k in hf.state_dict()}
+    hf.load_state_dict({own[k]: v for k, v in weights.items()}, strict=True)
+    return hf
 
 
 def test_update_loss_matches_float64_hand_computation_and_moves_weights(results):
     res0 = results[0]
     r = res0["tp2"]
-    want = _hand_loss(res0["ref"], r["inputs"], r["seq_u"])
+    lp0 = res0["ref"]["logprob"]
+    want = _hand_loss(lp0, lp0, r["inputs"])  # first update: policy == reference, k3 = 0
     assert abs(r["metrics"]["loss"] - want) <= 1e-5, (r["metrics"]["loss"], want)
+    # Second update: the HF model loaded with the once-updated weights gives the policy log-probs.
+    lp1 = _hf_stats(_hf_with(r["weights"]), res0["batch"])["logprob"]
+    want2 = _hand_loss(lp1, lp0, r["inputs"])
+    assert r["metrics2"]["kl_loss"] > 1e-7, "the KL term stayed zero after the policy moved"
+    assert abs(r["metrics2"]["loss"] - want2) <= 1e-5, (r["metrics2"]["loss"], want2)
     assert r["metrics"]["clip_frac"] > 0  # the perturbed old log-probs exercise the clip
     assert r["metrics"]["skipped"] == 0 and math.isfinite(r["metrics"]["grad_norm"])
     assert r["changed"] > 10, "the update left the weights unchanged"
