@@ -73,16 +73,27 @@ class Actor:
                     pp=ps.get_pipeline_model_parallel_group(), pp_last=ps.get_pipeline_model_parallel_last_rank())
 
     def _split(self, batch: Dict[str, Any]) -> Tuple[List[List[int]], List[Dict[str, Any]]]:
-        """Token-balanced micro-batches; the same count on every data-parallel rank."""
+        """Token-balanced micro-batches; the same count on every data-parallel rank.
+
+        A rank with fewer rows than the agreed count fills up with filler micro-batches: its
+        shortest row with the response mask cleared (no loss, no gradient, results dropped).
+        Returns the row groups of the real micro-batches (first) and all micro-batches."""
         batching.check_batch(batch)
         lengths = batch["attention_mask"].sum(-1).tolist()
         groups = partition(lengths, self.config.micro.max_tokens)
+        k = len(groups)
         if self.info.dp_size > 1:
-            k = torch.tensor([len(groups)], dtype=torch.long)
-            dist.all_reduce(k, op=dist.ReduceOp.MAX, group=self._groups()["dp"])
-            groups = partition(lengths, self.config.micro.max_tokens, min_microbatches=int(k))
+            k_t = torch.tensor([k], dtype=torch.long)
+            dist.all_reduce(k_t, op=dist.ReduceOp.MAX, group=self._groups()["dp"])
+            k = int(k_t)
+            groups = partition(lengths, self.config.micro.max_tokens, min_microbatches=min(k, len(lengths)))
         spans = batching.image_spans(batch, self.cfg.image_token_id, self.cfg.spatial_merge_size)
-        return groups, [batching.select_rows(batch, g, spans) for g in groups]
+        micro = [batching.select_rows(batch, g, spans) for g in groups]
+        if len(micro) < k:
+            filler = batching.select_rows(batch, [min(range(len(lengths)), key=lengths.__getitem__)], spans)
+            filler["response_mask"] = torch.zeros_like(filler["response_mask"])
+            micro += [filler] * (k - len(micro))
+        return groups, micro
 
     def _stats(self, logits: torch.Tensor, mb: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         """Per-token stats ``[b, s]`` of the micro-batch from this rank's vocab shard of the logits."""
@@ -162,6 +173,7 @@ class Actor:
             model.train(was_training)
         stacked = None
         if self.info.is_last_stage:
+            outs = outs[: len(groups)]  # filler micro-batches come last
             stacked = torch.stack([batching.scatter_rows([o[k] for o in outs], groups, b, s) for k in STATS])
         stacked = self._broadcast_from_last_stage(stacked, (len(STATS), b, s))
         result = dict(zip(STATS, stacked.unbind(0)))
@@ -298,13 +310,16 @@ class Actor:
 def _reduce_metrics(outs: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
     """Micro-batch metrics -> batch metrics: losses summed (each is already over the global count),
     extremes by min/max, the rest token-weighted means."""
+    sums = {key: torch.stack([o[key].to(torch.float64) for o in outs]).sum() for key in outs[0] if key in SUMMED}
+    # Micro-batches without response tokens (fillers) report 0 for means and extremes: leave them out.
+    outs = [o for o in outs if o["tokens"] > 0] or outs[:1]
     tokens = torch.stack([o["tokens"].to(torch.float64) for o in outs])
     total = tokens.sum().clamp(min=1)
     out: Dict[str, torch.Tensor] = {}
     for key in outs[0]:
         vals = torch.stack([o[key].to(torch.float64) for o in outs])
         if key in SUMMED:
-            out[key] = vals.sum()
+            out[key] = sums[key]
         elif key.endswith("_max"):
             out[key] = vals.max()
         elif key.endswith("_min"):

@@ -115,6 +115,18 @@ def _dp2_run(rank, hf, batch, ref):
                 weights=_weights(actor), metrics=metrics)
 
 
+def _uneven_dp_run(rank, hf, batch, ref):
+    """DP=2 with 1 row on rank 0 and 3 on rank 1 at a small token budget: rank 1 needs several
+    micro-batches, so rank 0 runs filler ones; its results must be unaffected."""
+    actor = _actor(1, 1, hf, max_tokens=30)
+    rows = [0] if rank == 0 else [1, 2, 3]
+    half = _rows(batch, rows)
+    stats = actor.compute_token_stats(half)
+    want = {k: _rows(dict(batch, x=v), rows)["x"] for k, v in ref.items()}
+    n_micro = len(actor._split(half)[1])
+    return dict(stats_diff=_stats_diff(stats, want), n_micro=n_micro)
+
+
 def _pad_stats(stats, rows, batch):
     """Both ranks' half-batch stats -> the full batch's (all-gathered), so old_logprob is identical."""
     import torch.distributed as dist
@@ -177,6 +189,7 @@ def _all(rank, world_size, hf_dir, ckpt):
     batch = _batch(from_hf(hf.config))
     ref = _hf_stats(hf, batch)
     out = dict(tp2=_tp2_run(hf, batch, ref), dp2=_dp2_run(rank, hf, batch, ref))
+    out["uneven"] = _uneven_dp_run(rank, hf, batch, ref)
     out["poison"] = _poison_run(hf, batch, hf_dir)
     out["pp2"] = _pp2_run(hf, batch, ref, ckpt, out["tp2"]["inputs"])
     out["tied"] = _tied_run(batch, out["tp2"]["inputs"])
@@ -195,7 +208,7 @@ def results(tmp_path_factory):
     return run_distributed(_all, 2, str(root / "hf"), ckpt, timeout=600)
 
 
-@pytest.mark.parametrize("setting", ["tp2", "dp2", "pp2"])
+@pytest.mark.parametrize("setting", ["tp2", "dp2", "pp2", "uneven"])
 def test_token_stats_match_transformers(results, setting):
     for rank, res in enumerate(results):
         bad = {k: v for k, v in res[setting]["stats_diff"].items() if not v <= TOL}
@@ -295,3 +308,8 @@ def test_tied_embeddings_pp2_update_equals_tp2(results):
         worst = max(float((v - w_tp2[k]).abs().max()) for k, v in r["weights"].items())
         assert worst <= 1e-6, f"tied PP=2 stage {rank}: weights differ from TP=2 by {worst:.3g}"
     assert any(k in results[0]["tied"]["pp2"]["weights"] for k in emb)  # stage 0 exports the embedding
+
+
+def test_uneven_data_parallel_ranks_agree_on_microbatch_count(results):
+    counts = [res["uneven"]["n_micro"] for res in results]
+    assert counts[0] == counts[1] > 1, counts  # rank 0 (one row) padded up with filler micro-batches
