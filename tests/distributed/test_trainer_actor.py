@@ -127,6 +127,23 @@ def _uneven_dp_run(rank, hf, batch, ref):
     return dict(stats_diff=_stats_diff(stats, want), n_micro=n_micro)
 
 
+def _freeze_run(hf, batch):
+    """Frozen ViT and a half-rate merger through Megatron's optimizer overrides."""
+    from dualrpo_mcore.models.qwen2_5_vl.training import ModuleTraining
+
+    src = dict(tiny=True, hf_config=hf.config, training=ModuleTraining(freeze_vision=True, lr_mult_merger=0.5))
+    actor = _actor(2, 1, hf, source=src)
+    # The source above starts from random Megatron init; the comparison is before/after the update.
+    inputs = _update_inputs(batch, actor.compute_token_stats(batch))
+    inputs.pop("self_certainty")
+    w0 = _weights(actor)
+    metrics = actor.update(inputs)
+    w1 = _weights(actor)
+    changed = {k: not torch.equal(w0[k], w1[k]) for k in w0}
+    lrs = sorted({round(g["lr"] / metrics["lr"], 6) for g in actor.optimizer.param_groups})
+    return dict(changed=changed, lr_ratios=lrs)
+
+
 def _pad_stats(stats, rows, batch):
     """Both ranks' half-batch stats -> the full batch's (all-gathered), so old_logprob is identical."""
     import torch.distributed as dist
@@ -190,6 +207,7 @@ def _all(rank, world_size, hf_dir, ckpt):
     ref = _hf_stats(hf, batch)
     out = dict(tp2=_tp2_run(hf, batch, ref), dp2=_dp2_run(rank, hf, batch, ref))
     out["uneven"] = _uneven_dp_run(rank, hf, batch, ref)
+    out["freeze"] = _freeze_run(hf, batch)
     out["poison"] = _poison_run(hf, batch, hf_dir)
     out["pp2"] = _pp2_run(hf, batch, ref, ckpt, out["tp2"]["inputs"])
     out["tied"] = _tied_run(batch, out["tp2"]["inputs"])
@@ -313,3 +331,14 @@ def test_tied_embeddings_pp2_update_equals_tp2(results):
 def test_uneven_data_parallel_ranks_agree_on_microbatch_count(results):
     counts = [res["uneven"]["n_micro"] for res in results]
     assert counts[0] == counts[1] > 1, counts  # rank 0 (one row) padded up with filler micro-batches
+
+
+def test_frozen_vision_and_lr_multiplier(results):
+    for res in results:
+        changed, lrs = res["freeze"]["changed"], res["freeze"]["lr_ratios"]
+        vision = [k for k in changed if ".visual." in "." + k and ".merger." not in k]
+        merger = [k for k in changed if ".merger." in k]
+        language = [k for k in changed if k not in vision and k not in merger]
+        assert vision and not any(changed[k] for k in vision), "a frozen ViT weight moved"
+        assert any(changed[k] for k in merger) and any(changed[k] for k in language)
+        assert lrs == [0.5, 1.0], f"param-group lr / base lr: {lrs}"
