@@ -240,4 +240,8 @@ def run(args) -> int:
     if dist.get_rank() == 0:
         first, last = result["losses"][0], result["losses"][-1]
         print(f"sft: {len(result['losses'])} steps, loss {first:.4f} -> {last:.4f}; wrote {result['out']}")
+    from dualrpo_mcore.parallel import teardown
+
+    teardown()
+    dist.destroy_process_group()
     return 0
