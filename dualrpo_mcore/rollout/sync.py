@@ -170,10 +170,13 @@ class BucketedExporter:
         if tp > 1 and rule.split != "none":
             from megatron.core import parallel_state as ps
 
-            buf = torch.empty((tp,) + tuple(local.shape), dtype=local.dtype, device=local.device)
+            # Straight into one buffer (rank pieces stacked along dim 0): a list-output all_gather
+            # would make gloo stage a flat copy first, a third G in flight.
+            buf = torch.empty((tp * local.shape[0],) + tuple(local.shape[1:]), dtype=local.dtype,
+                              device=local.device)
             held.add(buf)
-            dist.all_gather(list(buf.unbind(0)), local.contiguous(), group=ps.get_tensor_model_parallel_group())
-            glob = mapping.tp_merge(list(buf.unbind(0)), rule.split)
+            dist.all_gather_into_tensor(buf, local.contiguous(), group=ps.get_tensor_model_parallel_group())
+            glob = mapping.tp_merge(list(buf.chunk(tp, 0)), rule.split)
             held.add(glob)
             held.drop(buf)
             del buf  # freed before the HF copies are made: at most 2 x G in flight

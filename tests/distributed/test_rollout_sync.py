@@ -5,9 +5,10 @@ checks, because process start-up dominates on CI's 2 cores):
   actor (ViT frozen) the synced engine samples a response whose per-token rollout log-probs equal the
   actor's (``ops.token_stats`` over the vocab-parallel logits) within 1e-4 in fp32, while the stale
   engine's differ (so the check can fail); frozen ViT tensors are sent once, not on the second sync.
-* Memory: the allocator's peak during a sync (profiler memory events, independent of the exporter's
-  own accounting) stays within bucket + largest tensor; an unbucketed export of the same model
-  exceeds that bound (so the measurement can fail).
+* Memory: the peak of new tensor storage during a sync (a dispatcher census, ``rollout.memcensus``,
+  independent of the exporter's own accounting) stays within bucket + largest tensor, as does the
+  exporter's accounting; an unbucketed export of the same model exceeds that bound (so the
+  measurement can fail). The census does not see gloo's internal staging copy (not a tensor).
 * PP=2: every HF tensor reaches every stage, equal to the HF weights.
 """
 import torch
@@ -32,19 +33,14 @@ def _build(tp, pp, hf):
     return info, cfg, model
 
 
-def _profiled_peak(fn):
-    """Peak bytes allocated (net of frees) while ``fn`` runs, from the profiler's allocator events."""
-    from torch.profiler import ProfilerActivity, profile
+def _census_peak(fn, *models):
+    """Peak bytes of new tensor storage while ``fn`` runs (dispatcher census, independent of the
+    exporter's own accounting); the models' parameters are pre-existing and not counted."""
+    from dualrpo_mcore.rollout.memcensus import peak_new_bytes
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    cur = peak = 0
-    for e in events:
-        cur += e.nbytes()
-        peak = max(peak, cur)
-    return peak
+    existing = [t for m in models if m is not None for t in m.state_dict(keep_vars=True).values()
+                if isinstance(t, torch.Tensor)]
+    return peak_new_bytes(fn, existing)
 
 
 def _actor_logprobs(model, cfg, info, ids, batch, prompt_len):
@@ -130,10 +126,11 @@ def _tp2_checks(rank):
     probe = torch.tensor([one["input_ids"][0].tolist() + [5, 9, 17, 33, 2]])  # a fixed response
     stale = _engine_score(engine, probe, one, plen) if rank == 0 else None
     recorder = _Recorder(engine)
-    out["sync_peak"] = _profiled_peak(lambda: sync_weights(exporter, model, recorder))
+    out["sync_peak"] = _census_peak(lambda: sync_weights(exporter, model, recorder), model,
+                                   engine.model if engine is not None else None)
     out["second_stats"] = vars(exporter.last_stats).copy()
     out["first_names"], out["second_names"] = names1, recorder.names
-    out["unbucketed_peak"] = _profiled_peak(lambda: dict(export_hf(model)))
+    out["unbucketed_peak"] = _census_peak(lambda: dict(export_hf(model)), model)
 
     box = [None]
     if rank == 0:
