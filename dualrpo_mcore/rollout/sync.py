@@ -114,9 +114,13 @@ class BucketedExporter:
 
     def buckets(self, model) -> Iterator[List[Named]]:
         """Yield buckets of ``(hf_name, full tensor)``; identical on every rank. Consume each bucket
-        before asking for the next (the exporter forgets it then)."""
+        before asking for the next (the exporter forgets it then). ``model`` is this rank's
+        :class:`QwenVLModel` stage, possibly inside Megatron's DDP wrapper. Tensors are in the
+        model's parameter dtype (bf16 models export bf16, not the optimizer's fp32 main copy)."""
         from megatron.core import parallel_state as ps
 
+        while not hasattr(model, "cfg") and hasattr(model, "module"):  # Megatron DDP / Float16Module
+            model = model.module
         cfg = model.cfg
         tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
         pp_rank = ps.get_pipeline_model_parallel_rank()

@@ -22,14 +22,12 @@ def engine(hf):
 
 
 def _requests():
-    b = testing.make_batch(seed=4, rows=(((6, 8),), ((4, 10), (6, 6))), patch_dim=96)
-    lens = b["attention_mask"].sum(1).tolist()
     img = testing.make_batch(seed=4, rows=(((6, 8),),), patch_dim=96)
     two = testing.make_batch(seed=4, rows=(((4, 10), (6, 6)),), patch_dim=96)
     text = testing.make_batch(seed=9, rows=((),))
     return [RolloutRequest(img["input_ids"][0], img["pixel_values"], img["image_grid_thw"], uid="img"),
             RolloutRequest(two["input_ids"][0], two["pixel_values"], two["image_grid_thw"], uid="two"),
-            RolloutRequest(text["input_ids"][0], uid="text")], lens
+            RolloutRequest(text["input_ids"][0], uid="text")]
 
 
 def _reference_logprobs(model, req, tokens, temperature):
@@ -46,7 +44,7 @@ def _reference_logprobs(model, req, tokens, temperature):
 
 @pytest.mark.parametrize("temperature", [0.0, 0.7, 1.3])
 def test_logprobs_match_teacher_forced_forward(hf, engine, temperature):
-    reqs, _ = _requests()
+    reqs = _requests()
     params = SamplingParams(n=2, temperature=temperature, top_p=0.9, top_k=50, max_new_tokens=7, seed=1)
     out = engine.generate(reqs, params)
     assert [len(o) for o in out] == [2, 2, 2]
@@ -57,7 +55,7 @@ def test_logprobs_match_teacher_forced_forward(hf, engine, temperature):
 
 
 def test_seeded_and_independent_of_batch_composition(engine):
-    reqs, _ = _requests()
+    reqs = _requests()
     params = SamplingParams(n=3, temperature=1.0, max_new_tokens=6, seed=123)
     full = engine.generate(reqs, params)
     alone = engine.generate([reqs[2]], params)
@@ -70,7 +68,7 @@ def test_seeded_and_independent_of_batch_composition(engine):
 
 
 def test_top_k_one_is_greedy(engine):
-    reqs, _ = _requests()
+    reqs = _requests()
     greedy = engine.generate(reqs, SamplingParams(temperature=0.0, max_new_tokens=6))
     topk1 = engine.generate(reqs, SamplingParams(temperature=1.0, top_k=1, max_new_tokens=6, seed=5))
     assert [[s.token_ids for s in o] for o in greedy] == [[s.token_ids for s in o] for o in topk1]
@@ -121,7 +119,7 @@ class _CharTokenizer:
 
 
 def test_finish_reasons_and_stops(hf):
-    reqs, _ = _requests()
+    reqs = _requests()
     eng = HFEngine(hf, tokenizer=_CharTokenizer(), eos_token_ids=[])
     base = eng.generate(reqs[:1], SamplingParams(temperature=0.0, max_new_tokens=8))[0][0]
     assert base.finish_reason == "length" and len(base.token_ids) == 8
@@ -154,6 +152,20 @@ def test_update_weights_by_name():
         dst.update_weights([("visual.blocks.9.attn.qkv.weight", torch.zeros(1))])
     with pytest.raises(ValueError, match="model.norm.weight"):
         dst.update_weights([("model.norm.weight", torch.zeros(5))])
+
+
+def test_request_from_loader_prompt():
+    from dualrpo_mcore.data.loader import Prompt
+
+    p = Prompt(uid="s:f:3", source="s", file="f", row=3, messages=[], images=["im"], pixel_values=torch.zeros(16, 96),
+               image_grid_thw=torch.tensor([[1, 4, 4]]), reward={}, task="count", data_source="synth",
+               input_ids=torch.tensor([1, 198, 200, 200, 200, 200, 199]))
+    r = RolloutRequest.from_prompt(p)
+    assert (r.uid, r.input_ids, r.images) == ("s:f:3", [1, 198, 200, 200, 200, 200, 199], ["im"])
+    assert r.pixel_values is p.pixel_values and r.image_grid_thw is p.image_grid_thw
+    p.input_ids = None
+    with pytest.raises(ValueError, match="'s:f:3' has no input_ids"):
+        RolloutRequest.from_prompt(p)
 
 
 def test_dataclass_checks_and_registry(hf):
