@@ -214,6 +214,35 @@ def _sharded_state(chunks, optimizer, is_loading: bool) -> Dict[str, Any]:
     return sd
 
 
+def _distributed_inner(optimizer) -> list:
+    if optimizer is None:
+        return []
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return [o for o in getattr(optimizer, "chained_optimizers", [optimizer]) if isinstance(o, DistributedOptimizer)]
+
+
+def _adam_steps(optimizer) -> List[Optional[float]]:
+    """The Adam step count of each distributed optimizer. Megatron 0.16 (no Apex/TE) loads the
+    dp_reshardable layout's per-param ``step`` from the *current* in-memory value, not from the
+    checkpoint, which would silently change Adam's bias correction after a resume; we save it
+    ourselves and put it back after loading."""
+    out: List[Optional[float]] = []
+    for o in _distributed_inner(optimizer):
+        steps = {float(s["step"]) for s in o.optimizer.state.values() if "step" in s}
+        out.append(steps.pop() if len(steps) == 1 else None)
+    return out
+
+
+def _restore_adam_steps(optimizer, steps: Sequence[Optional[float]]) -> None:
+    for o, step in zip(_distributed_inner(optimizer), steps):
+        if step is None:
+            continue
+        for s in o.optimizer.state.values():
+            if "step" in s:
+                s["step"] = torch.tensor(step, dtype=s["step"].dtype, device=s["step"].device)
+
+
 def _nonfinite_params(chunks) -> bool:
     for m in chunks:
         for p in m.parameters():
@@ -310,7 +339,7 @@ class CheckpointManager:
             dist_checkpointing.save(_sharded_state(chunks, optimizer, is_loading=False),
                                     os.path.join(tmp, "dist"), sharded_strategy=_sync_save_strategy())
         payload = {"step": int(step), "extra": extra_state or {},
-                   "rng": capture_rng_state() if save_rng else None}
+                   "rng": capture_rng_state() if save_rng else None, "adam_steps": _adam_steps(optimizer)}
         _write_rank_state(os.path.join(tmp, f"rank_{_rank():05d}.pt"), payload)
         _barrier()
         if _rank() == 0:
@@ -370,6 +399,8 @@ class CheckpointManager:
             raise FileNotFoundError(f"{rank_file} missing: {path} was saved by {meta.get('world_size')} "
                                     f"ranks, this run has {_world()}")
         payload = torch.load(rank_file, map_location="cpu", weights_only=False)
+        if optimizer is not None:
+            _restore_adam_steps(optimizer, payload.get("adam_steps") or [])
         if restore_rng and payload.get("rng") is not None:
             restore_rng_state(payload["rng"])
         return {"step": payload["step"], "extra": payload["extra"], "path": path, "meta": meta}
