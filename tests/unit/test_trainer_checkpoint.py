@@ -1,6 +1,6 @@
 """CheckpointManager without a process group: atomic publish, crash mid-write, stale temp dirs,
 keep-last-k, resume resolution, poisoned steps and RNG/loop-state round trips. The Megatron model +
-optimizer path is in tests/distributed/test_trainer_checkpoint.py."""
+optimizer path is in tests/distributed/test_trainer_checkpoint_megatron.py."""
 import os
 import random
 
