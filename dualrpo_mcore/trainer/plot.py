@@ -1,0 +1,202 @@
+"""``dualrpo plot RUN_DIR [RUN_DIR ...] --out DIR``: training curves from the runs' metrics.jsonl.
+
+Draws the paper's figures for any run: accuracy reward per task over steps (smoothed; one panel
+per task plus the overall mean) and self-certainty / entropy over steps, with every run overlaid
+(GRPO vs DualRPO when given one of each). A run is labelled by ``--labels``, else by the
+``reward_mode`` in its ``config.json`` or first metrics record, else by its directory name.
+matplotlib is imported only when plotting, so ``dualrpo --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+from .metrics import JSONL_NAME, read_jsonl
+
+ACC_PREFIX = "acc/"
+OVERALL = "all"
+ACC_FIGURE = "accuracy_per_task.png"
+CERTAINTY_FIGURE = "certainty_entropy.png"
+
+
+@dataclass
+class Run:
+    label: str
+    path: str
+    records: List[dict]
+
+    def series(self, key: str):
+        """(steps, values) of ``key``; steps where it is missing or was logged as null are dropped."""
+        steps, values = [], []
+        for r in self.records:
+            v = r.get(key)
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                steps.append(r["step"])
+                values.append(float(v))
+        return steps, values
+
+
+def smooth(values: Sequence[Optional[float]], window: int) -> List[float]:
+    """Trailing moving average: point i is the mean of the finite values among the last
+    ``window`` points (i-window+1 .. i); NaN where that span holds none. ``window <= 1`` is identity."""
+    if window < 1:
+        raise ValueError(f"smoothing window must be >= 1, got {window}")
+    out = []
+    for i in range(len(values)):
+        span = [v for v in values[max(0, i - window + 1): i + 1]
+                if v is not None and math.isfinite(v)]
+        out.append(sum(span) / len(span) if span else float("nan"))
+    return out
+
+
+def _reward_mode(run_dir: str, records: List[dict]) -> Optional[str]:
+    cfg = os.path.join(run_dir, "config.json")
+    if os.path.isfile(cfg):
+        try:
+            with open(cfg, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{cfg}: not readable JSON ({e})") from e
+        mode = _find_key(data, "reward_mode")
+        if mode:
+            return str(mode)
+    first = records[0] if records else {}
+    return str(first["reward_mode"]) if first.get("reward_mode") else None
+
+
+def _find_key(tree, key):
+    """``key`` anywhere in a nested config (the resolved config is a tree of dataclasses)."""
+    if isinstance(tree, dict):
+        if key in tree and not isinstance(tree[key], (dict, list)):
+            return tree[key]
+        for v in tree.values():
+            found = _find_key(v, key)
+            if found is not None:
+                return found
+    return None
+
+
+def load_runs(run_dirs: Sequence[str], labels: Optional[Sequence[str]] = None) -> List[Run]:
+    """Read each run's metrics; an error names the file when a run has none."""
+    if labels and len(labels) != len(run_dirs):
+        raise ValueError(f"--labels has {len(labels)} names for {len(run_dirs)} runs")
+    runs = []
+    for i, d in enumerate(run_dirs):
+        path = os.path.join(d, JSONL_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no metrics file (is {d} a training run directory?)")
+        records = [r for r in read_jsonl(path) if isinstance(r, dict) and isinstance(r.get("step"), int)]
+        if not records:
+            raise ValueError(f"{path}: no step records to plot")
+        records.sort(key=lambda r: r["step"])
+        label = labels[i] if labels else (_reward_mode(d, records) or os.path.basename(os.path.normpath(d)))
+        runs.append(Run(label, d, records))
+    if not labels:
+        _disambiguate(runs)
+    return runs
+
+
+def _disambiguate(runs: List[Run]) -> None:
+    counts: Dict[str, int] = {}
+    for r in runs:
+        counts[r.label] = counts.get(r.label, 0) + 1
+    for r in runs:
+        if counts[r.label] > 1:
+            r.label = f"{r.label} ({os.path.basename(os.path.normpath(r.path))})"
+
+
+def task_names(runs: Sequence[Run]) -> List[str]:
+    """Tasks with an accuracy curve in any run, sorted, with the overall mean last."""
+    tasks = {k[len(ACC_PREFIX):] for r in runs for rec in r.records for k in rec if k.startswith(ACC_PREFIX)}
+    has_all = OVERALL in tasks
+    tasks.discard(OVERALL)
+    return sorted(tasks) + ([OVERALL] if has_all else [])
+
+
+def _draw_panel(ax, runs: Sequence[Run], key: str, window: int, title: str) -> int:
+    drawn = 0
+    for i, run in enumerate(runs):
+        steps, values = run.series(key)
+        if not steps:
+            continue
+        color = f"C{i % 10}"
+        if window > 1:
+            ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)  # the raw curve, faint
+        ax.plot(steps, smooth(values, window), color=color, label=run.label, linewidth=1.6)
+        drawn += 1
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    if drawn:
+        ax.legend(fontsize="small")
+    return drawn
+
+
+def plot_accuracy(runs: Sequence[Run], out: str, window: int) -> str:
+    import matplotlib.pyplot as plt
+
+    tasks = task_names(runs)
+    if not tasks:
+        raise ValueError(f"no '{ACC_PREFIX}<task>' metrics in {', '.join(r.path for r in runs)}")
+    cols = min(3, len(tasks))
+    rows = math.ceil(len(tasks) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
+    for ax, task in zip(axes.flat, tasks):
+        _draw_panel(ax, runs, ACC_PREFIX + task, window, "overall" if task == OVERALL else task)
+        ax.set_ylabel("accuracy reward")
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    path = os.path.join(out, ACC_FIGURE)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_certainty_entropy(runs: Sequence[Run], out: str, window: int) -> str:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    drawn = _draw_panel(axes[0], runs, "certainty/all", window, "self-certainty")
+    drawn += _draw_panel(axes[1], runs, "entropy/all", window, "entropy")
+    axes[0].set_ylabel("mean over responses")
+    if not drawn:
+        plt.close(fig)
+        raise ValueError(f"no certainty/all or entropy/all metrics in {', '.join(r.path for r in runs)}")
+    fig.tight_layout()
+    path = os.path.join(out, CERTAINTY_FIGURE)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories holding metrics.jsonl")
+    parser.add_argument("--out", required=True, help="directory for the PNG files")
+    parser.add_argument("--smooth", type=int, default=10, help="moving-average window in steps (1 = raw)")
+    parser.add_argument("--labels", nargs="+", default=None, help="one legend label per run")
+
+
+def run(args: argparse.Namespace) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    try:
+        runs = load_runs(args.runs, args.labels)
+        os.makedirs(args.out, exist_ok=True)
+        written = [plot_accuracy(runs, args.out, args.smooth)]
+        try:
+            written.append(plot_certainty_entropy(runs, args.out, args.smooth))
+        except ValueError as e:  # e.g. a GRPO run logged without certainty: accuracy still useful
+            print(f"dualrpo plot: skipped {CERTAINTY_FIGURE}: {e}", file=sys.stderr)
+    except (OSError, ValueError) as e:
+        print(f"dualrpo plot: error: {e}", file=sys.stderr)
+        return 2
+    for p in written:
+        print(p)
+    return 0
