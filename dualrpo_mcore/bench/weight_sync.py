@@ -8,7 +8,9 @@ same run on the same model:
 * ``copy``       (b) one ``torch.cat`` of this rank's local shards: memory-bandwidth bound of
   touching the same bytes once, no communication
 
-GB/s counts the bytes of the full HF tensors produced (for ``copy``: the local bytes copied).
+GB/s counts the bytes of the full HF tensors produced (for ``copy``: the local bytes copied). With
+``--freeze-vision`` the bucketed rows time a repeat sync, which skips the ViT (sent once): their GB/s
+counts only the bytes sent, so compare the ms column against ``gather-all`` there.
 Peak extra memory: new tensor storage alive at once (``rollout.memcensus``, a separate untimed run;
 gloo's internal staging copy is not a tensor and not counted); ``bound`` = max(bucket, largest) +
 largest tensor. Runs as
@@ -34,6 +36,8 @@ PRESETS = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model shape")
+    parser.add_argument("--config", default=None,
+                        help="a Hugging Face Qwen2.5-VL config (directory or config.json); overrides --preset")
     parser.add_argument("--tp", type=int, default=2, help="tensor-parallel processes (gloo, CPU)")
     parser.add_argument("--bucket-mb", type=float, nargs="+", default=[16.0, 64.0], help="bucket sizes")
     parser.add_argument("--freeze-vision", action="store_true", help="second and later syncs skip the ViT")
@@ -82,7 +86,7 @@ def _drain(it):
         pass
 
 
-def _worker(rank, world, preset, bucket_mbs, repeats, freeze_vision):
+def _worker(rank, world, preset, bucket_mbs, repeats, freeze_vision, config_path=None):
     from dualrpo_mcore.models.qwen2_5_vl import build_model
     from dualrpo_mcore.models.qwen2_5_vl.model import ModelOptions
     from dualrpo_mcore.models.qwen2_5_vl.training import ModuleTraining, apply_freeze
@@ -92,7 +96,7 @@ def _worker(rank, world, preset, bucket_mbs, repeats, freeze_vision):
 
     initialize(world, 1, backend="gloo")
     with torch.no_grad():
-        model = build_model(hf_config(preset), ModelOptions(backend="local"))
+        model = build_model(config_path or hf_config(preset), ModelOptions(backend="local"))
     if freeze_vision:
         apply_freeze(model, ModuleTraining(freeze_vision=True))
     local = [p.detach() for p in model.parameters()]
@@ -119,7 +123,7 @@ def _worker(rank, world, preset, bucket_mbs, repeats, freeze_vision):
 def _print(res, args):
     rows = res["rows"]
     base = {r["method"]: r["bytes"] / r["seconds"] for r in rows}
-    print(f"weight-sync  preset={args.preset}  tp={args.tp}  full model {res['full_bytes'] / 2**20:.1f} MiB, "
+    print(f"weight-sync  model={args.config or args.preset}  tp={args.tp}  full model {res['full_bytes'] / 2**20:.1f} MiB, "
           f"rank 0 shard {res['local_bytes'] / 2**20:.1f} MiB")
     print(f"{'method':<22}{'MiB':>9}{'ms':>10}{'GB/s':>8}{'vs gather-all':>15}{'vs copy':>9}"
           f"{'peak MiB':>10}{'bound MiB':>11}")
@@ -139,7 +143,7 @@ def run(args) -> int:
 
     warnings.filterwarnings("ignore", category=UserWarning)
     res = run_distributed(_worker, args.tp, args.preset, args.bucket_mb, args.repeats, args.freeze_vision,
-                          timeout=1800)[0]
+                          args.config, timeout=1800)[0]
     _print(res, args)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

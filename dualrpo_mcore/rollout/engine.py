@@ -122,6 +122,10 @@ class RolloutEngine(abc.ABC):
     (done inside resume for engines that need weights before KV cache) -> ``generate`` ->
     ``release_memory`` -> training."""
 
+    retains_weights_on_release: bool = True
+    """Whether weights survive ``release_memory``; if not, frozen tensors must be re-sent every
+    sync (``BucketedExporter(skip_frozen=False)``)."""
+
     @abc.abstractmethod
     def generate(self, requests: Sequence[RolloutRequest], params: SamplingParams) -> List[List[Sample]]:
         """``params.n`` samples per request, as ``out[request][sample]``."""

@@ -1,6 +1,7 @@
 """SGLang rollout engine, colocated with the Megatron trainer on the same GPUs.
 
-Written against the offline ``sglang.Engine`` Python API of SGLang >= 0.5 (the ``sglang`` extra):
+Written against the offline ``sglang.Engine`` Python API of SGLang >= 0.5.3 (the ``sglang`` extra;
+``enable_weights_cpu_backup`` and the ``sampling_seed`` sampling parameter need 0.5.3):
 ``Engine(model_path=..., enable_memory_saver=True, ...)``, ``release_memory_occupation(tags=None)``,
 ``resume_memory_occupation(tags=[...])`` with tags ``"weights"`` / ``"kv_cache"``,
 ``update_weights_from_tensor(named_tensors, load_format=None, flush_cache=...)``, ``flush_cache()``,
@@ -112,11 +113,14 @@ def parse_outputs(outputs: Sequence[Dict[str, Any]], num_requests: int, n: int) 
 class SGLangEngine(RolloutEngine):
     """``model_path``: an HF checkpoint directory (architecture, tokenizer, processor; its weights
     are replaced by the first sync). ``bucket_bytes``: most bytes per ``update_weights_from_tensor``
-    call. Extra keyword arguments go to ``sglang.Engine``."""
+    call. ``weights_cpu_backup``: keep a host copy of the weights while released (SGLang's
+    ``enable_weights_cpu_backup``), so frozen tensors need not be re-sent each step. Extra keyword
+    arguments go to ``sglang.Engine``."""
 
     def __init__(self, model_path: str, *, image_token_id: int, tp_size: int = 1,
                  mem_fraction_static: float = 0.5, dtype: str = "bfloat16", bucket_bytes: int = 512 << 20,
-                 random_seed: int = 0, engine_factory: Optional[Callable[..., Any]] = None, **engine_kwargs):
+                 random_seed: int = 0, weights_cpu_backup: bool = True,
+                 engine_factory: Optional[Callable[..., Any]] = None, **engine_kwargs):
         if bucket_bytes <= 0:
             raise ValueError(f"bucket_bytes={bucket_bytes}: must be > 0")
         self.image_token_id = image_token_id
@@ -124,7 +128,10 @@ class SGLangEngine(RolloutEngine):
         factory = engine_factory or _sglang_factory
         self._engine = factory(model_path=model_path, tp_size=tp_size, mem_fraction_static=mem_fraction_static,
                                dtype=dtype, random_seed=random_seed, enable_memory_saver=True,
-                               **engine_kwargs)
+                               enable_weights_cpu_backup=weights_cpu_backup, **engine_kwargs)
+        # Without the host backup, released weights come back uninitialised: every tensor,
+        # frozen ones included, must then be re-sent after each release.
+        self.retains_weights_on_release = weights_cpu_backup
         self._held = {"weights": True, "kv_cache": True}  # what SGLang currently occupies
 
     # ------------------------------------------------------------ memory

@@ -6,7 +6,9 @@ bucket. Memory bound (the exporter's own accounting, cross-checked by the alloca
 before a rule of global size G is gathered, the bucket is flushed if ``bucket + G`` would exceed the
 bucket size B, and the gather buffer is freed before the HF copies are made, so the bytes held at once
 never exceed ``max(B, L) + L`` (L = largest global tensor; a tensor is never split across buckets, so
-a bucket is at least L). Tensors that are the model's own parameters (no TP split, no conversion) are
+a bucket is at least L). One transient exception: the ViT's fused qkv is unfused and re-packed
+(``Converter.to_hf``), 3 x its size for a moment -- far below L (the embedding) in Qwen2.5-VL. Gloo
+(CPU) stages the gathered bytes once more inside the collective; NCCL does not. Tensors that are the model's own parameters (no TP split, no conversion) are
 handed over as views and cost nothing.
 
 Frozen parameters (``requires_grad`` False, e.g. a frozen ViT) are sent on the first export only;
@@ -100,11 +102,15 @@ class _Held:
 class BucketedExporter:
     """Stateful (remembers frozen tensors already sent); one per (model, engine) pair."""
 
-    def __init__(self, bucket_bytes: int = 512 << 20, te_spec: bool = False):
+    def __init__(self, bucket_bytes: int = 512 << 20, te_spec: bool = False, skip_frozen: bool = True):
+        """``skip_frozen``: send frozen tensors only once. Must be the same on every rank, and only
+        true when the engine keeps its weights across ``release_memory`` (the HF engine does;
+        SGLang does with ``weights_cpu_backup``, otherwise released weights come back as garbage)."""
         if bucket_bytes <= 0:
             raise ValueError(f"bucket_bytes={bucket_bytes}: must be > 0")
         self.bucket_bytes = bucket_bytes
         self.te_spec = te_spec
+        self.skip_frozen = skip_frozen
         self.frozen_sent: Set[str] = set()
         self.last_stats = ExportStats()
 
@@ -161,7 +167,7 @@ class BucketedExporter:
         from megatron.core import parallel_state as ps
 
         if owner == pp_rank:
-            skip = not local.requires_grad and rule.mcore in self.frozen_sent
+            skip = self.skip_frozen and not local.requires_grad and rule.mcore in self.frozen_sent
             size = local.numel() * local.element_size() * (tp if rule.split != "none" else 1)
         if pp > 1:
             box = [(skip, size) if owner == pp_rank else None]
@@ -179,7 +185,7 @@ class BucketedExporter:
             buf = torch.empty((tp * local.shape[0],) + tuple(local.shape[1:]), dtype=local.dtype,
                               device=local.device)
             held.add(buf)
-            dist.all_gather_into_tensor(buf, local.contiguous(), group=ps.get_tensor_model_parallel_group())
+            _gather_into(buf, local.contiguous(), ps.get_tensor_model_parallel_group())
             glob = mapping.tp_merge(list(buf.chunk(tp, 0)), rule.split)
             held.add(glob)
             held.drop(buf)
@@ -205,6 +211,12 @@ class BucketedExporter:
         for _, t in bucket:
             held.drop(t)
         bucket.clear()
+
+
+def _gather_into(out: torch.Tensor, local: torch.Tensor, group) -> None:
+    # torch >= 2.13 renames all_gather_into_tensor (kept as a deprecated alias) to all_gather_single.
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    fn(out, local, group=group)
 
 
 def _nbytes(named: List[Named]) -> int:

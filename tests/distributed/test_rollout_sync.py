@@ -78,6 +78,11 @@ def _train_step(model, cfg, batch):
     opt.step()
 
 
+def _drain(it):
+    for _ in it:
+        pass
+
+
 class _Recorder:
     """Names handed to the engine (rank 1 has no engine but records what it would feed)."""
 
@@ -130,6 +135,8 @@ def _tp2_checks(rank):
                                    engine.model if engine is not None else None)
     out["second_stats"] = vars(exporter.last_stats).copy()
     out["first_names"], out["second_names"] = names1, recorder.names
+    resend = BucketedExporter(BUCKET, skip_frozen=False)  # for engines that lose weights on release
+    out["resend_skipped"] = [(_drain(resend.buckets(model)), resend.last_stats.skipped_frozen)[1] for _ in range(2)]
     out["unbucketed_peak"] = _census_peak(lambda: dict(export_hf(model)), model)
 
     box = [None]
@@ -188,6 +195,7 @@ def test_rollout_weight_sync():
         assert s2["peak_held_bytes"] <= bound, (s2, bound)
         assert r["sync_peak"] <= bound, (r["sync_peak"], bound)
         assert r["unbucketed_peak"] > bound, (r["unbucketed_peak"], bound)  # the measurement can fail
+        assert r["resend_skipped"] == [0, 0]
         assert res["pp2"] == [], (rank, res["pp2"][:5])
     r0 = results[0]["tp2"]
     assert r0["synced_probe_diff"] <= TOL, r0

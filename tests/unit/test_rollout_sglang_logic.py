@@ -61,6 +61,8 @@ def test_constructor_colocates_with_memory_saver():
     eng = _engine(tp_size=2, mem_fraction_static=0.4, dtype="float32", attention_backend="fa3")
     kw = eng._engine.init_kwargs
     assert kw["enable_memory_saver"] is True and kw["model_path"] == "/ckpt/qwen"
+    assert kw["enable_weights_cpu_backup"] is True and eng.retains_weights_on_release
+    assert not _engine(weights_cpu_backup=False).retains_weights_on_release
     assert (kw["tp_size"], kw["mem_fraction_static"], kw["dtype"], kw["attention_backend"]) == (2, 0.4, "float32", "fa3")
 
 
