@@ -244,11 +244,9 @@ def _restore_adam_steps(optimizer, steps: Sequence[Optional[float]]) -> None:
 
 
 def _nonfinite_params(chunks) -> bool:
-    for m in chunks:
-        for p in m.parameters():
-            if not torch.isfinite(p.detach()).all():
-                return True
-    return False
+    # One flag per tensor, reduced on the device: a single host sync instead of one per parameter.
+    flags = [torch.isfinite(p.detach()).all() for m in chunks for p in m.parameters()]
+    return bool(flags) and not bool(torch.stack(flags).all())
 
 
 # ------------------------------------------------------------------------------------ manager
