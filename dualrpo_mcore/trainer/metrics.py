@@ -59,8 +59,8 @@ def per_task_means(tasks: Sequence[str], **fields: Any) -> Dict[str, float]:
     ``tasks[i]`` names sample i's task; each keyword is a length-N array or tensor, and its name is
     the metric prefix: the loop calls ``per_task_means(tasks, acc=v, reward=r, certainty=u,
     entropy=h, length=n)`` (accuracy reward, shaped reward, self-certainty, entropy, response
-    length); step-level scalars (KL, beta(c), clip fraction, loss) go to ``log`` directly. Returns ``{"<field>/<task>": mean, "<field>/all":
-    mean, "count/<task>": n}``. Non-finite samples are left out of the mean they would poison (and
+    length); step-level scalars (KL, beta(c), clip fraction, loss) go to ``log`` directly.
+    Returns ``{"<field>/<task>": mean, "<field>/all": mean, "count/<task>": n}``. Non-finite samples are left out of the mean they would poison (and
     counted under ``nonfinite/<field>``) so one bad sample never blanks a whole curve.
     """
     tasks = list(tasks)
