@@ -94,34 +94,39 @@ class _Recorder:
         return self.engine.update_weights(bucket) if self.engine is not None else len(bucket)
 
 
+def _first_sync(exporter, model, engine, hf):
+    """Everything (ViT included) goes over, bit-exact HF tensors; returns (mismatches, names, stats)."""
+    from dualrpo_mcore.models.qwen2_5_vl import mapping
+
+    want = {mapping.normalize_hf_name(k): v for k, v in hf.state_dict().items()}
+    got, names = {}, []
+    for bucket in exporter.buckets(model):
+        names += [n for n, _ in bucket]
+        got.update((n, t.clone()) for n, t in bucket)
+        if engine is not None:
+            engine.update_weights(bucket)
+    mismatch = sorted(set(want) ^ set(got)) + [k for k in got if not torch.equal(got[k], want[k])]
+    return mismatch, names, vars(exporter.last_stats).copy()
+
+
 def _tp2_checks(rank):
     import torch.distributed as dist
 
-    from dualrpo_mcore.models.qwen2_5_vl import mapping, testing
+    from dualrpo_mcore.models.qwen2_5_vl import testing
+    from dualrpo_mcore.models.qwen2_5_vl.training import ModuleTraining, apply_freeze
     from dualrpo_mcore.models.qwen2_5_vl.weights import export_hf
     from dualrpo_mcore.rollout import RolloutRequest, SamplingParams
     from dualrpo_mcore.rollout.hf_engine import HFEngine
     from dualrpo_mcore.rollout.sync import BucketedExporter, sync_weights
 
     hf = testing.tiny_hf_model(seed=0)
-    from dualrpo_mcore.models.qwen2_5_vl.training import ModuleTraining, apply_freeze
-
     info, cfg, model = _build(2, 1, hf)
     apply_freeze(model, ModuleTraining(freeze_vision=True))  # frozen before the first sync
+    # Another random init: the engine is right only if every tensor arrives.
     engine = HFEngine(testing.tiny_hf_model(seed=5), eos_token_ids=[2]) if rank == 0 else None
     exporter = BucketedExporter(BUCKET)
     out = {}
-    # First sync: everything (ViT included), bit-exact HF tensors.
-    want = {mapping.normalize_hf_name(k): v for k, v in hf.state_dict().items()}
-    got, names1 = {}, []
-    for bucket in exporter.buckets(model):
-        names1 += [n for n, _ in bucket]
-        got.update((n, t.clone()) for n, t in bucket)
-        if engine is not None:
-            engine.update_weights(bucket)
-    out["first_mismatch"] = sorted(set(want) ^ set(got)) + [k for k in got if not torch.equal(got[k], want[k])]
-    out["first_stats"] = vars(exporter.last_stats).copy()
-    del got
+    out["first_mismatch"], names1, out["first_stats"] = _first_sync(exporter, model, engine, hf)
 
     batch = testing.make_batch(patch_dim=cfg.patch_dim)
     _train_step(model, cfg, batch)
@@ -136,7 +141,10 @@ def _tp2_checks(rank):
     out["second_stats"] = vars(exporter.last_stats).copy()
     out["first_names"], out["second_names"] = names1, recorder.names
     resend = BucketedExporter(BUCKET, skip_frozen=False)  # for engines that lose weights on release
-    out["resend_skipped"] = [(_drain(resend.buckets(model)), resend.last_stats.skipped_frozen)[1] for _ in range(2)]
+    out["resend_skipped"] = []
+    for _ in range(2):
+        _drain(resend.buckets(model))
+        out["resend_skipped"].append(resend.last_stats.skipped_frozen)
     out["unbucketed_peak"] = _census_peak(lambda: dict(export_hf(model)), model)
 
     box = [None]
