@@ -60,8 +60,9 @@ def per_task_means(tasks: Sequence[str], **fields: Any) -> Dict[str, float]:
     the metric prefix: the loop calls ``per_task_means(tasks, acc=v, reward=r, certainty=u,
     entropy=h, length=n)`` (accuracy reward, shaped reward, self-certainty, entropy, response
     length); step-level scalars (KL, beta(c), clip fraction, loss) go to ``log`` directly.
-    Returns ``{"<field>/<task>": mean, "<field>/all": mean, "count/<task>": n}``. Non-finite samples are left out of the mean they would poison (and
-    counted under ``nonfinite/<field>``) so one bad sample never blanks a whole curve.
+    Returns ``{"<field>/<task>": mean, "<field>/all": mean, "count/<task>": n}``. Non-finite
+    samples are left out of the mean they would poison (and counted under ``nonfinite/<field>``)
+    so one bad sample never blanks a whole curve.
     """
     tasks = list(tasks)
     n = len(tasks)
