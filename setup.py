@@ -42,7 +42,7 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     "test": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100", "pycocotools>=2.0.7"],
-    "sglang": ["sglang>=0.5.3"]  # enable_weights_cpu_backup, sampling_seed,
+    "sglang": ["sglang>=0.5.3"],  # enable_weights_cpu_backup and sampling_seed need 0.5.3
     "te": ["transformer-engine[pytorch]>=2.0"],
     "launch": ["nemo-run==0.11.1", "leptonai==0.27.3"],
 }
