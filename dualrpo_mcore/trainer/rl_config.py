@@ -1,0 +1,224 @@
+"""Root configuration of the RL loop (``dualrpo train``): a tree of typed dataclasses.
+
+The actor's branch is :class:`~.config.ActorConfig` and the data branch :class:`DataConfig`; this
+module adds rollout, reward, verifier, schedule, checkpoint, eval and logging branches. Every field
+has a docstring; ``__post_init__`` checks name the bad field by its dotted path. Recipes
+(:mod:`.recipes`) are functions returning an :class:`RLConfig`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+from dualrpo_mcore.algo import ADVANTAGE_ESTIMATORS, REWARD_MODES
+from dualrpo_mcore.data import DataConfig
+from dualrpo_mcore.rollout.engine import SamplingParams
+
+from .config import ActorConfig
+
+
+@dataclass
+class RolloutConfig:
+    """How the G responses per prompt are sampled and how weights reach the engine."""
+
+    engine: str = "hf"
+    """Rollout engine, a name in ``rollout.engine.ENGINES`` ('hf' on CPU, 'sglang' on GPUs)."""
+    group_size: int = 4
+    """G: responses sampled per prompt (the group of the advantage)."""
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    """Temperature, top-p/k, max_new_tokens; ``n`` is set to ``group_size`` and ``seed`` per step by the loop."""
+    bucket_mb: int = 512
+    """Weight-sync bucket size in MiB (bounds the extra memory of a sync)."""
+    seed: int = 0
+    """Base of the per-(step, prompt, sample) sampling seeds: a resumed run samples the same tokens."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sampling, dict):
+            self.sampling = SamplingParams(**self.sampling)
+        if self.group_size < 2:
+            raise ValueError(f"rollout.group_size must be >= 2 (a group advantage needs peers), got {self.group_size}")
+        if self.bucket_mb < 1:
+            raise ValueError(f"rollout.bucket_mb must be >= 1, got {self.bucket_mb}")
+        if self.sampling.temperature == 0:
+            raise ValueError("rollout.sampling.temperature must be > 0 for training (greedy is for eval)")
+
+
+@dataclass
+class RewardConfig:
+    """Reward shaping (DESIGN.md eq. 2) and the group advantage (eq. 3)."""
+
+    mode: str = "dualrpo"
+    """A name in ``algo.REWARD_MODES``: 'grpo' (v), 'dualrpo' (eq. 2), 'internal' (u only)."""
+    mu: float = 0.01
+    """Certainty bonus on correct answers (eq. 2)."""
+    lam: float = 0.005
+    """Certainty penalty on wrong answers (eq. 2)."""
+    estimator: str = "grpo"
+    """Group advantage estimator, a name in ``algo.ADVANTAGE_ESTIMATORS``."""
+    eps: float = 1e-6
+    """Added to the group std of the 'grpo' estimator."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in REWARD_MODES:
+            raise ValueError(f"reward.mode={self.mode!r}: choose one of {REWARD_MODES.names()}")
+        if self.estimator not in ADVANTAGE_ESTIMATORS:
+            raise ValueError(f"reward.estimator={self.estimator!r}: choose one of {ADVANTAGE_ESTIMATORS.names()}")
+        if not self.eps >= 0:
+            raise ValueError(f"reward.eps must be >= 0, got {self.eps}")
+
+
+@dataclass
+class VerifierConfig:
+    """The sandboxed verifier pool (rank 0)."""
+
+    workers: int = 2
+    """Samples scored concurrently (one process each)."""
+    timeout_s: float = 5.0
+    """Per-sample budget; a sample past it scores 0 with status 'timeout'."""
+    max_memory_mb: int = 2048
+    """Address-space limit of a worker (0 = off)."""
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"verifier.workers must be >= 1, got {self.workers}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"verifier.timeout_s must be > 0, got {self.timeout_s}")
+        if self.max_memory_mb < 0:
+            raise ValueError(f"verifier.max_memory_mb must be >= 0, got {self.max_memory_mb}")
+
+
+@dataclass
+class ScheduleConfig:
+    """Length of the run and what enters each step's batch."""
+
+    steps: int = 100
+    """RL steps (one optimizer update each)."""
+    prompts_per_step: int = 8
+    """Prompts (groups) per step, over all data-parallel ranks."""
+    dynamic_sampling: bool = False
+    """Drop groups whose shaped rewards are all equal (zero advantage) and refill with new prompts."""
+    max_refill_rounds: int = 2
+    """Extra rollout rounds dynamic sampling may spend per step; a short batch then trains as is."""
+    overlong_filter: bool = False
+    """Leave responses that hit ``max_new_tokens`` out of the loss (truncated answers are not wrong)."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"schedule.steps must be >= 1, got {self.steps}")
+        if self.prompts_per_step < 1:
+            raise ValueError(f"schedule.prompts_per_step must be >= 1, got {self.prompts_per_step}")
+        if self.max_refill_rounds < 0:
+            raise ValueError(f"schedule.max_refill_rounds must be >= 0, got {self.max_refill_rounds}")
+
+
+@dataclass
+class CheckpointConfig:
+    """Atomic checkpoints (model, optimizer, RNG, loader position, actor state, step)."""
+
+    dir: Optional[str] = None
+    """Checkpoint root; None = ``<run_dir>/checkpoints``."""
+    every: int = 50
+    """Save every this many steps (and at the last step); 0 = never."""
+    keep_last: int = 3
+    """Complete checkpoints kept."""
+    resume: Optional[str] = None
+    """None = fresh start; 'auto' = newest complete checkpoint under ``dir`` if any; or a path."""
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ValueError(f"checkpoint.every must be >= 0, got {self.every}")
+        if self.keep_last < 1:
+            raise ValueError(f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation (greedy by default), per-task accuracy under ``eval/acc/<task>``."""
+
+    every: int = 0
+    """Evaluate every this many steps (and after the last step); 0 = never."""
+    heldout: Optional[str] = None
+    """Held-out parquet/jsonl file; required when ``every`` > 0."""
+    greedy: bool = True
+    """Greedy decoding (temperature 0); False samples at the rollout temperature with a fixed seed."""
+    max_samples: int = 64
+    """Held-out prompts evaluated (the first ones in file order)."""
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ValueError(f"eval.every must be >= 0, got {self.every}")
+        if self.every > 0 and not self.heldout:
+            raise ValueError("eval.heldout must name a file when eval.every > 0")
+        if self.max_samples < 1:
+            raise ValueError(f"eval.max_samples must be >= 1, got {self.max_samples}")
+
+
+@dataclass
+class LoggingConfig:
+    """Where the run writes config.json, metrics.jsonl and TensorBoard events."""
+
+    run_dir: str = "runs/dualrpo"
+    """Run directory."""
+    tensorboard: bool = True
+    """Write TensorBoard events next to the JSONL."""
+    progress: bool = True
+    """Show a progress bar (rank 0)."""
+
+
+@dataclass
+class RLConfig:
+    """The whole ``dualrpo train`` run."""
+
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    """The Megatron actor (model source, TP/PP, optimizer, loss, KL weight beta0/beta_min/normaliser)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training prompts."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Sampling and weight sync."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """Reward mode, mu, lam, advantage estimator."""
+    verifier: VerifierConfig = field(default_factory=VerifierConfig)
+    """Verifier pool."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Steps, prompts per step, dynamic sampling, overlong filtering."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing and resume."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out evaluation."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Run directory and sinks."""
+    tokenizer_dir: Optional[str] = None
+    """Tokenizer + processor directory (decoding responses, the engine); None = ``data.processor_dir``."""
+
+    def __post_init__(self) -> None:
+        if not self.data.sources:
+            raise ValueError("data.sources is empty: name at least one training file")
+        if abs(self.actor.temperature - self.rollout.sampling.temperature) > 0:
+            raise ValueError(f"actor.temperature={self.actor.temperature} must equal rollout.sampling.temperature="
+                             f"{self.rollout.sampling.temperature} (old log-probs use the sampling temperature)")
+        if self.tokenizer_dir is None:
+            self.tokenizer_dir = self.data.processor_dir
+        if not self.tokenizer_dir:
+            raise ValueError("tokenizer_dir (or data.processor_dir) must name the tokenizer directory")
+        # The actor's warm-up length is a fraction of the run, so it must know the run's length.
+        self.actor.optim.total_steps = self.schedule.steps
+
+    @property
+    def checkpoint_dir(self) -> str:
+        import os
+
+        return self.checkpoint.dir or os.path.join(self.logging.run_dir, "checkpoints")
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain nested dict (non-JSON leaves, e.g. a ready HF config object, become strings),
+        with ``reward_mode`` at the top for ``dualrpo plot``."""
+        out = json.loads(json.dumps(dataclasses.asdict(self), default=_jsonable))
+        out["reward_mode"] = self.reward.mode
+        return out
+
+
+def _jsonable(obj: Any) -> Any:
+    to_dict = getattr(obj, "to_dict", None)
+    return to_dict() if callable(to_dict) else str(obj)
