@@ -1,0 +1,128 @@
+"""RL-loop pieces that need no process group: config checks, the recipe registry, group filtering,
+batch concatenation, overlong masking, and dynamic sampling's drop-and-refill (``loop.collect``
+with a stub rollout round)."""
+import types
+
+import pytest
+import torch
+
+from dualrpo_mcore.trainer import loop, steps
+
+G = 2
+
+
+def _batch(rewards, lengths, overlong=None):
+    """A text-only actor batch, one row per reward, prompt of 3 tokens, response of ``lengths[i]``."""
+    b, s = len(rewards), 3 + max(lengths)
+    ids = torch.arange(b * s).reshape(b, s) % 50 + 1
+    attn = torch.zeros(b, s, dtype=torch.long)
+    resp = torch.zeros(b, s, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        attn[i, : 3 + n] = 1
+        resp[i, 3: 3 + n] = 1
+    r = torch.tensor(rewards, dtype=torch.float32)
+    return dict(input_ids=ids * attn, attention_mask=attn, response_mask=resp, old_logprob=-resp.float(),
+                v=r.clamp(0, 1), reward=r, self_certainty=r.abs(), entropy=r.abs(), length=resp.sum(-1).float(),
+                overlong=torch.tensor(overlong or [False] * b), task_id=torch.zeros(b, dtype=torch.long))
+
+
+def test_flat_groups_and_rows():
+    flat = steps.flat_groups(torch.tensor([1.0, 1.0, 0.0, 1.0, 0.5, 0.5]), G)
+    assert flat.tolist() == [True, False, True]
+    assert steps.group_rows([1, 2], G) == [2, 3, 4, 5]
+
+
+def test_concat_pads_token_axis_and_keeps_row_fields():
+    a, b = _batch([1.0, 0.0], [2, 4]), _batch([0.5, 0.2], [6, 1])
+    out = steps.concat([a, b])
+    assert out["input_ids"].shape == (4, 9)
+    assert out["reward"].tolist() == pytest.approx([1.0, 0.0, 0.5, 0.2])
+    assert out["response_mask"].sum(-1).tolist() == [2, 4, 6, 1]
+    assert torch.equal(out["attention_mask"][1, :7], a["attention_mask"][1])
+
+
+def test_mask_overlong_clears_only_truncated_rows():
+    batch = _batch([1.0, 0.0], [2, 4], overlong=[False, True])
+    assert steps.mask_overlong(batch) == 1
+    assert batch["response_mask"].sum(-1).tolist() == [2, 0]
+
+
+def _fake_ctx(dynamic, rounds, want):
+    cfg = types.SimpleNamespace(rollout=types.SimpleNamespace(group_size=G),
+                                schedule=types.SimpleNamespace(prompts_per_step=want, dynamic_sampling=dynamic,
+                                                               max_refill_rounds=rounds))
+    actor = types.SimpleNamespace(cfg=types.SimpleNamespace(image_token_id=999, spatial_merge_size=2))
+    return types.SimpleNamespace(cfg=cfg, actor=actor, rounds=0)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_dynamic_sampling_drops_flat_groups_and_refills(monkeypatch, dynamic):
+    # Round 0: groups (flat, informative); round 1: (informative, flat); round 2 would be informative.
+    rounds = [[1.0, 1.0, 0.0, 1.0], [0.3, 0.7, 0.0, 0.0], [0.1, 0.9]]
+    asked = []
+
+    def fake_generate(ctx, step, round_, num_prompts):
+        asked.append(num_prompts)
+        r = rounds[round_][: num_prompts * G]
+        return _batch(r, [1 + i for i in range(len(r))])
+
+    monkeypatch.setattr(loop, "generate", fake_generate)
+    batch = loop.collect(_fake_ctx(dynamic, rounds=1, want=2), step=1)
+    if not dynamic:
+        assert asked == [2] and batch["reward"].tolist() == pytest.approx([1.0, 1.0, 0.0, 1.0])
+    else:
+        # One informative group from round 0, one refill round asked for the missing group.
+        assert asked == [2, 1]
+        assert batch["reward"].tolist() == pytest.approx([0.0, 1.0, 0.3, 0.7])
+
+
+def test_dynamic_sampling_gives_up_after_max_rounds(monkeypatch):
+    monkeypatch.setattr(loop, "generate", lambda ctx, step, round_, n: _batch([1.0] * (n * G), [1] * (n * G)))
+    ctx = _fake_ctx(True, rounds=2, want=2)
+    assert loop.collect(ctx, step=1) is None
+    assert ctx.rounds == 3
+
+
+def test_rl_config_checks_name_the_field(tmp_path):
+    from dualrpo_mcore.trainer.rl_config import EvalConfig, RewardConfig, RolloutConfig, ScheduleConfig
+
+    with pytest.raises(ValueError, match="reward.mode"):
+        RewardConfig(mode="nope")
+    with pytest.raises(ValueError, match="rollout.group_size"):
+        RolloutConfig(group_size=1)
+    with pytest.raises(ValueError, match="eval.heldout"):
+        EvalConfig(every=2)
+    with pytest.raises(ValueError, match="schedule.steps"):
+        ScheduleConfig(steps=0)
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory):
+    from dualrpo_mcore.cli import main
+
+    out = tmp_path_factory.mktemp("synth")
+    assert main(["data", "synth", "--out", str(out), "--num-per-task", "1", "--heldout-per-task", "1"]) == 0
+    return str(out)
+
+
+def test_tiny_cpu_recipe_and_cli_overrides(synth_dir, tmp_path):
+    import argparse
+    import json
+
+    from dualrpo_mcore.trainer import cli
+    from dualrpo_mcore.trainer.recipes import RECIPES
+
+    assert "tiny_cpu" in RECIPES
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["--data", synth_dir, "--out", str(tmp_path / "run"), "--steps", "7",
+                              "--reward-mode", "grpo", "--resume", "auto", "--tp", "2"])
+    cfg = cli.config_from_args(args)
+    assert cfg.schedule.steps == 7 == cfg.actor.optim.total_steps
+    assert cfg.reward.mode == "grpo" and cfg.actor.parallel.tp == 2 and cfg.checkpoint.resume == "auto"
+    assert cfg.actor.temperature == cfg.rollout.sampling.temperature
+    resolved = json.loads(json.dumps(cfg.to_dict()))
+    assert resolved["reward_mode"] == "grpo" and resolved["schedule"]["steps"] == 7
+    with pytest.raises(ValueError, match="temperature"):
+        cfg.actor.temperature = 0.5
+        type(cfg).__post_init__(cfg)
