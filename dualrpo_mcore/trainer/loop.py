@@ -62,7 +62,7 @@ def train_step(ctx: steps.Context, step: int, hooks: steps.Hooks) -> Dict[str, f
     ctx.verify_statuses = {}
     batch = collect(ctx, step)  # rollout -> verify -> token stats -> shape
     if batch is None:  # dynamic sampling found no informative group: nothing to learn from
-        return {"skipped": 1.0, "groups": 0.0, "rounds": float(ctx.rounds), **ctx.timer.pop()}
+        return {"no_update": 1.0, "groups": 0.0, "rounds": float(ctx.rounds), **ctx.timer.pop()}
     batch["advantages"] = group_advantages(batch["reward"], g, eps=cfg.reward.eps,
                                            estimator=cfg.reward.estimator).to(torch.float32)
     metrics = steps.sample_metrics(batch)
@@ -77,8 +77,8 @@ def train_step(ctx: steps.Context, step: int, hooks: steps.Hooks) -> Dict[str, f
         metrics.update(out, loss=steps.global_loss(ctx.actor, out))
         metrics["kl"] = out.get("kl_mean", out.get("approx_kl", float("nan")))
         metrics["beta"] = out.get("beta_mean", 0.0)
-    else:  # every response was masked (overlong) or too few groups for the ranks
-        metrics["skipped"] = 1.0
+    else:  # every response was masked (overlong) or too few groups for the ranks: not a poisoned step
+        metrics["no_update"] = 1.0
     with ctx.timer("sync"):
         steps.sync(ctx)
     metrics.update({f"verify/{k}": float(n) for k, n in ctx.verify_statuses.items()})

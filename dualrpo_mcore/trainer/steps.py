@@ -183,9 +183,20 @@ def rollout(ctx: Context, prompts: Sequence[Any], params) -> List[List[tuple]]:
     out = None
     if ctx.rank0:
         samples = ctx.engine.generate([RolloutRequest.from_prompt(p) for p in prompts], params)
-        out = [[(list(s.token_ids), [float(x) for x in s.logprobs], s.finish_reason) for s in group]
-               for group in samples]
+        media = {ctx.actor.cfg.image_token_id, ctx.actor.cfg.video_token_id}
+        out = [[cut_at_media(list(s.token_ids), [float(x) for x in s.logprobs], s.finish_reason, media)
+                for s in group] for group in samples]
     return broadcast(out)
+
+
+def cut_at_media(ids: List[int], logprobs: List[float], finish: str, media: set) -> tuple:
+    """A response that samples an image/video placeholder token ends just before it: the actor would
+    read the placeholder as a slot for vision embeddings that do not exist (an early, weak policy
+    does sample them). The kept prefix and its log-probs are exactly what the engine sampled."""
+    for t, tok in enumerate(ids):
+        if tok in media:
+            return ids[:t], logprobs[:t], "stop"
+    return ids, logprobs, finish
 
 
 def decode(tokenizer, samples: List[List[tuple]]) -> List[List[str]]:
@@ -333,7 +344,9 @@ def evaluate(ctx: Context, step: int) -> Dict[str, float]:
     params = dataclasses.replace(cfg.rollout.sampling, n=1, seed=cfg.rollout.seed,
                                  temperature=0.0 if cfg.eval.greedy else cfg.rollout.sampling.temperature)
     groups = ctx.engine.generate([RolloutRequest.from_prompt(p) for p in ctx.heldout], params)
-    texts = [ctx.tokenizer.decode(g[0].token_ids, skip_special_tokens=True) for g in groups]
+    media = {ctx.actor.cfg.image_token_id, ctx.actor.cfg.video_token_id}
+    texts = [ctx.tokenizer.decode(cut_at_media(g[0].token_ids, g[0].logprobs, "stop", media)[0],
+                                  skip_special_tokens=True) for g in groups]
     results = ctx.pool.verify_batch([p.reward for p in ctx.heldout], texts, progress=step / cfg.schedule.steps)
     acc = per_task_means([p.task for p in ctx.heldout], acc=[r.reward for r in results])
     return {f"eval/{k}": v for k, v in acc.items()}

@@ -126,3 +126,9 @@ def test_tiny_cpu_recipe_and_cli_overrides(synth_dir, tmp_path):
     with pytest.raises(ValueError, match="temperature"):
         cfg.actor.temperature = 0.5
         type(cfg).__post_init__(cfg)
+
+
+def test_responses_end_before_a_sampled_image_placeholder():
+    ids, lps, finish = steps.cut_at_media([5, 6, 877, 7], [-1.0, -2.0, -3.0, -4.0], "length", {877, 878})
+    assert (ids, lps, finish) == ([5, 6], [-1.0, -2.0], "stop")
+    assert steps.cut_at_media([5, 6], [-1.0, -2.0], "length", {877}) == ([5, 6], [-1.0, -2.0], "length")
