@@ -41,8 +41,9 @@ def collect(ctx: steps.Context, step: int) -> Dict[str, Any]:
     """The step's groups; with dynamic sampling, groups with all-equal rewards are dropped and refilled."""
     cfg, g, want = ctx.cfg, ctx.cfg.rollout.group_size, ctx.cfg.schedule.prompts_per_step
     img, merge = ctx.actor.cfg.image_token_id, ctx.actor.cfg.spatial_merge_size
+    max_rounds = 1 + (cfg.schedule.max_refill_rounds if cfg.schedule.dynamic_sampling else 0)
     kept, have, round_ = [], 0, 0
-    while have < want and (round_ == 0 or (cfg.schedule.dynamic_sampling and round_ <= cfg.schedule.max_refill_rounds)):
+    while have < want and round_ < max_rounds:
         batch = generate(ctx, step, round_, want - have)
         groups = list(range(batch["v"].numel() // g))
         if cfg.schedule.dynamic_sampling:
