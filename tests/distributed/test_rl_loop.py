@@ -41,7 +41,8 @@ def _config(data, run_dir, tp, pp, steps=STEPS, resume=None, eval_every=0):
 
     cfg = tiny_cpu(data, None, run_dir, steps=steps, tp=tp, pp=pp, group_size=2, prompts_per_step=2,
                    max_new_tokens=8, lr=1e-3, reward_mode="dualrpo")
-    cfg.verifier.workers = 1
+    # A generous budget: a verifier timeout under CI load would change a reward and break the bitwise check.
+    cfg.verifier.workers, cfg.verifier.timeout_s = 1, 30.0
     cfg.checkpoint.every, cfg.checkpoint.keep_last, cfg.checkpoint.resume = 1, 10, resume
     cfg.eval.every, cfg.eval.max_samples = eval_every, 4
     cfg.logging.tensorboard = cfg.logging.progress = False
