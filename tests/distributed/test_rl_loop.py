@@ -66,6 +66,10 @@ def _run_all(rank, world_size, data, root):
     resumed = os.path.join(root, "resumed")
     out["first"] = train(_config(data, resumed, tp=1, pp=1), stop_after=1)
     out["rest"] = train(_config(data, resumed, tp=1, pp=1, resume="auto"))
+    # TP=2 resume, same config as "full": the ViT's TP shards must come back on the right rank.
+    tp_resumed = os.path.join(root, "tp_resumed")
+    out["tp_first"] = train(_config(data, tp_resumed, tp=2, pp=1, eval_every=2), stop_after=1)
+    out["tp_rest"] = train(_config(data, tp_resumed, tp=2, pp=1, eval_every=2, resume="auto"))
     out["pp"] = train(_config(data, os.path.join(root, "pp"), tp=1, pp=2, steps=3), hooks=Hooks(before_update=_poison))
     return out
 
@@ -121,6 +125,15 @@ def test_resume_after_a_kill_gives_bitwise_the_same_losses(runs):
     assert any(r["loss"] != 0.0 for r in full)
     assert _fingerprint(first) == _fingerprint(full)[:1]
     assert _fingerprint(rest) == _fingerprint(full)[1:], (_fingerprint(rest), _fingerprint(full))
+
+
+def test_resume_at_tp2_gives_bitwise_the_same_losses(runs):
+    _, results = runs
+    for rank in (0, 1):
+        full, first, rest = (results[rank][k] for k in ("full", "tp_first", "tp_rest"))
+        assert [r["step"] for r in first] == [1] and [r["step"] for r in rest] == [2, 3, 4]
+        assert _fingerprint(first + rest) == _fingerprint(full), (rank, _fingerprint(first + rest),
+                                                                  _fingerprint(full))
 
 
 def test_pp2_poisoned_step_is_skipped_and_not_checkpointed(runs):

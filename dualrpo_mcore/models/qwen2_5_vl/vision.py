@@ -76,6 +76,18 @@ class VisionRotary(torch.nn.Module):
         return torch.cat([freqs, freqs], dim=-1)[:, None, None, :]
 
 
+class _LayerList(torch.nn.ModuleList):
+    """The ViT layers. A plain ModuleList has no ``sharded_state_dict``, so Megatron's default would
+    checkpoint its tensors as replicated across TP and every rank would load rank 0's shard; each
+    layer knows how its own tensors are split. Parameter names stay ``layers.{i}.*``."""
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        out = {}
+        for i, layer in enumerate(self):
+            out.update(layer.sharded_state_dict(f"{prefix}{i}.", sharded_offsets, metadata))
+        return out
+
+
 class VisionModel(MegatronModule):
     """Patch embedding -> windowed ViT layers -> merger; returns merged embeddings in image order."""
 
@@ -85,7 +97,7 @@ class VisionModel(MegatronModule):
         self.patch_embed = PatchEmbed(cfg, vision_config.params_dtype)
         self.rotary = VisionRotary(cfg.vision_head_dim, cfg.vision_rope_theta)
         spec = vision_layer_spec(backend)
-        self.layers = torch.nn.ModuleList(
+        self.layers = _LayerList(
             build_module(spec, config=vision_config, layer_number=i + 1) for i in range(cfg.vision_depth))
         self.merger = PatchMerger(cfg, merger_config, vision_config, backend)
         self.full_attention = set(cfg.fullatt_block_indexes)
