@@ -1,0 +1,180 @@
+"""``dualrpo demo`` (``make demo``): the tiny CPU demo end to end.
+
+Stages, each a subprocess so every one runs exactly as a user would run it by hand:
+
+1. ``dualrpo data synth``: the synthetic eight-task set (train + held-out split, tokenizer, processor);
+2. ``dualrpo sft``: a short supervised warm start of a tiny Qwen2.5-VL-architecture policy;
+3. RL under ``torchrun`` (2 processes, TP=2) via :mod:`.demo_rl`: held-out eval of the warm start,
+   DualRPO (or GRPO with ``--reward-mode grpo``) steps until ``--steps`` or the time budget (a clean
+   stop at a step boundary, checkpointed), held-out eval after, export as a Hugging Face directory;
+4. ``dualrpo plot``: training curves (every run under ``--out``, so a GRPO run is drawn next to DualRPO);
+5. the before/after per-task table, printed and written to ``<out>/results_<mode>.json``.
+
+``--resume`` skips the stages whose outputs exist (and continues an interrupted RL stage from its
+newest checkpoint). Data and warm start are shared by the reward modes of one ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Dict, List
+
+TASK_ORDER = ("math", "science", "chart", "ocr", "counting", "puzzle", "detection", "grounding")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="outputs/demo",
+                        help="output directory (data/, run_<mode>/, hf_<mode>/, plots/)")
+    parser.add_argument("--reward-mode", default="dualrpo", choices=("dualrpo", "grpo"),
+                        help="DualRPO, or plain GRPO for comparison")
+    parser.add_argument("--time-budget-min", type=float, default=15.0,
+                        help="wall-clock budget of the whole demo in minutes; the RL steps stop in time for it")
+    parser.add_argument("--resume", action="store_true", help="skip stages whose outputs exist")
+    parser.add_argument("--seed", type=int, default=0)
+    g = parser.add_argument_group("data and warm start")
+    g.add_argument("--num-per-task", type=int, default=400, help="synthetic train samples per task")
+    g.add_argument("--heldout-per-task", type=int, default=32, help="held-out samples per task")
+    g.add_argument("--sft-steps", type=int, default=300)
+    g.add_argument("--sft-lr", type=float, default=2e-3)
+    g.add_argument("--sft-batch-size", type=int, default=8)
+    g = parser.add_argument_group("RL")
+    g.add_argument("--steps", type=int, default=2000,
+                   help="upper bound on RL steps (the time budget usually ends first)")
+    g.add_argument("--nproc", type=int, default=2, help="torchrun processes")
+    g.add_argument("--tp", type=int, default=2, help="tensor-parallel size")
+    g.add_argument("--lr", type=float, default=1e-4, help="RL learning rate")
+    g.add_argument("--group-size", type=int, default=8, help="G: samples per prompt")
+    g.add_argument("--prompts-per-step", type=int, default=8)
+    g.add_argument("--max-new-tokens", type=int, default=24)
+    g.add_argument("--eval-every", type=int, default=50, help="held-out eval every N RL steps (curves)")
+    g.add_argument("--reserve-s", type=float, default=45.0,
+                   help="seconds kept back from the budget for the final eval, export, plots")
+
+
+def _env() -> Dict[str, str]:
+    # Offline: the demo needs nothing from the network; one thread per rank: 2 ranks on 2 cores.
+    return dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), TOKENIZERS_PARALLELISM="false")
+
+
+def _stage(name: str, cmd: List[str], log_path: str, timings: Dict[str, float]) -> None:
+    """Run one stage's command, output to ``log_path`` and the lines that matter to the console."""
+    print(f"[demo] {name}: {' '.join(cmd)}", flush=True)
+    t0 = time.time()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+        for line in proc.stdout:
+            log.write(line)
+            if line.startswith(("demo rl:", "sft:", "train:", "wrote ", "Traceback")) or "Error" in line:
+                print(f"[demo]   {line.rstrip()}", flush=True)
+        rc = proc.wait()
+    timings[name] = time.time() - t0
+    if rc != 0:
+        with open(log_path) as f:
+            tail = f.read()[-4000:]
+        raise RuntimeError(f"stage {name!r} failed (exit {rc}); log {log_path}; tail:\n{tail}")
+    print(f"[demo] {name}: done in {timings[name]:.1f}s", flush=True)
+
+
+def _dualrpo(*args: str) -> List[str]:
+    return [sys.executable, "-m", "dualrpo_mcore", *args]
+
+
+def _rl_command(args, data: str, run_dir: str, hf_dir: str, deadline: float) -> List[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
+           "-m", "dualrpo_mcore.trainer.demo_rl", "--data", data, "--init", os.path.join(data, "sft"),
+           "--out", run_dir, "--hf-out", hf_dir, "--reward-mode", args.reward_mode, "--steps", str(args.steps),
+           "--deadline", f"{deadline:.1f}", "--tp", str(args.tp), "--lr", str(args.lr),
+           "--group-size", str(args.group_size), "--prompts-per-step", str(args.prompts_per_step),
+           "--max-new-tokens", str(args.max_new_tokens), "--eval-every", str(args.eval_every),
+           "--eval-samples", str(8 * args.heldout_per_task), "--seed", str(args.seed), "--no-progress"]
+    if args.resume:
+        cmd.append("--resume")
+    return cmd
+
+
+def results_table(before: Dict[str, float], after: Dict[str, float]) -> Dict:
+    """Per-task before/after/delta, in percent; the mean is over tasks present in both."""
+    tasks = [t for t in TASK_ORDER if t in before and t in after]
+    tasks += sorted(t for t in before if t in after and t not in tasks and t != "all")
+    rows = {t: dict(before=100 * before[t], after=100 * after[t], delta=100 * (after[t] - before[t])) for t in tasks}
+    mb = sum(r["before"] for r in rows.values()) / max(1, len(rows))
+    ma = sum(r["after"] for r in rows.values()) / max(1, len(rows))
+    return dict(tasks=rows, mean_before=mb, mean_after=ma, mean_delta=ma - mb)
+
+
+def print_table(table: Dict, mode: str) -> None:
+    print(f"\nHeld-out accuracy (%), warm start -> after {mode.upper()}:")
+    print(f"  {'task':<10} {'before':>7} {'after':>7} {'delta':>7}")
+    for t, r in table["tasks"].items():
+        print(f"  {t:<10} {r['before']:7.1f} {r['after']:7.1f} {r['delta']:+7.1f}")
+    print(f"  {'mean':<10} {table['mean_before']:7.1f} {table['mean_after']:7.1f} {table['mean_delta']:+7.1f}",
+          flush=True)
+
+
+def _check_out(args) -> str | None:
+    if args.resume or not os.path.isdir(args.out) or not os.listdir(args.out):
+        return None
+    return f"{args.out} exists and is not empty: pass --resume to continue it, or choose a new --out"
+
+
+def run_stages(args, t_start: float) -> Dict:
+    """Every stage in order; returns the results dict (also written to ``results_<mode>.json``)."""
+    out, timings = os.path.abspath(args.out), {}
+    data, logs = os.path.join(out, "data"), os.path.join(out, "logs")
+    run_dir, hf_dir = os.path.join(out, f"run_{args.reward_mode}"), os.path.join(out, f"hf_{args.reward_mode}")
+    os.makedirs(logs, exist_ok=True)
+    if not os.path.exists(os.path.join(data, "heldout.parquet")):
+        _stage("synth", _dualrpo("data", "synth", "--out", data, "--num-per-task", str(args.num_per_task),
+                                 "--heldout-per-task", str(args.heldout_per_task), "--seed", str(args.seed)),
+               os.path.join(logs, "synth.log"), timings)
+    if not os.path.exists(os.path.join(data, "sft", "config.json")):
+        _stage("sft", _dualrpo("sft", "--data", data, "--out", os.path.join(data, "sft"), "--steps",
+                               str(args.sft_steps), "--lr", str(args.sft_lr), "--batch-size", str(args.sft_batch_size),
+                               "--seed", str(args.seed), "--no-progress"), os.path.join(logs, "sft.log"), timings)
+    after = os.path.join(run_dir, "eval_after.json")
+    if not (args.resume and os.path.exists(after) and os.path.isdir(hf_dir)):
+        deadline = t_start + 60 * args.time_budget_min - args.reserve_s
+        print(f"[demo] rl: {args.reward_mode} steps until {time.strftime('%H:%M:%S', time.localtime(deadline))} "
+              f"(budget {args.time_budget_min:g} min from the start)", flush=True)
+        _stage("rl", _rl_command(args, data, run_dir, hf_dir, deadline),
+               os.path.join(logs, f"rl_{args.reward_mode}.log"), timings)
+    runs = [os.path.join(out, d) for d in sorted(os.listdir(out))
+            if d.startswith("run_") and os.path.exists(os.path.join(out, d, "metrics.jsonl"))]
+    _stage("plot", _dualrpo("plot", *runs, "--out", os.path.join(out, "plots"), "--smooth", "5"),
+           os.path.join(logs, "plot.log"), timings)
+    with open(os.path.join(run_dir, "eval_before.json")) as f:
+        before_acc = json.load(f)["acc"]
+    with open(after) as f:
+        after_json = json.load(f)
+    table = results_table(before_acc, after_json["acc"])
+    table.update(reward_mode=args.reward_mode, rl_steps=after_json["step"], stage_seconds=timings,
+                 total_seconds=time.time() - t_start, hf_dir=hf_dir, run_dir=run_dir, plots=os.path.join(out, "plots"))
+    with open(os.path.join(out, f"results_{args.reward_mode}.json"), "w") as f:
+        json.dump(table, f, indent=2)
+    return table
+
+
+def run(args) -> int:
+    problem = _check_out(args)
+    if problem is None and args.nproc % args.tp:
+        problem = f"--nproc {args.nproc} must be a multiple of --tp {args.tp}"
+    if problem:
+        print(f"dualrpo demo: {problem}", file=sys.stderr)
+        return 2
+    t_start = time.time()
+    try:
+        table = run_stages(args, t_start)
+    except RuntimeError as e:
+        print(f"dualrpo demo: {e}", file=sys.stderr)
+        return 1
+    print_table(table, args.reward_mode)
+    stages = ", ".join(f"{k} {v:.0f}s" for k, v in table["stage_seconds"].items())
+    print(f"\n[demo] {table['rl_steps']} RL steps; total {table['total_seconds']:.0f}s ({stages})")
+    print(f"[demo] policy: {table['hf_dir']}  plots: {table['plots']}  "
+          f"results: {os.path.join(args.out, 'results_' + args.reward_mode + '.json')}", flush=True)
+    return 0
