@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("data and warm start")
     g.add_argument("--num-per-task", type=int, default=400, help="synthetic train samples per task")
     g.add_argument("--heldout-per-task", type=int, default=32, help="held-out samples per task")
-    g.add_argument("--sft-steps", type=int, default=300)
+    g.add_argument("--sft-steps", type=int, default=400)
     g.add_argument("--sft-lr", type=float, default=2e-3)
     g.add_argument("--sft-batch-size", type=int, default=8)
     g = parser.add_argument_group("RL")
@@ -46,10 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="upper bound on RL steps (the time budget usually ends first)")
     g.add_argument("--nproc", type=int, default=2, help="torchrun processes")
     g.add_argument("--tp", type=int, default=2, help="tensor-parallel size")
-    g.add_argument("--lr", type=float, default=1e-4, help="RL learning rate")
+    g.add_argument("--lr", type=float, default=3e-5, help="RL learning rate")
     g.add_argument("--group-size", type=int, default=8, help="G: samples per prompt")
     g.add_argument("--prompts-per-step", type=int, default=8)
-    g.add_argument("--max-new-tokens", type=int, default=24)
+    # 64: detection answers (box lists) take up to ~80 tokens, grounding ~27; shorter always truncates them.
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.7, help="rollout sampling temperature")
     g.add_argument("--eval-every", type=int, default=50, help="held-out eval every N RL steps (curves)")
     g.add_argument("--reserve-s", type=float, default=45.0,
                    help="seconds kept back from the budget for the final eval, export, plots")
@@ -90,7 +92,8 @@ def _rl_command(args, data: str, run_dir: str, hf_dir: str, deadline: float) -> 
            "--out", run_dir, "--hf-out", hf_dir, "--reward-mode", args.reward_mode, "--steps", str(args.steps),
            "--deadline", f"{deadline:.1f}", "--tp", str(args.tp), "--lr", str(args.lr),
            "--group-size", str(args.group_size), "--prompts-per-step", str(args.prompts_per_step),
-           "--max-new-tokens", str(args.max_new_tokens), "--eval-every", str(args.eval_every),
+           "--max-new-tokens", str(args.max_new_tokens), "--temperature", str(args.temperature),
+           "--eval-every", str(args.eval_every),
            "--eval-samples", str(8 * args.heldout_per_task), "--seed", str(args.seed), "--no-progress"]
     if args.resume:
         cmd.append("--resume")

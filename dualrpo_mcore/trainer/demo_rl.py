@@ -31,6 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--group-size", type=int, default=4)
     p.add_argument("--prompts-per-step", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
     p.add_argument("--eval-samples", type=int, default=64)
     p.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (0: before/after only)")
     p.add_argument("--seed", type=int, default=0)
@@ -45,6 +46,8 @@ def build_config(args):
     cfg = build_recipe("tiny_cpu", args.data, args.init, args.out, steps=args.steps, reward_mode=args.reward_mode,
                        tp=args.tp, group_size=args.group_size, prompts_per_step=args.prompts_per_step,
                        max_new_tokens=args.max_new_tokens, lr=args.lr, seed=args.seed)
+    # The recipe samples at 1.0; the actor's log-probs must use the same temperature as the engine.
+    cfg.actor.temperature = cfg.rollout.sampling.temperature = args.temperature
     heldout = os.path.join(args.data, "heldout.parquet")
     if not os.path.exists(heldout):
         raise FileNotFoundError(f"{heldout} missing: the demo needs a held-out split")
