@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import tempfile
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from typing import Dict, Iterator, List, Optional
 
 import torch
@@ -69,12 +69,24 @@ def _copy_side_files(src: str, dst: str) -> None:
             shutil.copy2(path, os.path.join(dst, fname))
 
 
-def _atomic_dir(out_dir: str) -> str:
-    parent = os.path.dirname(os.path.abspath(out_dir)) or "."
-    os.makedirs(parent, exist_ok=True)
-    if os.path.exists(out_dir):
-        raise FileExistsError(f"{out_dir} already exists; choose a new output directory")
-    return tempfile.mkdtemp(prefix=".tmp-convert-", dir=parent)
+@contextmanager
+def _atomic_dir(out_dir: str, reader) -> Iterator[str]:
+    """Yield a temp dir beside ``out_dir``; it becomes ``out_dir`` only if the body completes, so a
+    crash never leaves a half-written checkpoint under the real name. ``reader`` is closed either way."""
+    try:
+        parent = os.path.dirname(os.path.abspath(out_dir)) or "."
+        os.makedirs(parent, exist_ok=True)
+        if os.path.exists(out_dir):
+            raise FileExistsError(f"{out_dir} already exists; choose a new output directory")
+        tmp = tempfile.mkdtemp(prefix=".tmp-convert-", dir=parent)
+        try:
+            yield tmp
+            os.rename(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        reader.close()
 
 
 def hf_to_megatron(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, te_spec: bool = False,
@@ -84,9 +96,8 @@ def hf_to_megatron(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, te_spec:
     mapping.layers_per_stage(cfg, pp)
     padded = cfg.padded_vocab_size(max(vocab_divisible_by, tp))
     conv = mapping.Converter(cfg, padded)
-    tmp = _atomic_dir(out_dir)
     reader = HFReader(hf_dir)
-    try:
+    with _atomic_dir(out_dir, reader) as tmp:
         for pp_rank in range(pp):
             shards: List[Dict[str, torch.Tensor]] = [{} for _ in range(tp)]
             for rule in mapping.rules(cfg, pp):
@@ -106,12 +117,6 @@ def hf_to_megatron(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, te_spec:
                     hf_config=cfg.hf)
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        reader.close()
     return out_dir
 
 
@@ -153,9 +158,8 @@ def _hf_tensors(reader: MegatronReader) -> Iterator[tuple[str, torch.Tensor]]:
 def megatron_to_hf(ckpt_dir: str, out_dir: str, max_shard_bytes: int = 5 * 1024 ** 3) -> str:
     """Write a HF directory (published tensor names, sharded safetensors + index) from a Megatron
     checkpoint, carrying the config/tokenizer/processor files over. Returns ``out_dir``."""
-    tmp = _atomic_dir(out_dir)
     reader = MegatronReader(ckpt_dir)
-    try:
+    with _atomic_dir(out_dir, reader) as tmp:
         shards: List[Dict[str, torch.Tensor]] = [{}]
         size = 0
         files: List[str] = []
@@ -170,12 +174,6 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, max_shard_bytes: int = 5 * 1024 
             weight_map[name] = len(files)
         files.append(_flush(tmp, shards[-1], len(files)))
         _finish_hf_dir(tmp, files, weight_map, ckpt_dir)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        reader.close()
     return out_dir
 
 
