@@ -35,6 +35,8 @@ class ModelSourceConfig:
     """Megatron layer spec: 'local' (CPU, no Transformer Engine), 'te' or 'auto'."""
     training: ModuleTraining = field(default_factory=ModuleTraining)
     """Per-module freezing and learning-rate multipliers (ViT, merger, LM)."""
+    recompute: str = "none"
+    """Activation recomputation in the language model: 'none', 'selective' or 'full'."""
 
     def __post_init__(self) -> None:
         given = [n for n in ("hf_dir", "megatron_ckpt") if getattr(self, n)] + (["tiny"] if self.tiny else [])
@@ -46,6 +48,10 @@ class ModelSourceConfig:
             raise ValueError(f"actor.model.spec_backend={self.spec_backend!r}: choose one of {BACKENDS}")
         if isinstance(self.training, dict):
             self.training = ModuleTraining(**self.training)
+        from dualrpo_mcore.models.qwen2_5_vl.config import RECOMPUTE
+
+        if self.recompute not in RECOMPUTE:
+            raise ValueError(f"actor.model.recompute={self.recompute!r}: choose one of {RECOMPUTE}")
 
 
 @dataclass

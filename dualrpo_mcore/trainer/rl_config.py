@@ -31,6 +31,9 @@ class RolloutConfig:
     """Temperature, top-p/k, max_new_tokens; ``n`` is set to ``group_size`` and ``seed`` per step by the loop."""
     bucket_mb: int = 512
     """Weight-sync bucket size in MiB (bounds the extra memory of a sync)."""
+    engine_options: Dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments of the engine, e.g. SGLang's ``mem_fraction_static`` (share of GPU
+    memory its weights + KV cache may take) and ``tp_size``."""
     seed: int = 0
     """Base of the per-(step, prompt, sample) sampling seeds: a resumed run samples the same tokens."""
 

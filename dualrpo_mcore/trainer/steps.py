@@ -94,8 +94,21 @@ def build_engine(cfg, tokenizer):
     """The rollout engine on rank 0; its weights come from the first sync, so a random init is fine."""
     from dualrpo_mcore.rollout.engine import build_engine as make
 
+    opts = dict(cfg.rollout.engine_options)
+    if cfg.rollout.engine == "sglang":
+        # SGLang loads architecture, tokenizer and processor from a checkpoint directory itself.
+        if not cfg.actor.model.hf_dir:
+            raise ValueError("rollout.engine='sglang' needs actor.model.hf_dir (SGLang reads its config there)")
+        return make("sglang", model_path=cfg.actor.model.hf_dir, image_token_id=_image_token_id(cfg),
+                    bucket_bytes=cfg.rollout.bucket_mb << 20, random_seed=cfg.rollout.seed, **opts)
     return make(cfg.rollout.engine, hf_config=_hf_config(cfg), tokenizer=tokenizer,
-                eos_token_ids=[tokenizer.convert_tokens_to_ids(tokenizer.eos_token)])
+                eos_token_ids=[tokenizer.convert_tokens_to_ids(tokenizer.eos_token)], **opts)
+
+
+def _image_token_id(cfg) -> int:
+    from .megatron_setup import resolve_model_config
+
+    return resolve_model_config(cfg.actor.model).image_token_id
 
 
 def setup(cfg, resume_step: Optional[int] = None) -> Context:

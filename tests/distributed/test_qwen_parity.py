@@ -24,7 +24,7 @@ GRAD_PARAMS = [
 ]
 
 
-def _setup(tp, pp, hf_kwargs, ckpt=None):
+def _setup(tp, pp, hf_kwargs, ckpt=None, recompute="none"):
     """HF reference + this rank's Megatron stage, loaded from the HF weights through the mapping
     table, or (``ckpt``) from a converted Megatron checkpoint of another TP/PP layout."""
     from dualrpo_mcore.models.qwen2_5_vl import convert, from_hf, mapping, testing
@@ -34,7 +34,7 @@ def _setup(tp, pp, hf_kwargs, ckpt=None):
     info = initialize(tp, pp)
     hf = testing.tiny_hf_model(**hf_kwargs)
     cfg = from_hf(hf.config)
-    model = QwenVLModel(cfg, ModelOptions(backend="local"), pre_process=info.is_first_stage,
+    model = QwenVLModel(cfg, ModelOptions(backend="local", recompute=recompute), pre_process=info.is_first_stage,
                         post_process=info.is_last_stage, tp=tp, pp=pp)
     if ckpt is None:
         model.load_state_dict(mapping.hf_state_dict_to_rank(cfg, hf.state_dict(), info.tp_rank, tp, info.pp_rank, pp))
@@ -89,8 +89,8 @@ def _grad_diffs(model, hf, cfg, info, pp):
     return out
 
 
-def _run_plain(tp, hf_kwargs):
-    info, hf, cfg, model, batch, weights = _setup(tp, 1, hf_kwargs)
+def _run_plain(tp, hf_kwargs, recompute="none"):
+    info, hf, cfg, model, batch, weights = _setup(tp, 1, hf_kwargs, recompute=recompute)
     ref = _hf_reference(hf, batch, weights, cfg)
     logits = model(batch["input_ids"], batch["attention_mask"], pixel_values=batch.get("pixel_values"),
                    image_grid_thw=batch.get("image_grid_thw"), runtime_gather_output=True)
@@ -166,6 +166,9 @@ def _all_settings(rank, world_size, tp2_checkpoint):
     out = {"tp2": _run_plain(2, {})}
     out["tp1"] = _run_plain(1, {})
     out["tp1_odd_tied"] = _run_plain(1, dict(tie=True, **ODD))
+    # Recomputation must not change a single number the planner's memory saving is paid with.
+    out["tp2_full_recompute"] = _run_plain(2, {}, recompute="full")
+    out["tp1_selective_recompute"] = _run_plain(1, {}, recompute="selective")
     # PP=2 loads a checkpoint converted for TP=2/PP=1: resharding on load is exercised too.
     out["pp2"] = _run_pipeline({}, tp2_checkpoint)
     out["pp2_tied"] = _run_pipeline(dict(tie=True))
@@ -182,7 +185,7 @@ def results(tmp_path_factory):
     return run_distributed(_all_settings, 2, ckpt, timeout=600)
 
 
-@pytest.mark.parametrize("setting", ["tp2", "tp1", "tp1_odd_tied"])
+@pytest.mark.parametrize("setting", ["tp2", "tp1", "tp1_odd_tied", "tp2_full_recompute", "tp1_selective_recompute"])
 def test_logits_and_grads_match_transformers(results, setting):
     for rank, res in enumerate(results):
         r = res[setting]

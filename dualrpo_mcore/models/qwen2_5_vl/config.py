@@ -152,6 +152,22 @@ def from_hf(hf_config: Any) -> QwenVLConfig:
     )
 
 
+RECOMPUTE = ("none", "selective", "full")
+
+
+def recompute_kwargs(mode: str) -> Dict[str, Any]:
+    """Megatron's recomputation fields for one of :data:`RECOMPUTE`. 'full' re-runs every layer
+    (uniform, one layer per checkpoint: activations shrink to one hidden state per layer);
+    'selective' re-runs only the attention core, whose score matrix dominates at long sequence."""
+    if mode not in RECOMPUTE:
+        raise ValueError(f"recompute={mode!r}: choose one of {RECOMPUTE}")
+    if mode == "full":
+        return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    if mode == "selective":
+        return dict(recompute_granularity="selective")
+    return {}
+
+
 def _common(precision: Precision, tp: int) -> Dict[str, Any]:
     """Settings shared by all three configs: exact (unfused) numerics, no dropout."""
     return dict(

@@ -18,7 +18,8 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.module import MegatronModule
 
 from . import geometry
-from .config import QwenVLConfig, check_parallel, language_config, merger_config, vision_config
+from .config import (RECOMPUTE, QwenVLConfig, check_parallel, language_config, merger_config, recompute_kwargs,
+                     vision_config)
 from .precision import Precision
 from .specs import language_layer_spec, resolve_backend
 from .vision import VisionModel
@@ -34,6 +35,13 @@ class ModelOptions:
     """'auto' (TE where it imports), 'te' or 'local' (Megatron-only modules; CPU)."""
     vocab_divisible_by: int = 128
     """The embedding/output rows are padded to a multiple of this (and of TP)."""
+    recompute: str = "none"
+    """Activation recomputation of the language model: 'none', 'selective' (attention core) or
+    'full' (every layer's input is kept, the layer re-run in backward)."""
+
+    def __post_init__(self) -> None:
+        if self.recompute not in RECOMPUTE:
+            raise ValueError(f"recompute={self.recompute!r}: choose one of {RECOMPUTE}")
 
 
 class QwenVLModel(MegatronModule):
@@ -45,7 +53,7 @@ class QwenVLModel(MegatronModule):
         options.precision.check_runtime()
         check_parallel(cfg, tp, pp)
         backend = resolve_backend(options.backend, needs_te=options.precision.uses_te)
-        lm_config = language_config(cfg, tp, pp, options.precision)
+        lm_config = language_config(cfg, tp, pp, options.precision, **recompute_kwargs(options.recompute))
         super().__init__(config=lm_config)
         self.cfg, self.backend = cfg, backend
         self.model_type = ModelType.encoder_or_decoder  # what Megatron's pipeline schedules look for
