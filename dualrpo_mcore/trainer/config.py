@@ -29,6 +29,9 @@ class ModelSourceConfig:
     """Keyword arguments of ``tiny_hf_config`` (text-config overrides, ``tie``, layer counts)."""
     hf_config: Any = None
     """A ready HF config (object or dict) used with ``tiny`` instead of ``tiny_hf_config``."""
+    preset: Optional[str] = None
+    """A released architecture from ``models.qwen2_5_vl.presets`` (e.g. 'qwen2.5-vl-7b'), randomly
+    initialised: memory planning and throughput benchmarks need the shapes, not the weights."""
     precision: str = "fp32"
     """Parameter dtype: 'fp32', 'bf16' or 'fp16'."""
     spec_backend: str = "local"
@@ -39,9 +42,14 @@ class ModelSourceConfig:
     """Activation recomputation in the language model: 'none', 'selective' or 'full'."""
 
     def __post_init__(self) -> None:
-        given = [n for n in ("hf_dir", "megatron_ckpt") if getattr(self, n)] + (["tiny"] if self.tiny else [])
+        given = [n for n in ("hf_dir", "megatron_ckpt", "preset") if getattr(self, n)] + (["tiny"] if self.tiny else [])
         if len(given) != 1:
-            raise ValueError(f"actor.model: give exactly one of hf_dir, megatron_ckpt, tiny (got {given or 'none'})")
+            raise ValueError(f"actor.model: give exactly one of hf_dir, megatron_ckpt, preset, tiny "
+                             f"(got {given or 'none'})")
+        if self.preset:
+            from dualrpo_mcore.models.qwen2_5_vl import presets
+
+            presets.hf_config_dict(self.preset)  # an unknown name fails here, listing the known ones
         if self.precision not in PRECISIONS:
             raise ValueError(f"actor.model.precision={self.precision!r}: choose one of {PRECISIONS}")
         if self.spec_backend not in BACKENDS:

@@ -38,6 +38,10 @@ def resolve_model_config(src: ModelSourceConfig):
             return from_hf(json.load(f)["hf_config"])
     if src.hf_config is not None:
         return from_hf(src.hf_config)
+    if src.preset:
+        from dualrpo_mcore.models.qwen2_5_vl import presets
+
+        return from_hf(presets.hf_config_dict(src.preset))
     from dualrpo_mcore.models.qwen2_5_vl import testing
 
     return from_hf(testing.tiny_hf_config(**src.tiny_overrides))

@@ -85,8 +85,14 @@ def _hf_config(cfg):
     src = cfg.actor.model
     if src.hf_dir:
         return AutoConfig.from_pretrained(src.hf_dir)
+    if src.preset:
+        from transformers import Qwen2_5_VLConfig
+
+        from dualrpo_mcore.models.qwen2_5_vl import presets
+
+        return Qwen2_5_VLConfig(**presets.hf_config_dict(src.preset))
     if src.hf_config is None:
-        raise ValueError("actor.model: the RL loop's engine needs hf_dir or a ready hf_config")
+        raise ValueError("actor.model: the RL loop's engine needs hf_dir, a preset or a ready hf_config")
     return src.hf_config
 
 
