@@ -1,0 +1,312 @@
+"""``dualrpo bench train``: train-step throughput and MFU of the Megatron actor.
+
+One step is ``Actor.update`` (forward + backward of the DualRPO policy loss over the batch's
+micro-batches, gradient clip, optimizer step) on a synthetic batch of rows that each hold text,
+``--images-per-row`` images of ``--image`` patches and a response of ``--response-len`` tokens
+(equal lengths: no padding). Reported per device (GPU, or process on CPU):
+
+* tokens/s = real tokens of the batch / median step time / devices
+* MFU = model FLOPs of the step (``bench.flops``: LM + ViT + merger for the batch's actual lengths and
+  image grids, 3 x forward) / step time / devices / peak FLOP/s of one device; HFU adds the
+  recomputed forward (``--recompute``). The peak is the table value of known GPUs (H100/H200 989,
+  A100 312 TFLOP/s dense bf16), or on CPU a *measured matmul roofline*: the best FLOP/s of a large
+  fp32 matmul in each process, measured in the same run with all processes busy, as the training
+  ranks are (``--peak-tflops`` overrides either).
+
+Baseline in the same run (``hf-eager-adamw``): transformers' ``Qwen2_5_VLForConditionalGeneration`` of the
+same config and dtype on one device, plain PyTorch: forward (SDPA attention), log-softmax log-probs,
+the same ``algo.policy_loss``, backward, gradient clip, ``torch.optim.AdamW``. The ratio column is
+the baseline's step time per device-token over the actor's (> 1 = the actor is faster).
+
+Notes: the Megatron ViT computes window attention as a masked dense product over all patches of the
+micro-batch, so its executed FLOPs exceed the model FLOPs counted here (MFU counts useful work).
+Warm-up iterations are excluded; the median of ``--iters`` is reported. CPU runs use
+``run_distributed`` (gloo); under ``torchrun`` every rank runs this command and rank 0 reports.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from typing import Any, Dict
+
+import torch
+
+SMALL_MODELS = ("tiny", "small", "medium")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from dualrpo_mcore.models.qwen2_5_vl import presets
+
+    parser.add_argument("--model", default="tiny", choices=list(SMALL_MODELS) + presets.names(),
+                        help="tiny (tests' config), small/medium (bench shapes), or a released size (random init)")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    parser.add_argument("--rows", type=int, default=4, help="rows (sequences) in the batch")
+    parser.add_argument("--prompt-len", type=int, default=32, help="text tokens before the images")
+    parser.add_argument("--response-len", type=int, default=64, help="response tokens per row (trained on)")
+    parser.add_argument("--image", default=None, help="image grid HxW in patches (default 8x8 small models, 28x28 presets)")
+    parser.add_argument("--images-per-row", type=int, default=1, help="images per row (0 = text only)")
+    parser.add_argument("--precision", default=None, choices=["fp32", "bf16"], help="default fp32 CPU, bf16 GPU")
+    parser.add_argument("--recompute", default="none", choices=["none", "selective", "full"], help="LM recompute")
+    parser.add_argument("--micro-tokens", type=int, default=None, help="micro-batch token budget (default: whole batch)")
+    parser.add_argument("--iters", type=int, default=5, help="timed steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s per device (overrides table/measured)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the transformers baseline")
+    parser.add_argument("--json", default=None, help="write results here as JSON")
+
+
+def check_args(args) -> None:
+    """Fail early on a bad flag, naming it."""
+    for name in ("tp", "pp", "rows", "iters", "response_len", "prompt_len"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0 or args.images_per_row < 0:
+        raise ValueError("--warmup and --images-per-row must be >= 0")
+    parse_grid(args.image or "8x8")
+    if args.precision == "bf16" and not torch.cuda.is_available():
+        raise ValueError("--precision bf16 needs a GPU here (Megatron's CPU path runs fp32)")
+
+
+def parse_grid(text: str):
+    try:
+        h, w = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--image {text!r}: expected HxW in patches, e.g. 28x28") from None
+    if h < 2 or w < 2 or h % 2 or w % 2:
+        raise ValueError(f"--image {text!r}: H and W must be even (whole 2x2 merged units) and >= 2")
+    return h, w
+
+
+def hf_config(name: str):
+    """The HF config object of ``--model``."""
+    from transformers import Qwen2_5_VLConfig
+
+    from dualrpo_mcore.models.qwen2_5_vl import presets, testing
+
+    if name == "tiny":
+        return testing.tiny_hf_config()
+    if name in SMALL_MODELS:
+        from .weight_sync import hf_config as sized
+
+        return sized(name)
+    return Qwen2_5_VLConfig(**presets.hf_config_dict(name))
+
+
+def synthetic_batch(cfg, rows: int, prompt_len: int, response_len: int, grid, images: int, seed: int = 0):
+    """Equal-length rows: prompt text, ``images`` images of ``grid`` patches, response text."""
+    g = torch.Generator().manual_seed(seed)
+    hf = cfg.hf
+    special = [cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id,
+               int(hf.get("vision_end_token_id", cfg.vision_start_token_id + 1))]
+    top = min(min(special), cfg.vocab_size)  # ordinary text ids stay below every special id
+    n_img = grid[0] * grid[1] // cfg.spatial_merge_size ** 2
+    ids, resp = [], []
+    for _ in range(rows):
+        seq = torch.randint(3, top, (prompt_len,), generator=g).tolist()
+        for _ in range(images):
+            seq += [special[2]] + [cfg.image_token_id] * n_img + [special[3]]
+        mask = [0] * len(seq) + [1] * response_len
+        seq += torch.randint(3, top, (response_len,), generator=g).tolist()
+        ids.append(seq)
+        resp.append(mask)
+    batch: Dict[str, Any] = dict(input_ids=torch.tensor(ids), attention_mask=torch.ones(rows, len(ids[0]), dtype=torch.long),
+                                 response_mask=torch.tensor(resp))
+    if images:
+        grids = torch.tensor([[1, grid[0], grid[1]]] * (rows * images))
+        batch["pixel_values"] = torch.randn(int(grids.prod(-1).sum()), cfg.patch_dim, generator=g)
+        batch["image_grid_thw"] = grids
+    batch["advantages"] = torch.randn(rows, generator=g)
+    return batch
+
+
+def _sync():
+    import torch.distributed as dist
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _peak(args) -> Dict[str, Any]:
+    if args.peak_tflops:
+        return {"flops": args.peak_tflops * 1e12, "source": "--peak-tflops", "device": "given"}
+    from .common import gpu_peak, measured_matmul_peak
+
+    if torch.cuda.is_available():
+        peak = gpu_peak(args.precision or "bf16")
+        if peak is None:
+            raise ValueError(f"no peak FLOP/s known for {torch.cuda.get_device_name()}: pass --peak-tflops")
+        return peak
+    _sync()  # every rank measures at once: the cores are shared as in training
+    return measured_matmul_peak()
+
+
+def _actor(args, hf_cfg, tokens: int):
+    from dualrpo_mcore.trainer.actor import Actor
+    from dualrpo_mcore.trainer.config import (ActorConfig, MicroBatchConfig, ModelSourceConfig, OptimConfig,
+                                              ParallelConfig)
+
+    precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
+    spec = "auto" if torch.cuda.is_available() else "local"
+    if args.model in SMALL_MODELS:
+        src = ModelSourceConfig(tiny=True, hf_config=hf_cfg, precision=precision, spec_backend=spec,
+                                recompute=args.recompute)
+    else:
+        src = ModelSourceConfig(preset=args.model, precision=precision, spec_backend=spec, recompute=args.recompute)
+    cfg = ActorConfig(model=src, parallel=ParallelConfig(tp=args.tp, pp=args.pp),
+                      optim=OptimConfig(lr=1e-6, warmup_fraction=0.0, total_steps=10 ** 6),
+                      micro=MicroBatchConfig(max_tokens=args.micro_tokens or tokens))
+    return Actor(cfg)
+
+
+def _worker(rank: int, world: int, args) -> Dict[str, Any]:
+    import warnings
+
+    from . import flops
+    from .common import median_time
+
+    # Spawned ranks do not inherit the parent's filters; Megatron's CPU-path notices drown the progress.
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    hf_cfg = hf_config(args.model)
+    from dualrpo_mcore.models.qwen2_5_vl import from_hf
+
+    cfg = from_hf(hf_cfg)
+    batch = synthetic_batch(cfg, args.rows, args.prompt_len, args.response_len, parse_grid(args.image or _default_grid(args)),
+                            args.images_per_row)
+    tokens = int(batch["attention_mask"].sum())
+    say = print if rank == 0 else (lambda *a, **k: None)
+    say(f"bench train: building the actor ({args.model}, tp={args.tp}, pp={args.pp}, world={world})", flush=True)
+    actor = _actor(args, hf_cfg, tokens)
+    batch["old_logprob"] = actor.compute_token_stats(batch)["logprob"]  # untimed: what the rollout step provides
+    timing = median_time(lambda: actor.update(batch), args.iters, args.warmup, _sync,
+                         progress="megatron" if rank == 0 else "")
+    peak = _peak(args)
+    step_flops = flops.batch_flops(cfg, batch, vocab=actor.module.padded_vocab_size, recompute=args.recompute)
+    out = dict(megatron=timing, peak=peak, flops=step_flops, tokens=tokens, world=world,
+               params_per_rank=sum(p.numel() for p in actor.module.parameters()))
+    del actor
+    if not args.no_baseline:
+        _sync()
+        if rank == 0:
+            say("bench train: transformers baseline on rank 0 (the other ranks wait)", flush=True)
+            out["baseline"] = _hf_baseline(hf_cfg, batch, args)
+            out["baseline_flops"] = flops.batch_flops(cfg, batch, vocab=cfg.vocab_size)
+        _sync()
+    return out
+
+
+def _default_grid(args) -> str:
+    return "8x8" if args.model in SMALL_MODELS else "28x28"
+
+
+def _hf_baseline(hf_cfg, batch, args) -> Dict[str, Any]:
+    """transformers model, plain PyTorch step: forward, log-probs, policy_loss, backward, AdamW."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from dualrpo_mcore.algo import policy_loss
+    from dualrpo_mcore.models.qwen2_5_vl import testing
+
+    from .common import median_time
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if (args.precision or ("bf16" if device == "cuda" else "fp32")) == "bf16" else torch.float32
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration._from_config(hf_cfg, attn_implementation="sdpa", dtype=dtype)
+    model = model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0)
+    dev = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    image = testing.IMAGE if args.model == "tiny" else model.config.image_token_id
+    fwd_kw = dict(input_ids=dev["input_ids"], attention_mask=dev["attention_mask"],
+                  mm_token_type_ids=(dev["input_ids"] == image).int())
+    if "pixel_values" in dev:
+        fwd_kw.update(pixel_values=dev["pixel_values"].to(dtype), image_grid_thw=dev["image_grid_thw"])
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        logits = model(**fwd_kw).logits[:, :-1].float()
+        lp = torch.log_softmax(logits, -1).gather(-1, dev["input_ids"][:, 1:, None])[..., 0]
+        mask = dev["response_mask"][:, 1:].float()
+        loss, _ = policy_loss(lp, dev["old_logprob"][:, 1:], dev["advantages"], mask)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    res = median_time(step, args.iters, args.warmup, torch.cuda.synchronize if device == "cuda" else (lambda: None),
+                      progress="transformers")
+    del model, opt
+    return res
+
+
+def summarize(res: Dict[str, Any]) -> Dict[str, Any]:
+    """Per-device rows (tokens/s, TFLOP/s, MFU, HFU) of the actor and the baseline, and their ratio."""
+    peak = res["peak"]["flops"]
+    rows = []
+    world, tokens = res["world"], res["tokens"]
+    for name, key, flops_key, devices in (("megatron actor", "megatron", "flops", world),
+                                          ("hf-sdpa-adamw (baseline)", "baseline", "baseline_flops", 1)):
+        if key not in res:
+            continue
+        t = res[key]["median_s"]
+        f = res[flops_key]
+        rows.append(dict(method=name, devices=devices, step_s=t, tokens_per_s_per_device=tokens / t / devices,
+                         tflops_per_device=f["model"] / t / devices / 1e12, mfu=f["model"] / t / devices / peak,
+                         hfu=f["hardware"] / t / devices / peak))
+    if len(rows) == 2:
+        rows[0]["speedup_vs_baseline"] = rows[0]["tokens_per_s_per_device"] / rows[1]["tokens_per_s_per_device"]
+    return dict(rows=rows, peak_tflops_per_device=peak / 1e12, peak_source=res["peak"]["source"], tokens=tokens,
+                step_model_tflop=res["flops"]["model"] / 1e12)
+
+
+def print_table(summary: Dict[str, Any], args) -> None:
+    print(f"\ntrain step  model={args.model} tp={args.tp} pp={args.pp} rows={args.rows} "
+          f"tokens/step={summary['tokens']} model TFLOP/step={summary['step_model_tflop']:.4g}")
+    print(f"peak/device {summary['peak_tflops_per_device']:.4g} TFLOP/s ({summary['peak_source']})")
+    print(f"{'method':<27}{'dev':>4}{'step s':>9}{'tok/s/dev':>11}{'TFLOP/s/dev':>13}{'MFU %':>8}{'HFU %':>8}"
+          f"{'vs baseline':>13}")
+    for r in summary["rows"]:
+        ratio = f"{r['speedup_vs_baseline']:.2f}x" if "speedup_vs_baseline" in r else "1.00x" if "baseline" in \
+            r["method"] else "-"
+        print(f"{r['method']:<27}{r['devices']:>4}{r['step_s']:>9.3f}{r['tokens_per_s_per_device']:>11.1f}"
+              f"{r['tflops_per_device']:>13.4g}{100 * r['mfu']:>8.2f}{100 * r['hfu']:>8.2f}{ratio:>13}")
+    print("vs baseline: tokens/s per device of the actor / of the transformers step (> 1 = actor faster)")
+
+
+def run(args) -> int:
+    import warnings
+
+    from dualrpo_mcore.parallel.spawn import run_distributed
+
+    from .common import public_args, write_json
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        check_args(args)
+    except ValueError as e:
+        print(f"dualrpo bench train: {e}")
+        return 2
+    clean = argparse.Namespace(**public_args(args))
+    world = args.tp * args.pp
+    if "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun: this process is one rank
+        res = _worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), clean)
+        if int(os.environ["RANK"]) != 0:
+            return 0
+    else:
+        if torch.cuda.is_available() and world > torch.cuda.device_count():
+            print(f"dualrpo bench train: --tp x --pp = {world} exceeds the {torch.cuda.device_count()} GPUs here")
+            return 2
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        threads = max(1, (os.cpu_count() or 1) // world)
+        res = run_distributed(_worker, world, clean, backend=backend, threads=threads, timeout=3600)[0]
+    summary = summarize(res)
+    print_table(summary, args)
+    bad = [k for r in summary["rows"] for k in ("step_s", "mfu") if not (math.isfinite(r[k]) and r[k] > 0)]
+    if args.json:
+        write_json(args.json, "train", args, dict(summary=summary, raw=res))
+    return 1 if bad else 0
