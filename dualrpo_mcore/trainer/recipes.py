@@ -64,3 +64,7 @@ def tiny_cpu(data_dir: str, init: Optional[str] = None, run_dir: str = "runs/tin
 def build_recipe(name: str, data_dir: str, init: Optional[str], run_dir: str, **kwargs) -> RLConfig:
     """The config of recipe ``name`` (an unknown name is an error listing the known ones)."""
     return RECIPES.get(name)(data_dir, init, run_dir, **kwargs)
+
+
+# Registers the paper-scale recipes (qwen2_5_vl_7b_paper, ..._grpo, qwen2_5_vl_32b) in RECIPES.
+from . import recipes_paper  # noqa: E402,F401
