@@ -11,6 +11,8 @@ BENCHES = {
     "data": ("dualrpo_mcore.bench.data", "rows/s through loader + image processor"),
     "weight-sync": ("dualrpo_mcore.bench.weight_sync", "GB/s of weight gather + bucketing"),
     "train": ("dualrpo_mcore.bench.train", "train-step throughput and MFU"),
+    "rollout": ("dualrpo_mcore.bench.rollout", "rollout tokens/s: HF engine (and SGLang) vs model.generate"),
+    "step": ("dualrpo_mcore.bench.step", "end-to-end RL step time by phase"),
 }
 
 
