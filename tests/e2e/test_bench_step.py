@@ -1,0 +1,66 @@
+"""``dualrpo bench step`` and ``dualrpo bench rollout`` as a user runs them, at small sizes.
+
+``step``: 2 RL steps of the tiny_cpu recipe on a synthetic data set; every phase of the loop
+(rollout, verify, logprob, update, sync) is reported for every step with a finite, non-negative
+time, the shares add up, and the JSON carries the run's metadata. ``rollout``: the HF engine and the
+``model.generate`` baseline both produce exactly the requested tokens; SGLang is skipped with a
+reason on CPU. No wall-clock value is asserted."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PHASES = ("rollout", "verify", "logprob", "update", "sync")
+
+
+def _dualrpo(*args, timeout=300):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               OMP_NUM_THREADS="2")
+    proc = subprocess.run([sys.executable, "-m", "dualrpo_mcore", *args], cwd=ROOT, env=env, timeout=timeout,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+
+
+def test_bench_step_reports_every_phase(tmp_path):
+    out = tmp_path / "step.json"
+    stdout = _dualrpo("bench", "step", "--steps", "2", "--prompts-per-step", "2", "--group-size", "2",
+                      "--max-new-tokens", "6", "--json", str(out))
+    for p in PHASES:
+        assert f"\n{p} " in stdout, p
+    doc = json.loads(out.read_text())
+    assert doc["bench"] == "step" and doc["commit"] and "bench step" in doc["command"]
+    s = doc["results"]["summary"]
+    assert [r["step"] for r in s["per_step"]] == [1, 2] and s["measured_steps"] == [2]
+    assert not s["missing_phases"]
+    for row in s["per_step"]:
+        for p in PHASES:
+            assert math.isfinite(row[p]) and row[p] >= 0, (row["step"], p)
+        assert row["total"] > 0 and abs(sum(row[p] for p in PHASES) - row["total"]) <= 1e-6 * max(1, row["total"])
+    assert abs(sum(s["share"].values()) - 1) < 1e-9
+
+
+def test_bench_step_bad_flags_are_named(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for args, flag in ((["--warmup", "3", "--steps", "2"], "--warmup"), (["--data", str(tmp_path)], "--data")):
+        proc = subprocess.run([sys.executable, "-m", "dualrpo_mcore", "bench", "step", *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and flag in proc.stdout, proc.stdout
+
+
+def test_bench_rollout_counts_tokens(tmp_path):
+    out = tmp_path / "rollout.json"
+    _dualrpo("bench", "rollout", "--prompts", "1", "--n", "2", "--max-new-tokens", "4", "--image", "4x4",
+             "--iters", "1", "--warmup", "0", "--json", str(out))
+    doc = json.loads(out.read_text())
+    rows = {r["method"]: r for r in doc["results"]["rows"]}
+    assert set(rows) == {"generate (baseline)", "hf-engine"}
+    for name, r in rows.items():
+        assert r["tokens"] == 1 * 2 * 4, (name, r["tokens"])  # EOS disabled: exactly the cap
+        assert math.isfinite(r["tokens_per_s"]) and r["tokens_per_s"] > 0
+    assert "sglang" in doc["results"]["skipped"]
