@@ -41,10 +41,13 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100", "pycocotools>=2.0.7"],
+    # nemo-run + leptonai (the launch extra) are here so CI runs the launch tests: they install in
+    # under a minute and never touch torch (torchx does not depend on it); note torchx pins urllib3<1.27.
+    "test": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100", "pycocotools>=2.0.7",
+             "nemo-run==0.11.1", "leptonai==0.27.3"],
     "sglang": ["sglang>=0.5.3"],  # enable_weights_cpu_backup and sampling_seed need 0.5.3
     "te": ["transformer-engine[pytorch]>=2.0"],
-    "launch": ["nemo-run==0.11.1", "leptonai==0.27.3"],
+    "launch": ["nemo-run==0.11.1", "leptonai==0.27.3"],  # nemo-run 0.11.1 imports only with this leptonai
 }
 
 
