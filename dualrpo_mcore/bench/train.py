@@ -180,6 +180,8 @@ def _worker(rank: int, world: int, args) -> Dict[str, Any]:
     batch = synthetic_batch(cfg, args.rows, args.prompt_len, args.response_len, parse_grid(args.image or _default_grid(args)),
                             args.images_per_row)
     tokens = int(batch["attention_mask"].sum())
+    if torch.cuda.is_available():  # Megatron builds the weights on the current GPU; the actor does not move inputs
+        batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     say = print if rank == 0 else (lambda *a, **k: None)
     say(f"bench train: building the actor ({args.model}, tp={args.tp}, pp={args.pp}, world={world})", flush=True)
     actor = _actor(args, hf_cfg, tokens)
