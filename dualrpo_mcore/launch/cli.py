@@ -23,35 +23,56 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = __doc__.split("\n", 1)[1]
     parser.add_argument("--recipe", required=True, help="recipe name (see `dualrpo train --help`)")
-    parser.add_argument("--data", required=True, help="data directory, as the job sees it")
-    parser.add_argument("--out", required=True, help="run directory, as the job sees it")
-    parser.add_argument("--init", default=None, help="initial policy (HF directory), as the job sees it")
+    add_job_arguments(parser)
     parser.add_argument("--executor", choices=EXECUTORS, default="local", help="where to run (default: local)")
     parser.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: the recipe's)")
     parser.add_argument("--pp", type=int, default=None, help="pipeline-parallel size (default: the recipe's)")
     parser.add_argument("--name", default=None, help="experiment title (default: dualrpo-<recipe>)")
-    parser.add_argument("--exp-dir", default=None, help="nemo-run experiment dir (default: <out>/launch)")
-    parser.add_argument("--env", action="append", default=[], metavar="K=V", help="extra job environment (repeat)")
-    parser.add_argument("--dryrun", action="store_true", help="print the generated job script(s); launch nothing")
-    parser.add_argument("--detach", action="store_true", help="return once submitted (Slurm) instead of waiting")
     loc = parser.add_argument_group("local executor")
     loc.add_argument("--nproc-per-node", type=int, default=None,
                      help="torchrun processes (default: the recipe's GPUs per node; tiny_cpu: 2)")
     slurm = parser.add_argument_group("slurm executor")
     slurm.add_argument("--nodes", type=int, default=None, help="nodes (default: the recipe's)")
     slurm.add_argument("--gpus-per-node", type=int, default=None, help="GPUs per node (default: the recipe's, 8)")
-    slurm.add_argument("--account", default=os.environ.get("SLURM_ACCOUNT"), help="Slurm account ($SLURM_ACCOUNT)")
-    slurm.add_argument("--partition", default=os.environ.get("SLURM_PARTITION"), help="partition ($SLURM_PARTITION)")
-    slurm.add_argument("--time", default="04:00:00", help="wall-clock limit [D-]HH:MM[:SS] (default 04:00:00)")
-    slurm.add_argument("--container", default=None, help="container image with dualrpo-mcore installed")
-    slurm.add_argument("--mount", action="append", default=[], metavar="SRC:DST", help="container mount (repeat)")
-    slurm.add_argument("--job-dir", default=None, help="sbatch scripts + logs on the shared FS (default: --exp-dir)")
-    slurm.add_argument("--ssh-host", default=None, help="submit through SSH to this login node")
-    slurm.add_argument("--ssh-user", default=None, help="SSH user for --ssh-host")
-    slurm.add_argument("--ib-hca", default="mlx5", help="NCCL_IB_HCA ('' leaves it unset)")
-    slurm.add_argument("--socket-ifname", default="^lo,docker", help="NCCL_SOCKET_IFNAME ('' leaves it unset)")
-    slurm.add_argument("--packager", default="none", help="none (image's install) | git (ship HEAD)")
+    add_slurm_arguments(slurm)
     parser.add_argument("train_args", nargs="*", metavar="-- TRAIN_ARGS", help="extra `dualrpo train` arguments")
+
+
+def add_job_arguments(parser) -> None:
+    """Flags every launch has (also used by examples/)."""
+    parser.add_argument("--data", required=True, help="data directory, as the job sees it")
+    parser.add_argument("--out", required=True, help="run directory, as the job sees it")
+    parser.add_argument("--init", default=None, help="initial policy (HF directory), as the job sees it")
+    parser.add_argument("--exp-dir", default=None, help="nemo-run experiment dir (default: <out>/launch)")
+    parser.add_argument("--env", action="append", default=[], metavar="K=V", help="extra job environment (repeat)")
+    parser.add_argument("--dryrun", action="store_true", help="print the generated job script(s); launch nothing")
+    parser.add_argument("--detach", action="store_true", help="return once submitted (Slurm) instead of waiting")
+
+
+def add_slurm_arguments(group, time: str = "04:00:00") -> None:
+    """The cluster flags of :class:`~.nemo.SlurmOptions` (also used by examples/)."""
+    group.add_argument("--account", default=os.environ.get("SLURM_ACCOUNT"), help="Slurm account ($SLURM_ACCOUNT)")
+    group.add_argument("--partition", default=os.environ.get("SLURM_PARTITION"), help="partition ($SLURM_PARTITION)")
+    group.add_argument("--time", default=time, help=f"wall-clock limit [D-]HH:MM[:SS] (default {time})")
+    group.add_argument("--container", default=None, help="container image with dualrpo-mcore installed")
+    group.add_argument("--mount", action="append", default=[], metavar="SRC:DST", help="container mount (repeat)")
+    group.add_argument("--job-dir", default=None, help="sbatch scripts + logs on the shared FS (default: --exp-dir)")
+    group.add_argument("--ssh-host", default=None, help="submit through SSH to this login node")
+    group.add_argument("--ssh-user", default=None, help="SSH user for --ssh-host")
+    group.add_argument("--ib-hca", default="mlx5", help="NCCL_IB_HCA ('' leaves it unset)")
+    group.add_argument("--socket-ifname", default="^lo,docker", help="NCCL_SOCKET_IFNAME ('' leaves it unset)")
+    group.add_argument("--packager", default="none", help="none (image's install) | git (ship HEAD)")
+
+
+def slurm_options(args, nodes: int, gpus_per_node: int):
+    """:class:`~.nemo.SlurmOptions` from flags added by :func:`add_slurm_arguments` (checked there)."""
+    from . import nemo
+
+    return nemo.SlurmOptions(
+        account=args.account, container_image=args.container, partition=args.partition, time=args.time,
+        nodes=nodes, gpus_per_node=gpus_per_node, container_mounts=args.mount, job_dir=args.job_dir,
+        ssh_host=args.ssh_host, ssh_user=args.ssh_user, ib_hca=args.ib_hca or None,
+        socket_ifname=args.socket_ifname or None, env=nemo.parse_env(args.env), packager=args.packager)
 
 
 def build_executor(args, recipe_world):
@@ -59,21 +80,17 @@ def build_executor(args, recipe_world):
     from . import nemo
 
     nodes, gpus = recipe_world
-    env = nemo.parse_env(args.env)
     if args.executor == "local":
         if args.nodes not in (None, 1):
             raise nemo.LaunchError(f"--nodes {args.nodes}: the local executor runs on one node")
         nproc = args.nproc_per_node or args.gpus_per_node or gpus
-        return nemo.local_executor(nemo.LocalOptions(nproc_per_node=nproc, env=env)), nproc
-    opts = nemo.SlurmOptions(
-        account=args.account, container_image=args.container, partition=args.partition, time=args.time,
-        nodes=args.nodes or nodes, gpus_per_node=args.gpus_per_node or gpus, container_mounts=args.mount,
-        job_dir=args.job_dir, ssh_host=args.ssh_host, ssh_user=args.ssh_user, ib_hca=args.ib_hca or None,
-        socket_ifname=args.socket_ifname or None, env=env, packager=args.packager)
+        opts = nemo.LocalOptions(nproc_per_node=nproc, env=nemo.parse_env(args.env))
+        return nemo.local_executor(opts), nproc
+    opts = slurm_options(args, args.nodes or nodes, args.gpus_per_node or gpus)
     return nemo.slurm_executor(opts, exp_base_dir=args.exp_dir), opts.world
 
 
-def _exp_dir(args) -> str:
+def exp_dir(args) -> str:
     """The experiment base dir; a dry run whose dir cannot be created here (a cluster path) uses a temp dir."""
     path = os.path.abspath(args.exp_dir or os.path.join(args.out, "launch"))
     try:
@@ -109,7 +126,7 @@ def launch(args):
     job = nemo.TrainJob(recipe=args.recipe, data=fix(args.data), out=fix(args.out),
                         init=fix(args.init) if args.init else None, tp=args.tp, pp=args.pp,
                         extra_args=_train_args(args))
-    args.exp_dir = _exp_dir(args)
+    args.exp_dir = exp_dir(args)
     executor, world = build_executor(args, RECIPE_WORLD.get(args.recipe, (1, 8)))
     job.check_world(world, "--nproc-per-node" if local else "--nodes x --gpus-per-node")
     title = args.name or f"dualrpo-{args.recipe}"

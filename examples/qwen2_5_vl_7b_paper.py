@@ -1,0 +1,55 @@
+"""The DualRPO paper reproduction on Slurm: Qwen2.5-VL-7B-Instruct, Orsta-Data-47k, one 8xH100 node.
+
+    python examples/qwen2_5_vl_7b_paper.py --data /lustre/orsta --init /lustre/models/Qwen2.5-VL-7B-Instruct \\
+        --out /lustre/runs/7b_dualrpo --account ACCT --partition batch --container IMAGE \\
+        --mount /lustre:/lustre [--grpo | --both] [--dryrun]
+
+``--grpo`` runs the GRPO baseline (recipe ``qwen2_5_vl_7b_paper_grpo``) instead of DualRPO; ``--both``
+submits both as one nemo-run experiment (runs in ``<out>/dualrpo`` and ``<out>/grpo``) for the
+paper's comparison. Data: each Orsta-Data-47k train file converted with
+``dualrpo data convert-vtriune SRC <data>/<same name>`` (see trainer/recipes_paper.py).
+"""
+import argparse
+import os
+import sys
+
+from dualrpo_mcore.launch import cli, nemo
+from dualrpo_mcore.trainer.recipes_paper import default_world
+
+RECIPES = {"dualrpo": "qwen2_5_vl_7b_paper", "grpo": "qwen2_5_vl_7b_paper_grpo"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_job_arguments(p)
+    variant = p.add_mutually_exclusive_group()
+    variant.add_argument("--grpo", action="store_true", help="the GRPO baseline instead of DualRPO")
+    variant.add_argument("--both", action="store_true", help="DualRPO and GRPO as two jobs of one experiment")
+    p.add_argument("--steps", type=int, default=None, help="RL steps (default: one epoch, the recipe's)")
+    cli.add_slurm_arguments(p.add_argument_group("slurm"), time="2-00:00:00")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    args.exp_dir = cli.exp_dir(args)
+    variants = ["dualrpo", "grpo"] if args.both else ["grpo" if args.grpo else "dualrpo"]
+    nodes, gpus = default_world(RECIPES["dualrpo"])
+    jobs = []
+    for variant in variants:
+        out = os.path.join(args.out, variant) if args.both else args.out
+        job = nemo.TrainJob(recipe=RECIPES[variant], data=args.data, out=out, init=args.init,
+                            extra_args=["--steps", str(args.steps)] if args.steps else [])
+        opts = cli.slurm_options(args, nodes, gpus)
+        job.check_world(opts.world, "nodes x GPUs")
+        jobs.append((variant, nemo.train_task(job), nemo.slurm_executor(opts, exp_base_dir=args.exp_dir)))
+    result = nemo.run_experiment("dualrpo-7b-paper", jobs, args.exp_dir, dryrun=args.dryrun, detach=args.detach)
+    cli.report(result)
+    return 0 if result.ok else 1
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except nemo.LaunchError as e:
+        sys.exit(f"qwen2_5_vl_7b_paper.py: {e}")
