@@ -1,0 +1,449 @@
+"""Per-GPU memory model of a DualRPO run: Megatron-Core actor + colocated SGLang rollout engine.
+
+Pure functions over a :class:`~dualrpo_mcore.models.qwen2_5_vl.config.QwenVLConfig` and a few
+dataclasses; ``dualrpo plan`` (:mod:`.plan`) turns a recipe into these inputs and prints the result.
+Every term below follows what the code in this repository and Megatron-Core 0.16.1 allocate:
+
+**Parameters** (per TP/PP rank, exact counts): the ViT (patch embedding, 32 blocks) and the merger
+live whole on the first pipeline stage (``QwenVLModel`` builds them only when ``pre_process``); LM
+layers split evenly over PP; the word embedding (first stage) and output layer (last stage) have
+``padded_vocab_size(max(128, tp))`` rows split over TP. With tied embeddings the output layer shares
+the embedding when PP = 1, but Megatron allocates its own copy on the last stage when PP > 1. Column
+-parallel weights/biases are divided by TP; row-parallel biases, norms and the patch embedding are
+replicated on every TP rank.
+
+**Gradients**: Megatron DDP keeps one contiguous gradient buffer per (param dtype, grad dtype); our
+``wrap_and_optimizer`` sets ``grad_reduce_in_fp32=True``, so every trainable element costs 4 bytes,
+unsharded (the reduce-scatter of the distributed optimizer writes into the same full buffer). With the
+distributed optimizer the buffer is padded to a multiple of lcm(DP, 128) (and each parameter starts on
+a 64-element boundary: negligible) (``param_and_grad_buffer.py``); with ``overlap_grad_reduce=False`` there is
+one bucket per buffer. Frozen parts (``actor.model.training``) have no gradient.
+
+**Optimizer**: Adam. bf16/fp16 params: fp32 main copy + exp_avg + exp_avg_sq = 12 bytes per trainable
+element; fp32 params: the optimizer updates the params themselves (Megatron's FP32Optimizer, or the
+distributed optimizer's fp32 shard is a view of the param buffer), so only the two moments, 8 bytes.
+The distributed optimizer keeps these for its 1/DP shard of the (padded) buffer. With the distributed
+optimizer and 16-bit params Megatron also remaps params into a param buffer: that replaces, not adds
+to, the parameter storage.
+
+**Activations** (what autograd saves in one forward, per micro-batch in flight; counted per token,
+TP-local, no sequence parallelism as in ``config._common``). Local spec (the CPU path, measured by
+``tests/distributed/test_plan_measured.py``), per LM layer:
+each RMSNorm + following linear saves the norm input, x*rstd (for the weight grad), the linear input
+(3h) and rstd; unfused rotary (``apply_rope_fusion=False``) saves cos/sin per q and k (4*head_dim);
+the core attention saves q, k and v as its matmuls see them (with GQA, k and v repeated to all
+heads), the fp32 softmax output [heads, s, s] (plus its 16-bit cast when params are 16-bit) and the
+context; the gated MLP saves fc1's output (2*ffn) and three ffn-wide tensors (the gate's activation
+input and output, and fc2's input). 'selective' recompute re-runs the core attention: the score matrix and the
+repeated k/v go, the fused qkv storage (v is a view of it) and rotated q/k stay. 'full' recompute
+keeps each layer's input (h) plus one shared rotary table; in backward one layer is re-run at a time
+(its activations are a transient on top, reported separately). Transformer Engine spec (GPU): a
+LayerNormLinear saves input, normalised output and rstd (2h+1), attention is fused (no s^2 scores:
+q, k, v at their own widths, output and an fp32 log-sum-exp per head), the MLP keeps fc1's output and
+fc2's input. The ViT (local, and TE with its ``arbitrary`` block-diagonal mask, which TE runs
+unfused) attends over all patches of a micro-batch with a [heads, N, N] score matrix, masked per
+window; it is never recomputed, and saves nothing when it is frozen. The causal padding mask is
+[rows, 1, s, s] bool. The 1F1B pipeline schedule holds min(PP - stage, micro-batches) micro-batches
+on a stage.
+
+**Log-prob buffers** (last stage): GPTModel returns the logits [rows, s, V/TP] made contiguous (held by
+the schedule until backward) and ``Actor._stats`` slices off the last column, which copies when rows >
+1; ``ops.token_stats`` saves that copy (plus 3 fp32 per token). Backward materialises a gradient of
+the same size (transient).
+
+**Reference model**: with ``actor.kl.beta0 > 0`` a full copy of the stage's params; on the GPU during
+the update unless ``offload_reference`` (then only during its own forward, when no activations are
+kept).
+
+**Colocated SGLang**: with ``mem_fraction_static`` f, SGLang takes f x GPU for its weights (bf16,
+split over its TP) and KV cache while generating, and gives both back before training
+(``SGLangEngine.release_memory``). The actor's params, gradient buffers and optimizer state stay on
+the GPU during rollout (nothing offloads them in this code). So peak = max(training phase, rollout
+phase), each plus a fixed CUDA context/allocator overhead. KV capacity in tokens =
+(f * GPU - SGLang weights) / (2 * layers * kv_heads/tp * head_dim * 2 bytes).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+GIB = 1024 ** 3
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+BACKENDS = ("local", "te")
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+@dataclass(frozen=True)
+class Layout:
+    """How the actor is parallelised and stored."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    dtype: str = "bf16"
+    recompute: str = "none"
+    distributed_optimizer: bool = True
+    backend: str = "te"
+    """'local' (Megatron's local spec, unfused attention: the CPU path) or 'te' (Transformer Engine)."""
+    freeze_vision: bool = False
+    freeze_merger: bool = False
+    freeze_language: bool = False
+
+    def __post_init__(self) -> None:
+        if min(self.tp, self.pp, self.dp) < 1:
+            raise ValueError(f"tp, pp, dp must be >= 1 (got {self.tp}, {self.pp}, {self.dp})")
+        if self.dtype not in DTYPE_BYTES:
+            raise ValueError(f"dtype={self.dtype!r}: choose one of {sorted(DTYPE_BYTES)}")
+        if self.recompute not in ("none", "selective", "full"):
+            raise ValueError(f"recompute={self.recompute!r}: choose none, selective or full")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend={self.backend!r}: choose one of {BACKENDS}")
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """The shape of one micro-batch: ``rows`` rows padded to ``seq_len`` tokens, each row holding
+    ``patches_per_row`` ViT patches (images)."""
+
+    rows: int
+    seq_len: int
+    patches_per_row: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return self.rows * self.seq_len
+
+
+@dataclass(frozen=True)
+class Colocation:
+    """The rollout side and the GPU."""
+
+    gpu_bytes: int = 80 * 10 ** 9
+    mem_fraction: float = 0.0
+    """SGLang's ``mem_fraction_static``; 0 = no colocated engine (e.g. the HF engine on CPU)."""
+    sglang_tp: int = 1
+    rollout_tokens: int = 0
+    """Tokens the step's rollouts occupy at once: prompts x group x (prompt + max_new_tokens)."""
+    sglang_instances: int = 1
+    overhead_bytes: int = 2 * GIB
+    """CUDA context, NCCL buffers and allocator slack per GPU (not measured here)."""
+    reference: str = "none"
+    """'none' (beta0 = 0), 'gpu' (kept on the GPU) or 'offload' (on the GPU only for its forward)."""
+
+
+# ---------------------------------------------------------------------------------------------- parameters
+def lm_layer_params(cfg, tp: int) -> int:
+    """One Qwen2 decoder layer on one TP rank: qkv (+bias, column), proj (row, no bias), gated MLP, 2 norms."""
+    h, hd = cfg.hidden_size, cfg.head_dim
+    qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * hd
+    return (h * qkv + qkv) // tp + (cfg.num_heads * hd * h) // tp \
+        + (2 * cfg.ffn_hidden_size * h + cfg.ffn_hidden_size * h) // tp + 2 * h
+
+
+def vision_layer_params(cfg, tp: int) -> int:
+    """One ViT block: as the LM layer but with biases on every linear (row-parallel biases replicated)."""
+    h, f = cfg.vision_hidden_size, cfg.vision_ffn_hidden_size
+    return (3 * h * h + 3 * h) // tp + h * h // tp + h + (2 * f * h + 2 * f) // tp + f * h // tp + h + 2 * h
+
+
+def merger_params(cfg, tp: int) -> int:
+    """ln_q (replicated) + fc1 (column, bias) + fc2 (row, replicated bias) of the patch merger."""
+    u, out = cfg.merger_hidden_size, cfg.out_hidden_size
+    return cfg.vision_hidden_size + (u * u + u) // tp + u * out // tp + out
+
+
+def padded_vocab(cfg, tp: int) -> int:
+    """As ``QwenVLModel``: rows padded to a multiple of max(128, tp)."""
+    return cfg.padded_vocab_size(max(128, tp))
+
+
+def stage_params(cfg, tp: int, pp: int, stage: int) -> Dict[str, int]:
+    """Parameter elements of one (TP rank, PP stage), by part (``vision``, ``merger``, ``language``)."""
+    layers = cfg.num_layers // pp
+    first, last = stage == 0, stage == pp - 1
+    rows = padded_vocab(cfg, tp) // tp
+    lang = layers * lm_layer_params(cfg, tp)
+    if first:
+        lang += rows * cfg.hidden_size
+    if last:
+        lang += cfg.hidden_size  # final norm
+        # Tied embeddings share the first stage's tensor only when both live on the same rank.
+        if not cfg.tie_word_embeddings or pp > 1:
+            lang += rows * cfg.hidden_size
+    out = {"language": lang, "vision": 0, "merger": 0}
+    if first:
+        out["vision"] = cfg.vision_hidden_size * cfg.patch_dim + cfg.vision_depth * vision_layer_params(cfg, tp)
+        out["merger"] = merger_params(cfg, tp)
+    return out
+
+
+def trainable_params(counts: Dict[str, int], layout: Layout) -> int:
+    frozen = {"vision": layout.freeze_vision, "merger": layout.freeze_merger, "language": layout.freeze_language}
+    return sum(n for part, n in counts.items() if part in frozen and not frozen[part])
+
+
+def total_params(counts: Dict[str, int]) -> int:
+    return counts["language"] + counts["vision"] + counts["merger"]
+
+
+# ---------------------------------------------------------------------------------------------- grads, optimizer
+def grad_buffer_elems(trainable: int, layout: Layout) -> int:
+    """Elements of Megatron DDP's gradient buffer (one bucket, ``overlap_grad_reduce=False``)."""
+    if not layout.distributed_optimizer or trainable == 0:
+        return trainable
+    # The bucket ends on a multiple of lcm(DP, 128). Params also start 64-aligned, which costs at most 63
+    # elements per tensor whose size is not a multiple of 64 (a few in the ViT): ignored, < 0.01%.
+    n = trainable
+    div = math.lcm(layout.dp, 128)
+    return -(-n // div) * div
+
+
+def grad_bytes(trainable: int, layout: Layout) -> int:
+    return 4 * grad_buffer_elems(trainable, layout)  # grad_reduce_in_fp32=True
+
+
+def optimizer_bytes(trainable: int, layout: Layout) -> int:
+    per_elem = 8 if layout.dtype == "fp32" else 12
+    if layout.distributed_optimizer:
+        # Each rank owns a contiguous 1/DP of the padded buffer; state exists only for the real
+        # parameter elements in it (padding has none), about trainable / DP on every rank.
+        return per_elem * min(trainable, -(-trainable // layout.dp))
+    return per_elem * trainable
+
+
+# ---------------------------------------------------------------------------------------------- activations
+@dataclass(frozen=True)
+class _Attn:
+    """One transformer block's shape on one TP rank."""
+
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    tp: int
+
+    @property
+    def q(self) -> int:  # q width on this rank
+        return self.heads // self.tp * self.head_dim
+
+    @property
+    def kv(self) -> int:  # one of k, v on this rank
+        return self.kv_heads // self.tp * self.head_dim
+
+    @property
+    def qkv(self) -> int:
+        return self.q + 2 * self.kv
+
+
+def _block_per_token(a: _Attn, backend: str, recompute: str, dbytes: int) -> tuple:
+    """(bytes per token without the score matrix, score-matrix bytes per token per unit of sequence
+    length) that one block saves. See the module docstring for where each term comes from."""
+    norm = (3 if backend == "local" else 2) * a.hidden * dbytes + 4  # per norm+linear pair, rstd fp32
+    rope = 4 * a.head_dim * dbytes  # cos/sin for q and for k, in the activation dtype
+    mlp = norm + (5 if backend == "local" else 3) * (a.ffn // a.tp) * dbytes
+    if backend == "te":
+        # fused attention: rotated q and k, v (a view of the qkv output), output; fp32 log-sum-exp per head
+        attn = norm + rope + (a.q + a.kv + a.qkv + a.q) * dbytes + 4 * (a.heads // a.tp)
+        return attn + mlp, 0
+    if recompute == "selective":
+        # the checkpointed core keeps its inputs (rotated q, k; v as a view of qkv) and returns the context
+        attn = norm + rope + (a.q + a.kv + a.qkv + a.q) * dbytes
+        return attn + mlp, 0
+    grouped = a.heads > a.kv_heads
+    kv_saved = 2 * a.q if grouped else a.kv + a.qkv  # GQA repeats k and v to every head (new tensors)
+    attn = norm + rope + (a.q + kv_saved + a.q) * dbytes
+    # fp32 softmax output [heads, s, s] (attention_softmax_in_fp32), plus its cast for the bmm in 16 bit
+    scores = (a.heads // a.tp) * (4 + (dbytes if dbytes != 4 else 0))
+    return attn + mlp, scores
+
+
+def lm_block(cfg, tp: int) -> _Attn:
+    return _Attn(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.ffn_hidden_size, tp)
+
+
+def vision_block(cfg, tp: int) -> _Attn:
+    return _Attn(cfg.vision_hidden_size, cfg.vision_heads, cfg.vision_heads, cfg.vision_head_dim,
+                 cfg.vision_ffn_hidden_size, tp)
+
+
+def lm_activation_bytes(cfg, layout: Layout, mb: MicroBatch, layers: int, first: bool, last: bool) -> int:
+    """Bytes the language-model part of one stage saves for one micro-batch."""
+    d = DTYPE_BYTES[layout.dtype]
+    t, s = mb.tokens, mb.seq_len
+    if layout.freeze_language:
+        return 0
+    if layout.recompute == "full":
+        # each layer's input, plus the rotary table the checkpoint keeps once (fp32, head_dim per token)
+        body = layers * t * cfg.hidden_size * d + t * cfg.head_dim * 4
+    else:
+        per_tok, per_score = _block_per_token(lm_block(cfg, layout.tp), layout.backend, layout.recompute, d)
+        body = layers * (t * per_tok + t * s * per_score)
+    extra = mb.rows * s * s  # causal padding mask [rows, 1, s, s] bool, shared by the stage's layers
+    if first:
+        extra += 8 * t  # token ids kept by the embedding
+    if last:
+        extra += t * ((3 if layout.backend == "local" else 2) * cfg.hidden_size * d + 4)  # final norm + head input
+    return body + extra
+
+
+def vision_activation_bytes(cfg, layout: Layout, mb: MicroBatch) -> int:
+    """Bytes the ViT + merger save for one micro-batch (first stage): all its images form one patch
+    sequence under a block-diagonal (window / full) mask, so the score matrix is [heads, N, N]."""
+    n = mb.rows * mb.patches_per_row
+    if n == 0:
+        return 0
+    d = DTYPE_BYTES[layout.dtype]
+    vh = cfg.vision_hidden_size
+    merger = 0 if layout.freeze_merger else n * ((3 * vh + 2 * vh // layout.tp) * d + 4)
+    if layout.freeze_vision:
+        return merger
+    # the tower's masks are built by our code and its attention is unfused under both specs
+    per_tok, per_score = _block_per_token(vision_block(cfg, layout.tp), "local", "none", d)
+    tower = cfg.vision_depth * (n * per_tok + n * n * per_score)
+    tower += n * cfg.patch_dim * d + 2 * n * n + 4 * n  # pixels, full + window masks, window order
+    return tower + merger
+
+
+def recompute_transient_bytes(cfg, layout: Layout, mb: MicroBatch) -> int:
+    """Extra bytes while backward re-runs one layer (full) or one attention core (selective)."""
+    if layout.recompute == "none" or layout.freeze_language:
+        return 0
+    d = DTYPE_BYTES[layout.dtype]
+    a = lm_block(cfg, layout.tp)
+    per_tok, per_score = _block_per_token(a, layout.backend, "none", d)
+    if layout.recompute == "full":
+        return mb.tokens * per_tok + mb.tokens * mb.seq_len * per_score
+    return mb.tokens * mb.seq_len * per_score + 2 * mb.tokens * a.q * d
+
+
+def logits_bytes(cfg, layout: Layout, mb: MicroBatch) -> Dict[str, int]:
+    """Log-prob buffers of one micro-batch on the last stage: ``held`` (contiguous logits + the
+    shifted copy ``ops.token_stats`` saves, 3 fp32 stats and the int64 labels per token) and
+    ``transient`` (the logits' gradient in backward)."""
+    v_local = padded_vocab(cfg, layout.tp) // layout.tp
+    d = DTYPE_BYTES[layout.dtype]
+    t = mb.tokens
+    copies = 2 if mb.rows > 1 else 1  # logits[:, :-1].reshape(...) is a view only for one row
+    held = copies * t * v_local * d + t * (3 * 4 + 8)
+    return {"held": held, "transient": t * v_local * d}
+
+
+# ---------------------------------------------------------------------------------------------- rollout
+def sglang_weight_bytes(cfg, sglang_tp: int) -> int:
+    """SGLang's bf16 copy of the whole model (ViT included, untied head counted once), per GPU of its TP group."""
+    counts = stage_params(cfg, 1, 1, 0)
+    return 2 * total_params(counts) // sglang_tp
+
+
+def kv_bytes_per_token(cfg, sglang_tp: int) -> int:
+    """K and V of every layer for one token, bf16, on one GPU of SGLang's TP group (kv heads are
+    replicated when TP exceeds their number)."""
+    kv_heads = max(1, cfg.num_kv_heads // sglang_tp)
+    return 2 * cfg.num_layers * kv_heads * cfg.head_dim * 2
+
+
+def kv_capacity_tokens(cfg, coloc: Colocation) -> int:
+    """Tokens the KV pool holds on one SGLang instance: (f x GPU - weights) / bytes per token."""
+    pool = coloc.mem_fraction * coloc.gpu_bytes - sglang_weight_bytes(cfg, coloc.sglang_tp)
+    return max(0, int(pool // kv_bytes_per_token(cfg, coloc.sglang_tp)))
+
+
+# ---------------------------------------------------------------------------------------------- the plan
+@dataclass
+class StagePlan:
+    """One GPU (a TP rank of pipeline stage ``stage``): bytes per component and per phase."""
+
+    stage: int
+    params: int
+    trainable: int
+    components: Dict[str, int] = field(default_factory=dict)
+    train_peak: int = 0
+    rollout_peak: int = 0
+    reference_peak: int = 0
+
+    @property
+    def peak(self) -> int:
+        return max(self.train_peak, self.rollout_peak, self.reference_peak)
+
+
+@dataclass
+class Plan:
+    layout: Layout
+    micro: MicroBatch
+    num_microbatches: int
+    coloc: Colocation
+    stages: List[StagePlan]
+    kv_capacity: int
+    kv_needed: int
+
+    @property
+    def worst(self) -> StagePlan:
+        return max(self.stages, key=lambda s: s.peak)
+
+    @property
+    def fits(self) -> bool:
+        return self.worst.peak <= self.coloc.gpu_bytes
+
+    @property
+    def kv_sufficient(self) -> bool:
+        return self.coloc.mem_fraction == 0 or self.kv_capacity >= self.kv_needed
+
+
+def plan_stage(cfg, layout: Layout, mb: MicroBatch, num_micro: int, coloc: Colocation, stage: int) -> StagePlan:
+    """Every component of one GPU of ``stage`` and the peak of each phase (training, rollout, and
+    the reference forward when the reference is offloaded)."""
+    counts = stage_params(cfg, layout.tp, layout.pp, stage)
+    n_params, trainable = total_params(counts), trainable_params(counts, layout)
+    first, last = stage == 0, stage == layout.pp - 1
+    d = DTYPE_BYTES[layout.dtype]
+    in_flight = min(layout.pp - stage, num_micro)  # 1F1B warm-up depth of this stage
+    act = lm_activation_bytes(cfg, layout, mb, cfg.num_layers // layout.pp, first, last)
+    if first:
+        act += vision_activation_bytes(cfg, layout, mb)
+    logits = logits_bytes(cfg, layout, mb) if last else {"held": 0, "transient": 0}
+    # With the distributed optimizer the trainable params live in DDP's padded param buffer.
+    stored = n_params - trainable + grad_buffer_elems(trainable, layout) if layout.distributed_optimizer else n_params
+    c = {
+        "parameters": stored * d,
+        "gradients (fp32 buffer)": grad_bytes(trainable, layout),
+        "optimizer state": optimizer_bytes(trainable, layout),
+        "activations": in_flight * act,
+        "backward transient": recompute_transient_bytes(cfg, layout, mb) + logits["transient"],
+        "log-prob buffers": logits["held"],
+        "reference model": n_params * d if coloc.reference == "gpu" else 0,
+        "CUDA context + allocator": coloc.overhead_bytes,
+    }
+    resident = c["parameters"] + c["gradients (fp32 buffer)"] + c["optimizer state"] + c["CUDA context + allocator"] \
+        + c["reference model"]
+    train = resident + c["activations"] + c["backward transient"] + c["log-prob buffers"]
+    sglang = int(coloc.mem_fraction * coloc.gpu_bytes)
+    c["SGLang weights + KV (rollout)"] = sglang
+    ref_fwd = resident + n_params * d if coloc.reference == "offload" else 0
+    return StagePlan(stage, n_params, trainable, c, train_peak=train,
+                     rollout_peak=resident + sglang if sglang else 0, reference_peak=ref_fwd)
+
+
+def num_microbatches(rows_per_rank: int, mb: MicroBatch) -> int:
+    return max(1, -(-rows_per_rank // mb.rows))
+
+
+def plan(cfg, layout: Layout, mb: MicroBatch, rows_per_rank: int, coloc: Colocation) -> Plan:
+    """The whole plan: every pipeline stage (one TP rank each; TP ranks are alike), the KV check."""
+    from dualrpo_mcore.models.qwen2_5_vl.config import check_parallel
+
+    check_parallel(cfg, layout.tp, layout.pp)
+    n_micro = num_microbatches(rows_per_rank, mb)
+    stages = [plan_stage(cfg, layout, mb, n_micro, coloc, s) for s in range(layout.pp)]
+    kv_cap = kv_capacity_tokens(cfg, coloc) if coloc.mem_fraction else 0
+    kv_need = -(-coloc.rollout_tokens // max(1, coloc.sglang_instances))
+    return Plan(layout, mb, n_micro, coloc, stages, kv_cap, kv_need)
+
+
+def biggest(stage: StagePlan, k: int = 3) -> List[str]:
+    """The ``k`` largest components of the phase that sets the peak."""
+    rollout = stage.rollout_peak >= stage.train_peak
+    skip = {"activations", "backward transient", "log-prob buffers"} if rollout else {"SGLang weights + KV (rollout)"}
+    items = sorted(((v, n) for n, v in stage.components.items() if n not in skip), reverse=True)
+    return [n for v, n in items[:k] if v > 0]
