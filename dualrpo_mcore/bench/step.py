@@ -5,8 +5,8 @@ steps and reads the per-phase wall times the loop records in every step's metric
 (``ctx.timer``: ``rollout`` = sampling G responses per prompt, ``verify`` = the verifier pool,
 ``logprob`` = the actor's forward for old log-probs / self-certainty, ``update`` = the policy update,
 ``sync`` = weight export into the rollout engine). Printed: each phase's seconds (median over the
-measured steps, the first ``--warmup`` steps excluded) and its share of the step; the same for every
-step in the JSON. ``other`` is the run's wall time minus the phases (set-up, the initial weight sync,
+measured steps, the first ``--warmup`` steps excluded), its share of the measured steps' summed time,
+and its seconds in every step (also in the JSON). ``other`` is the run's wall time minus the phases (set-up, the initial weight sync,
 logging); checkpoints and evaluation are switched off so they do not land in a step.
 
 The "baseline" here is the step itself: a phase's share says where an RL step's time goes, which is
@@ -101,7 +101,9 @@ def summarize(records: List[Dict[str, float]], wall_s: float, warmup: int) -> Di
                      total=float(r.get("time/step", float("nan")))) for r in records]
     measured = per_step[warmup:] or per_step
     median = {p: statistics.median(s[p] for s in measured) for p in PHASES + ("total",)}
-    share = {p: median[p] / median["total"] for p in PHASES}
+    # Shares from the summed time of the measured steps (medians of parts need not add up to the total's).
+    summed = sum(s["total"] for s in measured)
+    share = {p: sum(s[p] for s in measured) / summed for p in PHASES}
     other = wall_s - sum(s["total"] for s in per_step)
     missing = [p for p in PHASES if not all(f"time/{p}" in r for r in records)]
     return dict(per_step=per_step, median_s=median, share=share, wall_s=wall_s, other_s=other,
@@ -112,7 +114,7 @@ def print_table(summary: Dict[str, Any], args) -> None:
     print(f"\nRL step  recipe=tiny_cpu tp={args.tp} pp={args.pp} prompts/step={args.prompts_per_step} "
           f"G={args.group_size} max_new_tokens={args.max_new_tokens}; medians over steps "
           f"{summary['measured_steps']}")
-    print(f"{'phase':<10}{'median s':>10}{'share':>8}   per step (s)")
+    print(f"{'phase':<10}{'median s':>10}{'share':>8}   per step (s); share = of the measured steps' time")
     for p in PHASES + ("total",):
         each = " ".join(f"{s[p]:.2f}" for s in summary["per_step"])
         share = f"{100 * summary['share'][p]:.1f}%" if p in summary["share"] else "100%"
