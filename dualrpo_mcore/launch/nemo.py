@@ -93,13 +93,16 @@ class TrainJob:
         for name in ("recipe", "data", "out"):
             if not getattr(self, name):
                 raise LaunchError(f"--{name} must be given")
+        self.extra_args = list(self.extra_args)
+        given = [a for a in self.extra_args if a.split("=")[0] in ("--tp", "--pp")]
+        if given:  # the world check below must see the layout the job will use
+            raise LaunchError(f"{given[0]} after `--`: give --tp/--pp to the launcher instead")
         tp, pp = recipe_parallel(self.recipe)
         # `dualrpo train` defaults --tp/--pp to 1, so the recipe's own layout is passed explicitly.
-        self.tp = self.tp or tp
-        self.pp = self.pp or pp
+        self.tp = tp if self.tp is None else self.tp
+        self.pp = pp if self.pp is None else self.pp
         if self.tp < 1 or self.pp < 1:
             raise LaunchError(f"--tp/--pp must be >= 1 (got tp={self.tp}, pp={self.pp})")
-        self.extra_args = list(self.extra_args)
 
     def train_args(self) -> List[str]:
         """Arguments after ``python -m dualrpo_mcore``."""

@@ -154,6 +154,8 @@ def test_launch_cli_dryrun(nemo_run, tmp_path, capsys):
     (["--executor", "slurm", "--account", "a", "--container", "i", "--gpus-per-node", "3"], "tp=2"),
     (["--env", "NOVALUE"], "--env"),
     (["--nodes", "2"], "--nodes"),
+    (["--tp", "0"], "--tp"),
+    (["--", "--tp", "4"], "--tp after `--`"),
 ])
 def test_launch_cli_names_bad_flags(nemo_run, tmp_path, capsys, flags, named):
     from dualrpo_mcore.cli import main
