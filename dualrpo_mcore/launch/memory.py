@@ -29,8 +29,8 @@ to, the parameter storage.
 **Activations** (what autograd saves in one forward, per micro-batch in flight; counted per token,
 TP-local, no sequence parallelism as in ``config._common``). Local spec (the CPU path, measured by
 ``tests/distributed/test_plan_measured.py``), per LM layer:
-each RMSNorm + following linear saves the norm input, x*rstd (for the weight grad), the linear input
-(3h) and rstd; unfused rotary (``apply_rope_fusion=False``) saves cos/sin per q and k (4*head_dim);
+each RMSNorm + following linear saves the norm input and x*rstd (for the weight grad) in fp32 (torch's
+RMSNorm upcasts), the linear input and rstd; unfused rotary (``apply_rope_fusion=False``) saves cos/sin per q and k (4*head_dim);
 the core attention saves q, k and v as its matmuls see them (with GQA, k and v repeated to all
 heads), the fp32 softmax output [heads, s, s] (plus its 16-bit cast when params are 16-bit) and the
 context; the gated MLP saves fc1's output (2*ffn) and three ffn-wide tensors (the gate's activation
@@ -237,10 +237,19 @@ class _Attn:
         return self.q + 2 * self.kv
 
 
+def _norm_linear(hidden: int, backend: str, dbytes: int) -> int:
+    """Bytes per token an RMSNorm and the linear after it save. torch's RMSNorm (local spec) computes
+    in fp32: its fp32 input copy and x*rstd, then the linear's input in the activation dtype; TE's
+    LayerNormLinear keeps input and normalised output in the activation dtype. Plus rstd (fp32)."""
+    if backend == "local":
+        return (8 + dbytes) * hidden + 4
+    return 2 * hidden * dbytes + 4
+
+
 def _block_per_token(a: _Attn, backend: str, recompute: str, dbytes: int) -> tuple:
     """(bytes per token without the score matrix, score-matrix bytes per token per unit of sequence
     length) that one block saves. See the module docstring for where each term comes from."""
-    norm = (3 if backend == "local" else 2) * a.hidden * dbytes + 4  # per norm+linear pair, rstd fp32
+    norm = _norm_linear(a.hidden, backend, dbytes)
     rope = 4 * a.head_dim * dbytes  # cos/sin for q and for k, in the activation dtype
     mlp = norm + (5 if backend == "local" else 3) * (a.ffn // a.tp) * dbytes
     if backend == "te":
@@ -284,7 +293,7 @@ def lm_activation_bytes(cfg, layout: Layout, mb: MicroBatch, layers: int, first:
     if first:
         extra += 8 * t  # token ids kept by the embedding
     if last:
-        extra += t * ((3 if layout.backend == "local" else 2) * cfg.hidden_size * d + 4)  # final norm + head input
+        extra += t * _norm_linear(cfg.hidden_size, layout.backend, d)  # final norm + output layer input
     return body + extra
 
 
@@ -296,7 +305,8 @@ def vision_activation_bytes(cfg, layout: Layout, mb: MicroBatch) -> int:
         return 0
     d = DTYPE_BYTES[layout.dtype]
     vh = cfg.vision_hidden_size
-    merger = 0 if layout.freeze_merger else n * ((3 * vh + 2 * vh // layout.tp) * d + 4)
+    # per patch: ln_q + fc1 input (a merged unit is 4 patches wide), fc1+bias output and GELU output
+    merger = 0 if layout.freeze_merger else n * (_norm_linear(vh, "local", d) + 2 * vh // layout.tp * d)
     if layout.freeze_vision:
         return merger
     # the tower's masks are built by our code and its attention is unfused under both specs

@@ -1,5 +1,5 @@
 """The memory planner (``dualrpo_mcore.launch.memory``) against bytes MEASURED on tiny Qwen2.5-VL
-actors on 2 gloo processes (CPU, fp32, Megatron's local spec):
+actors on 2 gloo processes (CPU, Megatron's local spec, fp32 and bf16):
 
 * parameters: the unique storages behind the rank's parameters (the distributed optimizer's padded
   param buffer included);
@@ -12,7 +12,7 @@ actors on 2 gloo processes (CPU, fp32, Megatron's local spec):
 
 Every component and the total must lie within 10% of the measurement. Settings: TP=2 (recompute none,
 selective, full), TP=1/DP=2 with and without the distributed optimizer, PP=2, a micro-batch with
-images, and a frozen ViT. ``python tests/distributed/test_plan_measured.py`` prints the table and writes
+images, a frozen ViT, and bf16 params (mixed-precision optimizer: fp32 main params) at DP=2 and TP=2. ``python tests/distributed/test_plan_measured.py`` prints the table and writes
 ``benchmarks/results/plan_measured.json``. The SGLang KV cache cannot be measured on CPU; its formula
 is checked against a float64 hand computation in ``tests/unit/test_plan.py``.
 """
@@ -29,15 +29,17 @@ from dualrpo_mcore.parallel.spawn import run_distributed
 
 TOL = 0.10
 COMPONENTS = ("parameters", "gradients", "optimizer", "activations", "logprob_buffers")
-# (name, tp, pp, distributed optimizer, recompute, images per row, freeze vision)
+# (name, tp, pp, distributed optimizer, recompute, images per row, freeze vision, dtype)
 SETTINGS = (
-    ("tp2", 2, 1, False, "none", 0, False),
-    ("tp2-selective", 2, 1, False, "selective", 0, False),
-    ("tp2-full", 2, 1, False, "full", 0, False),
-    ("dp2-distopt", 1, 1, True, "none", 1, False),
-    ("dp2-no-distopt", 1, 1, False, "full", 1, False),
-    ("tp2-images-frozen-vit", 2, 1, True, "none", 1, True),
-    ("pp2", 1, 2, False, "none", 1, False),
+    ("tp2", 2, 1, False, "none", 0, False, "fp32"),
+    ("tp2-selective", 2, 1, False, "selective", 0, False, "fp32"),
+    ("tp2-full", 2, 1, False, "full", 0, False, "fp32"),
+    ("dp2-distopt", 1, 1, True, "none", 1, False, "fp32"),
+    ("dp2-no-distopt", 1, 1, False, "full", 1, False, "fp32"),
+    ("tp2-images-frozen-vit", 2, 1, True, "none", 1, True, "fp32"),
+    ("pp2", 1, 2, False, "none", 1, False, "fp32"),
+    ("dp2-distopt-bf16", 1, 1, True, "none", 1, False, "bf16"),
+    ("tp2-bf16", 2, 1, False, "selective", 0, False, "bf16"),
 )
 ROWS, SEQ, GRID = 2, 96, (8, 8)  # an 8x8-patch image = 16 merged tokens per row
 
@@ -141,8 +143,8 @@ def _measure(rank, world, setting):
                                               ParallelConfig)
     from dualrpo_mcore.models.qwen2_5_vl.training import ModuleTraining
 
-    name, tp, pp, dist_opt, recompute, images, freeze_vit = setting
-    src = ModelSourceConfig(tiny=True, hf_config=hf_config(), recompute=recompute,
+    name, tp, pp, dist_opt, recompute, images, freeze_vit, dtype = setting
+    src = ModelSourceConfig(tiny=True, hf_config=hf_config(), recompute=recompute, precision=dtype,
                             training=ModuleTraining(freeze_vision=freeze_vit))
     actor = Actor(ActorConfig(model=src, parallel=ParallelConfig(tp=tp, pp=pp, backend="gloo"),
                               optim=OptimConfig(lr=1e-4, distributed_optimizer=dist_opt),
@@ -161,9 +163,9 @@ def predict(setting, stage: int, dp: int) -> dict:
     from dualrpo_mcore.launch import memory as M
     from dualrpo_mcore.models.qwen2_5_vl import from_hf
 
-    name, tp, pp, dist_opt, recompute, images, freeze_vit = setting
+    name, tp, pp, dist_opt, recompute, images, freeze_vit, dtype = setting
     cfg = from_hf(hf_config())
-    layout = M.Layout(tp=tp, pp=pp, dp=dp, dtype="fp32", recompute=recompute, distributed_optimizer=dist_opt,
+    layout = M.Layout(tp=tp, pp=pp, dp=dp, dtype=dtype, recompute=recompute, distributed_optimizer=dist_opt,
                       backend="local", freeze_vision=freeze_vit)
     mb = M.MicroBatch(rows=ROWS, seq_len=SEQ, patches_per_row=images * GRID[0] * GRID[1])
     s = M.plan_stage(cfg, layout, mb, num_micro=1, coloc=M.Colocation(overhead_bytes=0), stage=stage)
