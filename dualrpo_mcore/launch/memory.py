@@ -42,7 +42,9 @@ LayerNormLinear saves input, normalised output and rstd (2h+1), attention is fus
 q, k, v at their own widths, output and an fp32 log-sum-exp per head), the MLP keeps fc1's output and
 fc2's input. The ViT (local, and TE with its ``arbitrary`` block-diagonal mask, which TE runs
 unfused) attends over all patches of a micro-batch with a [heads, N, N] score matrix, masked per
-window; it is never recomputed, and saves nothing when it is frozen. The causal padding mask is
+window; it is never recomputed, and saves nothing when it is frozen, but its forward still builds one
+layer's scores at a time. The 'transient working set' is the larger of that forward transient and the
+backward one (the re-run layer under recompute plus the logits' gradient). The causal padding mask is
 [rows, 1, s, s] bool. The 1F1B pipeline schedule holds min(PP - stage, micro-batches) micro-batches
 on a stage.
 
@@ -55,12 +57,19 @@ the same size (transient).
 the update unless ``offload_reference`` (then only during its own forward, when no activations are
 kept).
 
-**Colocated SGLang**: with ``mem_fraction_static`` f, SGLang takes f x GPU for its weights (bf16,
-split over its TP) and KV cache while generating, and gives both back before training
-(``SGLangEngine.release_memory``). The actor's params, gradient buffers and optimizer state stay on
-the GPU during rollout (nothing offloads them in this code). So peak = max(training phase, rollout
-phase), each plus a fixed CUDA context/allocator overhead. KV capacity in tokens =
-(f * GPU - SGLang weights) / (2 * layers * kv_heads/tp * head_dim * 2 bytes).
+**Colocated SGLang**: with ``mem_fraction_static`` f, SGLang sizes its weights (bf16, split over its
+TP) + KV pool at start-up from the memory it finds free: ``profile_max_num_token`` computes
+``rest = free_after_load - free_before_load * (1 - f)``, i.e. pool = f x F0 - weights, where F0 is the
+free memory when the engine starts (the whole GPU if nothing else holds memory: then pool = f x GPU -
+weights). ``trainer.steps.setup`` builds the Actor before the engine, so F0 = GPU - (params + gradient
+buffers + fp32 main params + context); Adam's moments appear at the first step, after. SGLang gives
+weights and KV back before training (``SGLangEngine.release_memory``); the actor's params, gradient
+buffers and optimizer state stay on the GPU during rollout (nothing offloads them in this code). So
+peak = max(training phase, rollout phase), each with a fixed CUDA context/allocator overhead. KV
+capacity in tokens = pool / (2 * layers * max(1, kv_heads/tp) * head_dim * 2 bytes). Planned for the
+GPUs that host SGLang (the engine is built on rank 0 and spans ``tp_size`` GPUs), and every stage is
+shown as if it hosted one (conservative); a pool <= 0 means SGLang refuses to start, which the plan
+reports as not fitting.
 """
 from __future__ import annotations
 
@@ -328,6 +337,14 @@ def recompute_transient_bytes(cfg, layout: Layout, mb: MicroBatch) -> int:
     return mb.tokens * mb.seq_len * per_score + 2 * mb.tokens * a.q * d
 
 
+def vision_forward_transient(cfg, layout: Layout, mb: MicroBatch) -> int:
+    """One ViT layer's score matrix and probabilities over a micro-batch's patches, alive during its
+    forward whether or not the ViT trains."""
+    n = mb.rows * mb.patches_per_row
+    d = DTYPE_BYTES[layout.dtype]
+    return (cfg.vision_heads // layout.tp) * n * n * (4 + d)
+
+
 def logits_bytes(cfg, layout: Layout, mb: MicroBatch) -> Dict[str, int]:
     """Log-prob buffers of one micro-batch on the last stage: ``held`` (contiguous logits + the
     shifted copy ``ops.token_stats`` saves, 3 fp32 stats and the int64 labels per token) and
@@ -354,10 +371,19 @@ def kv_bytes_per_token(cfg, sglang_tp: int) -> int:
     return 2 * cfg.num_layers * kv_heads * cfg.head_dim * 2
 
 
-def kv_capacity_tokens(cfg, coloc: Colocation) -> int:
-    """Tokens the KV pool holds on one SGLang instance: (f x GPU - weights) / bytes per token."""
-    pool = coloc.mem_fraction * coloc.gpu_bytes - sglang_weight_bytes(cfg, coloc.sglang_tp)
-    return max(0, int(pool // kv_bytes_per_token(cfg, coloc.sglang_tp)))
+def sglang_budget_bytes(coloc: Colocation, held_at_start: int = 0) -> int:
+    """What SGLang takes on a GPU (weights + KV pool): f x the memory free when it starts."""
+    return int(coloc.mem_fraction * max(0, coloc.gpu_bytes - held_at_start))
+
+
+def kv_pool_bytes(cfg, coloc: Colocation, held_at_start: int = 0) -> int:
+    """KV pool per GPU (negative: SGLang would refuse to start)."""
+    return sglang_budget_bytes(coloc, held_at_start) - sglang_weight_bytes(cfg, coloc.sglang_tp)
+
+
+def kv_capacity_tokens(cfg, coloc: Colocation, held_at_start: int = 0) -> int:
+    """Tokens the KV pool of one SGLang instance holds: pool / bytes per token."""
+    return max(0, int(kv_pool_bytes(cfg, coloc, held_at_start) // kv_bytes_per_token(cfg, coloc.sglang_tp)))
 
 
 # ---------------------------------------------------------------------------------------------- the plan
@@ -372,6 +398,8 @@ class StagePlan:
     train_peak: int = 0
     rollout_peak: int = 0
     reference_peak: int = 0
+    held_at_engine_start: int = 0
+    """What the actor holds when SGLang starts (sets SGLang's budget on this GPU)."""
 
     @property
     def peak(self) -> int:
@@ -387,14 +415,19 @@ class Plan:
     stages: List[StagePlan]
     kv_capacity: int
     kv_needed: int
+    kv_pool: int = 0
 
     @property
     def worst(self) -> StagePlan:
         return max(self.stages, key=lambda s: s.peak)
 
     @property
+    def sglang_starts(self) -> bool:
+        return self.coloc.mem_fraction == 0 or self.kv_pool > 0
+
+    @property
     def fits(self) -> bool:
-        return self.worst.peak <= self.coloc.gpu_bytes
+        return self.worst.peak <= self.coloc.gpu_bytes and self.sglang_starts
 
     @property
     def kv_sufficient(self) -> bool:
@@ -420,19 +453,24 @@ def plan_stage(cfg, layout: Layout, mb: MicroBatch, num_micro: int, coloc: Coloc
         "gradients (fp32 buffer)": grad_bytes(trainable, layout),
         "optimizer state": optimizer_bytes(trainable, layout),
         "activations": in_flight * act,
-        "backward transient": recompute_transient_bytes(cfg, layout, mb) + logits["transient"],
+        # forward: one ViT layer's scores (computed even when frozen); backward: recompute + logits grad
+        "transient working set": max(vision_forward_transient(cfg, layout, mb) if first else 0,
+                                     recompute_transient_bytes(cfg, layout, mb) + logits["transient"]),
         "log-prob buffers": logits["held"],
         "reference model": n_params * d if coloc.reference == "gpu" else 0,
         "CUDA context + allocator": coloc.overhead_bytes,
     }
     resident = c["parameters"] + c["gradients (fp32 buffer)"] + c["optimizer state"] + c["CUDA context + allocator"] \
         + c["reference model"]
-    train = resident + c["activations"] + c["backward transient"] + c["log-prob buffers"]
-    sglang = int(coloc.mem_fraction * coloc.gpu_bytes)
+    train = resident + c["activations"] + c["transient working set"] + c["log-prob buffers"]
+    # At engine start the optimizer holds its fp32 main params (a third of 16-bit Adam state) but no moments yet.
+    main = c["optimizer state"] // 3 if layout.dtype != "fp32" else 0
+    held = c["parameters"] + c["gradients (fp32 buffer)"] + main + c["CUDA context + allocator"] + c["reference model"]
+    sglang = sglang_budget_bytes(coloc, held)
     c["SGLang weights + KV (rollout)"] = sglang
     ref_fwd = resident + n_params * d if coloc.reference == "offload" else 0
-    return StagePlan(stage, n_params, trainable, c, train_peak=train,
-                     rollout_peak=resident + sglang if sglang else 0, reference_peak=ref_fwd)
+    return StagePlan(stage, n_params, trainable, c, train_peak=train, rollout_peak=resident + sglang if sglang else 0,
+                     reference_peak=ref_fwd, held_at_engine_start=held)
 
 
 def num_microbatches(rows_per_rank: int, mb: MicroBatch) -> int:
@@ -446,14 +484,17 @@ def plan(cfg, layout: Layout, mb: MicroBatch, rows_per_rank: int, coloc: Colocat
     check_parallel(cfg, layout.tp, layout.pp)
     n_micro = num_microbatches(rows_per_rank, mb)
     stages = [plan_stage(cfg, layout, mb, n_micro, coloc, s) for s in range(layout.pp)]
-    kv_cap = kv_capacity_tokens(cfg, coloc) if coloc.mem_fraction else 0
+    # SGLang's rank 0 shares GPU 0 with the first stage's TP rank 0.
+    held = stages[0].held_at_engine_start
+    kv_cap = kv_capacity_tokens(cfg, coloc, held) if coloc.mem_fraction else 0
+    kv_pool = kv_pool_bytes(cfg, coloc, held) if coloc.mem_fraction else 0
     kv_need = -(-coloc.rollout_tokens // max(1, coloc.sglang_instances))
-    return Plan(layout, mb, n_micro, coloc, stages, kv_cap, kv_need)
+    return Plan(layout, mb, n_micro, coloc, stages, kv_cap, kv_need, kv_pool)
 
 
 def biggest(stage: StagePlan, k: int = 3) -> List[str]:
     """The ``k`` largest components of the phase that sets the peak."""
     rollout = stage.rollout_peak >= stage.train_peak
-    skip = {"activations", "backward transient", "log-prob buffers"} if rollout else {"SGLang weights + KV (rollout)"}
+    skip = {"activations", "transient working set", "log-prob buffers"} if rollout else {"SGLang weights + KV (rollout)"}
     items = sorted(((v, n) for n, v in stage.components.items() if n not in skip), reverse=True)
     return [n for v, n in items[:k] if v > 0]

@@ -10,7 +10,8 @@ sets it (else the image tokens + 256 text tokens); every prompt carries ``--imag
 images of ``data.max_pixels`` pixels; a micro-batch holds as many whole rows as fit in
 ``actor.micro.max_tokens`` (at least one).
 
-Exit status: 0 = fits and the KV cache holds the step's rollouts, 1 = DOES NOT FIT, 3 = fits but the
+Exit status: 0 = fits and the KV cache holds the step's rollouts, 1 = DOES NOT FIT (the peak exceeds
+the GPU, or SGLang's share of the memory the actor leaves free is below its weights), 3 = fits but the
 KV cache is too small for all of the step's rollouts at once (SGLang then queues requests: slower,
 not an out-of-memory), 2 = bad arguments.
 """
@@ -180,9 +181,10 @@ def to_dict(result: M.Plan, header: Dict[str, Any]) -> Dict[str, Any]:
         inputs=header, fits=result.fits, kv_sufficient=result.kv_sufficient,
         gpu_bytes=result.coloc.gpu_bytes, peak_bytes=worst.peak, worst_stage=worst.stage,
         biggest=M.biggest(worst), kv_capacity_tokens=result.kv_capacity, kv_needed_tokens=result.kv_needed,
+        kv_pool_bytes=result.kv_pool, sglang_starts=result.sglang_starts,
         stages=[dict(stage=s.stage, params=s.params, trainable=s.trainable, components=s.components,
                      train_peak=s.train_peak, rollout_peak=s.rollout_peak, reference_peak=s.reference_peak,
-                     peak=s.peak) for s in result.stages])
+                     held_at_engine_start=s.held_at_engine_start, peak=s.peak) for s in result.stages])
 
 
 def format_plan(result: M.Plan, header: Dict[str, Any]) -> str:
@@ -210,11 +212,17 @@ def format_plan(result: M.Plan, header: Dict[str, Any]) -> str:
     verdict = "FITS" if result.fits else "DOES NOT FIT"
     lines += ["", f"{verdict}: peak {worst.peak / M.GIB:.2f} GiB on a stage-{worst.stage} GPU vs {cap / M.GIB:.2f} GiB "
               f"({100 * worst.peak / cap:.0f}%); biggest: {', '.join(M.biggest(worst))}"]
-    if result.coloc.mem_fraction:
+    co = result.coloc
+    if co.mem_fraction and not result.sglang_starts:
+        lines.append(f"SGLang cannot start: mem_fraction_static={co.mem_fraction:g} of the "
+                     f"{(co.gpu_bytes - result.stages[0].held_at_engine_start) / M.GIB:.2f} GiB free after the actor "
+                     f"is built leaves {result.kv_pool / M.GIB:.2f} GiB for the KV cache after its weights")
+    elif co.mem_fraction:
         kv = "enough" if result.kv_sufficient else "INSUFFICIENT (SGLang queues the rest: slower, not an OOM)"
-        lines.append(f"SGLang KV cache (mem_fraction_static={result.coloc.mem_fraction:g}, tp={result.coloc.sglang_tp}): "
-                     f"{result.kv_capacity:,} tokens; the step's {header['rows_per_step']} rollouts need "
-                     f"{result.kv_needed:,} at once: {kv}")
+        lines.append(f"SGLang KV cache (mem_fraction_static={co.mem_fraction:g} of the "
+                     f"{(co.gpu_bytes - result.stages[0].held_at_engine_start) / M.GIB:.2f} GiB free when it starts, "
+                     f"tp={co.sglang_tp}): {result.kv_pool / M.GIB:.2f} GiB = {result.kv_capacity:,} tokens; the step's "
+                     f"{header['rows_per_step']} rollouts need {result.kv_needed:,} at once: {kv}")
     return "\n".join(lines)
 
 
