@@ -12,7 +12,6 @@ passed explicitly, instead of relying on transformers' cached ``rope_deltas`` st
 """
 from __future__ import annotations
 
-import copy
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -107,9 +106,8 @@ class HFEngine(RolloutEngine):
         for i, req in enumerate(requests):
             uid = req.uid or str(i)
             first_logits, cache, next_pos = self._prefill(req)
-            out.append([self._decode(first_logits, copy.deepcopy(cache), next_pos, params,
-                                     torch.Generator().manual_seed(seed_for(base, uid, j)))
-                        for j in range(params.n)])
+            gens = [torch.Generator().manual_seed(seed_for(base, uid, j)) for j in range(params.n)]
+            out.append(self._decode(first_logits, cache, next_pos, params, gens))
         return out
 
     def _prefill(self, req: RolloutRequest):
@@ -123,22 +121,37 @@ class HFEngine(RolloutEngine):
                          use_cache=True)
         return res.logits[0, -1], res.past_key_values, int(pos.max()) + 1
 
-    def _decode(self, logits, cache, pos: int, params: SamplingParams, gen: torch.Generator) -> Sample:
+    def _decode(self, logits, cache, pos: int, params: SamplingParams, gens: List[torch.Generator]) -> List[Sample]:
+        """The n samples of one prompt decoded together: they share the prompt, hence positions and
+        cache length, so one batched forward per token serves all of them with no padding. Each
+        sample draws from its own generator, so what it samples does not depend on the others."""
+        n = len(gens)
         stops = set(self.eos_token_ids) | set(params.stop_token_ids)
-        tokens: List[int] = []
-        logprobs: List[float] = []
+        if n > 1:
+            cache.batch_repeat_interleave(n)
+        logits = logits.expand(n, -1)
+        tokens: List[List[int]] = [[] for _ in range(n)]
+        logprobs: List[List[float]] = [[] for _ in range(n)]
+        done: List[Optional[str]] = [None] * n
         while True:
-            tok, lp = choose_token(logits, params, gen)
-            tokens.append(tok)
-            logprobs.append(lp)
-            if tok in stops or self._hit_stop_string(tokens, params.stop):
-                return Sample(tokens, logprobs, "stop")
-            if len(tokens) >= params.max_new_tokens:
-                return Sample(tokens, logprobs, "length")
-            step_pos = torch.full((3, 1, 1), pos, dtype=torch.long, device=self.device)
-            res = self.model(input_ids=torch.tensor([[tok]], device=self.device), position_ids=step_pos,
+            step_tokens = []
+            for j in range(n):
+                if done[j] is None:
+                    tok, lp = choose_token(logits[j], params, gens[j])
+                    tokens[j].append(tok)
+                    logprobs[j].append(lp)
+                    if tok in stops or self._hit_stop_string(tokens[j], params.stop):
+                        done[j] = "stop"
+                    elif len(tokens[j]) >= params.max_new_tokens:
+                        done[j] = "length"
+                # A finished row keeps feeding its last token: rows never attend to each other.
+                step_tokens.append(tokens[j][-1])
+            if all(d is not None for d in done):
+                return [Sample(t, lp, d) for t, lp, d in zip(tokens, logprobs, done)]
+            step_pos = torch.full((3, n, 1), pos, dtype=torch.long, device=self.device)
+            res = self.model(input_ids=torch.tensor(step_tokens, device=self.device)[:, None], position_ids=step_pos,
                              past_key_values=cache, use_cache=True)
-            logits, cache, pos = res.logits[0, -1], res.past_key_values, pos + 1
+            logits, cache, pos = res.logits[:, -1], res.past_key_values, pos + 1
 
     def _hit_stop_string(self, tokens: List[int], stop: Tuple[str, ...]) -> bool:
         if not stop:
