@@ -183,11 +183,13 @@ def qwen2_5_vl_7b_paper(data_dir: str, init: Optional[str] = None, run_dir: str 
                         seed: int = 0, processor_dir: Optional[str] = None) -> RLConfig:
     """The DualRPO paper run: Qwen2.5-VL-7B-Instruct (``init``: its HF directory), Orsta-Data-47k for one
     epoch, one 8xH100 node. TP=2 (28 heads / 4 KV heads split evenly) leaves DP=4 for throughput; the
-    7B weights + sharded Adam state fit beside the colocated SGLang engine. G=8 and 2048 new tokens
+    7B weights + sharded Adam state fit beside the colocated SGLang engine. Full recomputation:
+    `dualrpo plan` puts selective recomputation 0.1 GiB over 80 GB in the worst case (2K-token
+    responses, max-size images), full at 58 GiB. G=8 and 2048 new tokens
     follow V-Triune's defaults (ROLLOUT_N, DATA_MAX_RES_LENGTH); 128 prompts/step is our choice."""
     return paper_config(
         data_dir, init, run_dir, preset="qwen2.5-vl-7b", steps=steps, reward_mode=reward_mode, tp=tp, pp=pp,
-        recompute="selective", prompts_per_step=prompts_per_step, group_size=group_size,
+        recompute="full", prompts_per_step=prompts_per_step, group_size=group_size,
         max_new_tokens=max_new_tokens, micro_tokens=16384, seed=seed, processor_dir=processor_dir,
         # SGLang on rank 0: TP=4 is the widest split of 28 heads; 0.5 of each GPU for weights + KV cache
         # leaves the rest to the resident Megatron params, gradients and optimizer shards.
@@ -205,15 +207,16 @@ def qwen2_5_vl_7b_paper_grpo(data_dir: str, init: Optional[str] = None,
 
 @RECIPES.register("qwen2_5_vl_32b")
 def qwen2_5_vl_32b(data_dir: str, init: Optional[str] = None, run_dir: str = "runs/qwen2_5_vl_32b", *,
-                   steps: Optional[int] = None, reward_mode: str = "dualrpo", tp: int = 8, pp: int = 2,
+                   steps: Optional[int] = None, reward_mode: str = "dualrpo", tp: int = 4, pp: int = 4,
                    prompts_per_step: int = 128, group_size: int = 8, max_new_tokens: int = 2048,
                    seed: int = 0, processor_dir: Optional[str] = None) -> RLConfig:
-    """DualRPO on Qwen2.5-VL-32B-Instruct over 4 nodes x 8 H100 (``default_world``): TP=8 inside a node
-    (NVLink), PP=2 across the 64 layers, DP=2; full recomputation because 32B activations at 2K-token
-    responses do not fit beside the weights otherwise."""
+    """DualRPO on Qwen2.5-VL-32B-Instruct over 4 nodes x 8 H100 (``default_world``): TP=4 inside a node
+    (NVLink; the ViT's ffn of 3420 splits over TP 1, 2 or 4 only, so TP=8 cannot build), PP=4 across
+    the 64 layers, DP=2; full recomputation because 32B activations at 2K-token responses do not fit
+    beside the weights otherwise (`dualrpo plan --recipe qwen2_5_vl_32b`: 54 GiB peak per GPU)."""
     return paper_config(
         data_dir, init, run_dir, preset="qwen2.5-vl-32b", steps=steps, reward_mode=reward_mode, tp=tp, pp=pp,
         recompute="full", prompts_per_step=prompts_per_step, group_size=group_size,
         max_new_tokens=max_new_tokens, micro_tokens=8192, seed=seed, processor_dir=processor_dir,
-        # 40 heads / 8 KV heads: TP=8 splits evenly; the rank-0 engine spans node 0's 8 GPUs.
-        engine_options={"mem_fraction_static": 0.5, "tp_size": 8})
+        # The engine shards like the actor (TP=4: 40 heads / 8 KV heads and the ViT split evenly).
+        engine_options={"mem_fraction_static": 0.5, "tp_size": 4})
