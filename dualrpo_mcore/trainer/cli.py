@@ -21,8 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="RL steps (default: the recipe's)")
     parser.add_argument("--reward-mode", default=None, help="grpo | dualrpo | internal (default: the recipe's)")
     parser.add_argument("--resume", default=None, help="'auto' (newest checkpoint in the run dir) or a path")
-    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
-    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    parser.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: the recipe's)")
+    parser.add_argument("--pp", type=int, default=None, help="pipeline-parallel size (default: the recipe's)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -30,7 +30,7 @@ def config_from_args(args):
     """The recipe's config with the command line's overrides (checks run again on the changed tree)."""
     from .recipes import build_recipe
 
-    kwargs = dict(tp=args.tp, pp=args.pp)
+    kwargs = {k: getattr(args, k) for k in ("tp", "pp") if getattr(args, k) is not None}
     if args.steps is not None:
         kwargs["steps"] = args.steps
     if args.reward_mode is not None:
