@@ -38,7 +38,7 @@ def generate(ctx: steps.Context, step: int, round_: int, num_prompts: int) -> Di
 
 
 def collect(ctx: steps.Context, step: int) -> Dict[str, Any]:
-    """The step's groups; with dynamic sampling, groups with all-equal rewards are dropped and refilled."""
+    """The step's groups; with dynamic sampling, groups without signal are dropped and refilled."""
     cfg, g, want = ctx.cfg, ctx.cfg.rollout.group_size, ctx.cfg.schedule.prompts_per_step
     img, merge = ctx.actor.cfg.image_token_id, ctx.actor.cfg.spatial_merge_size
     max_rounds = 1 + (cfg.schedule.max_refill_rounds if cfg.schedule.dynamic_sampling else 0)
@@ -47,7 +47,7 @@ def collect(ctx: steps.Context, step: int) -> Dict[str, Any]:
         batch = generate(ctx, step, round_, want - have)
         groups = list(range(batch["v"].numel() // g))
         if cfg.schedule.dynamic_sampling:
-            flat = steps.flat_groups(batch["reward"], g)
+            flat = steps.flat_groups(batch[cfg.schedule.dynamic_sampling_on], g)
             groups = [i for i in groups if not flat[i]]
         if groups:
             kept.append(steps.select(batch, steps.group_rows(groups, g), img, merge))

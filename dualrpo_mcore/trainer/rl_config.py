@@ -101,7 +101,14 @@ class ScheduleConfig:
     prompts_per_step: int = 8
     """Prompts (groups) per step, over all data-parallel ranks."""
     dynamic_sampling: bool = False
-    """Drop groups whose shaped rewards are all equal (zero advantage) and refill with new prompts."""
+    """Drop groups without signal (see ``dynamic_sampling_on``) and refill with new prompts."""
+    dynamic_sampling_on: str = "v"
+    """What must vary inside a group for it to be kept: 'v' (the verifier reward: all right or all
+    wrong groups are dropped, as in DAPO) or 'reward' (the shaped reward). Under 'dualrpo' the
+    shaped rewards of an all-wrong group differ only by ``-lam * u``, and the group std
+    normalisation blows that up into unit-size advantages that push every such group toward low
+    certainty whatever it says; 'v' keeps the certainty terms where an answer was right. 'internal'
+    mode has no verifier signal and needs 'reward'."""
     max_refill_rounds: int = 2
     """Extra rollout rounds dynamic sampling may spend per step; a short batch then trains as is."""
     overlong_filter: bool = False
@@ -112,6 +119,8 @@ class ScheduleConfig:
             raise ValueError(f"schedule.steps must be >= 1, got {self.steps}")
         if self.prompts_per_step < 1:
             raise ValueError(f"schedule.prompts_per_step must be >= 1, got {self.prompts_per_step}")
+        if self.dynamic_sampling_on not in ("v", "reward"):
+            raise ValueError(f"schedule.dynamic_sampling_on={self.dynamic_sampling_on!r}: choose 'v' or 'reward'")
         if self.max_refill_rounds < 0:
             raise ValueError(f"schedule.max_refill_rounds must be >= 0, got {self.max_refill_rounds}")
 
@@ -201,6 +210,9 @@ class RLConfig:
         if abs(self.actor.temperature - self.rollout.sampling.temperature) > 0:
             raise ValueError(f"actor.temperature={self.actor.temperature} must equal rollout.sampling.temperature="
                              f"{self.rollout.sampling.temperature} (old log-probs use the sampling temperature)")
+        if self.schedule.dynamic_sampling and self.reward.mode == "internal" and self.schedule.dynamic_sampling_on == "v":
+            raise ValueError("schedule.dynamic_sampling_on='v' with reward.mode='internal' would drop every group "
+                             "the verifier scores alike; use 'reward'")
         if self.tokenizer_dir is None:
             self.tokenizer_dir = self.data.processor_dir
         if not self.tokenizer_dir:

@@ -47,10 +47,10 @@ def test_mask_overlong_clears_only_truncated_rows():
     assert batch["response_mask"].sum(-1).tolist() == [2, 0]
 
 
-def _fake_ctx(dynamic, rounds, want):
+def _fake_ctx(dynamic, rounds, want, on="reward"):
     cfg = types.SimpleNamespace(rollout=types.SimpleNamespace(group_size=G),
                                 schedule=types.SimpleNamespace(prompts_per_step=want, dynamic_sampling=dynamic,
-                                                               max_refill_rounds=rounds))
+                                                               max_refill_rounds=rounds, dynamic_sampling_on=on))
     actor = types.SimpleNamespace(cfg=types.SimpleNamespace(image_token_id=999, spatial_merge_size=2))
     return types.SimpleNamespace(cfg=cfg, actor=actor, rounds=0)
 
@@ -83,6 +83,21 @@ def test_dynamic_sampling_gives_up_after_max_rounds(monkeypatch):
     assert ctx.rounds == 3
 
 
+@pytest.mark.parametrize("on", ["v", "reward"])
+def test_dynamic_sampling_filters_on_verifier_or_shaped_reward(monkeypatch, on):
+    """An all-wrong group under DualRPO: v flat at 0, shaped rewards -lam*u differ. Filtering on 'v'
+    drops it; filtering on 'reward' keeps it."""
+    def fake_generate(ctx, step, round_, num_prompts):
+        b = _batch([0.0, 0.0, 0.0, 1.0][: num_prompts * G], [1, 2, 3, 4][: num_prompts * G])
+        b["reward"] = b["reward"] - 0.005 * torch.tensor([0.2, 0.7, 0.1, 0.3])[: num_prompts * G]
+        return b
+
+    monkeypatch.setattr(loop, "generate", fake_generate)
+    batch = loop.collect(_fake_ctx(True, rounds=0, want=2, on=on), step=1)
+    kept = batch["v"].tolist()
+    assert kept == ([0.0, 1.0] if on == "v" else [0.0, 0.0, 0.0, 1.0])
+
+
 def test_rl_config_checks_name_the_field(tmp_path):
     from dualrpo_mcore.trainer.rl_config import EvalConfig, RewardConfig, RolloutConfig, ScheduleConfig
 
@@ -94,6 +109,8 @@ def test_rl_config_checks_name_the_field(tmp_path):
         EvalConfig(every=2)
     with pytest.raises(ValueError, match="schedule.steps"):
         ScheduleConfig(steps=0)
+    with pytest.raises(ValueError, match="schedule.dynamic_sampling_on"):
+        ScheduleConfig(dynamic_sampling_on="u")
 
 
 @pytest.fixture(scope="module")
