@@ -3,9 +3,10 @@
 Own sampling loop rather than ``model.generate`` so the semantics are exactly the documented ones
 (:mod:`.engine`): temperature, then top-k, then top-p on the probabilities, a multinomial draw from a
 per-(prompt, sample) ``torch.Generator``, and log-probs of the chosen token under softmax(logits/T)
-before truncation. Each prompt is prefilled once (images go through the ViT once) and its KV cache
-copied for each of the n samples; samples then decode one at a time with batch 1, so a sample's
-tokens do not depend on which other prompts share the call (deterministic on CPU).
+before truncation. Prompts are prefilled together, left-padded (images go through the ViT once per
+prompt), the KV cache is repeated for each prompt's n samples, and all rows then decode in one
+batched forward per token (up to ``max_batch_rows`` rows at a time). Every sample draws from its own
+generator, so its tokens do not depend on which other prompts share the call (deterministic on CPU).
 
 3D rope positions are computed here (the same ``geometry.rope_index`` as the Megatron actor) and
 passed explicitly, instead of relying on transformers' cached ``rope_deltas`` state.
@@ -53,7 +54,10 @@ class HFEngine(RolloutEngine):
     """``model``: a ``Qwen2_5_VLForConditionalGeneration`` (or build one from ``hf_config``)."""
 
     def __init__(self, model=None, *, hf_config=None, tokenizer=None, eos_token_ids: Optional[Sequence[int]] = None,
-                 dtype: torch.dtype = torch.float32, device: str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: str = "cpu", max_batch_rows: int = 64):
+        if max_batch_rows < 1:
+            raise ValueError(f"max_batch_rows={max_batch_rows}: must be >= 1")
+        self.max_batch_rows = max_batch_rows
         if model is None:
             if hf_config is None:
                 raise ValueError("HFEngine needs a model or an hf_config")
@@ -69,6 +73,9 @@ class HFEngine(RolloutEngine):
             eos = eos if eos is not None else cfg.get_text_config().eos_token_id
             eos_token_ids = [eos] if isinstance(eos, int) else list(eos or [])
         self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
+        # Left padding is masked out, so its id only has to be a valid row of the embedding.
+        pad = getattr(cfg.get_text_config(), "pad_token_id", None)
+        self.pad_id = int(pad) if pad is not None else (self.eos_token_ids[0] if self.eos_token_ids else 0)
         # Published checkpoint names (what the exporter sends) -> live tensors; tied weights
         # appear under both names and share storage, so copying one updates both.
         self._params: Dict[str, torch.Tensor] = {
@@ -102,40 +109,54 @@ class HFEngine(RolloutEngine):
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer: HFEngine(tokenizer=...)")
         base = params.seed if params.seed is not None else int(torch.randint(0, 2 ** 62, (1,)))
-        out = []
-        for i, req in enumerate(requests):
-            uid = req.uid or str(i)
-            first_logits, cache, next_pos = self._prefill(req)
-            gens = [torch.Generator().manual_seed(seed_for(base, uid, j)) for j in range(params.n)]
-            out.append(self._decode(first_logits, cache, next_pos, params, gens))
+        per_chunk = max(1, self.max_batch_rows // params.n)
+        out: List[List[Sample]] = []
+        for c in range(0, len(requests), per_chunk):
+            chunk = requests[c:c + per_chunk]
+            gens = [torch.Generator().manual_seed(seed_for(base, req.uid or str(c + i), j))
+                    for i, req in enumerate(chunk) for j in range(params.n)]
+            logits, cache, mask, pos = self._prefill(chunk, params.n)
+            flat = self._decode(logits, cache, mask, pos, params, gens)
+            out.extend(flat[i * params.n:(i + 1) * params.n] for i in range(len(chunk)))
         return out
 
-    def _prefill(self, req: RolloutRequest):
+    def _prefill(self, reqs: Sequence[RolloutRequest], n: int):
+        """One forward over the chunk's prompts, left-padded to a common length (images go through
+        the ViT once per prompt); the cache is then repeated for each prompt's n samples."""
         cfg = self.model.config
-        ids = torch.tensor([req.input_ids], dtype=torch.long, device=self.device)
-        grid = None if req.image_grid_thw is None else req.image_grid_thw.to(self.device)
-        pos, _ = geometry.rope_index(ids.cpu(), None if grid is None else grid.cpu(), cfg.image_token_id,
-                                     cfg.vision_config.spatial_merge_size)
-        pv = None if req.pixel_values is None else req.pixel_values.to(self.device, self.model.dtype)
-        res = self.model(input_ids=ids, pixel_values=pv, image_grid_thw=grid, position_ids=pos.to(self.device),
-                         use_cache=True)
-        return res.logits[0, -1], res.past_key_values, int(pos.max()) + 1
-
-    def _decode(self, logits, cache, pos: int, params: SamplingParams, gens: List[torch.Generator]) -> List[Sample]:
-        """The n samples of one prompt decoded together: they share the prompt, hence positions and
-        cache length, so one batched forward per token serves all of them with no padding. Each
-        sample draws from its own generator, so what it samples does not depend on the others."""
-        n = len(gens)
-        stops = set(self.eos_token_ids) | set(params.stop_token_ids)
+        width = max(len(r.input_ids) for r in reqs)
+        ids = torch.full((len(reqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(reqs), width), dtype=torch.long)
+        for i, r in enumerate(reqs):
+            ids[i, width - len(r.input_ids):] = torch.tensor(r.input_ids)
+            mask[i, width - len(r.input_ids):] = 1
+        with_images = [r for r in reqs if r.image_grid_thw is not None]
+        grid = torch.cat([r.image_grid_thw for r in with_images]) if with_images else None
+        pv = torch.cat([r.pixel_values for r in with_images]).to(self.device, self.model.dtype) if with_images else None
+        pos, _ = geometry.rope_index(ids, grid, cfg.image_token_id, cfg.vision_config.spatial_merge_size,
+                                     attention_mask=mask)
+        res = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), pixel_values=pv,
+                         image_grid_thw=None if grid is None else grid.to(self.device),
+                         position_ids=pos.to(self.device), use_cache=True)
+        cache = res.past_key_values
         if n > 1:
             cache.batch_repeat_interleave(n)
-        logits = logits.expand(n, -1)
-        tokens: List[List[int]] = [[] for _ in range(n)]
-        logprobs: List[List[float]] = [[] for _ in range(n)]
-        done: List[Optional[str]] = [None] * n
+        next_pos = pos.amax(dim=(0, 2)) + 1  # per prompt: one past its largest position on any axis
+        return (res.logits[:, -1].repeat_interleave(n, 0), cache, mask.repeat_interleave(n, 0),
+                next_pos.repeat_interleave(n, 0))
+
+    def _decode(self, logits, cache, mask, pos, params: SamplingParams, gens: List[torch.Generator]) -> List[Sample]:
+        """All rows of a chunk decoded together, one batched forward per token. Each row draws from its
+        own generator, so what it samples does not depend on which rows share the batch (up to float
+        rounding of the batched forward)."""
+        rows = len(gens)
+        stops = set(self.eos_token_ids) | set(params.stop_token_ids)
+        tokens: List[List[int]] = [[] for _ in range(rows)]
+        logprobs: List[List[float]] = [[] for _ in range(rows)]
+        done: List[Optional[str]] = [None] * rows
         while True:
             step_tokens = []
-            for j in range(n):
+            for j in range(rows):
                 if done[j] is None:
                     tok, lp = choose_token(logits[j], params, gens[j])
                     tokens[j].append(tok)
@@ -148,8 +169,10 @@ class HFEngine(RolloutEngine):
                 step_tokens.append(tokens[j][-1])
             if all(d is not None for d in done):
                 return [Sample(t, lp, d) for t, lp, d in zip(tokens, logprobs, done)]
-            step_pos = torch.full((3, n, 1), pos, dtype=torch.long, device=self.device)
-            res = self.model(input_ids=torch.tensor(step_tokens, device=self.device)[:, None], position_ids=step_pos,
+            mask = torch.cat([mask, torch.ones((rows, 1), dtype=mask.dtype)], dim=1)
+            step_pos = pos.view(1, rows, 1).expand(3, rows, 1)
+            res = self.model(input_ids=torch.tensor(step_tokens, device=self.device)[:, None],
+                             attention_mask=mask.to(self.device), position_ids=step_pos.to(self.device),
                              past_key_values=cache, use_cache=True)
             logits, cache, pos = res.logits[:, -1], res.past_key_values, pos + 1
 
