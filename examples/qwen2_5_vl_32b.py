@@ -1,11 +1,11 @@
-"""DualRPO on Qwen2.5-VL-32B-Instruct over several 8xH100 nodes (Slurm): TP=8, PP=2, full recompute.
+"""DualRPO on Qwen2.5-VL-32B-Instruct over several 8xH100 nodes (Slurm): TP=4, PP=4, full recompute.
 
     python examples/qwen2_5_vl_32b.py --data /lustre/orsta --init /lustre/models/Qwen2.5-VL-32B-Instruct \\
         --out /lustre/runs/32b --account ACCT --partition batch --container IMAGE --mount /lustre:/lustre \\
         [--nodes 4] [--reward-mode grpo] [--dryrun]
 
 One torchrun per node (c10d rendezvous on the first node); the world (nodes x 8) must split into
-TP x PP x DP, so --nodes must be even at TP=8, PP=2.
+TP x PP x DP (TP=4, PP=4: any node count of 8 GPUs each; 4 nodes give DP=2).
 """
 import argparse
 import sys
@@ -22,8 +22,8 @@ def parse_args(argv=None):
     cli.add_job_arguments(p)
     p.add_argument("--nodes", type=int, default=nodes, help=f"nodes (default {nodes})")
     p.add_argument("--gpus-per-node", type=int, default=gpus, help=f"GPUs per node (default {gpus})")
-    p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: the recipe's, 8)")
-    p.add_argument("--pp", type=int, default=None, help="pipeline-parallel size (default: the recipe's, 2)")
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: the recipe's, 4)")
+    p.add_argument("--pp", type=int, default=None, help="pipeline-parallel size (default: the recipe's, 4)")
     p.add_argument("--reward-mode", default=None, help="grpo | dualrpo | internal (default: dualrpo)")
     p.add_argument("--steps", type=int, default=None, help="RL steps (default: one epoch)")
     cli.add_slurm_arguments(p.add_argument_group("slurm"), time="3-00:00:00")

@@ -9,7 +9,7 @@ Each cell runs ``--steps`` RL steps (default 20: a throughput measurement, not a
 model's paper-scale recipe at its default TP/PP with data parallelism over the remaining GPUs,
 writing ``<out>/<model>_n<nodes>`` (compare ``time/*`` in each ``metrics.jsonl``). The prompts per
 step stay the recipe's, so this is strong scaling. A cell whose world does not split into TP x PP
-(32B at TP=8, PP=2 on one node) is skipped and reported. ``--dryrun`` prints every job's script.
+(e.g. 32B at TP=4, PP=4 on fewer than 2 nodes) is skipped and reported. ``--dryrun`` prints every job's script.
 """
 import argparse
 import os
