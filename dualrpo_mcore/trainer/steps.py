@@ -201,7 +201,11 @@ def rollout(ctx: Context, prompts: Sequence[Any], params) -> List[List[tuple]]:
 
     out = None
     if ctx.rank0:
+        # Colocated engines (SGLang) hold GPU memory only while generating: the actor's log-prob
+        # forward and update that follow need it. Both calls are no-ops for the HF engine.
+        ctx.engine.resume_memory()
         samples = ctx.engine.generate([RolloutRequest.from_prompt(p) for p in prompts], params)
+        ctx.engine.release_memory()
         media = {ctx.actor.cfg.image_token_id, ctx.actor.cfg.video_token_id}
         out = [[cut_at_media(list(s.token_ids), [float(x) for x in s.logprobs], s.finish_reason, media)
                 for s in group] for group in samples]
@@ -338,9 +342,14 @@ def global_loss(actor, metrics: Dict[str, float]) -> float:
 
 def sync(ctx: Context) -> None:
     """New policy weights into the engine (collective over all ranks; the engine is on rank 0)."""
-    from dualrpo_mcore.rollout.sync import sync_weights
-
-    sync_weights(ctx.exporter, ctx.actor.model, ctx.engine)
+    buckets = ctx.exporter.buckets(ctx.actor.model)
+    if ctx.engine is None:
+        for _ in buckets:  # the other ranks take part in the export's collectives
+            pass
+        return
+    # The new weights are loaded before the engine re-allocates its KV cache, so the two never
+    # peak together (resume_memory's contract).
+    ctx.engine.resume_memory(weights=(t for bucket in buckets for t in bucket))
 
 
 # ------------------------------------------------------------------------------------ metrics / eval
@@ -362,7 +371,9 @@ def evaluate(ctx: Context, step: int) -> Dict[str, float]:
     cfg = ctx.cfg
     params = dataclasses.replace(cfg.rollout.sampling, n=1, seed=cfg.rollout.seed,
                                  temperature=0.0 if cfg.eval.greedy else cfg.rollout.sampling.temperature)
+    ctx.engine.resume_memory()
     groups = ctx.engine.generate([RolloutRequest.from_prompt(p) for p in ctx.heldout], params)
+    ctx.engine.release_memory()
     media = {ctx.actor.cfg.image_token_id, ctx.actor.cfg.video_token_id}
     texts = [ctx.tokenizer.decode(cut_at_media(g[0].token_ids, g[0].logprobs, "stop", media)[0],
                                   skip_special_tokens=True) for g in groups]

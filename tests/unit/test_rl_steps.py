@@ -149,3 +149,46 @@ def test_responses_end_before_a_sampled_image_placeholder():
     ids, lps, finish = steps.cut_at_media([5, 6, 877, 7], [-1.0, -2.0, -3.0, -4.0], "length", {877, 878})
     assert (ids, lps, finish) == ([5, 6], [-1.0, -2.0], "stop")
     assert steps.cut_at_media([5, 6], [-1.0, -2.0], "length", {877}) == ([5, 6], [-1.0, -2.0], "length")
+
+
+class _RecordingEngine:
+    """Records the colocation calls in order (what SGLang needs: memory back only around generation,
+    new weights loaded before the KV cache returns)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def resume_memory(self, weights=None):
+        self.calls.append(("resume", None if weights is None else [n for n, _ in weights]))
+
+    def release_memory(self):
+        self.calls.append(("release",))
+
+    def generate(self, requests, params):
+        self.calls.append(("generate", len(requests)))
+        from dualrpo_mcore.rollout import Sample
+
+        return [[Sample([5, 2], [-0.1, -0.2], "stop")] * params.n for _ in requests]
+
+
+def test_engine_memory_is_held_only_around_generation_and_weights_load_on_resume(monkeypatch):
+    from dualrpo_mcore.rollout import SamplingParams
+
+    monkeypatch.setattr(steps, "broadcast", lambda obj: obj)
+    t = torch.zeros(2)
+    exporter = types.SimpleNamespace(buckets=lambda model: iter([[("a", t), ("b", t)], [("c", t)]]))
+    engine = _RecordingEngine()
+    ctx = types.SimpleNamespace(rank0=True, engine=engine, exporter=exporter,
+                                actor=types.SimpleNamespace(model=None, cfg=types.SimpleNamespace(
+                                    image_token_id=999, video_token_id=998)))
+    prompt = types.SimpleNamespace(input_ids=[1, 2, 3], pixel_values=None, image_grid_thw=None, images=[], uid="p")
+    out = steps.rollout(ctx, [prompt], SamplingParams(n=2, max_new_tokens=4))
+    assert len(out[0]) == 2
+    steps.sync(ctx)
+    assert engine.calls == [("resume", None), ("generate", 1), ("release",), ("resume", ["a", "b", "c"])]
+    # A rank without the engine still walks every bucket (the export is collective).
+    walked = []
+    ctx_other = types.SimpleNamespace(rank0=False, engine=None, actor=ctx.actor, exporter=types.SimpleNamespace(
+        buckets=lambda model: (walked.append(i) or [] for i in range(3))))
+    steps.sync(ctx_other)
+    assert walked == [0, 1, 2]
