@@ -41,10 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hidden-size", type=int, default=64, help="tiny model: LM hidden size")
     parser.add_argument("--layers", type=int, default=2, help="tiny model: LM layers")
     parser.add_argument("--vision-depth", type=int, default=2, help="tiny model: ViT blocks")
+    parser.add_argument("--vision-hidden", type=int, default=32, help="tiny model: ViT width (heads of 16 dims)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def tiny_config_for_tokenizer(model_dir: str, hidden_size: int = 64, layers: int = 2, vision_depth: int = 2):
+def tiny_config_for_tokenizer(model_dir: str, hidden_size: int = 64, layers: int = 2, vision_depth: int = 2,
+                              vision_hidden: int = 32):
     """A small ``Qwen2_5_VLConfig`` whose vocabulary, special ids and patch geometry match the
     tokenizer/processor in ``model_dir`` (``dualrpo_tokens.json``, ``preprocessor_config.json``)."""
     from transformers import Qwen2_5_VLConfig
@@ -64,7 +66,10 @@ def tiny_config_for_tokenizer(model_dir: str, hidden_size: int = 64, layers: int
                 pad_token_id=facts["pad_token_id"],
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section})
     patch, merge = int(proc["patch_size"]), int(proc["merge_size"])
-    vision = dict(depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=patch,
+    if vision_hidden % 16:
+        raise ValueError(f"--vision-hidden {vision_hidden} must be a multiple of 16 (heads of 16 dims)")
+    vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                  num_heads=vision_hidden // 16, patch_size=patch,
                   temporal_patch_size=int(proc["temporal_patch_size"]), in_channels=3, spatial_merge_size=merge,
                   window_size=patch * merge * 2, fullatt_block_indexes=[vision_depth - 1], out_hidden_size=hidden_size)
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=facts["image_token_id"],
@@ -122,7 +127,7 @@ def _initial_model(args, model_dir):
     if args.init:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.init, dtype=torch.float32)
         return AutoConfig.from_pretrained(args.init), model.state_dict()
-    cfg = tiny_config_for_tokenizer(model_dir, args.hidden_size, args.layers, args.vision_depth)
+    cfg = tiny_config_for_tokenizer(model_dir, args.hidden_size, args.layers, args.vision_depth, args.vision_hidden)
     torch.manual_seed(args.seed)
     return cfg, Qwen2_5_VLForConditionalGeneration(cfg).float().state_dict()
 

@@ -86,3 +86,19 @@ def test_sft_tp2_follows_tp1(synth_dir, tmp_path, tp1):
         diff = max(abs(a - b) for a, b in zip(r["losses"], ref["losses"]))
         assert diff <= 1e-3, f"TP=2 SFT losses drift from TP=1 by {diff:.3g}: {r['losses']} vs {ref['losses']}"
     assert os.path.exists(tmp_path / "tp2" / "model.safetensors")
+
+
+def test_tiny_config_widths_and_bad_vision_width(synth_dir):
+    import os
+
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from dualrpo_mcore.trainer.sft_cli import tiny_config_for_tokenizer
+
+    model_dir = os.path.join(synth_dir, "model")
+    cfg = tiny_config_for_tokenizer(model_dir, vision_hidden=64)
+    v = cfg.vision_config
+    assert (v.hidden_size, v.num_heads, v.intermediate_size, v.out_hidden_size) == (64, 4, 128, 64)
+    Qwen2_5_VLForConditionalGeneration(cfg)  # transformers accepts the shapes
+    with pytest.raises(ValueError, match="--vision-hidden 40"):
+        tiny_config_for_tokenizer(model_dir, vision_hidden=40)
