@@ -11,20 +11,10 @@ import os
 import subprocess
 import sys
 
+from test_rl_cli import _dualrpo  # the e2e tests' shared CLI runner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PHASES = ("rollout", "verify", "logprob", "update", "sync")
-
-
-def _dualrpo(*args, timeout=300):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               OMP_NUM_THREADS="2")
-    proc = subprocess.run([sys.executable, "-m", "dualrpo_mcore", *args], cwd=ROOT, env=env, timeout=timeout,
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
-
-
 
 
 def test_bench_step_reports_every_phase(tmp_path):
