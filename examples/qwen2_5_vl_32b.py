@@ -40,10 +40,8 @@ def main(argv=None) -> int:
     opts = cli.slurm_options(args, args.nodes, args.gpus_per_node)
     job.check_world(opts.world, "--nodes x --gpus-per-node")
     executor = nemo.slurm_executor(opts, exp_base_dir=args.exp_dir)
-    result = nemo.run_experiment("dualrpo-32b", [(RECIPE, nemo.train_task(job), executor)], args.exp_dir,
-                                 dryrun=args.dryrun, detach=args.detach)
-    cli.report(result)
-    return 0 if result.ok else 1
+    return cli.run_and_report("dualrpo-32b", [(RECIPE, nemo.train_task(job), executor)], args.exp_dir,
+                              dryrun=args.dryrun, detach=args.detach)
 
 
 if __name__ == "__main__":

@@ -43,9 +43,7 @@ def main(argv=None) -> int:
         opts = cli.slurm_options(args, nodes, gpus)
         job.check_world(opts.world, "nodes x GPUs")
         jobs.append((variant, nemo.train_task(job), nemo.slurm_executor(opts, exp_base_dir=args.exp_dir)))
-    result = nemo.run_experiment("dualrpo-7b-paper", jobs, args.exp_dir, dryrun=args.dryrun, detach=args.detach)
-    cli.report(result)
-    return 0 if result.ok else 1
+    return cli.run_and_report("dualrpo-7b-paper", jobs, args.exp_dir, dryrun=args.dryrun, detach=args.detach)
 
 
 if __name__ == "__main__":

@@ -65,9 +65,7 @@ def main(argv=None) -> int:
         return 2
     jobs = [(name, nemo.train_task(job), nemo.slurm_executor(opts, exp_base_dir=args.exp_dir))
             for name, job, opts in runnable]
-    result = nemo.run_experiment("dualrpo-scaling", jobs, args.exp_dir, dryrun=args.dryrun, detach=args.detach)
-    cli.report(result)
-    return 0 if result.ok else 1
+    return cli.run_and_report("dualrpo-scaling", jobs, args.exp_dir, dryrun=args.dryrun, detach=args.detach)
 
 
 if __name__ == "__main__":

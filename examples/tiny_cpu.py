@@ -34,10 +34,8 @@ def main(argv=None) -> int:
     # One thread per process: 2 ranks on a small CPU box otherwise oversubscribe the cores.
     env = {"OMP_NUM_THREADS": "1", **nemo.parse_env(args.env)}
     executor = nemo.local_executor(nemo.LocalOptions(nproc_per_node=args.nproc, env=env))
-    result = nemo.run_experiment("dualrpo-tiny_cpu", [("tiny_cpu", nemo.train_task(job), executor)],
-                                 args.exp_dir, dryrun=args.dryrun)
-    cli.report(result)
-    return 0 if result.ok else 1
+    return cli.run_and_report("dualrpo-tiny_cpu", [("tiny_cpu", nemo.train_task(job), executor)],
+                              args.exp_dir, dryrun=args.dryrun)
 
 
 if __name__ == "__main__":

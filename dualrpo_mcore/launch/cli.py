@@ -149,6 +149,15 @@ def report(result, out=None) -> None:
         print(f"launch: experiment dir {result.experiment_dir}", file=out)
 
 
+def run_and_report(title: str, jobs, exp_dir: str, *, dryrun: bool, detach: bool = False) -> int:
+    """Run (or dry-run) ``jobs`` as one experiment, print what happened; exit status 0 / 1."""
+    from . import nemo
+
+    result = nemo.run_experiment(title, jobs, exp_dir, dryrun=dryrun, detach=detach)
+    report(result)
+    return 0 if result.ok else 1
+
+
 def run(args) -> int:
     from .nemo import LaunchError
 
