@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Dict, Optional, Sequence
 
-RECOMPUTE_EXTRA = ("none", "selective", "full")
+from dualrpo_mcore.models.qwen2_5_vl.config import RECOMPUTE
 
 
 @dataclass
@@ -130,8 +130,8 @@ def forward_flops(model_config, seq_lens: Sequence[int], grid_thw=None, vocab: O
 
 def train_flops(fwd: ForwardFlops, recompute: str = "none") -> Dict[str, float]:
     """``model`` (3 x forward: MFU) and ``hardware`` (plus recomputation: HFU) FLOPs of one step."""
-    if recompute not in RECOMPUTE_EXTRA:
-        raise ValueError(f"recompute={recompute!r}: choose one of {RECOMPUTE_EXTRA}")
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"recompute={recompute!r}: choose one of {RECOMPUTE}")
     model = 3 * fwd.total
     extra = {"none": 0.0, "selective": fwd.lm_attention, "full": fwd.lm}[recompute]
     return dict(model=model, hardware=model + extra)

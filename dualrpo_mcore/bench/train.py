@@ -32,6 +32,8 @@ from typing import Any, Dict
 
 import torch
 
+from dualrpo_mcore.models.qwen2_5_vl.config import RECOMPUTE
+
 SMALL_MODELS = ("tiny", "small", "medium")
 
 
@@ -48,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", default=None, help="image grid HxW in patches (default 8x8 small models, 28x28 presets)")
     parser.add_argument("--images-per-row", type=int, default=1, help="images per row (0 = text only)")
     parser.add_argument("--precision", default=None, choices=["fp32", "bf16"], help="default fp32 CPU, bf16 GPU")
-    parser.add_argument("--recompute", default="none", choices=["none", "selective", "full"], help="LM recompute")
+    parser.add_argument("--recompute", default="none", choices=RECOMPUTE, help="LM recompute")
     parser.add_argument("--micro-tokens", type=int, default=None, help="micro-batch token budget (default: whole batch)")
     parser.add_argument("--iters", type=int, default=5, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")

@@ -77,6 +77,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from dualrpo_mcore.models.qwen2_5_vl.config import RECOMPUTE
+
 GIB = 1024 ** 3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 BACKENDS = ("local", "te")
@@ -104,8 +106,8 @@ class Layout:
             raise ValueError(f"tp, pp, dp must be >= 1 (got {self.tp}, {self.pp}, {self.dp})")
         if self.dtype not in DTYPE_BYTES:
             raise ValueError(f"dtype={self.dtype!r}: choose one of {sorted(DTYPE_BYTES)}")
-        if self.recompute not in ("none", "selective", "full"):
-            raise ValueError(f"recompute={self.recompute!r}: choose none, selective or full")
+        if self.recompute not in RECOMPUTE:
+            raise ValueError(f"recompute={self.recompute!r}: choose one of {RECOMPUTE}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r}: choose one of {BACKENDS}")
 

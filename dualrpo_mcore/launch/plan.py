@@ -23,6 +23,8 @@ import os
 import tempfile
 from typing import Any, Dict, Optional, Tuple
 
+from dualrpo_mcore.models.qwen2_5_vl.config import RECOMPUTE
+
 from . import memory as M
 
 DEFAULT_GPU_GB = 80.0
@@ -40,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus-per-node", type=int, help="GPUs per node (default: the recipe's world, else 8)")
     p.add_argument("--tp", type=int, help="tensor-parallel size (default: the recipe's)")
     p.add_argument("--pp", type=int, help="pipeline-parallel size (default: the recipe's)")
-    p.add_argument("--recompute", choices=("none", "selective", "full"), help="default: the recipe's")
+    p.add_argument("--recompute", choices=RECOMPUTE, help="default: the recipe's")
     p.add_argument("--micro-tokens", type=int, help="tokens per micro-batch (default: actor.micro.max_tokens)")
     p.add_argument("--seq-len", type=int, help="tokens per row (default: prompt + max_new_tokens)")
     p.add_argument("--prompt-len", type=int, help="prompt tokens per row (default: see the module docstring)")
