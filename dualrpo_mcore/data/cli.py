@@ -16,6 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--heldout-per-task", type=int, default=None,
                    help="held-out samples per task (default: num-per-task // 10, at least 1)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--layout", default="free", choices=("free", "grid"),
+                   help="free: objects anywhere (for real models); grid: every object on the tiny demo "
+                        "policy's 28-pixel token grid (what `dualrpo demo` uses)")
     s.add_argument("--vocab-size", type=int, default=2048, help="tokenizer size incl. special tokens")
     s.add_argument("--min-pixels", type=int, default=56 * 56)
     s.add_argument("--max-pixels", type=int, default=168 * 112,
@@ -53,10 +56,10 @@ def run_synth(args) -> int:
     counts = {}
     for split, n in (("train", args.num_per_task), ("heldout", held)):
         path = os.path.join(args.out, f"{split}.parquet")
-        counts[split] = synth.write_split(path, n, seed=args.seed, split=split,
+        counts[split] = synth.write_split(path, n, seed=args.seed, split=split, layout=args.layout,
                                           progress=_progress(n * len(TASKS), split))
         print(f"wrote {path}: {counts[split]} rows ({n} per task x {len(TASKS)} tasks)")
-    manifest = {"seed": args.seed, "tasks": list(TASKS), "rows": counts,
+    manifest = {"seed": args.seed, "layout": args.layout, "tasks": list(TASKS), "rows": counts,
                 "num_per_task": {"train": args.num_per_task, "heldout": held}}
     if not args.no_tokenizer:
         from dualrpo_mcore.data.tokenizer import build_model_files

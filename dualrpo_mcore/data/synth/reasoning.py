@@ -76,6 +76,20 @@ def math_task(rng: random.Random, d: int) -> Sample:
 
 # ---- puzzle -----------------------------------------------------------------------------------
 
+def puzzle_options(rng: random.Random, right: str, colours) -> tuple:
+    """Four "colour shape" options, ``right`` among three wrong ones drawn from the puzzle's colours
+    (plus one more): ``(options, the right letter, "(A) .. (B) ..")``."""
+    wrong = set()
+    while len(wrong) < 3:
+        # sorted: set order depends on PYTHONHASHSEED and would break determinism
+        cand = f"{pick(rng, sorted(set(colours) | {pick(rng, COLOURS)}))} {pick(rng, SHAPES)}"
+        if cand != right:
+            wrong.add(cand)
+    options = sorted(wrong | {right})
+    rng.shuffle(options)
+    return options, LETTERS[options.index(right)], " ".join(f"({LETTERS[i]}) {o}" for i, o in enumerate(options))
+
+
 def puzzle_task(rng: random.Random, d: int) -> Sample:
     """A row of shapes following a periodic pattern; which item replaces the '?'."""
     n_shown = 5
@@ -91,16 +105,7 @@ def puzzle_task(rng: random.Random, d: int) -> Sample:
         draw_shape(draw, shape, (4 + 28 * i, 18, 24 + 28 * i, 38), COLOURS[colour])
     draw.text((4 + 28 * n_shown + 10, 28), "?", fill=(0, 0, 0), font=font(18), anchor="mm")
     right = f"{seq[-1][1]} {seq[-1][0]}"
-    wrong = set()
-    while len(wrong) < 3:
-        # sorted: set order depends on PYTHONHASHSEED and would break determinism
-        cand = f"{pick(rng, sorted(set(colours) | {pick(rng, COLOURS)}))} {pick(rng, SHAPES)}"
-        if cand != right:
-            wrong.add(cand)
-    options = sorted(wrong | {right})
-    rng.shuffle(options)
-    letter = LETTERS[options.index(right)]
-    opt_text = " ".join(f"({LETTERS[i]}) {o}" for i, o in enumerate(options))
+    options, letter, opt_text = puzzle_options(rng, right, colours)
     q = (f"The shapes follow a pattern. Which one replaces the question mark? {opt_text}. "
          f"Answer with the letter. {ANSWER_FORMAT}")
     spec = {"verifier": "choice", "answer": letter, "params": {"options": options}}
