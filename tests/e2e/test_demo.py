@@ -30,6 +30,8 @@ def test_demo_end_to_end_and_resume(tmp_path):
     assert res["reward_mode"] == "dualrpo" and res["rl_steps"] == 2
     assert set(res["tasks"]) and all({"before", "after", "delta"} <= set(r) for r in res["tasks"].values())
     assert {"synth", "sft", "rl", "plot"} <= set(res["stage_seconds"])
+    with open(os.path.join(out, "data", "manifest.json")) as f:
+        assert json.load(f)["layout"] == "grid", "the demo's data must be the grid layout"
     pngs = [f for f in os.listdir(os.path.join(out, "plots")) if f.endswith(".png")]
     assert pngs, "no plots written"
     run_dir = os.path.join(out, "run_dualrpo")
