@@ -29,7 +29,7 @@ def generate(ctx: steps.Context, step: int, round_: int, num_prompts: int) -> Di
         v, statuses = steps.verify(ctx, prompts, samples, progress=step / cfg.schedule.steps)
     batch = steps.make_batch(prompts, samples, v, ctx.tokenizer.pad_token_id)
     with ctx.timer("logprob"):
-        steps.add_token_stats(batch, ctx.actor.compute_token_stats(batch))
+        steps.add_token_stats(batch, steps.token_stats(ctx, batch))
     r = cfg.reward
     batch["reward"] = shape_rewards(batch["v"], batch["self_certainty"], r.mu, r.lam, mode=r.mode).to(torch.float32)
     for k, n in statuses.items():

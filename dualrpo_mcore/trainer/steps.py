@@ -266,6 +266,37 @@ def make_batch(prompts: Sequence[Any], samples: List[List[tuple]], v: torch.Tens
     return batch
 
 
+def token_stats(ctx: Context, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """The old policy's token statistics of the whole batch, on every rank, each data-parallel rank
+    computing only its share of the groups (every rank needs all of them: shaping, dynamic sampling and
+    metrics look at every group, and dynamic sampling regroups rows before the update splits them).
+    Fewer groups than ranks: every rank computes everything."""
+    from megatron.core import parallel_state as ps
+
+    from .actor import STATS
+
+    dp, g = ps.get_data_parallel_world_size(), ctx.cfg.rollout.group_size
+    b, s = batch["input_ids"].shape
+    n = b // g
+    if dp == 1 or n < dp:
+        return ctx.actor.compute_token_stats(batch)
+    bounds = [n * r // dp for r in range(dp + 1)]
+    rank = ps.get_data_parallel_rank()
+    mine = select(batch, group_rows(range(bounds[rank], bounds[rank + 1]), g), ctx.actor.cfg.image_token_id,
+                  ctx.actor.cfg.spatial_merge_size)
+    stats = ctx.actor.compute_token_stats(mine)
+    most = max(bounds[r + 1] - bounds[r] for r in range(dp)) * g
+    local = torch.zeros(len(STATS), most, s, dtype=torch.float32)
+    part = torch.stack([stats[k].to(torch.float32) for k in STATS])
+    local[:, : part.shape[1], : part.shape[2]] = part
+    parts = [torch.empty_like(local) for _ in range(dp)]
+    dist.all_gather(parts, local, group=ps.get_data_parallel_group())
+    full = torch.cat([p[:, : (bounds[r + 1] - bounds[r]) * g] for r, p in enumerate(parts)], dim=1)
+    out = dict(zip(STATS, full.unbind(0)))
+    out["seq_self_certainty"] = masked_mean(out["self_certainty"], batch["response_mask"].bool(), dim=-1)
+    return out
+
+
 def add_token_stats(batch: Dict[str, Any], stats: Dict[str, torch.Tensor]) -> None:
     """Old-policy log-probs (per token), u and mean entropy (per row) from ``compute_token_stats``."""
     resp = batch["response_mask"].bool()

@@ -1,6 +1,7 @@
 """The Megatron actor on 2 gloo processes, against independent references:
 
-* token log-probs (TP=2, TP=1/DP=2, PP=2) equal transformers' Qwen2_5_VLForConditionalGeneration
+* token log-probs (TP=2, TP=1/DP=2, PP=2, and the loop's DP-split ``steps.token_stats``) equal
+  transformers' Qwen2_5_VLForConditionalGeneration
   ``log_softmax``-gathered log-probs on the same weights (<= 1e-4), entropy and self-certainty too;
 * one update's loss equals a float64 hand computation of the clipped surrogate (+ certainty-weighted
   k3 KL) on the HF model's log-probs; the update changes the weights;
@@ -127,6 +128,26 @@ def _uneven_dp_run(rank, hf, batch, ref):
     return dict(stats_diff=_stats_diff(stats, want), n_micro=n_micro)
 
 
+def _dp_split_run(hf, batch, ref):
+    """The loop's ``steps.token_stats`` at DP=2: each rank computes its share of the groups and the
+    whole batch's stats come back on every rank; even (2 + 2 groups) and uneven (1 + 2) shares."""
+    from types import SimpleNamespace
+
+    from dualrpo_mcore.trainer import steps
+
+    ctx = SimpleNamespace(actor=_actor(1, 1, hf), cfg=SimpleNamespace(rollout=SimpleNamespace(group_size=1)))
+    diffs = {}
+    for name, rows in (("even", [0, 1, 2, 3]), ("uneven", [0, 1, 2])):
+        part = _rows(batch, rows)
+        got = steps.token_stats(ctx, part)
+        mask = part["response_mask"].double()
+        want = {k: _rows(dict(batch, x=v), rows)["x"] for k, v in ref.items()}
+        for k in want:
+            assert got[k].shape == part["input_ids"].shape, (name, k, tuple(got[k].shape))
+            diffs[f"{name}/{k}"] = float((got[k].double() * mask - want[k]).abs().max())
+    return dict(stats_diff=diffs)
+
+
 def _freeze_run(hf, batch):
     """Frozen ViT and a half-rate merger through Megatron's optimizer overrides."""
     from dualrpo_mcore.models.qwen2_5_vl.training import ModuleTraining
@@ -207,6 +228,7 @@ def _all(rank, world_size, hf_dir, ckpt):
     ref = _hf_stats(hf, batch)
     out = dict(tp2=_tp2_run(hf, batch, ref), dp2=_dp2_run(rank, hf, batch, ref))
     out["uneven"] = _uneven_dp_run(rank, hf, batch, ref)
+    out["dpsplit"] = _dp_split_run(hf, batch, ref)
     out["freeze"] = _freeze_run(hf, batch)
     out["poison"] = _poison_run(hf, batch, hf_dir)
     out["pp2"] = _pp2_run(hf, batch, ref, ckpt, out["tp2"]["inputs"])
@@ -226,7 +248,7 @@ def results(tmp_path_factory):
     return run_distributed(_all, 2, str(root / "hf"), ckpt, timeout=600)
 
 
-@pytest.mark.parametrize("setting", ["tp2", "dp2", "pp2", "uneven"])
+@pytest.mark.parametrize("setting", ["tp2", "dp2", "pp2", "uneven", "dpsplit"])
 def test_token_stats_match_transformers(results, setting):
     for rank, res in enumerate(results):
         bad = {k: v for k, v in res[setting]["stats_diff"].items() if not v <= TOL}
