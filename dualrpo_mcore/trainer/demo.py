@@ -2,8 +2,10 @@
 
 Stages, each a subprocess so every one runs exactly as a user would run it by hand:
 
-1. ``dualrpo data synth``: the synthetic eight-task set (train + held-out split, tokenizer, processor);
-2. ``dualrpo sft``: a short supervised warm start of a tiny Qwen2.5-VL-architecture policy;
+1. ``dualrpo data synth --layout grid``: the synthetic eight-task set on the tiny policy's token grid (train +
+   held-out split, tokenizer, processor);
+2. ``dualrpo sft`` (data parallel over the processes): a short supervised warm start of a tiny
+   Qwen2.5-VL-architecture policy;
 3. RL under ``torchrun`` (2 processes, TP=2) via :mod:`.demo_rl`: held-out eval of the warm start,
    DualRPO (or GRPO with ``--reward-mode grpo``) steps until ``--steps`` or the time budget (a clean
    stop at a step boundary, checkpointed), held-out eval after, export as a Hugging Face directory;
