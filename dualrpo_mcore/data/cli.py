@@ -9,6 +9,8 @@ import time
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from dualrpo_mcore.data.synth import LAYOUTS
+
     sub = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
     s = sub.add_parser("synth", help="generate the synthetic eight-task set (+ tokenizer/processor)")
     s.add_argument("--out", required=True, help="output directory")
@@ -16,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--heldout-per-task", type=int, default=None,
                    help="held-out samples per task (default: num-per-task // 10, at least 1)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--layout", default="free", choices=("free", "grid"),
+    s.add_argument("--layout", default="free", choices=tuple(LAYOUTS),
                    help="free: objects anywhere (for real models); grid: every object on the tiny demo "
                         "policy's 28-pixel token grid (what `dualrpo demo` uses)")
     s.add_argument("--vocab-size", type=int, default=2048, help="tokenizer size incl. special tokens")

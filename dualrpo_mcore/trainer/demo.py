@@ -40,7 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("data and warm start")
     # grid: on the free layout the tiny policy's answers never come to depend on the image in the time
     # a CPU demo has, so RL has no perception to sharpen (see dualrpo_mcore/data/synth/grid.py).
-    g.add_argument("--layout", default="grid", choices=("grid", "free"),
+    from dualrpo_mcore.data.synth import LAYOUTS
+
+    g.add_argument("--layout", default="grid", choices=tuple(LAYOUTS),
                    help="synthetic layout: grid (objects on the tiny policy's token grid) or free")
     g.add_argument("--num-per-task", type=int, default=2000, help="synthetic train samples per task")
     # 256: the standard error of the 8-task mean is about 1 point (at 64 it was 2-3, as large as the effect).
@@ -59,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # and DualRPO both diverge (length and entropy run away) within ~100 steps.
     g.add_argument("--lr", type=float, default=3e-4, help="RL learning rate")
     # G 4 x 16 prompts: +4.5 points in 8 minutes from the same warm start where 8 x 8 gave +3.3 and
-    # 8 x 16 at lr 5e-4 +3.6 (2,048 held-out prompts each, TP=1): more prompts per step beat larger groups.
+    # 8 x 16 at lr 5e-4 +3.6 (2,048 held-out prompts each, TP=1); the differences are near the ~1-point noise.
     g.add_argument("--group-size", type=int, default=4, help="G: samples per prompt")
     g.add_argument("--prompts-per-step", type=int, default=16)
     # 64: detection answers (box lists) take up to ~80 tokens, grounding ~27; shorter always truncates them.
