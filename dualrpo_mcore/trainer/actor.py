@@ -34,6 +34,12 @@ from .schedule import lr_factor
 
 log = logging.getLogger(__name__)
 STATS = ("logprob", "entropy", "self_certainty")
+
+
+def with_sequence_certainty(stats: Dict[str, torch.Tensor], batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """Adds ``seq_self_certainty [B]`` (u of eq. 1: the mean over each row's response tokens)."""
+    stats["seq_self_certainty"] = masked_mean(stats["self_certainty"], batch["response_mask"].bool(), dim=-1)
+    return stats
 SUMMED = ("loss", "pg_loss", "kl_loss", "tokens")
 # A micro-batch's loss function: (per-token stats [b, s], micro-batch, denominator) -> (loss, metrics).
 LossFn = Callable[[Dict[str, torch.Tensor], Dict[str, Any], torch.Tensor], Tuple[torch.Tensor, Dict[str, torch.Tensor]]]
@@ -176,9 +182,7 @@ class Actor:
             outs = outs[: len(groups)]  # filler micro-batches come last
             stacked = torch.stack([batching.scatter_rows([o[k] for o in outs], groups, b, s) for k in STATS])
         stacked = self._broadcast_from_last_stage(stacked, (len(STATS), b, s))
-        result = dict(zip(STATS, stacked.unbind(0)))
-        result["seq_self_certainty"] = masked_mean(result["self_certainty"], batch["response_mask"].bool(), dim=-1)
-        return result
+        return with_sequence_certainty(dict(zip(STATS, stacked.unbind(0))), batch)
 
     # ------------------------------------------------------------------ updates
     def update(self, batch: Dict[str, Any]) -> Dict[str, float]:

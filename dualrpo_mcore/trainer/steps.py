@@ -273,7 +273,7 @@ def token_stats(ctx: Context, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     Fewer groups than ranks: every rank computes everything."""
     from megatron.core import parallel_state as ps
 
-    from .actor import STATS
+    from .actor import STATS, with_sequence_certainty
 
     dp, g = ps.get_data_parallel_world_size(), ctx.cfg.rollout.group_size
     b, s = batch["input_ids"].shape
@@ -292,9 +292,7 @@ def token_stats(ctx: Context, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     parts = [torch.empty_like(local) for _ in range(dp)]
     dist.all_gather(parts, local, group=ps.get_data_parallel_group())
     full = torch.cat([p[:, : (bounds[r + 1] - bounds[r]) * g] for r, p in enumerate(parts)], dim=1)
-    out = dict(zip(STATS, full.unbind(0)))
-    out["seq_self_certainty"] = masked_mean(out["self_certainty"], batch["response_mask"].bool(), dim=-1)
-    return out
+    return with_sequence_certainty(dict(zip(STATS, full.unbind(0))), batch)
 
 
 def add_token_stats(batch: Dict[str, Any], stats: Dict[str, torch.Tensor]) -> None:
