@@ -23,11 +23,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", default=None, help="'auto' (newest checkpoint in the run dir) or a path")
     parser.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: the recipe's)")
     parser.add_argument("--pp", type=int, default=None, help="pipeline-parallel size (default: the recipe's)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field by its dotted path, e.g. schedule.mini_batches=2 or "
+                             "reward.lam=0.5 (repeatable; config.json in the run dir shows every field)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def config_from_args(args):
     """The recipe's config with the command line's overrides (checks run again on the changed tree)."""
+    from .overrides import apply_overrides
     from .recipes import build_recipe
 
     kwargs = {k: getattr(args, k) for k in ("tp", "pp") if getattr(args, k) is not None}
@@ -38,7 +42,7 @@ def config_from_args(args):
     cfg = build_recipe(args.recipe, args.data, args.init, args.out, **kwargs)
     cfg.checkpoint.resume = args.resume
     cfg.logging.progress = not args.no_progress
-    return cfg
+    return apply_overrides(cfg, getattr(args, "overrides", []))
 
 
 def run(args) -> int:
