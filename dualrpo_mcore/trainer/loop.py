@@ -17,7 +17,7 @@ from .metrics import MetricsLogger
 
 
 def generate(ctx: steps.Context, step: int, round_: int, num_prompts: int) -> Dict[str, Any]:
-    """One rollout round: G samples for each of ``num_prompts`` new prompts, verified, scored, shaped."""
+    """One rollout round: G samples for each of ``num_prompts`` new prompts, verified."""
     cfg = ctx.cfg
     prompts = ctx.loader.next_prompts(num_prompts)
     params = dataclasses.replace(cfg.rollout.sampling, n=cfg.rollout.group_size,
@@ -27,31 +27,51 @@ def generate(ctx: steps.Context, step: int, round_: int, num_prompts: int) -> Di
     with ctx.timer("verify"):
         # Progress drives e.g. detection's IoU-threshold schedule.
         v, statuses = steps.verify(ctx, prompts, samples, progress=step / cfg.schedule.steps)
-    batch = steps.make_batch(prompts, samples, v, ctx.tokenizer.pad_token_id)
-    with ctx.timer("logprob"):
-        steps.add_token_stats(batch, steps.token_stats(ctx, batch))
-    r = cfg.reward
-    batch["reward"] = shape_rewards(batch["v"], batch["self_certainty"], r.mu, r.lam, mode=r.mode).to(torch.float32)
     for k, n in statuses.items():
         ctx.verify_statuses[k] = ctx.verify_statuses.get(k, 0) + n
+    return steps.make_batch(prompts, samples, v, ctx.tokenizer.pad_token_id)
+
+
+def shape(ctx: steps.Context, batch: Dict[str, Any]) -> Dict[str, Any]:
+    """The old policy's token statistics (u of eq. 1 among them), then the shaped rewards."""
+    with ctx.timer("logprob"):
+        steps.add_token_stats(batch, steps.token_stats(ctx, batch))
+    r = ctx.cfg.reward
+    batch["reward"] = shape_rewards(batch["v"], batch["self_certainty"], r.mu, r.lam, mode=r.mode).to(torch.float32)
     return batch
 
 
-def collect(ctx: steps.Context, step: int) -> Dict[str, Any]:
-    """The step's groups; with dynamic sampling, groups without signal are dropped and refilled."""
+def keep_informative(ctx: steps.Context, batch: Dict[str, Any], key: str) -> Optional[Dict[str, Any]]:
+    """The groups whose ``key`` varies (dynamic sampling); None if there are none."""
+    g = ctx.cfg.rollout.group_size
+    flat = steps.flat_groups(batch[key], g)
+    groups = [i for i in range(len(flat)) if not flat[i]]
+    if not groups:
+        return None
+    if len(groups) == len(flat):
+        return batch
+    return steps.select(batch, steps.group_rows(groups, g), ctx.actor.cfg.image_token_id,
+                        ctx.actor.cfg.spatial_merge_size)
+
+
+def collect(ctx: steps.Context, step: int) -> Optional[Dict[str, Any]]:
+    """The step's groups, shaped; with dynamic sampling, groups without signal are dropped and refilled
+    (on 'v' before the token statistics, which are then computed only for the groups kept)."""
     cfg, g, want = ctx.cfg, ctx.cfg.rollout.group_size, ctx.cfg.schedule.prompts_per_step
-    img, merge = ctx.actor.cfg.image_token_id, ctx.actor.cfg.spatial_merge_size
-    max_rounds = 1 + (cfg.schedule.max_refill_rounds if cfg.schedule.dynamic_sampling else 0)
+    dyn, on = cfg.schedule.dynamic_sampling, cfg.schedule.dynamic_sampling_on
+    max_rounds = 1 + (cfg.schedule.max_refill_rounds if dyn else 0)
     kept, have, round_ = [], 0, 0
     while have < want and round_ < max_rounds:
         batch = generate(ctx, step, round_, want - have)
-        groups = list(range(batch["v"].numel() // g))
-        if cfg.schedule.dynamic_sampling:
-            flat = steps.flat_groups(batch[cfg.schedule.dynamic_sampling_on], g)
-            groups = [i for i in groups if not flat[i]]
-        if groups:
-            kept.append(steps.select(batch, steps.group_rows(groups, g), img, merge))
-            have += len(groups)
+        if dyn and on == "v":
+            batch = keep_informative(ctx, batch, "v")
+        if batch is not None:
+            batch = shape(ctx, batch)
+            if dyn and on == "reward":
+                batch = keep_informative(ctx, batch, "reward")
+        if batch is not None:
+            kept.append(batch)
+            have += batch["v"].numel() // g
         round_ += 1
     ctx.rounds = round_
     return steps.concat(kept) if kept else None
@@ -71,19 +91,34 @@ def train_step(ctx: steps.Context, step: int, hooks: steps.Hooks) -> Dict[str, f
         metrics["overlong_masked"] = float(steps.mask_overlong(batch))
     if hooks.before_update is not None:
         hooks.before_update(step, batch)
-    mine = steps.dp_slice(batch, g, ctx.actor.cfg.image_token_id, ctx.actor.cfg.spatial_merge_size)
-    if mine is not None and int(batch["response_mask"].sum()) > 0:
-        with ctx.timer("update"):
-            out = ctx.actor.update(mine)
-        metrics.update(out, loss=steps.global_loss(ctx.actor, out))
-        metrics["kl"] = out.get("kl_mean", out.get("approx_kl", float("nan")))
-        metrics["beta"] = out.get("beta_mean", 0.0)
-    else:  # every response was masked (overlong) or too few groups for the ranks: not a poisoned step
-        metrics["no_update"] = 1.0
+    with ctx.timer("update"):
+        metrics.update(update(ctx, batch))
     with ctx.timer("sync"):
         steps.sync(ctx)
     metrics.update({f"verify/{k}": float(n) for k, n in ctx.verify_statuses.items()})
     metrics.update(groups=float(batch["v"].numel() // g), rounds=float(ctx.rounds), **ctx.timer.pop())
+    return metrics
+
+
+def update(ctx: steps.Context, batch: Dict[str, Any]) -> Dict[str, float]:
+    """``schedule.epochs`` passes over ``schedule.mini_batches`` group-aligned parts of the batch, one
+    optimizer update each; every data-parallel rank takes its share of each part."""
+    cfg, g = ctx.cfg, ctx.cfg.rollout.group_size
+    img, merge = ctx.actor.cfg.image_token_id, ctx.actor.cfg.spatial_merge_size
+    outs = []
+    for _ in range(cfg.schedule.epochs):
+        for part in steps.mini_batches(batch, g, cfg.schedule.mini_batches, img, merge):
+            mine = steps.dp_slice(part, g, img, merge)
+            # None: fewer groups than ranks; no response tokens: all overlong-masked. Neither is poisoned.
+            if mine is None or int(part["response_mask"].sum()) == 0:
+                continue
+            out = ctx.actor.update(mine)
+            outs.append(dict(out, loss=steps.global_loss(ctx.actor, out)))
+    if not outs:
+        return {"no_update": 1.0}
+    metrics = steps.merge_updates(outs)
+    metrics["kl"] = metrics.get("kl_mean", metrics.get("approx_kl", float("nan")))
+    metrics["beta"] = metrics.get("beta_mean", 0.0)
     return metrics
 
 

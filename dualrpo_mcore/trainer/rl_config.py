@@ -97,7 +97,7 @@ class ScheduleConfig:
     """Length of the run and what enters each step's batch."""
 
     steps: int = 100
-    """RL steps (one optimizer update each)."""
+    """RL steps: one rollout batch each, ``mini_batches * epochs`` optimizer updates on it."""
     prompts_per_step: int = 8
     """Prompts (groups) per step, over all data-parallel ranks."""
     dynamic_sampling: bool = False
@@ -111,6 +111,12 @@ class ScheduleConfig:
     mode has no verifier signal and needs 'reward'."""
     max_refill_rounds: int = 2
     """Extra rollout rounds dynamic sampling may spend per step; a short batch then trains as is."""
+    mini_batches: int = 1
+    """Optimizer updates per pass over a step's batch: its groups split into this many contiguous
+    parts. Old log-probs stay the rollout policy's, so from the second update on the ratio moves
+    off 1 and the clipping of eq. 3 bounds how far the policy goes (PPO-style reuse of rollouts)."""
+    epochs: int = 1
+    """Passes over the mini-batches per step."""
     overlong_filter: bool = False
     """Leave responses that hit ``max_new_tokens`` out of the loss (truncated answers are not wrong)."""
 
@@ -121,6 +127,9 @@ class ScheduleConfig:
             raise ValueError(f"schedule.prompts_per_step must be >= 1, got {self.prompts_per_step}")
         if self.dynamic_sampling_on not in ("v", "reward"):
             raise ValueError(f"schedule.dynamic_sampling_on={self.dynamic_sampling_on!r}: choose 'v' or 'reward'")
+        for name in ("mini_batches", "epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"schedule.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_refill_rounds < 0:
             raise ValueError(f"schedule.max_refill_rounds must be >= 0, got {self.max_refill_rounds}")
 
@@ -217,8 +226,8 @@ class RLConfig:
             self.tokenizer_dir = self.data.processor_dir
         if not self.tokenizer_dir:
             raise ValueError("tokenizer_dir (or data.processor_dir) must name the tokenizer directory")
-        # The actor's warm-up length is a fraction of the run, so it must know the run's length.
-        self.actor.optim.total_steps = self.schedule.steps
+        # The actor's warm-up length is a fraction of the run's optimizer updates, so it must know them.
+        self.actor.optim.total_steps = self.schedule.steps * self.schedule.mini_batches * self.schedule.epochs
 
     @property
     def checkpoint_dir(self) -> str:

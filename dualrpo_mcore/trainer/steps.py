@@ -359,6 +359,36 @@ def dp_slice(batch: Dict[str, Any], group_size: int, image_token_id: int, merge:
     return select(batch, group_rows(range(rank * per, (rank + 1) * per), group_size), image_token_id, merge)
 
 
+def mini_batches(batch: Dict[str, Any], group_size: int, k: int, image_token_id: int, merge: int):
+    """``batch`` in ``k`` contiguous group-aligned parts (fewer if it has fewer groups)."""
+    n = batch["input_ids"].shape[0] // group_size
+    k = max(1, min(k, n))
+    if k == 1:
+        yield batch
+        return
+    for i in range(k):
+        yield select(batch, group_rows(range(n * i // k, n * (i + 1) // k), group_size), image_token_id, merge)
+
+
+def merge_updates(outs: Sequence[Dict[str, float]]) -> Dict[str, float]:
+    """One step's metrics from its updates: extremes by min/max, the guard's and the schedule's state
+    as after the last update, the rest (``skipped`` becomes the fraction skipped) averaged."""
+    last = ("lr", "bad_steps_in_a_row")
+    out: Dict[str, float] = {}
+    for key in outs[0]:
+        vals = [o[key] for o in outs if key in o]
+        if key in last:
+            out[key] = vals[-1]
+        elif key.endswith("_max"):
+            out[key] = max(vals)
+        elif key.endswith("_min"):
+            out[key] = min(vals)
+        else:
+            out[key] = sum(vals) / len(vals)
+    out["updates"] = float(len(outs))
+    return out
+
+
 def global_loss(actor, metrics: Dict[str, float]) -> float:
     """Each data-parallel rank holds its share of the global token-mean; their sum is the loss."""
     loss = torch.tensor([metrics.get("loss", float("nan"))], dtype=torch.float64)

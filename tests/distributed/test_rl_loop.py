@@ -10,7 +10,9 @@ shaped for the synthetic set's tokenizer, G=2, 2 prompts per step, 8 new tokens)
   layers' TP shards do not round-trip through the Megatron checkpoint (reported; see the report of
   the RL-loop session);
 * PP=2 with a NaN injected into the advantages of step 2 (test hook): that update is skipped
-  and not checkpointed, steps 1 and 3 train and are checkpointed.
+  and not checkpointed, steps 1 and 3 train and are checkpointed;
+* TP=2 with 2 mini-batches x 2 epochs: four updates per step, and the probability ratio moves off 1
+  (the old log-probs stay the rollout policy's while the weights move).
 
 One spawned group runs every setting (Megatron's state is re-initialised per run), because process
 start-up dominates on 2 cores. The reward mode is ``dualrpo``: with a random policy v is nearly
@@ -71,6 +73,10 @@ def _run_all(rank, world_size, data, root):
     out["tp_first"] = train(_config(data, tp_resumed, tp=2, pp=1, eval_every=2), stop_after=1)
     out["tp_rest"] = train(_config(data, tp_resumed, tp=2, pp=1, eval_every=2, resume="auto"))
     out["pp"] = train(_config(data, os.path.join(root, "pp"), tp=1, pp=2, steps=3), hooks=Hooks(before_update=_poison))
+    mini = _config(data, os.path.join(root, "mini"), tp=2, pp=1, steps=2)
+    mini.schedule.mini_batches, mini.schedule.epochs = 2, 2
+    mini.actor.optim.total_steps = 2 * 2 * 2
+    out["mini"] = train(mini)
     return out
 
 
@@ -143,3 +149,15 @@ def test_pp2_poisoned_step_is_skipped_and_not_checkpointed(runs):
     assert pp[0]["loss"] == pp[0]["loss"] and pp[2]["loss"] == pp[2]["loss"]
     ckpts = sorted(d for d in os.listdir(os.path.join(root, "pp", "checkpoints")) if d.startswith("step_"))
     assert ckpts == ["step_00000001", "step_00000003"]
+
+
+def test_mini_batches_and_epochs_reuse_the_rollouts_with_a_moving_ratio(runs):
+    _, results = runs
+    mini = results[0]["mini"]
+    assert [r["step"] for r in mini] == [1, 2]
+    for r in mini:
+        assert r["updates"] == 4.0 and r["skipped"] == 0.0
+        assert r["loss"] == r["loss"]
+        # First update: ratio exactly 1 up to recompute noise; later ones see the moved weights.
+        assert r["ratio_max"] - 1.0 > 1e-4 or 1.0 - r["ratio_min"] > 1e-4, r
+    assert [r["loss"] for r in results[1]["mini"]] == [r["loss"] for r in mini], "ranks disagree on the loss"

@@ -1,6 +1,7 @@
 """RL-loop pieces that need no process group: config checks, the recipe registry, group filtering,
-batch concatenation, overlong masking, and dynamic sampling's drop-and-refill (``loop.collect``
-with a stub rollout round)."""
+batch concatenation, overlong masking, dynamic sampling's drop-and-refill (``loop.collect``
+with a stub rollout round and a stub shaping that records what it was given), and the split of a
+step's batch into mini-batch updates (``loop.update`` with a stub actor)."""
 import types
 
 import pytest
@@ -55,8 +56,21 @@ def _fake_ctx(dynamic, rounds, want, on="reward"):
     return types.SimpleNamespace(cfg=cfg, actor=actor, rounds=0)
 
 
+@pytest.fixture
+def shaped(monkeypatch):
+    """Stub ``loop.shape`` (token stats + shaping): the stub batches come shaped; record their v."""
+    seen = []
+
+    def fake_shape(ctx, batch):
+        seen.append(batch["v"].tolist())
+        return batch
+
+    monkeypatch.setattr(loop, "shape", fake_shape)
+    return seen
+
+
 @pytest.mark.parametrize("dynamic", [False, True])
-def test_dynamic_sampling_drops_flat_groups_and_refills(monkeypatch, dynamic):
+def test_dynamic_sampling_drops_flat_groups_and_refills(monkeypatch, shaped, dynamic):
     # Round 0: groups (flat, informative); round 1: (informative, flat); round 2 would be informative.
     rounds = [[1.0, 1.0, 0.0, 1.0], [0.3, 0.7, 0.0, 0.0], [0.1, 0.9]]
     asked = []
@@ -76,7 +90,7 @@ def test_dynamic_sampling_drops_flat_groups_and_refills(monkeypatch, dynamic):
         assert batch["reward"].tolist() == pytest.approx([0.0, 1.0, 0.3, 0.7])
 
 
-def test_dynamic_sampling_gives_up_after_max_rounds(monkeypatch):
+def test_dynamic_sampling_gives_up_after_max_rounds(monkeypatch, shaped):
     monkeypatch.setattr(loop, "generate", lambda ctx, step, round_, n: _batch([1.0] * (n * G), [1] * (n * G)))
     ctx = _fake_ctx(True, rounds=2, want=2)
     assert loop.collect(ctx, step=1) is None
@@ -84,7 +98,7 @@ def test_dynamic_sampling_gives_up_after_max_rounds(monkeypatch):
 
 
 @pytest.mark.parametrize("on", ["v", "reward"])
-def test_dynamic_sampling_filters_on_verifier_or_shaped_reward(monkeypatch, on):
+def test_dynamic_sampling_filters_on_verifier_or_shaped_reward(monkeypatch, shaped, on):
     """An all-wrong group under DualRPO: v flat at 0, shaped rewards -lam*u differ. Filtering on 'v'
     drops it; filtering on 'reward' keeps it."""
     def fake_generate(ctx, step, round_, num_prompts):
@@ -96,6 +110,8 @@ def test_dynamic_sampling_filters_on_verifier_or_shaped_reward(monkeypatch, on):
     batch = loop.collect(_fake_ctx(True, rounds=0, want=2, on=on), step=1)
     kept = batch["v"].tolist()
     assert kept == ([0.0, 1.0] if on == "v" else [0.0, 0.0, 0.0, 1.0])
+    # On 'v' the flat group is dropped before the old-policy forward, which then sees only the kept one.
+    assert shaped == ([[0.0, 1.0]] if on == "v" else [[0.0, 0.0, 0.0, 1.0]])
 
 
 def test_rl_config_checks_name_the_field(tmp_path):
@@ -111,6 +127,10 @@ def test_rl_config_checks_name_the_field(tmp_path):
         ScheduleConfig(steps=0)
     with pytest.raises(ValueError, match="schedule.dynamic_sampling_on"):
         ScheduleConfig(dynamic_sampling_on="u")
+    with pytest.raises(ValueError, match="schedule.mini_batches"):
+        ScheduleConfig(mini_batches=0)
+    with pytest.raises(ValueError, match="schedule.epochs"):
+        ScheduleConfig(epochs=0)
 
 
 @pytest.fixture(scope="module")
@@ -192,3 +212,42 @@ def test_engine_memory_is_held_only_around_generation_and_weights_load_on_resume
         buckets=lambda model: (walked.append(i) or [] for i in range(3))))
     steps.sync(ctx_other)
     assert walked == [0, 1, 2]
+
+
+@pytest.mark.parametrize("mini,epochs", [(1, 1), (2, 1), (2, 2), (5, 1)])
+def test_update_splits_the_step_into_group_aligned_mini_batches(monkeypatch, mini, epochs):
+    """Three groups: each update gets a contiguous run of whole groups, every epoch passes over all of
+    them in order, and the metrics merge as documented (means, extremes, last lr)."""
+    batch = _batch([0.1, 0.2, 0.3, 0.4, 0.5, 0.6], [1, 2, 3, 4, 5, 6])
+    got = []
+
+    def fake_update(mb):
+        i = len(got)
+        got.append(mb["reward"].tolist())
+        return dict(loss=float(i), ratio_max=1.0 + i, ratio_min=1.0 - i / 10, lr=10.0 * i, skipped=float(i == 1))
+
+    ctx = _fake_ctx(False, rounds=0, want=3)
+    ctx.cfg.schedule.mini_batches, ctx.cfg.schedule.epochs = mini, epochs
+    ctx.actor.update = fake_update
+    monkeypatch.setattr(steps, "dp_slice", lambda part, g, img, merge: part)
+    monkeypatch.setattr(steps, "global_loss", lambda actor, out: out["loss"])
+    metrics = loop.update(ctx, batch)
+    rows = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    parts = {1: [rows], 2: [rows[:2], rows[2:]], 5: [rows[:2], rows[2:4], rows[4:]]}[mini]
+    assert got == [pytest.approx(p) for p in parts * epochs]
+    n = len(got)
+    assert metrics["updates"] == n
+    assert metrics["loss"] == pytest.approx(sum(range(n)) / n)
+    assert metrics["ratio_max"] == n and metrics["ratio_min"] == pytest.approx(1.0 - (n - 1) / 10)
+    assert metrics["lr"] == 10.0 * (n - 1)
+    assert metrics["skipped"] == pytest.approx((1.0 if n > 1 else 0.0) / n)
+
+
+def test_update_with_nothing_to_train_reports_no_update(monkeypatch):
+    batch = _batch([0.1, 0.2], [1, 2])
+    batch["response_mask"].zero_()
+    ctx = _fake_ctx(False, rounds=0, want=1)
+    ctx.cfg.schedule.mini_batches, ctx.cfg.schedule.epochs = 1, 1
+    ctx.actor.update = lambda mb: pytest.fail("an update without response tokens")
+    monkeypatch.setattr(steps, "dp_slice", lambda part, g, img, merge: part)
+    assert loop.update(ctx, batch) == {"no_update": 1.0}
