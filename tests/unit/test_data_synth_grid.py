@@ -113,6 +113,17 @@ def test_grounding_box_is_the_described_object():
         assert s.reward["answer"] == hits[0], f"grounding[{i}]: answer {s.reward['answer']} vs pixels {hits[0]}"
 
 
+def test_grounding_scores_hits_not_overlap():
+    """The right cell scores 1; a box over the whole scene, or the right cell shifted half a cell,
+    scores 0 (IoU 0.004 and 0.33 against the 22-px cell); a 2-px shift still hits (IoU 0.70)."""
+    s = _gen("grounding", 0)
+    x1, y1, x2, y2 = s.reward["answer"]
+    assert score(s.reward, f"<answer>[{x1}, {y1}, {x2}, {y2}]</answer>") == 1.0
+    assert score(s.reward, f"<answer>[0, 0, {SIDE * CELL * 3}, {SIDE * CELL * 3}]</answer>") == 0.0
+    assert score(s.reward, f"<answer>[{x1 + 11}, {y1}, {x2 + 11}, {y2}]</answer>") == 0.0
+    assert score(s.reward, f"<answer>[{x1 + 2}, {y1 + 2}, {x2 + 2}, {y2 + 2}]</answer>") == 1.0
+
+
 def test_detection_boxes_are_the_asked_shape():
     for i in range(N):
         s = _gen("detection", i)
