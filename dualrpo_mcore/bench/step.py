@@ -11,6 +11,8 @@ logging); checkpoints and evaluation are switched off so they do not land in a s
 
 The "baseline" here is the step itself: a phase's share says where an RL step's time goes, which is
 what the other benches (``rollout``, ``train``, ``weight-sync``) then break down further.
+``--engines compare`` runs the loop twice, with one rollout engine on rank 0 (the baseline) and with
+an engine on every rank (``rollout.engine_on_every_rank``), and prints the ratios of their medians.
 
 Data: ``--data`` (a ``dualrpo data synth`` directory) or, by default, a small synthetic set written
 to a temporary directory first; ``--init`` optionally names the HF directory from ``dualrpo sft``
@@ -41,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=24, help="response length cap")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (gloo processes when > 1)")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    parser.add_argument("--engines", choices=("rank0", "every-rank", "compare"), default="rank0",
+                        help="rollout engine on rank 0, on every rank, or both runs and their ratios")
     parser.add_argument("--json", default=None, help="write results here as JSON")
 
 
@@ -78,6 +82,7 @@ def recipe(args, data: str, run_dir: str):
                        max_new_tokens=args.max_new_tokens)
     cfg.checkpoint.every = 0
     cfg.eval.every = 0
+    cfg.rollout.engine_on_every_rank = args.engines == "every-rank"
     cfg.logging.progress = False
     return cfg
 
@@ -141,16 +146,34 @@ def run(args) -> int:
             print("bench step: writing a small synthetic data set (dualrpo data synth)", flush=True)
             data = synth_data(os.path.join(tmp, "data"))
         world = args.tp * args.pp
-        print(f"bench step: {args.steps} RL steps of tiny_cpu on {world} process(es)", flush=True)
+        placements = ("rank0", "every-rank") if args.engines == "compare" else (args.engines,)
         threads = max(1, (os.cpu_count() or 1) // world)
-        res = run_distributed(_worker, world, argparse.Namespace(**_public(args)), data, os.path.join(tmp, "run"),
-                              threads=threads, timeout=3600)[0]
-    summary = summarize(res["records"], res["wall_s"], args.warmup)
-    print_table(summary, args)
+        summaries, results = {}, {}
+        for placement in placements:
+            print(f"bench step: {args.steps} RL steps of tiny_cpu on {world} process(es), engines: {placement}",
+                  flush=True)
+            run_args = argparse.Namespace(**dict(_public(args), engines=placement))
+            results[placement] = run_distributed(_worker, world, run_args, data, os.path.join(tmp, placement),
+                                                 threads=threads, timeout=3600)[0]
+            summaries[placement] = summarize(results[placement]["records"], results[placement]["wall_s"],
+                                             args.warmup)
+            print_table(summaries[placement], args)
+    if args.engines == "compare":
+        print_ratios(summaries["rank0"], summaries["every-rank"])
     if args.json:
-        write_json(args.json, "step", args, dict(summary=summary, records=res["records"]))
-    ok = all(math.isfinite(v) and v >= 0 for v in summary["median_s"].values())
-    return 0 if ok and not summary["missing_phases"] else 1
+        payload = {p: dict(summary=summaries[p], records=results[p]["records"]) for p in placements}
+        write_json(args.json, "step", args, payload if len(placements) > 1 else payload[placements[0]])
+    ok = all(math.isfinite(v) and v >= 0 and not sm["missing_phases"]
+             for sm in summaries.values() for v in sm["median_s"].values())
+    return 0 if ok else 1
+
+
+def print_ratios(base: Dict[str, Any], every: Dict[str, Any]) -> None:
+    """Baseline (one engine on rank 0) over an engine per rank, per phase median: > 1 is a speed-up."""
+    print("\nengine on every rank vs one engine on rank 0 (baseline); ratio = baseline / every-rank")
+    for p in ("rollout", "total"):
+        b, e = base["median_s"][p], every["median_s"][p]
+        print(f"{p:<10} rank0 {b:.3f} s   every-rank {e:.3f} s   ratio {b / e if e > 0 else float('nan'):.2f}x")
 
 
 def _public(args) -> Dict[str, Any]:

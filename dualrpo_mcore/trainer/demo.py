@@ -70,6 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-dynamic-sampling", dest="dynamic_sampling", action="store_false",
                    help="keep groups whose verifier rewards are all equal (default: drop and refill them)")
     g.add_argument("--eval-every", type=int, default=100, help="held-out eval every N RL steps (curves)")
+    g.add_argument("--one-engine", dest="engine_on_every_rank", action="store_false",
+                   help="one rollout engine on rank 0 (default: one per process, each generating a share)")
     g.add_argument("--reserve-s", type=float, default=45.0,
                    help="seconds kept back from the budget for the final eval, export, plots")
 
@@ -119,6 +121,7 @@ def _rl_command(args, data: str, run_dir: str, hf_dir: str, deadline: float) -> 
            "--group-size", str(args.group_size), "--prompts-per-step", str(args.prompts_per_step),
            "--max-new-tokens", str(args.max_new_tokens), "--temperature", str(args.temperature),
            "--eval-every", str(args.eval_every), *(["--dynamic-sampling"] if args.dynamic_sampling else []),
+           *(["--engine-on-every-rank"] if args.engine_on_every_rank else []),
            "--eval-samples", str(8 * args.heldout_per_task), "--seed", str(args.seed), "--no-progress"]
     if args.resume:
         cmd.append("--resume")

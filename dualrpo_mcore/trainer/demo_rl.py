@@ -35,6 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dynamic-sampling", action="store_true",
                    help="drop groups whose verifier rewards are all equal and refill (schedule.dynamic_sampling)")
     p.add_argument("--max-refill-rounds", type=int, default=2)
+    p.add_argument("--engine-on-every-rank", action="store_true",
+                   help="a rollout engine replica per process, each generating a share (rollout.engine_on_every_rank)")
     p.add_argument("--mini-batches", type=int, default=1, help="optimizer updates per pass over a step's batch")
     p.add_argument("--epochs", type=int, default=1, help="passes over the mini-batches per step")
     p.add_argument("--eval-samples", type=int, default=64)
@@ -60,6 +62,7 @@ def build_config(args):
     cfg.eval.every, cfg.eval.heldout, cfg.eval.max_samples = max(1, args.steps), heldout, args.eval_samples
     cfg.schedule.dynamic_sampling, cfg.schedule.max_refill_rounds = args.dynamic_sampling, args.max_refill_rounds
     cfg.schedule.mini_batches, cfg.schedule.epochs = args.mini_batches, args.epochs
+    cfg.rollout.engine_on_every_rank = args.engine_on_every_rank
     cfg.actor.optim.total_steps = args.steps * args.mini_batches * args.epochs
     cfg.checkpoint.every = max(1, args.steps // 4)
     cfg.checkpoint.resume = "auto" if args.resume else None

@@ -36,8 +36,15 @@ class RolloutConfig:
     memory its weights + KV cache may take) and ``tp_size``."""
     seed: int = 0
     """Base of the per-(step, prompt, sample) sampling seeds: a resumed run samples the same tokens."""
+    engine_on_every_rank: bool = False
+    """Every rank runs its own engine replica (each holds the whole policy) and generates a contiguous
+    share of each round's prompts, whatever the actor's TP/PP; False: one engine on global rank 0
+    while the other ranks wait. The draws are the same either way (seeded per prompt and sample).
+    HF engine only: SGLang replicas would each need their own GPU memory share."""
 
     def __post_init__(self) -> None:
+        if self.engine_on_every_rank and self.engine != "hf":
+            raise ValueError(f"rollout.engine_on_every_rank needs rollout.engine='hf', got {self.engine!r}")
         if isinstance(self.sampling, dict):
             self.sampling = SamplingParams(**self.sampling)
         if self.group_size < 2:

@@ -53,7 +53,7 @@ class Context:
     manager: Any
     logger: Any
     engine: Any = None
-    """The rollout engine (rank 0 only)."""
+    """The rollout engine (rank 0 only, or every rank with ``rollout.engine_on_every_rank``)."""
     pool: Any = None
     """The verifier pool (rank 0 only)."""
     heldout: List[Any] = field(default_factory=list)
@@ -118,7 +118,8 @@ def _image_token_id(cfg) -> int:
 
 
 def setup(cfg, resume_step: Optional[int] = None) -> Context:
-    """Actor, loader, exporter, checkpoint manager on every rank; engine, pool, held-out set on rank 0."""
+    """Actor, loader, exporter, checkpoint manager on every rank; engine (every rank with
+    ``rollout.engine_on_every_rank``), pool, held-out set on rank 0."""
     from transformers import AutoTokenizer
 
     from dualrpo_mcore.data import PromptLoader
@@ -134,8 +135,9 @@ def setup(cfg, resume_step: Optional[int] = None) -> Context:
     exporter = BucketedExporter(cfg.rollout.bucket_mb << 20, te_spec=cfg.actor.model.spec_backend == "te")
     ctx = Context(cfg=cfg, actor=actor, loader=loader, tokenizer=tokenizer, exporter=exporter,
                   manager=CheckpointManager(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last), logger=None)
-    if ctx.rank0:
+    if ctx.rank0 or cfg.rollout.engine_on_every_rank:
         ctx.engine = build_engine(cfg, tokenizer)
+    if ctx.rank0:
         ctx.pool = VerifierPool(num_workers=cfg.verifier.workers, timeout_s=cfg.verifier.timeout_s,
                                 max_memory_mb=cfg.verifier.max_memory_mb)
         if cfg.eval.every:
@@ -197,19 +199,28 @@ def step_seed(base: int, step: int, round_: int) -> int:
 
 def rollout(ctx: Context, prompts: Sequence[Any], params) -> List[List[tuple]]:
     """``out[prompt][sample] = (token_ids, logprobs, finish_reason)`` on every rank."""
+    if not ctx.cfg.rollout.engine_on_every_rank or dist.get_world_size() == 1:
+        return broadcast(_generate(ctx, prompts, params) if ctx.rank0 else None)
+    world, rank, n = dist.get_world_size(), dist.get_rank(), len(prompts)
+    mine = _generate(ctx, prompts[n * rank // world: n * (rank + 1) // world], params)
+    parts: List[Any] = [None] * world
+    dist.all_gather_object(parts, mine)
+    return [group for part in parts for group in part]
+
+
+def _generate(ctx: Context, prompts: Sequence[Any], params) -> List[List[tuple]]:
     from dualrpo_mcore.rollout.engine import RolloutRequest
 
-    out = None
-    if ctx.rank0:
-        # Colocated engines (SGLang) hold GPU memory only while generating: the actor's log-prob
-        # forward and update that follow need it. Both calls are no-ops for the HF engine.
-        ctx.engine.resume_memory()
-        samples = ctx.engine.generate([RolloutRequest.from_prompt(p) for p in prompts], params)
-        ctx.engine.release_memory()
-        media = {ctx.actor.cfg.image_token_id, ctx.actor.cfg.video_token_id}
-        out = [[cut_at_media(list(s.token_ids), [float(x) for x in s.logprobs], s.finish_reason, media)
-                for s in group] for group in samples]
-    return broadcast(out)
+    if not prompts:
+        return []
+    # Colocated engines (SGLang) hold GPU memory only while generating: the actor's log-prob
+    # forward and update that follow need it. Both calls are no-ops for the HF engine.
+    ctx.engine.resume_memory()
+    samples = ctx.engine.generate([RolloutRequest.from_prompt(p) for p in prompts], params)
+    ctx.engine.release_memory()
+    media = {ctx.actor.cfg.image_token_id, ctx.actor.cfg.video_token_id}
+    return [[cut_at_media(list(s.token_ids), [float(x) for x in s.logprobs], s.finish_reason, media)
+             for s in group] for group in samples]
 
 
 def cut_at_media(ids: List[int], logprobs: List[float], finish: str, media: set) -> tuple:
@@ -400,7 +411,7 @@ def global_loss(actor, metrics: Dict[str, float]) -> float:
 
 
 def sync(ctx: Context) -> None:
-    """New policy weights into the engine (collective over all ranks; the engine is on rank 0)."""
+    """New policy weights into the engines (collective over all ranks; engines on rank 0 or on all)."""
     buckets = ctx.exporter.buckets(ctx.actor.model)
     if ctx.engine is None:
         for _ in buckets:  # the other ranks take part in the export's collectives

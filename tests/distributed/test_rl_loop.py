@@ -11,6 +11,8 @@ shaped for the synthetic set's tokenizer, G=2, 2 prompts per step, 8 new tokens)
   the RL-loop session);
 * PP=2 with a NaN injected into the advantages of step 2 (test hook): that update is skipped
   and not checkpointed, steps 1 and 3 train and are checkpointed;
+* TP=2 with an engine replica on each rank, each generating half the prompts: the same samples, so
+  bitwise the same losses, as the one engine on rank 0;
 * TP=2 with 2 mini-batches x 2 epochs: four updates per step, and the probability ratio moves off 1
   (the old log-probs stay the rollout policy's while the weights move).
 
@@ -73,6 +75,9 @@ def _run_all(rank, world_size, data, root):
     out["tp_first"] = train(_config(data, tp_resumed, tp=2, pp=1, eval_every=2), stop_after=1)
     out["tp_rest"] = train(_config(data, tp_resumed, tp=2, pp=1, eval_every=2, resume="auto"))
     out["pp"] = train(_config(data, os.path.join(root, "pp"), tp=1, pp=2, steps=3), hooks=Hooks(before_update=_poison))
+    every = _config(data, os.path.join(root, "every"), tp=2, pp=1, eval_every=2)
+    every.rollout.engine_on_every_rank = True
+    out["every"] = train(every)
     mini = _config(data, os.path.join(root, "mini"), tp=2, pp=1, steps=2)
     mini.schedule.mini_batches, mini.schedule.epochs = 2, 2
     mini.actor.optim.total_steps = 2 * 2 * 2
@@ -149,6 +154,15 @@ def test_pp2_poisoned_step_is_skipped_and_not_checkpointed(runs):
     assert pp[0]["loss"] == pp[0]["loss"] and pp[2]["loss"] == pp[2]["loss"]
     ckpts = sorted(d for d in os.listdir(os.path.join(root, "pp", "checkpoints")) if d.startswith("step_"))
     assert ckpts == ["step_00000001", "step_00000003"]
+
+
+def test_an_engine_on_every_rank_samples_what_one_engine_does(runs):
+    _, results = runs
+    for rank in (0, 1):
+        one, every = results[rank]["full"], results[rank]["every"]
+        assert [r["step"] for r in every] == [1, 2, 3, 4]
+        assert _fingerprint(every) == _fingerprint(one), (rank, _fingerprint(every), _fingerprint(one))
+        assert [r["length/all"] for r in every] == [r["length/all"] for r in one]
 
 
 def test_mini_batches_and_epochs_reuse_the_rollouts_with_a_moving_ratio(runs):

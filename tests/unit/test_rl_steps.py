@@ -198,7 +198,8 @@ def test_engine_memory_is_held_only_around_generation_and_weights_load_on_resume
     t = torch.zeros(2)
     exporter = types.SimpleNamespace(buckets=lambda model: iter([[("a", t), ("b", t)], [("c", t)]]))
     engine = _RecordingEngine()
-    ctx = types.SimpleNamespace(rank0=True, engine=engine, exporter=exporter,
+    cfg = types.SimpleNamespace(rollout=types.SimpleNamespace(engine_on_every_rank=False))
+    ctx = types.SimpleNamespace(rank0=True, engine=engine, exporter=exporter, cfg=cfg,
                                 actor=types.SimpleNamespace(model=None, cfg=types.SimpleNamespace(
                                     image_token_id=999, video_token_id=998)))
     prompt = types.SimpleNamespace(input_ids=[1, 2, 3], pixel_values=None, image_grid_thw=None, images=[], uid="p")
