@@ -19,6 +19,8 @@ def _field_names(node: Any) -> List[str]:
 
 def _parse(key: str, raw: str, current: Any, annotation: str) -> Any:
     text = raw.strip()
+    if text.lower() in ("none", "null") and (current is None or "Optional" in annotation):
+        return None
     if isinstance(current, int) and not isinstance(current, bool) and annotation == "float":
         current = float(current)  # a float field that a recipe filled with an int
     if isinstance(current, bool):
@@ -34,8 +36,6 @@ def _parse(key: str, raw: str, current: Any, annotation: str) -> Any:
         raise ValueError(f"--set {key}: {raw!r} is not a {type(current).__name__}") from None
     if isinstance(current, str):
         return raw
-    if text.lower() in ("none", "null"):
-        return None
     try:
         value = json.loads(text)
     except json.JSONDecodeError:

@@ -31,6 +31,8 @@ def test_values_take_the_fields_types_and_derived_fields_follow(cfg):
     assert cfg.schedule.dynamic_sampling is True and cfg.eval.greedy is False
     assert cfg.reward.lam == 0.25 and isinstance(cfg.verifier.timeout_s, float) and cfg.verifier.timeout_s == 7.0
     assert cfg.checkpoint.dir == "/tmp/ck"
+    apply_overrides(cfg, ["checkpoint.dir=none", "logging.run_dir=none"])
+    assert cfg.checkpoint.dir is None and cfg.logging.run_dir == "none"  # only an Optional field takes None
     # The root's check derives the warm-up length from the updates: 10 steps x 2 x 3.
     assert cfg.actor.optim.total_steps == 60
 
