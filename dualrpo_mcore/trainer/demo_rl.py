@@ -48,6 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_config(args):
+    from .overrides import apply_overrides
     from .recipes import build_recipe
 
     cfg = build_recipe("tiny_cpu", args.data, args.init, args.out, steps=args.steps, reward_mode=args.reward_mode,
@@ -61,9 +62,9 @@ def build_config(args):
     # eval.every > 0 makes rank 0 load the held-out prompts; this module decides when to evaluate.
     cfg.eval.every, cfg.eval.heldout, cfg.eval.max_samples = max(1, args.steps), heldout, args.eval_samples
     cfg.schedule.dynamic_sampling, cfg.schedule.max_refill_rounds = args.dynamic_sampling, args.max_refill_rounds
-    cfg.schedule.mini_batches, cfg.schedule.epochs = args.mini_batches, args.epochs
-    cfg.rollout.engine_on_every_rank = args.engine_on_every_rank
-    cfg.actor.optim.total_steps = args.steps * args.mini_batches * args.epochs
+    # Through the override path, so the checks and the warm-up length derived from them run again.
+    apply_overrides(cfg, [f"schedule.mini_batches={args.mini_batches}", f"schedule.epochs={args.epochs}",
+                          f"rollout.engine_on_every_rank={args.engine_on_every_rank}"])
     cfg.checkpoint.every = max(1, args.steps // 4)
     cfg.checkpoint.resume = "auto" if args.resume else None
     cfg.logging.progress = not args.no_progress

@@ -62,6 +62,7 @@ def _poison(step, batch):
 
 def _run_all(rank, world_size, data, root):
     from dualrpo_mcore.trainer.loop import train
+    from dualrpo_mcore.trainer.overrides import apply_overrides
     from dualrpo_mcore.trainer.steps import Hooks
 
     out = {}
@@ -78,9 +79,8 @@ def _run_all(rank, world_size, data, root):
     every = _config(data, os.path.join(root, "every"), tp=2, pp=1, eval_every=2)
     every.rollout.engine_on_every_rank = True
     out["every"] = train(every)
-    mini = _config(data, os.path.join(root, "mini"), tp=2, pp=1, steps=2)
-    mini.schedule.mini_batches, mini.schedule.epochs = 2, 2
-    mini.actor.optim.total_steps = 2 * 2 * 2
+    mini = apply_overrides(_config(data, os.path.join(root, "mini"), tp=2, pp=1, steps=2),
+                           ["schedule.mini_batches=2", "schedule.epochs=2"])
     out["mini"] = train(mini)
     return out
 
