@@ -280,7 +280,7 @@ class Actor:
     def _set_lr(self) -> float:
         """Schedule factor on every parameter group's peak (per-module multipliers kept via ``max_lr``)."""
         o = self.config.optim
-        factor = lr_factor(self.steps_taken, o.total_steps, o.warmup_fraction)
+        factor = lr_factor(self.steps_taken, o.total_steps, o.warmup_fraction, o.decay_fraction)
         for group in self.optimizer.param_groups:
             group["lr"] = factor * group.get("max_lr", o.lr)
         return factor * o.lr

@@ -98,6 +98,8 @@ class OptimConfig:
     """Global gradient-norm clip (0 = off)."""
     warmup_fraction: float = 0.05
     """Fraction of all updates with linear warm-up (paper: 5%), then constant."""
+    decay_fraction: float = 0.0
+    """Fraction of all updates, at the end, over which the rate falls linearly towards 0 (paper: none)."""
     total_steps: int = 1
     """Number of optimizer updates the run will take (sets the warm-up length); the loop fills it in."""
     distributed_optimizer: bool = True
@@ -117,6 +119,8 @@ class OptimConfig:
             raise ValueError(f"actor.optim.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
         if not 0.0 <= self.warmup_fraction < 1.0:
             raise ValueError(f"actor.optim.warmup_fraction must lie in [0, 1), got {self.warmup_fraction}")
+        if not 0.0 <= self.decay_fraction < 1.0:
+            raise ValueError(f"actor.optim.decay_fraction must lie in [0, 1), got {self.decay_fraction}")
         if self.total_steps < 1:
             raise ValueError(f"actor.optim.total_steps must be >= 1, got {self.total_steps}")
 

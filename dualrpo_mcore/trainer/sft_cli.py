@@ -33,7 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init", default=None, help="start from this HF directory instead of a fresh tiny model")
     parser.add_argument("--steps", type=int, default=60, help="optimizer updates")
     parser.add_argument("--batch-size", type=int, default=8, help="rows per update per data-parallel rank")
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (warm-up 5%%, then constant)")
+    parser.add_argument("--lr", type=float, default=2e-3,
+                        help="peak learning rate (warm-up 5%%, constant, then --decay-fraction linear decay)")
+    # 0.1: ending at the constant peak leaves the warm start at a noisy point (see trainer/schedule.py).
+    parser.add_argument("--decay-fraction", type=float, default=0.1,
+                        help="last fraction of the updates over which the rate falls linearly towards 0")
     parser.add_argument("--max-tokens", type=int, default=4096, help="tokens per micro-batch")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
@@ -115,7 +119,8 @@ def _actor(args, hf_config, hf_state_dict):
 
     cfg = ActorConfig(model=ModelSourceConfig(tiny=True, hf_config=hf_config),
                       parallel=ParallelConfig(tp=args.tp, pp=args.pp),
-                      optim=OptimConfig(lr=args.lr, total_steps=args.steps, grad_clip=1.0),
+                      optim=OptimConfig(lr=args.lr, total_steps=args.steps, grad_clip=1.0,
+                                      decay_fraction=args.decay_fraction),
                       micro=MicroBatchConfig(max_tokens=args.max_tokens), seed=args.seed)
     return Actor(cfg, hf_state_dict=hf_state_dict)
 
@@ -170,8 +175,8 @@ def save_hf(actor, hf_config, out_dir: str, model_dir: str) -> None:
 
 
 def train(args) -> Dict[str, Any]:
-    """The SFT loop; returns ``{"losses": [...], "out": dir, "actor": the trained actor, "loader",
-    "tokenizer"}`` on every rank (losses are global, identical everywhere)."""
+    """The SFT loop; returns ``{"losses": [...], "lrs": [...], "out": dir, "actor": the trained actor,
+    "loader", "tokenizer"}`` on every rank (losses are global, identical everywhere)."""
     from transformers import AutoTokenizer
 
     from dualrpo_mcore.data import DataConfig, PromptLoader, SourceConfig
@@ -188,17 +193,19 @@ def train(args) -> Dict[str, Any]:
     dp, dp_rank = actor.info.dp_size, actor.info.dp_rank
     show = not args.no_progress and torch.distributed.get_rank() == 0
     losses: List[float] = []
+    lrs: List[float] = []
     bar = _progress(args.steps, show)
     for _ in range(args.steps):
         prompts = loader.next_prompts(args.batch_size * dp)[dp_rank::dp]  # same draws on every rank
         metrics = actor.sft_step(collate(sft_rows(prompts, tokenizer), tokenizer.pad_token_id))
         loss = _global_loss(actor, metrics)
         losses.append(loss)
+        lrs.append(float(metrics["lr"]))
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{metrics['lr']:.2e}", skipped=int(metrics["skipped"]))
     bar.close()
     save_hf(actor, hf_config, args.out, model_dir)
-    return dict(losses=losses, out=args.out, actor=actor, loader=loader, tokenizer=tokenizer)
+    return dict(losses=losses, lrs=lrs, out=args.out, actor=actor, loader=loader, tokenizer=tokenizer)
 
 
 def _global_loss(actor, metrics) -> float:

@@ -42,7 +42,7 @@ def _sft(rank, world_size, data, out, tp):
     probe = sft_cli.collate(sft_cli.sft_rows(res["loader"].next_prompts(3), res["tokenizer"]),
                             res["tokenizer"].pad_token_id)
     stats = res["actor"].compute_token_stats(probe)
-    return dict(losses=res["losses"], probe=probe, logprob=stats["logprob"])
+    return dict(losses=res["losses"], lrs=res["lrs"], probe=probe, logprob=stats["logprob"])
 
 
 def _hf_logprobs(out_dir, batch):
@@ -77,6 +77,11 @@ def test_sft_lowers_the_loss_and_saves_a_loadable_hf_dir(tp1):
     assert proc.tokenizer.eos_token == "<|im_end|>"
     diff = float((_hf_logprobs(out, res["probe"]) - res["logprob"].double()).abs().max())
     assert diff <= 1e-4, f"saved HF weights give other log-probs than the actor (max diff {diff:.3g})"
+
+
+def test_sft_lr_warms_up_holds_then_decays(tp1):
+    # 8 updates, warm-up ceil(5% of 8) = 1, decay ceil(10% of 8) = 1 update at half the peak (2e-3).
+    assert tp1[1]["lrs"] == pytest.approx([2e-3] * 7 + [1e-3], rel=1e-12)
 
 
 def test_sft_tp2_follows_tp1(synth_dir, tmp_path, tp1):
