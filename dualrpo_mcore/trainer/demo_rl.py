@@ -79,7 +79,7 @@ def _write_json(path: str, obj: Dict) -> None:
 
 
 def _eval(ctx, step: int, path: str, label: str) -> Dict[str, float]:
-    """Held-out accuracy (rank 0 computes; the others wait at the next collective)."""
+    """Held-out accuracy (computed on rank 0; with an engine per rank, every rank generates a share)."""
     from . import steps
 
     t0 = time.time()

@@ -118,8 +118,8 @@ def _image_token_id(cfg) -> int:
 
 
 def setup(cfg, resume_step: Optional[int] = None) -> Context:
-    """Actor, loader, exporter, checkpoint manager on every rank; engine (every rank with
-    ``rollout.engine_on_every_rank``), pool, held-out set on rank 0."""
+    """Actor, loader, exporter, checkpoint manager on every rank; engine and held-out set (every rank
+    with ``rollout.engine_on_every_rank``), pool on rank 0."""
     from transformers import AutoTokenizer
 
     from dualrpo_mcore.data import PromptLoader
@@ -140,8 +140,8 @@ def setup(cfg, resume_step: Optional[int] = None) -> Context:
     if ctx.rank0:
         ctx.pool = VerifierPool(num_workers=cfg.verifier.workers, timeout_s=cfg.verifier.timeout_s,
                                 max_memory_mb=cfg.verifier.max_memory_mb)
-        if cfg.eval.every:
-            ctx.heldout = _heldout_prompts(cfg, tokenizer)
+    if cfg.eval.every and (ctx.rank0 or cfg.rollout.engine_on_every_rank):
+        ctx.heldout = _heldout_prompts(cfg, tokenizer)  # every engine generates a share of it
     return ctx
 
 
@@ -431,22 +431,19 @@ def sample_metrics(batch: Dict[str, Any]) -> Dict[str, float]:
 
 
 def evaluate(ctx: Context, step: int) -> Dict[str, float]:
-    """Per-task held-out accuracy (rank 0; others return {}), greedy unless configured otherwise."""
+    """Per-task held-out accuracy (on rank 0; others return {}), greedy unless configured otherwise.
+    Call it on every rank: with ``rollout.engine_on_every_rank`` each engine generates a share."""
     import dataclasses
 
-    if not ctx.rank0 or not ctx.heldout:
-        return {}
-    from dualrpo_mcore.rollout.engine import RolloutRequest
-
     cfg = ctx.cfg
+    if not cfg.eval.every or not cfg.eval.heldout:
+        return {}
     params = dataclasses.replace(cfg.rollout.sampling, n=1, seed=cfg.rollout.seed,
                                  temperature=0.0 if cfg.eval.greedy else cfg.rollout.sampling.temperature)
-    ctx.engine.resume_memory()
-    groups = ctx.engine.generate([RolloutRequest.from_prompt(p) for p in ctx.heldout], params)
-    ctx.engine.release_memory()
-    media = {ctx.actor.cfg.image_token_id, ctx.actor.cfg.video_token_id}
-    texts = [ctx.tokenizer.decode(cut_at_media(g[0].token_ids, g[0].logprobs, "stop", media)[0],
-                                  skip_special_tokens=True) for g in groups]
+    groups = rollout(ctx, ctx.heldout, params)
+    if not ctx.rank0:
+        return {}
+    texts = [ctx.tokenizer.decode(g[0][0], skip_special_tokens=True) for g in groups]
     results = ctx.pool.verify_batch([p.reward for p in ctx.heldout], texts, progress=step / cfg.schedule.steps)
     acc = per_task_means([p.task for p in ctx.heldout], acc=[r.reward for r in results])
     return {f"eval/{k}": v for k, v in acc.items()}

@@ -11,8 +11,8 @@ shaped for the synthetic set's tokenizer, G=2, 2 prompts per step, 8 new tokens)
   the RL-loop session);
 * PP=2 with a NaN injected into the advantages of step 2 (test hook): that update is skipped
   and not checkpointed, steps 1 and 3 train and are checkpointed;
-* TP=2 with an engine replica on each rank, each generating half the prompts: the same samples, so
-  bitwise the same losses, as the one engine on rank 0;
+* TP=2 with an engine replica on each rank, each generating half the prompts (and half the held-out
+  set): the same samples, so bitwise the same losses and eval accuracies, as the one engine on rank 0;
 * TP=2 with 2 mini-batches x 2 epochs: four updates per step, and the probability ratio moves off 1
   (the old log-probs stay the rollout policy's while the weights move).
 
@@ -102,6 +102,10 @@ def _fingerprint(records):
     return [(r["loss"], r["grad_norm"], r["certainty/all"], r["entropy/all"]) for r in records]
 
 
+def _evals(records):
+    return [{k: v for k, v in r.items() if k.startswith("eval/")} for r in records]
+
+
 def test_tp2_run_trains_and_logs_per_task_metrics(runs):
     root, results = runs
     full = results[0]["full"]
@@ -163,6 +167,11 @@ def test_an_engine_on_every_rank_samples_what_one_engine_does(runs):
         assert [r["step"] for r in every] == [1, 2, 3, 4]
         assert _fingerprint(every) == _fingerprint(one), (rank, _fingerprint(every), _fingerprint(one))
         assert [r["length/all"] for r in every] == [r["length/all"] for r in one]
+    # The held-out eval is split over the engines too; rank 0 scores the gathered answers.
+    every, one = _evals(results[0]["every"]), _evals(results[0]["full"])
+    assert [bool(e) for e in every] == [False, True, False, True] and "eval/acc/all" in every[1]
+    assert every == one
+    assert not any(_evals(results[1]["every"])), "only rank 0 reports the eval"
 
 
 def test_mini_batches_and_epochs_reuse_the_rollouts_with_a_moving_ratio(runs):

@@ -1,7 +1,8 @@
 """RL-loop pieces that need no process group: config checks, the recipe registry, group filtering,
 batch concatenation, overlong masking, dynamic sampling's drop-and-refill (``loop.collect``
 with a stub rollout round and a stub shaping that records what it was given), and the split of a
-step's batch into mini-batch updates (``loop.update`` with a stub actor)."""
+step's batch into mini-batch updates (``loop.update`` with a stub actor), and the held-out eval's
+pairing of answers with prompts (``steps.evaluate`` with a stub rollout and pool)."""
 import types
 
 import pytest
@@ -252,3 +253,32 @@ def test_update_with_nothing_to_train_reports_no_update(monkeypatch):
     ctx.actor.update = lambda mb: pytest.fail("an update without response tokens")
     monkeypatch.setattr(steps, "dp_slice", lambda part, g, img, merge: part)
     assert loop.update(ctx, batch) == {"no_update": 1.0}
+
+
+def test_evaluate_scores_each_prompt_against_its_own_answer_greedily(monkeypatch):
+    """``steps.evaluate`` with a stub rollout (prompt i answers i on even i, 'no' on odd) and a stub
+    pool that checks text against the prompt's answer: per-task accuracy by hand."""
+    from dualrpo_mcore.rollout.engine import SamplingParams
+
+    prompts = [types.SimpleNamespace(task=("math", "ocr")[i % 2 if i < 4 else 0], reward={"answer": str(i)})
+               for i in range(6)]  # math: 0, 2, 4, 5 -> right on 0, 2, 4; ocr: 1, 3 -> none right
+    seen = {}
+
+    def fake_rollout(ctx, ps, params):
+        seen["params"] = params
+        return [[([i if i % 2 == 0 else 100], [0.0], "stop")] for i in range(len(ps))]
+
+    monkeypatch.setattr(steps, "rollout", fake_rollout)
+    pool = types.SimpleNamespace(verify_batch=lambda specs, texts, progress: [
+        types.SimpleNamespace(reward=float(t == s["answer"])) for s, t in zip(specs, texts)])
+    tokenizer = types.SimpleNamespace(decode=lambda ids, skip_special_tokens: "no" if ids == [100] else str(ids[0]))
+    cfg = types.SimpleNamespace(eval=types.SimpleNamespace(every=5, heldout="h.parquet", greedy=True),
+                                rollout=types.SimpleNamespace(sampling=SamplingParams(temperature=1.0), seed=7),
+                                schedule=types.SimpleNamespace(steps=10))
+    ctx = types.SimpleNamespace(cfg=cfg, rank0=True, heldout=prompts, pool=pool, tokenizer=tokenizer)
+    out = steps.evaluate(ctx, 5)
+    assert out["eval/acc/math"] == pytest.approx(3 / 4) and out["eval/acc/ocr"] == 0.0
+    assert out["eval/acc/all"] == pytest.approx(3 / 6)
+    assert seen["params"].temperature == 0.0 and seen["params"].n == 1 and seen["params"].seed == 7
+    ctx.rank0 = False  # the other ranks generate their share and report nothing
+    assert steps.evaluate(ctx, 5) == {}
