@@ -120,7 +120,7 @@ def _actor(args, hf_config, hf_state_dict):
     cfg = ActorConfig(model=ModelSourceConfig(tiny=True, hf_config=hf_config),
                       parallel=ParallelConfig(tp=args.tp, pp=args.pp),
                       optim=OptimConfig(lr=args.lr, total_steps=args.steps, grad_clip=1.0,
-                                      decay_fraction=args.decay_fraction),
+                                        decay_fraction=args.decay_fraction),
                       micro=MicroBatchConfig(max_tokens=args.max_tokens), seed=args.seed)
     return Actor(cfg, hf_state_dict=hf_state_dict)
 
@@ -245,6 +245,9 @@ def run(args) -> int:
         return 2
     if args.steps < 1 or args.batch_size < 1:
         print("dualrpo sft: --steps and --batch-size must be >= 1", file=sys.stderr)
+        return 2
+    if not 0.0 <= args.decay_fraction < 1.0:
+        print(f"dualrpo sft: --decay-fraction must lie in [0, 1), got {args.decay_fraction}", file=sys.stderr)
         return 2
     result = train(args)
     import torch.distributed as dist

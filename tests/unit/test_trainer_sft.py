@@ -107,3 +107,13 @@ def test_tiny_config_widths_and_bad_vision_width(synth_dir):
     Qwen2_5_VLForConditionalGeneration(cfg)  # transformers accepts the shapes
     with pytest.raises(ValueError, match="--vision-hidden 40"):
         tiny_config_for_tokenizer(model_dir, vision_hidden=40)
+
+
+@pytest.mark.parametrize("flags, field", [(["--decay-fraction", "1.0"], "--decay-fraction"),
+                                          (["--steps", "0"], "--steps")])
+def test_sft_refuses_bad_flags_by_name(synth_dir, tmp_path, capsys, flags, field):
+    from dualrpo_mcore.cli import main
+
+    assert main(["sft", "--data", synth_dir, "--out", str(tmp_path / "out"), *flags]) == 2
+    assert field in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out")
