@@ -58,11 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--nproc", type=int, default=2, help="torchrun processes")
     g.add_argument("--tp", type=int, default=2, help="tensor-parallel size")
     # 2e-4: at 1e-4 a constant answer takes hundreds of steps to learn on this tiny model; at 1e-3 GRPO
-    # and DualRPO both diverge (length and entropy run away) within ~100 steps. With ~400 steps in the
-    # budget, 3e-4 peaked near step 300 and slid back (+4.3 at the end); 2e-4 ended at +6.5 (one seed each).
+    # and DualRPO both diverge (length and entropy run away) within ~100 steps. From the decayed warm
+    # start a 9-minute TP=1 run at 4e-4 gained +0.3 (unparsable answers rose to 9%); the demo at 2e-4
+    # gains +2.1 to +2.3 (one seed each).
     g.add_argument("--lr", type=float, default=2e-4, help="RL learning rate")
-    # G 4 x 16 prompts: +4.5 points in 8 minutes from the same warm start where 8 x 8 gave +3.3 and
-    # 8 x 16 at lr 5e-4 +3.6 (2,048 held-out prompts each, TP=1); the differences are near the ~1-point noise.
+    # G 4 x 16 prompts: +4.5 points in 8 minutes from the first (un-decayed) warm start where 8 x 8 gave
+    # +3.3 and 8 x 16 at lr 5e-4 +3.6 (2,048 held-out prompts each, TP=1); all near the ~1-point noise.
     g.add_argument("--group-size", type=int, default=4, help="G: samples per prompt")
     g.add_argument("--prompts-per-step", type=int, default=16)
     # 64: detection answers (box lists) take up to ~80 tokens, grounding ~27; shorter always truncates them.
