@@ -440,9 +440,14 @@ def evaluate(ctx: Context, step: int) -> Dict[str, float]:
         return {}
     params = dataclasses.replace(cfg.rollout.sampling, n=1, seed=cfg.rollout.seed,
                                  temperature=0.0 if cfg.eval.greedy else cfg.rollout.sampling.temperature)
-    groups = rollout(ctx, ctx.heldout, params)
-    if not ctx.rank0:
-        return {}
+    if cfg.rollout.engine_on_every_rank:
+        groups = rollout(ctx, ctx.heldout, params)  # each engine a share, gathered everywhere
+        if not ctx.rank0:
+            return {}
+    elif not ctx.rank0:
+        return {}  # one engine: nothing to broadcast, only rank 0 scores
+    else:
+        groups = _generate(ctx, ctx.heldout, params)
     texts = [ctx.tokenizer.decode(g[0][0], skip_special_tokens=True) for g in groups]
     results = ctx.pool.verify_batch([p.reward for p in ctx.heldout], texts, progress=step / cfg.schedule.steps)
     acc = per_task_means([p.task for p in ctx.heldout], acc=[r.reward for r in results])

@@ -273,7 +273,8 @@ def test_evaluate_scores_each_prompt_against_its_own_answer_greedily(monkeypatch
         types.SimpleNamespace(reward=float(t == s["answer"])) for s, t in zip(specs, texts)])
     tokenizer = types.SimpleNamespace(decode=lambda ids, skip_special_tokens: "no" if ids == [100] else str(ids[0]))
     cfg = types.SimpleNamespace(eval=types.SimpleNamespace(every=5, heldout="h.parquet", greedy=True),
-                                rollout=types.SimpleNamespace(sampling=SamplingParams(temperature=1.0), seed=7),
+                                rollout=types.SimpleNamespace(sampling=SamplingParams(temperature=1.0), seed=7,
+                                                              engine_on_every_rank=True),
                                 schedule=types.SimpleNamespace(steps=10))
     ctx = types.SimpleNamespace(cfg=cfg, rank0=True, heldout=prompts, pool=pool, tokenizer=tokenizer)
     out = steps.evaluate(ctx, 5)
