@@ -140,6 +140,18 @@ def results_table(before: Dict[str, float], after: Dict[str, float]) -> Dict:
     return dict(tasks=rows, mean_before=mb, mean_after=ma, mean_delta=ma - mb)
 
 
+def difficulty_table(before: Dict[str, float], after: Dict[str, float]) -> Dict[str, Dict[str, float]]:
+    """``{"<task>/d<k>": {before, after}}`` in percent, tasks in the demo's order, for the split present in
+    both evals (an eval written before the split existed has none)."""
+    order = {t: i for i, t in enumerate(TASK_ORDER)}
+
+    def key(name: str):
+        task, _, level = name.rpartition("/")
+        return order.get(task, len(order)), task, level
+
+    return {k: dict(before=100 * before[k], after=100 * after[k]) for k in sorted(set(before) & set(after), key=key)}
+
+
 def print_table(table: Dict, mode: str) -> None:
     print(f"\nHeld-out accuracy (%), warm start -> after {mode.upper()}:")
     print(f"  {'task':<10} {'before':>7} {'after':>7} {'delta':>7}")
@@ -147,6 +159,16 @@ def print_table(table: Dict, mode: str) -> None:
         print(f"  {t:<10} {r['before']:7.1f} {r['after']:7.1f} {r['delta']:+7.1f}")
     print(f"  {'mean':<10} {table['mean_before']:7.1f} {table['mean_after']:7.1f} {table['mean_delta']:+7.1f}",
           flush=True)
+    split: Dict[str, Dict[str, Dict[str, float]]] = {}
+    for name, r in table.get("by_difficulty", {}).items():
+        task, _, level = name.rpartition("/")
+        split.setdefault(task, {})[level] = r
+    if split:
+        print("By difficulty (%), before -> after:")
+        for task, levels in split.items():
+            cells = "  ".join(f"{lv} {r['before']:5.1f} -> {r['after']:5.1f}" for lv, r in sorted(levels.items()))
+            print(f"  {task:<10} {cells}")
+    sys.stdout.flush()
 
 
 def _check_out(args) -> str | None:
@@ -180,10 +202,11 @@ def run_stages(args, t_start: float) -> Dict:
     _stage("plot", _dualrpo("plot", *runs, "--out", os.path.join(out, "plots"), "--smooth", "5"),
            os.path.join(logs, "plot.log"), timings)
     with open(os.path.join(run_dir, "eval_before.json")) as f:
-        before_acc = json.load(f)["acc"]
+        before_json = json.load(f)
     with open(after) as f:
         after_json = json.load(f)
-    table = results_table(before_acc, after_json["acc"])
+    table = results_table(before_json["acc"], after_json["acc"])
+    table["by_difficulty"] = difficulty_table(before_json.get("by_difficulty", {}), after_json.get("by_difficulty", {}))
     table.update(reward_mode=args.reward_mode, rl_steps=after_json["step"], stage_seconds=timings,
                  total_seconds=time.time() - t_start, hf_dir=hf_dir, run_dir=run_dir, plots=os.path.join(out, "plots"))
     with open(os.path.join(out, f"results_{args.reward_mode}.json"), "w") as f:

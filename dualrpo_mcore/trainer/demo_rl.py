@@ -85,8 +85,10 @@ def _eval(ctx, step: int, path: str, label: str) -> Dict[str, float]:
     t0 = time.time()
     acc = steps.evaluate(ctx, step)
     if ctx.rank0:
-        _write_json(path, dict(step=step, seconds=time.time() - t0, acc={k[len("eval/acc/"):]: v for k, v in
-                                                                        acc.items() if k.startswith("eval/acc/")}))
+        split = "eval/by_difficulty/acc/"
+        _write_json(path, dict(step=step, seconds=time.time() - t0,
+                               acc={k[len("eval/acc/"):]: v for k, v in acc.items() if k.startswith("eval/acc/")},
+                               by_difficulty={k[len(split):]: v for k, v in acc.items() if k.startswith(split)}))
         print(f"demo rl: held-out eval {label} (step {step}): acc/all {acc.get('eval/acc/all', float('nan')):.3f} "
               f"in {time.time() - t0:.1f}s", flush=True)
     return acc

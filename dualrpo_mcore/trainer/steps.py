@@ -450,8 +450,24 @@ def evaluate(ctx: Context, step: int) -> Dict[str, float]:
         groups = _generate(ctx, ctx.heldout, params)
     texts = [ctx.tokenizer.decode(g[0][0], skip_special_tokens=True) for g in groups]
     results = ctx.pool.verify_batch([p.reward for p in ctx.heldout], texts, progress=step / cfg.schedule.steps)
-    acc = per_task_means([p.task for p in ctx.heldout], acc=[r.reward for r in results])
-    return {f"eval/{k}": v for k, v in acc.items()}
+    rewards = [r.reward for r in results]
+    acc = per_task_means([p.task for p in ctx.heldout], acc=rewards)
+    out = {f"eval/{k}": v for k, v in acc.items()}
+    out.update(by_difficulty(ctx.heldout, rewards))
+    return out
+
+
+def by_difficulty(prompts, rewards) -> Dict[str, float]:
+    """``eval/by_difficulty/acc/<task>/d<k>`` (and its count) for the prompts that carry a difficulty.
+
+    A task mean hides where RL helps: it tends to sharpen the easy level a policy half knows while the
+    hard levels stay put, and only this split shows it."""
+    keep = [i for i, p in enumerate(prompts) if p.difficulty is not None]
+    if not keep:
+        return {}
+    split = per_task_means([f"{prompts[i].task}/d{int(prompts[i].difficulty)}" for i in keep],
+                           acc=[rewards[i] for i in keep])
+    return {f"eval/by_difficulty/{k}": v for k, v in split.items() if not k.endswith("/all")}
 
 
 def write_config(cfg, run_dir: str) -> Dict[str, Any]:

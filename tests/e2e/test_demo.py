@@ -30,6 +30,9 @@ def test_demo_end_to_end_and_resume(tmp_path):
     assert res["reward_mode"] == "dualrpo" and res["rl_steps"] == 2
     assert set(res["tasks"]) and all({"before", "after", "delta"} <= set(r) for r in res["tasks"].values())
     assert {"synth", "sft", "rl", "plot"} <= set(res["stage_seconds"])
+    levels = res["by_difficulty"]  # the synthetic rows carry a difficulty, so the split is there
+    assert levels and all(k.rpartition("/")[0] in res["tasks"] and k.rpartition("/")[2][0] == "d" for k in levels)
+    assert "By difficulty" in proc.stdout
     with open(os.path.join(out, "data", "manifest.json")) as f:
         assert json.load(f)["layout"] == "grid", "the demo's data must be the grid layout"
     pngs = [f for f in os.listdir(os.path.join(out, "plots")) if f.endswith(".png")]

@@ -260,7 +260,9 @@ def test_evaluate_scores_each_prompt_against_its_own_answer_greedily(monkeypatch
     pool that checks text against the prompt's answer: per-task accuracy by hand."""
     from dualrpo_mcore.rollout.engine import SamplingParams
 
-    prompts = [types.SimpleNamespace(task=("math", "ocr")[i % 2 if i < 4 else 0], reward={"answer": str(i)})
+    levels = [1, 1, 1, None, 2, 2]  # prompt 3 has no difficulty: left out of the split only
+    prompts = [types.SimpleNamespace(task=("math", "ocr")[i % 2 if i < 4 else 0], reward={"answer": str(i)},
+                                     difficulty=levels[i])
                for i in range(6)]  # math: 0, 2, 4, 5 -> right on 0, 2, 4; ocr: 1, 3 -> none right
     seen = {}
 
@@ -280,6 +282,11 @@ def test_evaluate_scores_each_prompt_against_its_own_answer_greedily(monkeypatch
     out = steps.evaluate(ctx, 5)
     assert out["eval/acc/math"] == pytest.approx(3 / 4) and out["eval/acc/ocr"] == 0.0
     assert out["eval/acc/all"] == pytest.approx(3 / 6)
+    split = {k: v for k, v in out.items() if k.startswith("eval/by_difficulty/")}
+    # math d1: prompts 0, 2 both right; math d2: 4 right, 5 wrong; ocr d1: prompt 1 wrong
+    assert split == {"eval/by_difficulty/acc/math/d1": 1.0, "eval/by_difficulty/acc/math/d2": 0.5,
+                     "eval/by_difficulty/acc/ocr/d1": 0.0, "eval/by_difficulty/count/math/d1": 2.0,
+                     "eval/by_difficulty/count/math/d2": 2.0, "eval/by_difficulty/count/ocr/d1": 1.0}
     assert seen["params"].temperature == 0.0 and seen["params"].n == 1 and seen["params"].seed == 7
     ctx.rank0 = False  # the other ranks generate their share and report nothing
     assert steps.evaluate(ctx, 5) == {}
