@@ -163,7 +163,8 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
-    """Held-out evaluation (greedy by default), per-task accuracy under ``eval/acc/<task>``."""
+    """Held-out evaluation (greedy by default), per-task accuracy under ``eval/acc/<task>``, and per task and
+    difficulty under ``eval/by_difficulty/acc/<task>/d<k>`` for rows that carry one."""
 
     every: int = 0
     """Evaluate every this many steps (and after the last step); 0 = never."""
