@@ -44,6 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the run dir's newest checkpoint")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field by its dotted path (after the flags above), e.g. "
+                        "--set actor.loss.agg=seq-mean; repeatable")
     return p.parse_args(argv)
 
 
@@ -64,7 +67,7 @@ def build_config(args):
     cfg.schedule.dynamic_sampling, cfg.schedule.max_refill_rounds = args.dynamic_sampling, args.max_refill_rounds
     # Through the override path, so the checks and the warm-up length derived from them run again.
     apply_overrides(cfg, [f"schedule.mini_batches={args.mini_batches}", f"schedule.epochs={args.epochs}",
-                          f"rollout.engine_on_every_rank={args.engine_on_every_rank}"])
+                          f"rollout.engine_on_every_rank={args.engine_on_every_rank}", *args.set])
     cfg.checkpoint.every = max(1, args.steps // 4)
     cfg.checkpoint.resume = "auto" if args.resume else None
     cfg.logging.progress = not args.no_progress

@@ -61,3 +61,17 @@ def test_train_cli_applies_repeated_set(synth_dir, tmp_path):
                               "--set", "schedule.mini_batches=2", "--set", "reward.mode=grpo"])
     cfg = cli.config_from_args(args)
     assert cfg.schedule.mini_batches == 2 and cfg.reward.mode == "grpo" and cfg.actor.optim.total_steps == 8
+
+
+def test_demo_rl_set_comes_after_its_flags_and_bad_keys_are_named(synth_dir, tmp_path):
+    from dualrpo_mcore.trainer import demo_rl
+
+    base = ["--data", synth_dir, "--init", synth_dir, "--out", str(tmp_path / "r"), "--hf-out", str(tmp_path / "h"),
+            "--steps", "4", "--deadline", "0", "--mini-batches", "2"]
+    cfg = demo_rl.build_config(demo_rl.parse_args(base + ["--set", "actor.loss.agg=seq-mean",
+                                                          "--set", "schedule.mini_batches=4"]))
+    # the flag said 2 and the override 4: the override wins, and the warm-up follows it (4 steps x 4)
+    assert cfg.actor.loss.agg == "seq-mean" and cfg.schedule.mini_batches == 4
+    assert cfg.actor.optim.total_steps == 16
+    with pytest.raises(ValueError, match="the config has no field 'nope'"):
+        demo_rl.build_config(demo_rl.parse_args(base + ["--set", "nope.x=1"]))
