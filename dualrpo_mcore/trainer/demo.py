@@ -74,6 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-every", type=int, default=100, help="held-out eval every N RL steps (curves)")
     g.add_argument("--one-engine", dest="engine_on_every_rank", action="store_false",
                    help="one rollout engine on rank 0 (default: one per process, each generating a share)")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the RL stage's config by its dotted path (see run_<mode>/config.json), "
+                        "e.g. --set actor.loss.agg=seq-mean; repeatable")
     g.add_argument("--reserve-s", type=float, default=45.0,
                    help="seconds kept back from the budget for the final eval, export, plots")
 
@@ -124,7 +127,8 @@ def _rl_command(args, data: str, run_dir: str, hf_dir: str, deadline: float) -> 
            "--max-new-tokens", str(args.max_new_tokens), "--temperature", str(args.temperature),
            "--eval-every", str(args.eval_every), *(["--dynamic-sampling"] if args.dynamic_sampling else []),
            *(["--engine-on-every-rank"] if args.engine_on_every_rank else []),
-           "--eval-samples", str(8 * args.heldout_per_task), "--seed", str(args.seed), "--no-progress"]
+           "--eval-samples", str(8 * args.heldout_per_task), "--seed", str(args.seed), "--no-progress",
+           *[a for item in args.set for a in ("--set", item)]]
     if args.resume:
         cmd.append("--resume")
     return cmd
@@ -171,6 +175,17 @@ def print_table(table: Dict, mode: str) -> None:
     sys.stdout.flush()
 
 
+def _check_rl_config(rl_cmd: List[str]) -> None:
+    """Build the RL stage's config here, so a bad ``--set`` fails now and not after minutes of SFT."""
+    from . import demo_rl
+
+    argv = rl_cmd[rl_cmd.index("dualrpo_mcore.trainer.demo_rl") + 1:]
+    try:
+        demo_rl.build_config(demo_rl.parse_args(argv))
+    except ValueError as e:
+        raise RuntimeError(f"the RL stage would refuse its config: {e}") from None
+
+
 def _check_out(args) -> str | None:
     if args.resume or not os.path.isdir(args.out) or not os.listdir(args.out):
         return None
@@ -188,10 +203,13 @@ def run_stages(args, t_start: float) -> Dict:
                                  "--heldout-per-task", str(args.heldout_per_task), "--seed", str(args.seed),
                                  "--layout", args.layout),
                os.path.join(logs, "synth.log"), timings)
+    after = os.path.join(run_dir, "eval_after.json")
+    rl_needed = not (args.resume and os.path.exists(after) and os.path.isdir(hf_dir))
+    if rl_needed and args.set:
+        _check_rl_config(_rl_command(args, data, run_dir, hf_dir, deadline=0.0))
     if not os.path.exists(os.path.join(data, "sft", "config.json")):
         _stage("sft", _sft_command(args, data), os.path.join(logs, "sft.log"), timings)
-    after = os.path.join(run_dir, "eval_after.json")
-    if not (args.resume and os.path.exists(after) and os.path.isdir(hf_dir)):
+    if rl_needed:
         deadline = t_start + 60 * args.time_budget_min - args.reserve_s
         print(f"[demo] rl: {args.reward_mode} steps until {time.strftime('%H:%M:%S', time.localtime(deadline))} "
               f"(budget {args.time_budget_min:g} min from the start)", flush=True)

@@ -9,7 +9,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = ["--num-per-task", "2", "--heldout-per-task", "1", "--sft-steps", "2", "--sft-batch-size", "4",
         "--steps", "2", "--group-size", "2", "--prompts-per-step", "2", "--max-new-tokens", "8",
-        "--eval-every", "1", "--time-budget-min", "10"]
+        "--eval-every", "1", "--time-budget-min", "10", "--set", "verifier.timeout_s=6"]
 
 
 def _demo(out, *extra, timeout=240):
@@ -40,7 +40,9 @@ def test_demo_end_to_end_and_resume(tmp_path):
     run_dir = os.path.join(out, "run_dualrpo")
     assert os.path.isdir(os.path.join(run_dir, "checkpoints", "step_00000002"))
     with open(os.path.join(run_dir, "config.json")) as f:
-        assert json.load(f)["actor"]["parallel"]["tp"] == 2
+        resolved = json.load(f)
+    assert resolved["actor"]["parallel"]["tp"] == 2
+    assert resolved["verifier"]["timeout_s"] == 6.0, "--set must reach the RL stage's config"
 
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -53,3 +55,11 @@ def test_demo_end_to_end_and_resume(tmp_path):
     resumed = _demo(out, "--resume")
     assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
     assert "[demo] rl:" not in resumed.stdout and "[demo] sft:" not in resumed.stdout
+
+
+def test_demo_refuses_a_bad_set_before_the_warm_start(tmp_path):
+    out = str(tmp_path / "demo")
+    proc = _demo(out, "--set", "schedule.mini_batchs=2", timeout=120)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "schedule has no field 'mini_batchs'" in proc.stderr and "mini_batches" in proc.stderr
+    assert not os.path.exists(os.path.join(out, "data", "sft")), "the SFT stage ran before the config was checked"
