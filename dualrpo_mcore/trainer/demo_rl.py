@@ -142,7 +142,9 @@ def main(argv=None) -> int:
         steps.sync(ctx)
         before = os.path.join(args.out, "eval_before.json")
         if start == 0 or not os.path.exists(before):
-            _eval(ctx, 0, before, "before RL (warm start)")
+            acc = _eval(ctx, 0, before, "before RL (warm start)")
+            if start == 0:  # step 0 of the curves; a resumed run's file has it already
+                ctx.logger.log(0, acc)
         last = run_steps(ctx, args, start)
         if last == start and ctx.rank0 and not os.path.exists(os.path.join(args.out, "eval_after.json")):
             _eval(ctx, last, os.path.join(args.out, "eval_after.json"), "after RL")

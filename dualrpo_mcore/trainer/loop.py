@@ -136,6 +136,8 @@ def train(cfg, hooks: Optional[steps.Hooks] = None, stop_after: Optional[int] = 
                                    tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress)
         ctx.logger.log_config(resolved)
         steps.sync(ctx)  # the engine starts from the actor's (initial or restored) weights
+        if start == 0 and cfg.eval.every and cfg.eval.before_train:
+            ctx.logger.log(0, steps.evaluate(ctx, 0))
         for step in range(start + 1, cfg.schedule.steps + 1):
             metrics = train_step(ctx, step, hooks)
             last = step == cfg.schedule.steps

@@ -2,7 +2,8 @@
 
 Draws the paper's figures for any run: accuracy reward per task over steps (smoothed; one panel
 per task plus the overall mean) and self-certainty / entropy over steps, with every run overlaid
-(GRPO vs DualRPO when given one of each). A run is labelled by ``--labels``, else by the
+(GRPO vs DualRPO when given one of each); and, when the runs evaluated on held-out data, the held-out
+accuracy per task and per task and difficulty at the steps evaluated. A run is labelled by ``--labels``, else by the
 ``reward_mode`` in its ``config.json`` or first metrics record, else by its directory name.
 matplotlib is imported only when plotting, so ``dualrpo --help`` stays fast.
 """
@@ -19,9 +20,13 @@ from typing import Dict, List, Optional, Sequence
 from .metrics import JSONL_NAME, read_jsonl
 
 ACC_PREFIX = "acc/"
+HELDOUT_PREFIX = "eval/acc/"
+LEVELS_PREFIX = "eval/by_difficulty/acc/"
 OVERALL = "all"
 ACC_FIGURE = "accuracy_per_task.png"
 CERTAINTY_FIGURE = "certainty_entropy.png"
+HELDOUT_FIGURE = "heldout_per_task.png"
+LEVELS_FIGURE = "heldout_by_difficulty.png"
 
 
 @dataclass
@@ -110,25 +115,30 @@ def _disambiguate(runs: List[Run]) -> None:
             r.label = f"{r.label} ({os.path.basename(os.path.normpath(r.path))})"
 
 
-def task_names(runs: Sequence[Run]) -> List[str]:
-    """Tasks with an accuracy curve in any run, sorted, with the overall mean last."""
-    tasks = {k[len(ACC_PREFIX):] for r in runs for rec in r.records for k in rec if k.startswith(ACC_PREFIX)}
+def task_names(runs: Sequence[Run], prefix: str = ACC_PREFIX) -> List[str]:
+    """Tasks with a ``<prefix><task>`` curve in any run, sorted, with the overall mean last."""
+    tasks = {k[len(prefix):] for r in runs for rec in r.records for k in rec if k.startswith(prefix)}
     has_all = OVERALL in tasks
     tasks.discard(OVERALL)
     return sorted(tasks) + ([OVERALL] if has_all else [])
 
 
-def _draw_panel(ax, runs: Sequence[Run], key: str, window: int, title: str) -> int:
+def _draw_panel(ax, runs: Sequence[Run], key: str, window: int, title: str, levels: Sequence[str] = ("",)) -> int:
+    """One curve per run (its colour) and level (its line style); ``levels`` are suffixes of ``key``."""
     drawn = 0
     for i, run in enumerate(runs):
-        steps, values = run.series(key)
-        if not steps:
-            continue
-        color = f"C{i % 10}"
-        if window > 1:
-            ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)  # the raw curve, faint
-        ax.plot(steps, smooth(values, window), color=color, label=run.label, linewidth=1.6)
-        drawn += 1
+        for j, level in enumerate(levels):
+            steps, values = run.series(key + level)
+            if not steps:
+                continue
+            color, style = f"C{i % 10}", ("-", "--", ":", "-.")[j % 4]
+            label = f"{run.label} {level.strip('/')}".strip()
+            if window > 1:
+                ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)  # the raw curve, faint
+            # held-out evals come every N steps: markers show where the points are
+            ax.plot(steps, smooth(values, window), color=color, linestyle=style, label=label, linewidth=1.6,
+                    marker="o" if window == 1 else None, markersize=3)
+            drawn += 1
     ax.set_title(title)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
@@ -137,25 +147,49 @@ def _draw_panel(ax, runs: Sequence[Run], key: str, window: int, title: str) -> i
     return drawn
 
 
-def plot_accuracy(runs: Sequence[Run], out: str, window: int) -> str:
+def _task_grid(panels: Dict[str, Sequence[str]], runs: Sequence[Run], prefix: str, window: int, ylabel: str,
+               path: str) -> str:
+    """A grid of panels, one per task (``panels``: task -> the level suffixes to draw in it)."""
     import matplotlib.pyplot as plt
 
-    tasks = task_names(runs)
-    if not tasks:
-        raise ValueError(f"no '{ACC_PREFIX}<task>' metrics in {', '.join(r.path for r in runs)}")
-    cols = min(3, len(tasks))
-    rows = math.ceil(len(tasks) / cols)
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
-    for ax, task in zip(axes.flat, tasks):
-        _draw_panel(ax, runs, ACC_PREFIX + task, window, "overall" if task == OVERALL else task)
-        ax.set_ylabel("accuracy reward")
-    for ax in list(axes.flat)[len(tasks):]:
+    for ax, (task, levels) in zip(axes.flat, panels.items()):
+        _draw_panel(ax, runs, prefix + task, window, "overall" if task == OVERALL else task, levels)
+        ax.set_ylabel(ylabel)
+    for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     fig.tight_layout()
-    path = os.path.join(out, ACC_FIGURE)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_accuracy(runs: Sequence[Run], out: str, window: int) -> str:
+    tasks = task_names(runs)
+    if not tasks:
+        raise ValueError(f"no '{ACC_PREFIX}<task>' metrics in {', '.join(r.path for r in runs)}")
+    return _task_grid({t: ("",) for t in tasks}, runs, ACC_PREFIX, window, "accuracy reward",
+                      os.path.join(out, ACC_FIGURE))
+
+
+def plot_heldout(runs: Sequence[Run], out: str) -> List[str]:
+    """Held-out greedy accuracy per task, and per task and difficulty, at the steps evaluated (no
+    smoothing: a few points per run). Nothing when the runs logged no held-out eval."""
+    written = []
+    tasks = task_names(runs, HELDOUT_PREFIX)
+    if tasks:
+        written.append(_task_grid({t: ("",) for t in tasks}, runs, HELDOUT_PREFIX, 1, "held-out accuracy",
+                                  os.path.join(out, HELDOUT_FIGURE)))
+    levels: Dict[str, set] = {}
+    for name in task_names(runs, LEVELS_PREFIX):
+        task, _, level = name.rpartition("/")
+        levels.setdefault(task, set()).add("/" + level)
+    if levels:
+        written.append(_task_grid({t: sorted(v) for t, v in sorted(levels.items())}, runs, LEVELS_PREFIX, 1,
+                                  "held-out accuracy", os.path.join(out, LEVELS_FIGURE)))
+    return written
 
 
 def plot_certainty_entropy(runs: Sequence[Run], out: str, window: int) -> str:
@@ -194,6 +228,7 @@ def run(args: argparse.Namespace) -> int:
             written.append(plot_certainty_entropy(runs, args.out, args.smooth))
         except ValueError as e:  # e.g. a GRPO run logged without certainty: accuracy still useful
             print(f"dualrpo plot: skipped {CERTAINTY_FIGURE}: {e}", file=sys.stderr)
+        written += plot_heldout(runs, args.out)
     except (OSError, ValueError) as e:
         print(f"dualrpo plot: error: {e}", file=sys.stderr)
         return 2

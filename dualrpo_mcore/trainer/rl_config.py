@@ -174,6 +174,9 @@ class EvalConfig:
     """Greedy decoding (temperature 0); False samples at the rollout temperature with a fixed seed."""
     max_samples: int = 64
     """Held-out prompts evaluated (the first ones in file order)."""
+    before_train: bool = True
+    """Also evaluate the starting policy, logged as step 0 of a fresh run, so the held-out curves start
+    where training did (a resumed run has that record already)."""
 
     def __post_init__(self) -> None:
         if self.every < 0:

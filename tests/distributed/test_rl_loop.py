@@ -120,7 +120,11 @@ def test_tp2_run_trains_and_logs_per_task_metrics(runs):
         assert json.load(f)["reward_mode"] == "dualrpo"
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
-    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
+    zero, records = records[0], records[1:]  # step 0: the starting policy's held-out eval, nothing trained
+    assert "eval/acc/all" in zero and not any(k.startswith(("acc/", "loss")) for k in zero)
+    with open(os.path.join(root, "tp_resumed", "metrics.jsonl")) as f:  # the resumed run logs step 0 once
+        assert [json.loads(line)["step"] for line in f] == [0, 1, 2, 3, 4]
     tasks = {k.split("/", 1)[1] for r in records for k in r if k.startswith("acc/")} - {"all"}
     assert tasks, "no per-task accuracy keys"
     for r in records:

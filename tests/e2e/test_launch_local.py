@@ -21,7 +21,7 @@ def test_launch_local_torchrun_runs_to_completion(synth_dir, tmp_path):  # noqa:
                    "--", "--steps", "2", "--reward-mode", "grpo", timeout=300)
     assert "launch: job tiny_cpu: SUCCEEDED" in out
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        assert [json.loads(line)["step"] for line in f] == [1, 2]
+        assert [json.loads(line)["step"] for line in f] == [0, 1, 2]  # 0: the held-out eval before training
     with open(os.path.join(run_dir, "config.json")) as f:
         cfg = json.load(f)
     assert cfg["actor"]["parallel"]["tp"] == 2 and cfg["reward_mode"] == "grpo"

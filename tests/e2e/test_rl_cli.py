@@ -41,12 +41,13 @@ def test_train_cli_runs_and_resumes(synth_dir, tmp_path):
         cfg = json.load(f)
     assert cfg["reward_mode"] == "grpo" and cfg["schedule"]["steps"] == 2
     records = _steps(run_dir)
-    assert [r["step"] for r in records] == [1, 2]
-    assert any(k.startswith("acc/") and k != "acc/all" for k in records[0])
-    assert "time/rollout" in records[0] and "loss" in records[0]
+    assert [r["step"] for r in records] == [0, 1, 2]  # 0: the held-out eval of the starting policy
+    assert "eval/acc/all" in records[0] and "loss" not in records[0]
+    assert any(k.startswith("acc/") and k != "acc/all" for k in records[1])
+    assert "time/rollout" in records[1] and "loss" in records[1]
     assert os.path.isdir(os.path.join(run_dir, "checkpoints", "step_00000002"))
 
     out = _dualrpo("train", "--recipe", "tiny_cpu", "--data", synth_dir, "--out", run_dir, "--steps", "3",
                    "--reward-mode", "grpo", "--resume", "auto", "--no-progress")
     assert "train: 1 steps (last 3)" in out
-    assert [r["step"] for r in _steps(run_dir)] == [1, 2, 3]
+    assert [r["step"] for r in _steps(run_dir)] == [0, 1, 2, 3]

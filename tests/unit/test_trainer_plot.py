@@ -23,7 +23,7 @@ def test_smooth_by_hand():
         smooth([1.0], 0)
 
 
-def _fake_run(d, mode, steps=60, seed=0, with_config=True):
+def _fake_run(d, mode, steps=60, seed=0, with_config=True, heldout=False):
     """Realistic-looking curves: accuracy rising per task, certainty rising under DualRPO."""
     rng = random.Random(seed)
     with MetricsLogger(str(d), tensorboard=False, progress=False, enabled=True) as log:
@@ -37,6 +37,12 @@ def _fake_run(d, mode, steps=60, seed=0, with_config=True):
             rec["certainty/all"] = 1.0 + (0.02 if mode == "dualrpo" else 0.005) * s + rng.gauss(0, 0.05)
             rec["entropy/all"] = 2.0 - 0.01 * s + rng.gauss(0, 0.05)
             rec["kl"] = float("nan") if s == 7 else 0.01  # a null in the file must not break plotting
+            if heldout and s % 20 == 0:  # a held-out eval every 20 steps, split by difficulty for two tasks
+                for t in TASKS:
+                    rec[f"eval/acc/{t}"] = 0.1 + s / steps * 0.3
+                for t in TASKS[:2]:
+                    for k in (1, 2, 3):
+                        rec[f"eval/by_difficulty/acc/{t}/d{k}"] = 0.5 / k + s / steps * 0.2
             log.log(s, rec)
     return d
 
@@ -66,7 +72,7 @@ def test_cli_plots_two_runs(tmp_path, capsys):
     out = tmp_path / "plots"
     assert main(["plot", str(grpo), str(dual), "--out", str(out), "--smooth", "5"]) == 0
     printed = capsys.readouterr().out.split()
-    assert printed == [str(out / "accuracy_per_task.png"), str(out / "certainty_entropy.png")]
+    assert printed == [str(out / "accuracy_per_task.png"), str(out / "certainty_entropy.png")]  # no held-out eval
     size, lo, hi, ink = _image_stats(out / "accuracy_per_task.png")
     assert size == (1350, 640)  # 3 x 2 panels at 4.5 x 3.2 in, 100 dpi
     assert lo < 100 and hi == 255 and 0.01 < ink < 0.6  # drawn lines on a white page
@@ -91,3 +97,20 @@ def test_missing_or_empty_metrics_named(tmp_path, capsys):
     (tmp_path / "torn" / "metrics.jsonl").write_text('{"step": 1, "acc/a')
     assert main(["plot", str(tmp_path / "torn"), "--out", str(tmp_path / "o")]) == 2
     assert "torn/metrics.jsonl: no step records" in capsys.readouterr().err
+
+
+def test_heldout_figures_per_task_and_per_difficulty(tmp_path, capsys):
+    runs = [_fake_run(tmp_path / m, m, seed=i, heldout=True) for i, m in enumerate(("grpo", "dualrpo"))]
+    loaded = load_runs([str(r) for r in runs])
+    assert task_names(loaded, "eval/acc/") == ["counting", "grounding", "math", "ocr"]
+    assert task_names(loaded, "eval/by_difficulty/acc/") == [f"{t}/d{k}" for t in ("counting", "math")
+                                                             for k in (1, 2, 3)]
+    assert loaded[0].series("eval/acc/math") == ([20, 40, 60], pytest.approx([0.2, 0.3, 0.4]))
+    out = tmp_path / "plots"
+    assert main(["plot", *map(str, runs), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out.split()
+    assert printed[2:] == [str(out / "heldout_per_task.png"), str(out / "heldout_by_difficulty.png")]
+    size, lo, hi, ink = _image_stats(out / "heldout_per_task.png")
+    assert size == (1350, 640) and lo < 100 and 0.01 < ink < 0.6  # 4 tasks: 3 x 2 panels
+    size, lo, hi, ink = _image_stats(out / "heldout_by_difficulty.png")
+    assert size == (900, 320) and lo < 100 and 0.01 < ink < 0.6  # 2 tasks: 2 panels in one row
