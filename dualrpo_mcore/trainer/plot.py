@@ -2,9 +2,10 @@
 
 Draws the paper's figures for any run: accuracy reward per task over steps (smoothed; one panel
 per task plus the overall mean) and self-certainty / entropy over steps, with every run overlaid
-(GRPO vs DualRPO when given one of each); and, when the runs evaluated on held-out data, the held-out
-accuracy per task and per task and difficulty at the steps evaluated. A run is labelled by ``--labels``, else by the
-``reward_mode`` in its ``config.json`` or first metrics record, else by its directory name.
+(GRPO vs DualRPO when given one of each); and, when the runs evaluated on held-out data, the
+held-out accuracy per task and per task and difficulty at the steps evaluated. A run is labelled by
+``--labels``, else by the ``reward_mode`` in its ``config.json`` or first metrics record, else by its
+directory name.
 matplotlib is imported only when plotting, so ``dualrpo --help`` stays fast.
 """
 from __future__ import annotations
