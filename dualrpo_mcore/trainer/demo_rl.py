@@ -84,14 +84,15 @@ def _write_json(path: str, obj: Dict) -> None:
 def _eval(ctx, step: int, path: str, label: str) -> Dict[str, float]:
     """Held-out accuracy (computed on rank 0; with an engine per rank, every rank generates a share)."""
     from . import steps
+    from .metrics import HELDOUT, HELDOUT_LEVELS
 
     t0 = time.time()
     acc = steps.evaluate(ctx, step)
     if ctx.rank0:
-        split = "eval/by_difficulty/acc/"
+        tasks, levels = HELDOUT + "acc/", HELDOUT_LEVELS + "acc/"
         _write_json(path, dict(step=step, seconds=time.time() - t0,
-                               acc={k[len("eval/acc/"):]: v for k, v in acc.items() if k.startswith("eval/acc/")},
-                               by_difficulty={k[len(split):]: v for k, v in acc.items() if k.startswith(split)}))
+                               acc={k[len(tasks):]: v for k, v in acc.items() if k.startswith(tasks)},
+                               by_difficulty={k[len(levels):]: v for k, v in acc.items() if k.startswith(levels)}))
         print(f"demo rl: held-out eval {label} (step {step}): acc/all {acc.get('eval/acc/all', float('nan')):.3f} "
               f"in {time.time() - t0:.1f}s", flush=True)
     return acc

@@ -21,6 +21,8 @@ from typing import Any, Dict, Iterator, Mapping, Optional, Sequence
 import numpy as np
 
 JSONL_NAME = "metrics.jsonl"
+# Held-out eval keys: "<HELDOUT><field>/<task>" and "<HELDOUT_LEVELS><field>/<task>/d<k>".
+HELDOUT, HELDOUT_LEVELS = "eval/", "eval/by_difficulty/"
 # Per-sample quantities aggregated per task; the key is the metric prefix (``acc/<task>``).
 SAMPLE_FIELDS = ("acc", "reward", "certainty", "entropy", "length")
 PHASES = ("rollout", "verify", "logprob", "update", "sync")

@@ -18,11 +18,11 @@ import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
-from .metrics import JSONL_NAME, read_jsonl
+from .metrics import HELDOUT, HELDOUT_LEVELS, JSONL_NAME, read_jsonl
 
 ACC_PREFIX = "acc/"
-HELDOUT_PREFIX = "eval/acc/"
-LEVELS_PREFIX = "eval/by_difficulty/acc/"
+HELDOUT_PREFIX = HELDOUT + ACC_PREFIX
+LEVELS_PREFIX = HELDOUT_LEVELS + ACC_PREFIX
 OVERALL = "all"
 ACC_FIGURE = "accuracy_per_task.png"
 CERTAINTY_FIGURE = "certainty_entropy.png"

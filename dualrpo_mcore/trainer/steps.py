@@ -26,7 +26,7 @@ from dualrpo_mcore.algo import masked_mean
 from dualrpo_mcore.data.schema import TASKS
 
 from . import batching
-from .metrics import PhaseTimer, per_task_means
+from .metrics import HELDOUT, HELDOUT_LEVELS, PhaseTimer, per_task_means
 
 log = logging.getLogger(__name__)
 TASK_NAMES = tuple(TASKS) + ("other",)
@@ -452,7 +452,7 @@ def evaluate(ctx: Context, step: int) -> Dict[str, float]:
     results = ctx.pool.verify_batch([p.reward for p in ctx.heldout], texts, progress=step / cfg.schedule.steps)
     rewards = [r.reward for r in results]
     acc = per_task_means([p.task for p in ctx.heldout], acc=rewards)
-    out = {f"eval/{k}": v for k, v in acc.items()}
+    out = {HELDOUT + k: v for k, v in acc.items()}
     out.update(by_difficulty(ctx.heldout, rewards))
     return out
 
@@ -467,7 +467,7 @@ def by_difficulty(prompts, rewards) -> Dict[str, float]:
         return {}
     split = per_task_means([f"{prompts[i].task}/d{int(prompts[i].difficulty)}" for i in keep],
                            acc=[rewards[i] for i in keep])
-    return {f"eval/by_difficulty/{k}": v for k, v in split.items() if not k.endswith("/all")}
+    return {HELDOUT_LEVELS + k: v for k, v in split.items() if not k.endswith("/all")}
 
 
 def write_config(cfg, run_dir: str) -> Dict[str, Any]:
