@@ -5,7 +5,6 @@
 DATA_DIR is a ``dualrpo data synth`` output (heldout.parquet, model/). One thread: it can run beside a
 demo stage without slowing it much.
 """
-import collections
 import sys
 
 import torch
@@ -17,7 +16,9 @@ def main(data: str, policies) -> None:
     from dualrpo_mcore.data import PromptLoader
     from dualrpo_mcore.rollout.engine import RolloutRequest, SamplingParams
     from dualrpo_mcore.rollout.hf_engine import HFEngine
+    from dualrpo_mcore.trainer.metrics import HELDOUT_LEVELS
     from dualrpo_mcore.trainer.recipes import _data_config
+    from dualrpo_mcore.trainer.steps import by_difficulty
     from dualrpo_mcore.verifiers.scoring import score
 
     torch.set_num_threads(1)
@@ -29,14 +30,14 @@ def main(data: str, policies) -> None:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(pol).float().eval()
         eng = HFEngine(model, tokenizer=tok, eos_token_ids=[tok.convert_tokens_to_ids(tok.eos_token)])
         out = eng.generate(reqs, SamplingParams(n=1, temperature=0.0, max_new_tokens=64, seed=1))
-        acc = collections.defaultdict(list)
-        for p, g in zip(prompts, out):
-            text = tok.decode(list(g[0].token_ids), skip_special_tokens=True)
-            acc[(p.task, p.difficulty)].append(score(p.reward, text))
+        rewards = [score(p.reward, tok.decode(list(g[0].token_ids), skip_special_tokens=True))
+                   for p, g in zip(prompts, out)]
+        split = by_difficulty(prompts, rewards)  # the trainer's own split, so the numbers compare
+        acc, count = HELDOUT_LEVELS + "acc/", HELDOUT_LEVELS + "count/"
         print(pol)
-        for task in sorted({k[0] for k in acc}):
-            cells = [f"d{d}={100 * sum(acc[(task, d)]) / len(acc[(task, d)]):5.1f} (n={len(acc[(task, d)])})"
-                     for d in (1, 2, 3) if (task, d) in acc]
+        for task in sorted({p.task for p in prompts}):
+            cells = [f"d{d}={100 * split[f'{acc}{task}/d{d}']:5.1f} (n={int(split[f'{count}{task}/d{d}'])})"
+                     for d in (1, 2, 3) if f"{acc}{task}/d{d}" in split]
             print(f"  {task:10s} " + "  ".join(cells))
 
 
