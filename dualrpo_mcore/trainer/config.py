@@ -40,6 +40,8 @@ class ModelSourceConfig:
     """Per-module freezing and learning-rate multipliers (ViT, merger, LM)."""
     recompute: str = "none"
     """Activation recomputation in the language model: 'none', 'selective' or 'full'."""
+    dedup_images: bool = True
+    """Run the ViT once per distinct image of a batch (the G rows of a group share one); same numbers."""
 
     def __post_init__(self) -> None:
         given = [n for n in ("hf_dir", "megatron_ckpt", "preset") if getattr(self, n)] + (["tiny"] if self.tiny else [])

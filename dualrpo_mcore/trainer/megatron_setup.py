@@ -51,7 +51,8 @@ def _options(src: ModelSourceConfig):
     from dualrpo_mcore.models.qwen2_5_vl import Precision
     from dualrpo_mcore.models.qwen2_5_vl.model import ModelOptions
 
-    return ModelOptions(precision=Precision(dtype=src.precision), backend=src.spec_backend, recompute=src.recompute)
+    return ModelOptions(precision=Precision(dtype=src.precision), backend=src.spec_backend, recompute=src.recompute,
+                        dedup_images=src.dedup_images)
 
 
 def build_and_load(cfg, src: ModelSourceConfig, info, hf_state_dict: Optional[Dict[str, torch.Tensor]] = None):

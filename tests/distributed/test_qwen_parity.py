@@ -24,7 +24,22 @@ GRAD_PARAMS = [
 ]
 
 
-def _setup(tp, pp, hf_kwargs, ckpt=None, recompute="none"):
+# Rows 0, 1 and 3 show the same image (as a GRPO group's rows do); row 2 has two others.
+SHARED_ROWS = (((6, 8),), ((6, 8),), ((4, 10), (6, 6)), ((6, 8),))
+
+
+def _shared_image_batch(patch_dim):
+    from dualrpo_mcore.models.qwen2_5_vl import testing
+
+    batch = testing.make_batch(rows=SHARED_ROWS, patch_dim=patch_dim)
+    px = batch["pixel_values"]
+    starts = [0, 48, 96, 136, 172]  # patch offsets of the five images
+    px[starts[1]:starts[1] + 48] = px[0:48]
+    px[starts[4]:starts[4] + 48] = px[0:48]
+    return batch
+
+
+def _setup(tp, pp, hf_kwargs, ckpt=None, recompute="none", shared_images=False):
     """HF reference + this rank's Megatron stage, loaded from the HF weights through the mapping
     table, or (``ckpt``) from a converted Megatron checkpoint of another TP/PP layout."""
     from dualrpo_mcore.models.qwen2_5_vl import convert, from_hf, mapping, testing
@@ -40,7 +55,7 @@ def _setup(tp, pp, hf_kwargs, ckpt=None, recompute="none"):
         model.load_state_dict(mapping.hf_state_dict_to_rank(cfg, hf.state_dict(), info.tp_rank, tp, info.pp_rank, pp))
     else:
         convert.load_into(model, ckpt, info.tp_rank, tp, info.pp_rank, pp)
-    batch = testing.make_batch(patch_dim=cfg.patch_dim)
+    batch = _shared_image_batch(cfg.patch_dim) if shared_images else testing.make_batch(patch_dim=cfg.patch_dim)
     weights = torch.randn(*batch["input_ids"].shape, cfg.vocab_size, generator=torch.Generator().manual_seed(1))
     return info, hf, cfg, model, batch, weights
 
@@ -89,9 +104,11 @@ def _grad_diffs(model, hf, cfg, info, pp):
     return out
 
 
-def _run_plain(tp, hf_kwargs, recompute="none"):
-    info, hf, cfg, model, batch, weights = _setup(tp, 1, hf_kwargs, recompute=recompute)
+def _run_plain(tp, hf_kwargs, recompute="none", shared_images=False):
+    info, hf, cfg, model, batch, weights = _setup(tp, 1, hf_kwargs, recompute=recompute, shared_images=shared_images)
     ref = _hf_reference(hf, batch, weights, cfg)
+    vit_patches = []
+    model.vision.register_forward_pre_hook(lambda _m, args: vit_patches.append(int(args[0].shape[0])))
     logits = model(batch["input_ids"], batch["attention_mask"], pixel_values=batch.get("pixel_values"),
                    image_grid_thw=batch.get("image_grid_thw"), runtime_gather_output=True)
     _objective(logits, batch, weights, cfg.vocab_size).backward()
@@ -102,7 +119,7 @@ def _run_plain(tp, hf_kwargs, recompute="none"):
     parts = sorted({part_of(n) for n, _ in model.named_parameters()})
     return dict(logit_diff=diff, grads=_grad_diffs(model, hf, cfg, info, 1),
                 logits=logits[..., : cfg.vocab_size].detach(), parts=parts,
-                export_mismatch=_export_mismatch(model, hf))
+                export_mismatch=_export_mismatch(model, hf), vit_patches=vit_patches)
 
 
 def _export_mismatch(model, hf):
@@ -169,6 +186,8 @@ def _all_settings(rank, world_size, tp2_checkpoint):
     # Recomputation must not change a single number the planner's memory saving is paid with.
     out["tp2_full_recompute"] = _run_plain(2, {}, recompute="full")
     out["tp1_selective_recompute"] = _run_plain(1, {}, recompute="selective")
+    # Repeated images are encoded once (ModelOptions.dedup_images); transformers encodes every copy.
+    out["tp2_shared_images"] = _run_plain(2, {}, shared_images=True)
     # PP=2 loads a checkpoint converted for TP=2/PP=1: resharding on load is exercised too.
     out["pp2"] = _run_pipeline({}, tp2_checkpoint)
     out["pp2_tied"] = _run_pipeline(dict(tie=True))
@@ -185,7 +204,8 @@ def results(tmp_path_factory):
     return run_distributed(_all_settings, 2, ckpt, timeout=600)
 
 
-@pytest.mark.parametrize("setting", ["tp2", "tp1", "tp1_odd_tied", "tp2_full_recompute", "tp1_selective_recompute"])
+@pytest.mark.parametrize("setting", ["tp2", "tp1", "tp1_odd_tied", "tp2_full_recompute", "tp1_selective_recompute",
+                                     "tp2_shared_images"])
 def test_logits_and_grads_match_transformers(results, setting):
     for rank, res in enumerate(results):
         r = res[setting]
@@ -195,6 +215,15 @@ def test_logits_and_grads_match_transformers(results, setting):
         assert not bad, f"{setting} rank {rank}: gradients differ (relative) {bad}"
         assert r["parts"] == ["language", "merger", "vision"]  # every parameter has a part (lr mult)
         assert r["export_mismatch"] == [], f"{setting}: weight export differs for {r['export_mismatch'][:5]}"
+
+
+def test_shared_images_encoded_once(results):
+    """The shared batch's five images (3 x 48 + 40 + 36 = 220 patches) reach the ViT as its three
+    distinct ones; the default batch's three distinct images go in whole. (Their outputs were
+    compared with transformers, which encodes every copy, above.)"""
+    for res in results:
+        assert res["tp2_shared_images"]["vit_patches"] == [48 + 40 + 36]
+        assert res["tp2"]["vit_patches"] == [48 + 40 + 36]
 
 
 def test_tp2_equals_tp1(results):

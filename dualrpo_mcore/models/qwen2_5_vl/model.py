@@ -20,6 +20,7 @@ from megatron.core.transformer.module import MegatronModule
 from . import geometry
 from .config import (RECOMPUTE, QwenVLConfig, check_parallel, language_config, merger_config, recompute_kwargs,
                      vision_config)
+from .image_dedup import encode_once
 from .precision import Precision
 from .specs import language_layer_spec, resolve_backend
 from .vision import VisionModel
@@ -38,6 +39,9 @@ class ModelOptions:
     recompute: str = "none"
     """Activation recomputation of the language model: 'none', 'selective' (attention core) or
     'full' (every layer's input is kept, the layer re-run in backward)."""
+    dedup_images: bool = True
+    """Encode each distinct image of a batch once (GRPO's G rows of a prompt share its image); the
+    result is the same, the ViT's compute and activations shrink by up to G. See ``image_dedup``."""
 
     def __post_init__(self) -> None:
         if self.recompute not in RECOMPUTE:
@@ -55,7 +59,7 @@ class QwenVLModel(MegatronModule):
         backend = resolve_backend(options.backend, needs_te=options.precision.uses_te)
         lm_config = language_config(cfg, tp, pp, options.precision, **recompute_kwargs(options.recompute))
         super().__init__(config=lm_config)
-        self.cfg, self.backend = cfg, backend
+        self.cfg, self.backend, self.dedup_images = cfg, backend, options.dedup_images
         self.model_type = ModelType.encoder_or_decoder  # what Megatron's pipeline schedules look for
         self.pre_process, self.post_process = pre_process, post_process
         self.padded_vocab_size = cfg.padded_vocab_size(max(options.vocab_divisible_by, tp))
@@ -83,7 +87,11 @@ class QwenVLModel(MegatronModule):
         emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [S, B, H]
         if pixel_values is None:
             return emb
-        image = self.vision(pixel_values, image_grid_thw).to(emb.dtype)
+        if self.dedup_images:
+            image = encode_once(self.vision, pixel_values, image_grid_thw, self.cfg.spatial_merge_size)
+        else:
+            image = self.vision(pixel_values, image_grid_thw)
+        image = image.to(emb.dtype)
         where = (input_ids == self.cfg.image_token_id).nonzero(as_tuple=True)  # row-major (b, s)
         if where[0].numel() != image.shape[0]:
             raise ValueError(f"batch has {where[0].numel()} image tokens but the images give "
