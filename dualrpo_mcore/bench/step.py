@@ -13,6 +13,9 @@ The "baseline" here is the step itself: a phase's share says where an RL step's 
 what the other benches (``rollout``, ``train``, ``weight-sync``) then break down further.
 ``--engines compare`` runs the loop twice, with one rollout engine on rank 0 (the baseline) and with
 an engine on every rank (``rollout.engine_on_every_rank``), and prints the ratios of their medians.
+``--set KEY=VALUE`` overrides the recipe (as ``dualrpo train --set`` does); ``--baseline-set KEY=VALUE``
+also runs a baseline with those overrides on top and prints baseline / this run, e.g.
+``--baseline-set actor.model.dedup_images=false`` measures encoding each image once per batch.
 
 Data: ``--data`` (a ``dualrpo data synth`` directory) or, by default, a small synthetic set written
 to a temporary directory first; ``--init`` optionally names the HF directory from ``dualrpo sft``
@@ -45,6 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     parser.add_argument("--engines", choices=("rank0", "every-rank", "compare"), default="rank0",
                         help="rollout engine on rank 0, on every rank, or both runs and their ratios")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe field by its dotted path; repeatable")
+    parser.add_argument("--baseline-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="also run a baseline with these overrides (after --set) and print the ratios; "
+                             "repeatable")
     parser.add_argument("--json", default=None, help="write results here as JSON")
 
 
@@ -60,6 +68,8 @@ def check_args(args) -> None:
             raise ValueError(f"--{flag} {path}: not a directory")
     if args.data and not os.path.exists(os.path.join(args.data, "train.parquet")):
         raise ValueError(f"--data {args.data}: no train.parquet (write one with `dualrpo data synth`)")
+    if args.baseline_set and args.engines == "compare":
+        raise ValueError("--baseline-set and --engines compare are two comparisons: give one")
 
 
 def synth_data(out: str) -> str:
@@ -84,7 +94,9 @@ def recipe(args, data: str, run_dir: str):
     cfg.eval.every = 0
     cfg.rollout.engine_on_every_rank = args.engines == "every-rank"
     cfg.logging.progress = False
-    return cfg
+    from dualrpo_mcore.trainer.overrides import apply_overrides
+
+    return apply_overrides(cfg, [*args.set, *getattr(args, "extra_set", [])])
 
 
 def _worker(rank: int, world: int, args, data: str, run_dir: str) -> Dict[str, Any]:
@@ -146,34 +158,50 @@ def run(args) -> int:
             print("bench step: writing a small synthetic data set (dualrpo data synth)", flush=True)
             data = synth_data(os.path.join(tmp, "data"))
         world = args.tp * args.pp
-        placements = ("rank0", "every-rank") if args.engines == "compare" else (args.engines,)
+        runs = variants(args)
+        try:  # a bad override fails here, before any process starts
+            for label, run_args in runs.items():
+                recipe(run_args, data, os.path.join(tmp, label))
+        except ValueError as e:
+            print(f"dualrpo bench step: {e}")
+            return 2
         threads = max(1, (os.cpu_count() or 1) // world)
         summaries, results = {}, {}
-        for placement in placements:
-            print(f"bench step: {args.steps} RL steps of tiny_cpu on {world} process(es), engines: {placement}",
-                  flush=True)
-            run_args = argparse.Namespace(**dict(_public(args), engines=placement))
-            results[placement] = run_distributed(_worker, world, run_args, data, os.path.join(tmp, placement),
-                                                 threads=threads, timeout=3600)[0]
-            summaries[placement] = summarize(results[placement]["records"], results[placement]["wall_s"],
-                                             args.warmup)
-            print_table(summaries[placement], args)
-    if args.engines == "compare":
-        print_ratios(summaries["rank0"], summaries["every-rank"])
+        for label, run_args in runs.items():
+            print(f"bench step: {args.steps} RL steps of tiny_cpu on {world} process(es), engines: "
+                  f"{run_args.engines}, overrides: {[*run_args.set, *run_args.extra_set] or 'none'}", flush=True)
+            results[label] = run_distributed(_worker, world, run_args, data, os.path.join(tmp, label),
+                                             threads=threads, timeout=3600)[0]
+            summaries[label] = summarize(results[label]["records"], results[label]["wall_s"], args.warmup)
+            print_table(summaries[label], args)
+    if len(runs) > 1:
+        base, this = runs
+        print_ratios(summaries[base], summaries[this], base, this)
     if args.json:
-        payload = {p: dict(summary=summaries[p], records=results[p]["records"]) for p in placements}
-        write_json(args.json, "step", args, payload if len(placements) > 1 else payload[placements[0]])
+        payload = {p: dict(summary=summaries[p], records=results[p]["records"]) for p in runs}
+        write_json(args.json, "step", args, payload if len(runs) > 1 else payload[next(iter(runs))])
     ok = all(math.isfinite(v) and v >= 0 and not sm["missing_phases"]
              for sm in summaries.values() for v in sm["median_s"].values())
     return 0 if ok else 1
 
 
-def print_ratios(base: Dict[str, Any], every: Dict[str, Any]) -> None:
-    """Baseline (one engine on rank 0) over an engine per rank, per phase median: > 1 is a speed-up."""
-    print("\nengine on every rank vs one engine on rank 0 (baseline); ratio = baseline / every-rank")
-    for p in ("rollout", "total"):
-        b, e = base["median_s"][p], every["median_s"][p]
-        print(f"{p:<10} rank0 {b:.3f} s   every-rank {e:.3f} s   ratio {b / e if e > 0 else float('nan'):.2f}x")
+def variants(args) -> Dict[str, argparse.Namespace]:
+    """The runs to make, by label; with two, the first is the baseline of the ratios."""
+    base = dict(_public(args), extra_set=[])
+    if args.engines == "compare":
+        return {p: argparse.Namespace(**dict(base, engines=p)) for p in ("rank0", "every-rank")}
+    if args.baseline_set:
+        return {"baseline": argparse.Namespace(**dict(base, extra_set=list(args.baseline_set))),
+                "this": argparse.Namespace(**base)}
+    return {args.engines: argparse.Namespace(**base)}
+
+
+def print_ratios(base: Dict[str, Any], other: Dict[str, Any], base_label: str, other_label: str) -> None:
+    """Baseline over the other run, per phase median: > 1 is a speed-up."""
+    print(f"\n{other_label} vs {base_label} (baseline); ratio = {base_label} / {other_label}")
+    for p in PHASES + ("total",):
+        b, e = base["median_s"][p], other["median_s"][p]
+        print(f"{p:<10} {base_label} {b:.3f} s   {other_label} {e:.3f} s   ratio {b / e if e > 0 else float('nan'):.2f}x")
 
 
 def _public(args) -> Dict[str, Any]:

@@ -37,7 +37,10 @@ def test_bench_step_reports_every_phase(tmp_path):
 
 def test_bench_step_bad_flags_are_named(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    for args, flag in ((["--warmup", "3", "--steps", "2"], "--warmup"), (["--data", str(tmp_path)], "--data")):
+    cases = ((["--warmup", "3", "--steps", "2"], "--warmup"), (["--data", str(tmp_path)], "--data"),
+             (["--engines", "compare", "--baseline-set", "schedule.epochs=2"], "--baseline-set"),
+             (["--baseline-set", "actor.model.dedup_image=false"], "actor.model.dedup_image"))
+    for args, flag in cases:
         proc = subprocess.run([sys.executable, "-m", "dualrpo_mcore", "bench", "step", *args], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and flag in proc.stdout, proc.stdout
@@ -54,3 +57,16 @@ def test_bench_rollout_counts_tokens(tmp_path):
         assert r["tokens"] == 1 * 2 * 4, (name, r["tokens"])  # EOS disabled: exactly the cap
         assert math.isfinite(r["tokens_per_s"]) and r["tokens_per_s"] > 0
     assert "sglang" in doc["results"]["skipped"]
+
+
+def test_bench_step_baseline_overrides(tmp_path):
+    out = tmp_path / "ab.json"
+    stdout = _dualrpo("bench", "step", "--steps", "2", "--prompts-per-step", "2", "--group-size", "2",
+                      "--max-new-tokens", "4", "--baseline-set", "actor.model.dedup_images=false", "--json", str(out))
+    assert "overrides: ['actor.model.dedup_images=false']" in stdout
+    assert "this vs baseline (baseline); ratio = baseline / this" in stdout
+    for p in PHASES + ("total",):
+        assert f"\n{p:<10} baseline " in stdout, p
+    doc = json.loads(out.read_text())
+    assert set(doc["results"]) == {"baseline", "this"}
+    assert doc["args"]["baseline_set"] == ["actor.model.dedup_images=false"]
