@@ -86,14 +86,17 @@ class Actor:
         Returns the row groups of the real micro-batches (first) and all micro-batches."""
         batching.check_batch(batch)
         lengths = batch["attention_mask"].sum(-1).tolist()
-        groups = partition(lengths, self.config.micro.max_tokens)
+        spans = batching.image_spans(batch, self.cfg.image_token_id, self.cfg.spatial_merge_size)
+        # Rows showing one image stay together, so the micro-batch encodes it once.
+        units = batching.shared_image_units(batch, spans) if self.config.model.dedup_images else None
+        groups = partition(lengths, self.config.micro.max_tokens, units=units)
         k = len(groups)
         if self.info.dp_size > 1:
             k_t = torch.tensor([k], dtype=torch.long)
             dist.all_reduce(k_t, op=dist.ReduceOp.MAX, group=self._groups()["dp"])
             k = int(k_t)
-            groups = partition(lengths, self.config.micro.max_tokens, min_microbatches=min(k, len(lengths)))
-        spans = batching.image_spans(batch, self.cfg.image_token_id, self.cfg.spatial_merge_size)
+            groups = partition(lengths, self.config.micro.max_tokens, min_microbatches=min(k, len(lengths)),
+                               units=units)
         micro = [batching.select_rows(batch, g, spans) for g in groups]
         if len(micro) < k:
             filler = batching.select_rows(batch, [min(range(len(lengths)), key=lengths.__getitem__)], spans)

@@ -13,7 +13,7 @@ An actor batch is a dict of right-padded ``[B, S]`` tensors sharing one token ax
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -40,6 +40,21 @@ def check_batch(batch: Batch) -> Tuple[int, int]:
         raise ValueError(f"actor batch row {row}: response_mask[:, 0] is set, but the first token has no "
                          f"prediction (a response needs at least one prompt token before it)")
     return b, s
+
+
+def shared_image_units(batch: Batch, spans: List[Tuple[int, int, int, int]]) -> Optional[List[List[int]]]:
+    """Rows grouped by the images they show (bit-identical; a GRPO group's rows share one), for
+    micro-batches that keep such rows together; None when no image repeats. ``spans``: :func:`image_spans`."""
+    from dualrpo_mcore.models.qwen2_5_vl.image_dedup import distinct_images
+
+    grids = batch.get("image_grid_thw")
+    first = None if grids is None else distinct_images(batch["pixel_values"], grids)
+    if first is None:
+        return None
+    units: Dict[Any, List[int]] = {}
+    for r, (g0, g1, _, _) in enumerate(spans):
+        units.setdefault(tuple(first[g] for g in range(g0, g1)) or ("no image", r), []).append(r)
+    return list(units.values())
 
 
 def image_spans(batch: Batch, image_token_id: int, merge: int) -> List[Tuple[int, int, int, int]]:

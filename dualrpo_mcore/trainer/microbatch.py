@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 
 def _lpt(lengths: Sequence[int], k: int) -> List[List[int]]:
@@ -28,13 +28,18 @@ def _lpt(lengths: Sequence[int], k: int) -> List[List[int]]:
     return bins
 
 
-def partition(lengths: Sequence[int], max_tokens: int, min_microbatches: int = 1) -> List[List[int]]:
+def partition(lengths: Sequence[int], max_tokens: int, min_microbatches: int = 1,
+              units: Optional[Sequence[Sequence[int]]] = None) -> List[List[int]]:
     """Split row indices ``0..n-1`` into micro-batches of at most ``max_tokens`` tokens each.
 
     Returns a list of index lists, each sorted ascending, ordered by their first index; no list is
     empty. The count is the smallest ``k >= min_microbatches`` for which the greedy packing fits
     (bounded by ``n``: one row per micro-batch always fits, oversize rows aside).
-    """
+
+    ``units`` (a partition of the rows, e.g. the rows that show one image) are kept in one
+    micro-batch where they fit, so a micro-batch encodes a shared image once; a unit over
+    ``max_tokens`` is split into its rows, and so are all units when there are fewer of them than
+    ``min_microbatches``."""
     n = len(lengths)
     if n == 0:
         return []
@@ -44,13 +49,35 @@ def partition(lengths: Sequence[int], max_tokens: int, min_microbatches: int = 1
         raise ValueError("row lengths must be >= 0")
     if min_microbatches > n:
         raise ValueError(f"cannot split {n} rows into {min_microbatches} non-empty micro-batches")
-    oversize = sum(1 for x in lengths if x > max_tokens)
+    units = _units(lengths, max_tokens, units)
+    if len(units) < min_microbatches:
+        units = [[i] for i in range(n)]
+    sizes = [sum(lengths[i] for i in u) for u in units]
+    m = len(units)
+    oversize = sum(1 for x in sizes if x > max_tokens)
     k = max(min_microbatches, math.ceil(sum(lengths) / max_tokens), oversize, 1)
     while True:
-        bins = _lpt(lengths, min(k, n))
+        bins = _lpt(sizes, min(k, m))
         # A bin may exceed max_tokens only by holding a single oversize row.
-        if k >= n or all(sum(lengths[i] for i in b) <= max_tokens or len(b) == 1 for b in bins):
+        if k >= m or all(sum(sizes[u] for u in b) <= max_tokens or len(b) == 1 for b in bins):
             break
         k += 1
-    bins = [sorted(b) for b in bins if b]
-    return sorted(bins, key=lambda b: b[0])
+    rows = [sorted(i for u in b for i in units[u]) for b in bins if b]
+    return sorted(rows, key=lambda b: b[0])
+
+
+def _units(lengths: Sequence[int], max_tokens: int, units: Optional[Sequence[Sequence[int]]]) -> List[List[int]]:
+    """``units`` checked to cover every row once, with those over ``max_tokens`` split into rows."""
+    n = len(lengths)
+    if units is None:
+        return [[i] for i in range(n)]
+    flat = sorted(i for u in units for i in u)
+    if flat != list(range(n)):
+        raise ValueError(f"units must cover rows 0..{n - 1} exactly once")
+    out: List[List[int]] = []
+    for u in units:
+        if sum(lengths[i] for i in u) > max_tokens:
+            out.extend([i] for i in u)
+        elif u:
+            out.append(sorted(u))
+    return out

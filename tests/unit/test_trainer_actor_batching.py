@@ -34,6 +34,20 @@ def test_select_rows_takes_rows_images_and_trims():
     assert "pixel_values" not in text_only and "image_grid_thw" not in text_only
 
 
+def test_shared_image_units_group_rows_by_their_images():
+    # Rows 0, 2 and 4 show one 6x8 image; row 1 another of the same size; row 3 two images; row 5 none.
+    b = testing.make_batch(seed=2, rows=(((6, 8),), ((6, 8),), ((6, 8),), ((4, 10), (6, 6)), ((6, 8),), ()))
+    px = b["pixel_values"]
+    px[96:144] = px[0:48]  # row 2's image := row 0's
+    px[220:268] = px[0:48]  # row 4's image (after row 3's 40 + 36 patches)
+    spans = batching.image_spans(b, testing.IMAGE, 2)
+    units = sorted(sorted(u) for u in batching.shared_image_units(b, spans))
+    assert units == [[0, 2, 4], [1], [3], [5]]
+    px[220, 0] += 1.0  # row 4's image now differs in one value
+    assert sorted(sorted(u) for u in batching.shared_image_units(b, spans)) == [[0, 2], [1], [3], [4], [5]]
+    assert batching.shared_image_units(_batch(), batching.image_spans(_batch(), testing.IMAGE, 2)) is None
+
+
 def test_scatter_rows_inverts_select_rows():
     b = _batch()
     spans = batching.image_spans(b, testing.IMAGE, 2)

@@ -63,3 +63,41 @@ def test_deterministic():
 def test_bad_arguments(kw):
     with pytest.raises(ValueError):
         partition(**kw)
+
+
+def _unit_of(units):
+    return {i: j for j, u in enumerate(units) for i in u}
+
+
+def test_units_stay_whole_when_they_fit():
+    rng = random.Random(1)
+    for _ in range(40):
+        g = rng.randint(1, 4)
+        n = g * rng.randint(1, 5)
+        lengths = [rng.randint(1, 30) for _ in range(n)]
+        units = [list(range(i, i + g)) for i in range(0, n, g)]
+        rng.shuffle(lengths)
+        cap = rng.randint(max(sum(lengths[i] for i in u) for u in units), 150)
+        bins = partition(lengths, cap, units=units)
+        _check_cover(bins, n)
+        assert max(sum(lengths[i] for i in b) for b in bins) <= cap
+        where = _unit_of(units)
+        for b in bins:  # a unit's rows all land in one micro-batch
+            for u in {where[i] for i in b}:
+                assert set(units[u]) <= set(b)
+
+
+def test_unit_over_the_cap_is_split_and_min_count_splits_units():
+    # rows 0-2 (3 x 6 = 18 tokens) exceed 10 together: they are packed as rows; rows 3-4 stay together.
+    bins = partition([6, 6, 6, 2, 2], 10, units=[[0, 1, 2], [3, 4]])
+    _check_cover(bins, 5)
+    assert max(sum([6, 6, 6, 2, 2][i] for i in b) for b in bins) <= 10
+    assert any({3, 4} <= set(b) for b in bins)
+    # Two units but three micro-batches wanted (data-parallel ranks agree on a count): rows again.
+    assert len(partition([1, 1, 1, 1], 100, min_microbatches=3, units=[[0, 1], [2, 3]])) == 3
+    assert partition([1, 1, 1, 1], 100, units=[[0, 1], [2, 3]]) == [[0, 1, 2, 3]]
+
+
+def test_units_must_cover_every_row_once():
+    with pytest.raises(ValueError, match="cover rows 0..2 exactly once"):
+        partition([1, 1, 1], 10, units=[[0, 1], [1, 2]])
