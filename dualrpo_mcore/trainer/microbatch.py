@@ -38,8 +38,8 @@ def partition(lengths: Sequence[int], max_tokens: int, min_microbatches: int = 1
 
     ``units`` (a partition of the rows, e.g. the rows that show one image) are kept in one
     micro-batch where they fit, so a micro-batch encodes a shared image once; a unit over
-    ``max_tokens`` is split into its rows, and so are all units when there are fewer of them than
-    ``min_microbatches``."""
+    ``max_tokens`` is cut into runs of its rows that fit, and all units into single rows when there
+    are fewer of them than ``min_microbatches``."""
     n = len(lengths)
     if n == 0:
         return []
@@ -67,7 +67,8 @@ def partition(lengths: Sequence[int], max_tokens: int, min_microbatches: int = 1
 
 
 def _units(lengths: Sequence[int], max_tokens: int, units: Optional[Sequence[Sequence[int]]]) -> List[List[int]]:
-    """``units`` checked to cover every row once, with those over ``max_tokens`` split into rows."""
+    """``units`` checked to cover every row once; one over ``max_tokens`` is cut into runs of its rows
+    that fit (a row over the cap on its own is a run)."""
     n = len(lengths)
     if units is None:
         return [[i] for i in range(n)]
@@ -76,8 +77,12 @@ def _units(lengths: Sequence[int], max_tokens: int, units: Optional[Sequence[Seq
         raise ValueError(f"units must cover rows 0..{n - 1} exactly once")
     out: List[List[int]] = []
     for u in units:
-        if sum(lengths[i] for i in u) > max_tokens:
-            out.extend([i] for i in u)
-        elif u:
-            out.append(sorted(u))
+        piece: List[int] = []
+        for i in sorted(u):  # an oversize unit becomes runs of its rows that fit, not single rows
+            if piece and sum(lengths[j] for j in piece) + lengths[i] > max_tokens:
+                out.append(piece)
+                piece = []
+            piece.append(i)
+        if piece:
+            out.append(piece)
     return out

@@ -93,6 +93,12 @@ def test_unit_over_the_cap_is_split_and_min_count_splits_units():
     _check_cover(bins, 5)
     assert max(sum([6, 6, 6, 2, 2][i] for i in b) for b in bins) <= 10
     assert any({3, 4} <= set(b) for b in bins)
+    # A unit of 6 rows x 4 tokens under a cap of 8 is cut into 3 runs of 2: each micro-batch holds one
+    # image's rows only, where splitting into single rows would let LPT mix the two units.
+    lengths = [4] * 12
+    bins = partition(lengths, 8, units=[[0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11]])
+    _check_cover(bins, 12)
+    assert all(len({i // 6 for i in b}) == 1 and sum(lengths[i] for i in b) <= 8 for b in bins)
     # Two units but three micro-batches wanted (data-parallel ranks agree on a count): rows again.
     assert len(partition([1, 1, 1, 1], 100, min_microbatches=3, units=[[0, 1], [2, 3]])) == 3
     assert partition([1, 1, 1, 1], 100, units=[[0, 1], [2, 3]]) == [[0, 1, 2, 3]]
