@@ -28,16 +28,16 @@ def distinct_images(pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> Optio
     if int(counts.sum()) != pixel_values.shape[0]:
         raise ValueError(f"image_grid_thw covers {int(counts.sum())} patches but pixel_values has "
                          f"{pixel_values.shape[0]}")
-    owner = torch.repeat_interleave(torch.arange(counts.numel()), counts)
-    # One pass over the pixels gives a per-image checksum; only images that agree on it and on their
-    # grid are compared in full, so an all-distinct batch costs one reduction.
-    sums = torch.zeros(counts.numel(), dtype=torch.float64).index_add_(
-        0, owner, pixel_values.detach().to(torch.float64).sum(dim=-1))
     spans = torch.split(pixel_values.detach(), counts.tolist())
+    # A checksum per image; only images that agree on it and on their grid are compared in full. Each
+    # is its own reduction (no float64 copy of the pixels; no atomics, whose order could make two
+    # copies of one image sum differently on a GPU).
+    sums = torch.stack([span.sum(dtype=torch.float64) for span in spans]).tolist()
+    grids = [tuple(g) for g in grid_thw.tolist()]
     seen: Dict[Tuple, List[int]] = {}
     first: List[int] = []
     for i, span in enumerate(spans):
-        key = (tuple(grid_thw[i].tolist()), float(sums[i]))
+        key = (grids[i], sums[i])
         match = next((j for j in seen.get(key, ()) if torch.equal(spans[j], span)), None)
         if match is None:
             seen.setdefault(key, []).append(i)
