@@ -84,7 +84,8 @@ def synth_data(out: str) -> str:
 
 
 def recipe(args, data: str, run_dir: str):
-    """The tiny CPU recipe with the bench's sizes; checkpoints and evaluation off."""
+    """The tiny CPU recipe with the bench's sizes; checkpoints and evaluation off; then the overrides."""
+    from dualrpo_mcore.trainer.overrides import apply_overrides
     from dualrpo_mcore.trainer.recipes import build_recipe
 
     cfg = build_recipe("tiny_cpu", data, args.init, run_dir, steps=args.steps, tp=args.tp, pp=args.pp,
@@ -94,8 +95,6 @@ def recipe(args, data: str, run_dir: str):
     cfg.eval.every = 0
     cfg.rollout.engine_on_every_rank = args.engines == "every-rank"
     cfg.logging.progress = False
-    from dualrpo_mcore.trainer.overrides import apply_overrides
-
     return apply_overrides(cfg, [*args.set, *getattr(args, "extra_set", [])])
 
 
