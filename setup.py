@@ -45,8 +45,11 @@ EXTRAS = {
     # under a minute and never touch torch (torchx does not depend on it); note torchx pins urllib3<1.27.
     "test": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100", "pycocotools>=2.0.7",
              "nemo-run==0.11.1", "leptonai==0.27.3"],
-    "sglang": ["sglang>=0.5.3"],  # enable_weights_cpu_backup and sampling_seed need 0.5.3
-    "te": ["transformer-engine[pytorch]>=2.0"],
+    # 0.5.3-0.5.9 pin transformers 4.57 (we need >=5); 0.5.10 does not hand mm_process_config to the
+    # image processor. rollout/sglang_engine.py was read against 0.5.10-0.5.23 (0.5.23 pins torch 2.14.1).
+    "sglang": ["sglang>=0.5.11,<0.6"],
+    # megatron-core 0.16.1 declares Transformer Engine >=2.9.0a0,<2.12.0 (its METADATA, "dev" extra).
+    "te": ["transformer-engine[pytorch]>=2.9,<2.12"],
     "launch": ["nemo-run==0.11.1", "leptonai==0.27.3"],  # nemo-run 0.11.1 imports only with this leptonai
 }
 

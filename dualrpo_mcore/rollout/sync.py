@@ -229,6 +229,15 @@ def _stage_global_rank(stage: int) -> int:
     return dist.get_global_rank(ps.get_pipeline_model_parallel_group(), stage)
 
 
+def _buffer_device(backend: str) -> torch.device:
+    """Where a collective of this backend wants its tensors: NCCL only moves CUDA memory (on the
+    rank's current device), gloo only host memory. A mixed backend (``"cpu:gloo,cuda:nccl"``)
+    takes CUDA, where the owner stage's converted tensors live on a GPU run."""
+    if "nccl" in str(backend).lower():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _broadcast_named(named: Optional[List[Named]], owner: int, held: _Held) -> List[Named]:
     """The owner stage's converted tensors, on every stage of this pipeline."""
     from megatron.core import parallel_state as ps
@@ -237,12 +246,26 @@ def _broadcast_named(named: Optional[List[Named]], owner: int, held: _Held) -> L
     meta = [[(n, tuple(t.shape), t.dtype) for n, t in named] if named is not None else None]
     dist.broadcast_object_list(meta, src=src, group=group)
     if named is None:
-        named = [(n, torch.empty(shape, dtype=dtype)) for n, shape, dtype in meta[0]]
+        device = _buffer_device(dist.get_backend(group))
+        named = [(n, torch.empty(shape, dtype=dtype, device=device)) for n, shape, dtype in meta[0]]
         for _, t in named:
             held.add(t)
     for _, t in named:
         dist.broadcast(t, src=src, group=group)
     return named
+
+
+def check_exporter_engine(exporter: BucketedExporter, engine) -> None:
+    """Refuse an exporter that sends frozen tensors once to an engine that loses its weights on
+    ``release_memory`` (SGLang without ``weights_cpu_backup``): from the second step on the frozen
+    ViT would serve whatever the released memory came back holding. Call it where the two meet,
+    on the rank(s) that host an engine (``engine=None`` passes)."""
+    if engine is None or not exporter.skip_frozen or getattr(engine, "retains_weights_on_release", True):
+        return
+    raise ValueError(
+        f"BucketedExporter(skip_frozen=True) cannot feed {type(engine).__name__}: it does not keep its "
+        "weights across release_memory, so frozen tensors sent once would come back as garbage. Build "
+        "the exporter with skip_frozen=False (on every rank), or keep the engine's weights_cpu_backup=True")
 
 
 def sync_weights(exporter: BucketedExporter, model, engine=None) -> ExportStats:

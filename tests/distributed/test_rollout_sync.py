@@ -9,7 +9,8 @@ checks, because process start-up dominates on CI's 2 cores):
   independent of the exporter's own accounting) stays within bucket + largest tensor, as does the
   exporter's accounting; an unbucketed export of the same model exceeds that bound (so the
   measurement can fail). The census does not see gloo's internal staging copy (not a tensor).
-* PP=2: every HF tensor reaches every stage, equal to the HF weights.
+* PP=2: every HF tensor reaches every stage, equal to the HF weights, through receive buffers placed
+  for the pipeline group's backend (CPU under gloo; the NCCL choice is checked without NCCL).
 """
 import torch
 
@@ -169,16 +170,33 @@ def _tp2_checks(rank):
 
 def _pp2_checks(rank):
     from dualrpo_mcore.models.qwen2_5_vl import mapping, testing
-    from dualrpo_mcore.rollout.sync import BucketedExporter
+    from dualrpo_mcore.rollout import sync
 
     hf = testing.tiny_hf_model(seed=1, tie=True)
     _, _, model = _build(1, 2, hf)
     want = {mapping.normalize_hf_name(k): v for k, v in hf.state_dict().items()}
     want.pop("lm_head.weight", None)
-    got = {}
-    for bucket in BucketedExporter(BUCKET).buckets(model):
-        got.update((n, t.clone()) for n, t in bucket)
-    return sorted(set(want) ^ set(got)) + [k for k in got if not torch.equal(got[k], want[k])]
+    got, asked = {}, []
+    real = sync._buffer_device
+    sync._buffer_device = lambda backend: asked.append(str(backend)) or real(backend)
+    try:
+        for bucket in sync.BucketedExporter(BUCKET).buckets(model):
+            got.update((n, t.clone()) for n, t in bucket)
+    finally:
+        sync._buffer_device = real
+    mismatch = sorted(set(want) ^ set(got)) + [k for k in got if not torch.equal(got[k], want[k])]
+    return dict(mismatch=mismatch, buffer_backends=sorted(set(asked)), received=len(asked))
+
+
+def test_pp_broadcast_buffers_live_where_the_backend_moves_memory(monkeypatch):
+    """NCCL moves only CUDA memory (the rank's current device), gloo only host memory; the receive
+    buffers of the PP broadcast must follow (checked here without NCCL: the device chosen)."""
+    from dualrpo_mcore.rollout import sync
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert sync._buffer_device("nccl") == torch.device("cuda", 3)
+    assert sync._buffer_device("cpu:gloo,cuda:nccl") == torch.device("cuda", 3)
+    assert sync._buffer_device("gloo") == torch.device("cpu")
 
 
 def _worker(rank, world):
@@ -204,7 +222,10 @@ def test_rollout_weight_sync():
         assert r["sync_peak"] <= bound, (r["sync_peak"], bound)
         assert r["unbucketed_peak"] > bound, (r["unbucketed_peak"], bound)  # the measurement can fail
         assert r["resend_skipped"] == [0, 0]
-        assert res["pp2"] == [], (rank, res["pp2"][:5])
+        pp2 = res["pp2"]
+        assert pp2["mismatch"] == [], (rank, pp2["mismatch"][:5])
+        # Each stage receives the other's tensors into buffers placed for the group's backend.
+        assert pp2["received"] > 0 and pp2["buffer_backends"] == ["gloo"], (rank, pp2)
     r0 = results[0]["tp2"]
     assert r0["synced_probe_diff"] <= TOL, r0
     assert r0["stale_diff"] > 1e-3, r0  # the optimizer step moved the policy: a stale engine would fail
