@@ -78,10 +78,11 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from dualrpo_mcore.models.qwen2_5_vl.config import RECOMPUTE
+from dualrpo_mcore.models.qwen2_5_vl.specs import RESOLVED_BACKENDS
 
 GIB = 1024 ** 3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-BACKENDS = ("local", "te")
+BACKENDS = RESOLVED_BACKENDS  # a plan sizes the modules a run builds: never 'auto'
 
 
 # ---------------------------------------------------------------------------------------------- inputs

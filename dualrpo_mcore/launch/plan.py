@@ -51,8 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mem-fraction", type=float, help="SGLang mem_fraction_static (default: the recipe's "
                    "rollout.engine_options, 0 without an SGLang engine)")
     p.add_argument("--overhead-gb", type=float, default=2.0, help="CUDA context + NCCL + allocator slack per GPU, GiB")
-    p.add_argument("--backend", choices=M.BACKENDS, help="layer spec to model: te (GPU) or local "
-                   "(default: te unless the recipe says local)")
+    p.add_argument("--backend", choices=M.BACKENDS, help="layer spec to model: te (GPU) or local (default: the "
+                   "recipe's spec_backend as a GPU node with the te extra resolves it: auto -> te)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     # With --preset (no recipe), the run's shape:
     p.add_argument("--prompts-per-step", type=int, default=128, help="with --preset: prompts per step")
@@ -95,13 +95,20 @@ def _recipe_inputs(a) -> Dict[str, Any]:
         model=resolve_model_config(actor.model), tp=actor.parallel.tp, pp=actor.parallel.pp,
         dtype=actor.model.precision, recompute=actor.model.recompute,
         distributed_optimizer=actor.optim.distributed_optimizer,
-        backend="local" if actor.model.spec_backend == "local" else "te",
+        backend=plan_backend(actor.model),
         freeze=(mt.freeze_vision, mt.freeze_merger, mt.freeze_language),
         micro_tokens=actor.micro.max_tokens, prompts=cfg.schedule.prompts_per_step, group=ro.group_size,
         max_new=ro.sampling.max_new_tokens, max_prompt=cfg.data.max_prompt_tokens, max_pixels=cfg.data.max_pixels,
         mem_fraction=float(opts.get("mem_fraction_static", 0.0)), sglang_tp=int(opts.get("tp_size", 1)),
         reference="none" if not kl.enabled else ("offload" if kl.offload_reference else "gpu"),
         world=_recipe_world(a.recipe))
+
+
+def plan_backend(model_src) -> str:
+    """The spec the recipe's run will build, by the trainer's own rule (``specs.resolve_backend``)
+    for the nodes the plan is for: they have CUDA, and the ``te`` extra is assumed installed there
+    (model a node without it with ``--backend local``). So 'auto' plans as 'te', as on those nodes."""
+    return model_src.resolve_backend(cuda_available=True, te_available=True)
 
 
 def _recipe_world(name: str) -> Optional[Tuple[int, int]]:

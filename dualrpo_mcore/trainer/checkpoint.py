@@ -198,6 +198,12 @@ def _as_list(model) -> List[torch.nn.Module]:
     return [_unwrap(m) for m in (model if isinstance(model, (list, tuple)) else [model])]
 
 
+def _spec_backend(chunks) -> Optional[str]:
+    """The resolved layer spec ('te' / 'local') the chunks were built with, when they say."""
+    specs = {getattr(m, "backend", None) for m in chunks} - {None}
+    return specs.pop() if len(specs) == 1 else None
+
+
 def _model_key(i: int, n: int) -> str:
     return "model" if n == 1 else f"model{i}"  # Megatron's convention for virtual-pipeline chunks
 
@@ -341,13 +347,17 @@ class CheckpointManager:
         _write_rank_state(os.path.join(tmp, f"rank_{_rank():05d}.pt"), payload)
         _barrier()
         if _rank() == 0:
-            self._publish(step, tmp, final, has_model=bool(chunks), has_optimizer=optimizer is not None)
+            self._publish(step, tmp, final, has_model=bool(chunks), has_optimizer=optimizer is not None,
+                          spec_backend=_spec_backend(chunks))
         _barrier()
         return final
 
-    def _publish(self, step: int, tmp: str, final: str, has_model: bool, has_optimizer: bool) -> None:
+    def _publish(self, step: int, tmp: str, final: str, has_model: bool, has_optimizer: bool,
+                 spec_backend: Optional[str] = None) -> None:
         meta = {"step": int(step), "world_size": _world(), "format": FORMAT_VERSION, "time": time.time(),
                 "model": has_model, "optimizer": has_optimizer, "optimizer_metadata": OPTIM_METADATA}
+        if spec_backend is not None:
+            meta["spec_backend"] = spec_backend
         _write_meta(os.path.join(tmp, META), meta)
         _fsync_tree(tmp)
         if os.path.exists(final):  # re-saving a step (e.g. after a resume): replace it whole
@@ -390,6 +400,10 @@ class CheckpointManager:
         chunks = _as_list(model)
         if optimizer is not None and not meta.get("optimizer"):
             raise ValueError(f"{path} holds no optimizer state (saved without an optimizer)")
+        saved, here = meta.get("spec_backend"), _spec_backend(chunks)
+        if saved and here and saved != here:
+            raise ValueError(f"{path} holds a model built with the {saved!r} layer spec, this run builds "
+                             f"{here!r} (its weight names differ); set actor.model.spec_backend={saved!r}")
         if chunks or optimizer is not None:
             self._load_megatron(path, chunks, optimizer, strict)
         rank_file = os.path.join(path, f"rank_{_rank():05d}.pt")

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 from dualrpo_mcore.algo import CERTAINTY_NORMALIZERS, DEFAULT_NORMALIZER, PolicyLossConfig
+from dualrpo_mcore.models.qwen2_5_vl.precision import Precision, check_fields, check_pad_tokens_to
+from dualrpo_mcore.models.qwen2_5_vl.specs import BACKENDS, resolve_backend
 from dualrpo_mcore.models.qwen2_5_vl.training import ModuleTraining
 
-PRECISIONS = ("fp32", "bf16", "fp16")
-BACKENDS = ("auto", "local", "te")
 COMM_BACKENDS = ("nccl", "gloo")
 
 
@@ -34,8 +34,21 @@ class ModelSourceConfig:
     initialised: memory planning and throughput benchmarks need the shapes, not the weights."""
     precision: str = "fp32"
     """Parameter dtype: 'fp32', 'bf16' or 'fp16'."""
+    fp8: Optional[str] = None
+    """FP8 GEMMs through Transformer Engine: None (off), 'hybrid' (e4m3 forward, e5m2 gradients) or
+    'e4m3'. Needs ``precision`` bf16/fp16, a spec_backend other than 'local', and the ``te`` extra."""
+    fp8_recipe: str = "delayed"
+    """FP8 scaling: 'delayed', 'tensorwise', 'blockwise' (Hopper) or 'mxfp8' (Blackwell)."""
+    fp8_amax_history_len: int = 1024
+    """Delayed scaling: amax history length."""
+    fp8_vision: bool = False
+    """Run the ViT and the merger in FP8 too (only with ``fp8``)."""
+    pad_tokens_to: Optional[int] = None
+    """Pad micro-batches (and ViT patches) to a multiple of this many tokens; None = what ``fp8``
+    needs (16, 32 for mxfp8; no padding without FP8). Exists to run the FP8 padding on CPU."""
     spec_backend: str = "local"
-    """Megatron layer spec: 'local' (CPU, no Transformer Engine), 'te' or 'auto'."""
+    """Megatron layer spec: 'local' (CPU, no Transformer Engine), 'te' or 'auto' (TE with CUDA and
+    TE importable); resolved once at start by :meth:`resolve_backend`."""
     training: ModuleTraining = field(default_factory=ModuleTraining)
     """Per-module freezing and learning-rate multipliers (ViT, merger, LM)."""
     recompute: str = "none"
@@ -52,16 +65,39 @@ class ModelSourceConfig:
             from dualrpo_mcore.models.qwen2_5_vl import presets
 
             presets.hf_config_dict(self.preset)  # an unknown name fails here, listing the known ones
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"actor.model.precision={self.precision!r}: choose one of {PRECISIONS}")
         if self.spec_backend not in BACKENDS:
             raise ValueError(f"actor.model.spec_backend={self.spec_backend!r}: choose one of {BACKENDS}")
+        check_fields(self.precision, self.fp8, self.fp8_recipe, self.fp8_amax_history_len,
+                     dict(dtype="actor.model.precision", fp8="actor.model.fp8", fp8_recipe="actor.model.fp8_recipe",
+                          fp8_amax_history_len="actor.model.fp8_amax_history_len"))
+        if self.fp8 is not None and self.spec_backend == "local":
+            raise ValueError(f"actor.model.fp8={self.fp8!r} needs the Transformer Engine spec; "
+                             f"set actor.model.spec_backend to 'te' or 'auto'")
+        if self.fp8_vision and self.fp8 is None:
+            raise ValueError("actor.model.fp8_vision=True does nothing without actor.model.fp8; set both")
+        check_pad_tokens_to(self.pad_tokens_to, self.precision_config(), "actor.model.pad_tokens_to")
         if isinstance(self.training, dict):
             self.training = ModuleTraining(**self.training)
         from dualrpo_mcore.models.qwen2_5_vl.config import RECOMPUTE
 
         if self.recompute not in RECOMPUTE:
             raise ValueError(f"actor.model.recompute={self.recompute!r}: choose one of {RECOMPUTE}")
+
+    def precision_config(self) -> Precision:
+        """The model's :class:`Precision` (dtype and FP8 settings) from these fields."""
+        return Precision(dtype=self.precision, fp8=self.fp8, fp8_recipe=self.fp8_recipe,
+                         fp8_amax_history_len=self.fp8_amax_history_len, fp8_vision=self.fp8_vision)
+
+    def resolve_backend(self, *, cuda_available: Optional[bool] = None, te_available: Optional[bool] = None) -> str:
+        """'te' or 'local' for this run (``specs.resolve_backend``: FP8 without TE fails here, naming the
+        extra). Call once at start and pass the result on; ``spec_backend`` itself may say 'auto'."""
+        return resolve_backend(self.spec_backend, needs_te=self.fp8 is not None, cuda_available=cuda_available,
+                               te_available=te_available)
+
+    @property
+    def token_multiple(self) -> int:
+        """Micro-batches' ``B * S`` is padded to a multiple of this."""
+        return self.pad_tokens_to or self.precision_config().token_multiple
 
 
 @dataclass

@@ -47,22 +47,28 @@ def resolve_model_config(src: ModelSourceConfig):
     return from_hf(testing.tiny_hf_config(**src.tiny_overrides))
 
 
-def _options(src: ModelSourceConfig):
-    from dualrpo_mcore.models.qwen2_5_vl import Precision
+def model_options(src: ModelSourceConfig, backend: str):
+    """The model's build options; ``backend`` is the run's resolved one ('te' or 'local')."""
     from dualrpo_mcore.models.qwen2_5_vl.model import ModelOptions
+    from dualrpo_mcore.models.qwen2_5_vl.specs import RESOLVED_BACKENDS
 
-    return ModelOptions(precision=Precision(dtype=src.precision), backend=src.spec_backend, recompute=src.recompute,
-                        dedup_images=src.dedup_images)
+    if backend not in RESOLVED_BACKENDS:
+        raise ValueError(f"backend={backend!r}: pass the resolved backend ({RESOLVED_BACKENDS}), "
+                         f"from ModelSourceConfig.resolve_backend()")
+    return ModelOptions(precision=src.precision_config(), backend=backend, recompute=src.recompute,
+                        dedup_images=src.dedup_images, pad_tokens_to=src.pad_tokens_to)
 
 
-def build_and_load(cfg, src: ModelSourceConfig, info, hf_state_dict: Optional[Dict[str, torch.Tensor]] = None):
-    """This rank's model stage with the source's weights (random init for a tiny model), frozen parts set."""
+def build_and_load(cfg, src: ModelSourceConfig, info, hf_state_dict: Optional[Dict[str, torch.Tensor]] = None, *,
+                   backend: str):
+    """This rank's model stage with the source's weights (random init for a tiny model), frozen parts set.
+    ``backend`` is the resolved one: it picks the modules and the weight naming alike."""
     from dualrpo_mcore.models.qwen2_5_vl import convert, mapping
     from dualrpo_mcore.models.qwen2_5_vl.model import build_model
     from dualrpo_mcore.models.qwen2_5_vl.training import apply_freeze
 
-    model = build_model(cfg, _options(src))
-    te = src.spec_backend == "te"
+    model = build_model(cfg, model_options(src, backend))
+    te = model.backend == "te"
     shard = dict(tp_rank=info.tp_rank, tp=info.tp_size, pp_rank=info.pp_rank, pp=info.pp_size, te_spec=te)
     conv = mapping.Converter(cfg, model.padded_vocab_size)
     if hf_state_dict is not None:
@@ -155,7 +161,8 @@ class ReferencePolicy:
     def __init__(self, cfg, src: ModelSourceConfig, policy_module, offload: bool = True):
         from dualrpo_mcore.models.qwen2_5_vl.model import build_model
 
-        self.module = build_model(cfg, _options(src))
+        # The policy's resolved backend: the copied state dict then has the same names.
+        self.module = build_model(cfg, model_options(src, policy_module.backend))
         self.module.load_state_dict(copy.deepcopy(policy_module.state_dict()))
         self.module.requires_grad_(False).eval()
         self.module.config.variable_seq_lengths = True

@@ -9,12 +9,21 @@ optimal makespan). A row longer than ``max_tokens`` on its own gets a micro-batc
 Under data parallelism every rank must run the same number of micro-batches (the pipeline schedule
 and the gradient all-reduce count them), so the caller may force ``num_microbatches`` to the
 maximum over ranks (:func:`partition`'s ``min_microbatches``).
+
+FP8 GEMMs need a micro-batch's token count ``B * S`` to be a multiple of the recipe's
+``Precision.token_multiple``; :func:`pad_tokens` widens S to the smallest length that gives one.
+Widening S rather than adding rows keeps every per-row field (advantages, KL weights, images) as it
+is, costs at most ``B * (m / gcd(B, m) - 1)`` tokens, and the new columns sit after every row's last
+real token, where causal attention keeps real tokens from ever seeing them; they carry
+``attention_mask = 0`` and ``response_mask = 0``, so no loss, statistic or label reads them.
 """
 from __future__ import annotations
 
 import heapq
 import math
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
 
 
 def _lpt(lengths: Sequence[int], k: int) -> List[List[int]]:
@@ -85,4 +94,31 @@ def _units(lengths: Sequence[int], max_tokens: int, units: Optional[Sequence[Seq
             piece.append(i)
         if piece:
             out.append(piece)
+    return out
+
+
+def padded_length(rows: int, length: int, multiple: int) -> int:
+    """The smallest ``S >= length`` with ``rows * S`` a multiple of ``multiple``."""
+    if rows < 1 or multiple < 1:
+        raise ValueError(f"rows and multiple must be >= 1 (got {rows}, {multiple})")
+    step = multiple // math.gcd(rows, multiple)
+    return -(-length // step) * step
+
+
+def pad_tokens(mb: Dict[str, Any], multiple: int, image_keys: Sequence[str] = ("pixel_values", "image_grid_thw")
+               ) -> Dict[str, Any]:
+    """``mb`` with every ``[B, S]`` field right-padded with zeros to :func:`padded_length` columns.
+
+    Zeros mean: attention and response masks off, log-probs/advantages 0 (never read), and token id
+    0 for ``input_ids``, which must not be the image token (the model counts image tokens over the
+    whole tensor). Per-row ``[B]`` fields and images are returned as they are."""
+    b, s = mb["input_ids"].shape
+    extra = padded_length(b, s, multiple) - s
+    if extra == 0:
+        return mb
+    out = dict(mb)
+    for key, val in mb.items():
+        if key in image_keys or not torch.is_tensor(val) or val.dim() < 2 or tuple(val.shape[:2]) != (b, s):
+            continue
+        out[key] = torch.cat([val, val.new_zeros(b, extra, *val.shape[2:])], dim=1)
     return out

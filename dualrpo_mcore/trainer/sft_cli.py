@@ -82,7 +82,10 @@ def tiny_config_for_tokenizer(model_dir: str, hidden_size: int = 64, layers: int
 
 
 def collate(rows: List[Dict[str, Any]], pad_id: int) -> Dict[str, Any]:
-    """Right-padded actor batch from ``{"prompt": ids, "response": ids, pixel_values, image_grid_thw}``."""
+    """Right-padded actor batch from ``{"prompt": ids, "response": ids, pixel_values, image_grid_thw}``.
+
+    Padded to its longest row only: the actor cuts it into micro-batches trimmed to their own rows,
+    and pads each of those for FP8 (``microbatch.pad_tokens``), so a multiple set here would not survive."""
     seqs = [torch.cat([r["prompt"], r["response"]]) for r in rows]
     s = max(len(x) for x in seqs)
     b = len(rows)

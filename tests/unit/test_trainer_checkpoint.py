@@ -109,3 +109,23 @@ def test_missing_rank_file_is_named(tmp_path):
     os.remove(os.path.join(path, "rank_00000.pt"))
     with pytest.raises(FileNotFoundError, match="rank_00000.pt"):
         mgr.load()
+
+
+def test_a_checkpoint_of_another_layer_spec_is_refused_by_name(tmp_path):
+    """The resolved spec is recorded; a run that resolved to the other one (whose weight names differ)
+    is told which to set, before Megatron reports missing keys."""
+    import json
+
+    mgr = CheckpointManager(str(tmp_path))
+    path = mgr.save(1, extra_state={})
+    meta_file = os.path.join(path, ck.META)
+    with open(meta_file) as f:
+        meta = json.load(f)
+    meta["spec_backend"] = "te"  # as a TE run's save writes it (its model says backend='te')
+    with open(meta_file, "w") as f:
+        json.dump(meta, f)
+    local = torch.nn.Linear(2, 2)
+    local.backend = "local"
+    with pytest.raises(ValueError, match="built with the 'te' layer spec, this run builds 'local'"):
+        mgr.load(model=local)
+    assert ck._spec_backend([local]) == "local" and ck._spec_backend([torch.nn.Linear(2, 2)]) is None

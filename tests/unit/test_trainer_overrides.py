@@ -75,3 +75,25 @@ def test_demo_rl_set_comes_after_its_flags_and_bad_keys_are_named(synth_dir, tmp
     assert cfg.actor.optim.total_steps == 16
     with pytest.raises(ValueError, match="the config has no field 'nope'"):
         demo_rl.build_config(demo_rl.parse_args(base + ["--set", "nope.x=1"]))
+
+
+def test_fp8_switches_reach_the_models_transformer_configs(synth_dir, tmp_path):
+    """``--set actor.model.fp8=...`` on the RL config reaches the LM's TransformerConfig, and
+    ``fp8_vision`` the ViT's and the merger's (built here without Transformer Engine)."""
+    from dualrpo_mcore.models.qwen2_5_vl.model import transformer_configs
+    from dualrpo_mcore.trainer import cli
+    from dualrpo_mcore.trainer.megatron_setup import model_options, resolve_model_config
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    sets = ["actor.model.spec_backend=auto", "actor.model.precision=bf16", "actor.model.fp8=hybrid",
+            "actor.model.fp8_recipe=tensorwise"]
+    for vision in (False, True):
+        argv = ["--data", synth_dir, "--out", str(tmp_path / f"r{vision}"), "--steps", "2"]
+        for item in sets + [f"actor.model.fp8_vision={vision}"]:
+            argv += ["--set", item]
+        src = cli.config_from_args(parser.parse_args(argv)).actor.model
+        lm, vit, merger = transformer_configs(resolve_model_config(src), model_options(src, "te"))
+        assert (lm.fp8, lm.fp8_recipe) == ("hybrid", "tensorwise")
+        assert vit.fp8 == merger.fp8 == ("hybrid" if vision else None)
+        assert src.token_multiple == 16

@@ -187,7 +187,7 @@ def language_config(cfg: QwenVLConfig, tp: int = 1, pp: int = 1, precision: Opti
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     precision = precision or Precision()
-    kw = _common(precision, tp)
+    kw = _common(precision.for_part("language"), tp)
     kw.update(
         pipeline_model_parallel_size=pp,
         num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_heads,
@@ -207,7 +207,7 @@ def vision_config(cfg: QwenVLConfig, tp: int = 1, precision: Optional[Precision]
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     precision = precision or Precision()
-    kw = _common(precision.for_vision(), tp)
+    kw = _common(precision.for_part("vision"), tp)
     kw.update(
         pipeline_model_parallel_size=1,
         num_layers=cfg.vision_depth, hidden_size=cfg.vision_hidden_size,
@@ -225,7 +225,7 @@ def merger_config(cfg: QwenVLConfig, tp: int = 1, precision: Optional[Precision]
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     precision = precision or Precision()
-    kw = _common(precision.for_vision(), tp)
+    kw = _common(precision.for_part("merger"), tp)
     kw.update(
         pipeline_model_parallel_size=1, num_layers=1, hidden_size=cfg.out_hidden_size,
         num_attention_heads=max(1, tp), ffn_hidden_size=cfg.merger_hidden_size,

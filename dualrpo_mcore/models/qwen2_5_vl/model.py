@@ -21,7 +21,7 @@ from . import geometry
 from .config import (RECOMPUTE, QwenVLConfig, check_parallel, language_config, merger_config, recompute_kwargs,
                      vision_config)
 from .image_dedup import encode_once
-from .precision import Precision
+from .precision import Precision, check_pad_tokens_to
 from .specs import language_layer_spec, resolve_backend
 from .vision import VisionModel
 
@@ -33,7 +33,8 @@ class ModelOptions:
     precision: Precision = field(default_factory=Precision)
     """Numeric format (dtype, FP8)."""
     backend: str = "auto"
-    """'auto' (TE where it imports), 'te' or 'local' (Megatron-only modules; CPU)."""
+    """'auto', 'te' or 'local' (Megatron-only modules; CPU): see ``specs.resolve_backend``. The built
+    model keeps the resolved value as ``QwenVLModel.backend``."""
     vocab_divisible_by: int = 128
     """The embedding/output rows are padded to a multiple of this (and of TP)."""
     recompute: str = "none"
@@ -42,10 +43,26 @@ class ModelOptions:
     dedup_images: bool = True
     """Encode each distinct image of a batch once (GRPO's G rows of a prompt share its image); the
     result is the same, the ViT's compute and activations shrink by up to G. See ``image_dedup``."""
+    pad_tokens_to: Optional[int] = None
+    """Token multiple the inputs are padded to (masked out): None = what the precision's FP8 GEMMs
+    need (``Precision.token_multiple``; nothing without FP8). Set it without FP8 to run the padded
+    path on CPU. The ViT pads its patches itself; LM batches must arrive padded (``trainer.microbatch``)."""
 
     def __post_init__(self) -> None:
         if self.recompute not in RECOMPUTE:
             raise ValueError(f"recompute={self.recompute!r}: choose one of {RECOMPUTE}")
+        check_pad_tokens_to(self.pad_tokens_to, self.precision, "pad_tokens_to")
+
+    def token_multiple(self, part: str = "language") -> int:
+        """Tokens of ``part``'s GEMM inputs are padded to a multiple of this."""
+        return self.pad_tokens_to or self.precision.for_part(part).token_multiple
+
+
+def transformer_configs(cfg: QwenVLConfig, options: ModelOptions, tp: int = 1, pp: int = 1):
+    """The (language model, ViT, merger) TransformerConfigs the model is built from: FP8 reaches the
+    ViT and the merger only with ``precision.fp8_vision`` (``Precision.for_part``)."""
+    lm = language_config(cfg, tp, pp, options.precision, **recompute_kwargs(options.recompute))
+    return lm, vision_config(cfg, tp, options.precision), merger_config(cfg, tp, options.precision)
 
 
 class QwenVLModel(MegatronModule):
@@ -57,16 +74,17 @@ class QwenVLModel(MegatronModule):
         options.precision.check_runtime()
         check_parallel(cfg, tp, pp)
         backend = resolve_backend(options.backend, needs_te=options.precision.uses_te)
-        lm_config = language_config(cfg, tp, pp, options.precision, **recompute_kwargs(options.recompute))
+        lm_config, vit_config, mrg_config = transformer_configs(cfg, options, tp, pp)
         super().__init__(config=lm_config)
         self.cfg, self.backend, self.dedup_images = cfg, backend, options.dedup_images
+        self.token_multiple = options.token_multiple("language")
         self.model_type = ModelType.encoder_or_decoder  # what Megatron's pipeline schedules look for
         self.pre_process, self.post_process = pre_process, post_process
         self.padded_vocab_size = cfg.padded_vocab_size(max(options.vocab_divisible_by, tp))
         self.vision = None
         if pre_process:
-            self.vision = VisionModel(cfg, vision_config(cfg, tp, options.precision),
-                                      merger_config(cfg, tp, options.precision), backend)
+            self.vision = VisionModel(cfg, vit_config, mrg_config, backend,
+                                      token_multiple=options.token_multiple("vision"))
         self.language_model = GPTModel(
             config=lm_config, transformer_layer_spec=language_layer_spec(backend),
             vocab_size=self.padded_vocab_size, max_sequence_length=cfg.max_position_embeddings,
@@ -108,6 +126,9 @@ class QwenVLModel(MegatronModule):
         if position_ids is None:
             position_ids = self.position_ids(input_ids, image_grid_thw, attention_mask)
         b, s = input_ids.shape
+        if (b * s) % self.token_multiple:
+            raise ValueError(f"a micro-batch of {b}x{s} tokens: FP8 GEMMs need a multiple of {self.token_multiple}; "
+                             f"pad it with dualrpo_mcore.trainer.microbatch.pad_tokens")
         mask = geometry.causal_padding_mask(attention_mask, s, b, device=input_ids.device)
         decoder_input = self._embed(input_ids, pixel_values, image_grid_thw) if self.pre_process else None
         return self.language_model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,

@@ -1,25 +1,47 @@
-"""Layer ModuleSpecs: the Transformer Engine spec where TE imports, Megatron's local spec otherwise."""
+"""Layer ModuleSpecs: the Transformer Engine spec or Megatron's local one, and which of the two a run uses."""
 from __future__ import annotations
 
 import copy
+from typing import Optional
 
-from .precision import require_te, te_available
+import torch
+
+from .precision import require_te
+from .precision import te_available as _te_available
 
 BACKENDS = ("auto", "te", "local")
+"""What a user may ask for (``model.backend``, ``actor.model.spec_backend``)."""
+RESOLVED_BACKENDS = ("te", "local")
+"""What :func:`resolve_backend` returns: the spec the modules are built with, and the naming their
+weights follow (TE fuses the norms into the next linear). Callers that map weight names, size
+memory or export weights take one of these, never 'auto'."""
 
 
-def resolve_backend(backend: str = "auto", needs_te: bool = False) -> str:
-    """'auto' picks TE when it imports (GPU clusters) and the local spec otherwise (CPU, CI)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"model.backend={backend!r}: choose one of {BACKENDS}")
-    if needs_te and backend == "local":
+def resolve_backend(requested: str = "auto", needs_te: bool = False, *, cuda_available: Optional[bool] = None,
+                    te_available: Optional[bool] = None) -> str:
+    """The layer spec a run uses. The rule:
+
+    * 'auto' -> 'te' when CUDA is available and Transformer Engine imports, else 'local';
+    * 'te' -> 'te' (Transformer Engine must import);
+    * 'local' -> 'local';
+    * ``needs_te`` (FP8 is on) -> 'te' from 'auto' or 'te', and an error for 'local'; without TE it
+      fails naming the extra to install, whatever CUDA says.
+
+    ``cuda_available`` / ``te_available`` default to probing this process; pass them to resolve for
+    another machine (``dualrpo plan`` for the GPU nodes) or in tests. Resolve once per run and hand
+    the result on: everything downstream compares against :data:`RESOLVED_BACKENDS`."""
+    if requested not in BACKENDS:
+        raise ValueError(f"model.backend={requested!r}: choose one of {BACKENDS}")
+    if needs_te and requested == "local":
         raise ValueError("FP8 needs the Transformer Engine spec; set model.backend to 'te' or 'auto'")
-    if backend == "te" or needs_te:
-        require_te("the Transformer Engine layer spec" if not needs_te else "FP8 training")
+    if requested == "local":
+        return "local"
+    have_te = _te_available() if te_available is None else te_available
+    if requested == "te" or needs_te:
+        require_te("FP8 training" if needs_te else "the Transformer Engine layer spec", available=have_te)
         return "te"
-    if backend == "auto":
-        return "te" if te_available() else "local"
-    return "local"
+    have_cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
+    return "te" if have_cuda and have_te else "local"
 
 
 def language_layer_spec(backend: str):
@@ -50,3 +72,15 @@ def norm_module(backend: str):
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     return WrappedTorchNorm
+
+
+def merger_linears(backend: str):
+    """(fc1, fc2) of the patch merger's MLP. TE linears under the TE spec, so that ``fp8_vision``
+    reaches the merger's GEMMs (Megatron's own linears never run in FP8); same weight names."""
+    if backend == "te":
+        from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TERowParallelLinear
+
+        return TEColumnParallelLinear, TERowParallelLinear
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    return ColumnParallelLinear, RowParallelLinear

@@ -8,9 +8,11 @@ import torch
 IMAGE, VIDEO, VSTART, VEND = 200, 201, 198, 199
 
 
-def tiny_hf_config(tie: bool = False, text_layers: int = 2, vision_depth: int = 3, **text_overrides: Any):
+def tiny_hf_config(tie: bool = False, text_layers: int = 2, vision_depth: int = 3,
+                   vision_overrides: Optional[Dict[str, Any]] = None, **text_overrides: Any):
     """Odd sizes on purpose: vocab 203 (padded on the Megatron side), ffn 70, GQA 6 heads / 2 groups,
-    vision head_dim 12 and ffn 54, window 2x2 merged units with ragged edge windows."""
+    vision head_dim 12 and ffn 54, window 2x2 merged units with ragged edge windows.
+    ``vision_overrides`` change the vision config (e.g. FP8 wants widths that are multiples of 16)."""
     from transformers import Qwen2_5_VLConfig
 
     text = dict(vocab_size=203, hidden_size=96, intermediate_size=70, num_hidden_layers=text_layers,
@@ -21,6 +23,7 @@ def tiny_hf_config(tie: bool = False, text_layers: int = 2, vision_depth: int = 
     vision = dict(depth=vision_depth, hidden_size=48, intermediate_size=54, num_heads=4, patch_size=4,
                   temporal_patch_size=2, in_channels=3, spatial_merge_size=2, window_size=16,
                   fullatt_block_indexes=[1], out_hidden_size=text["hidden_size"])
+    vision.update(vision_overrides or {})
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=VIDEO,
                             vision_start_token_id=VSTART, vision_end_token_id=VEND, tie_word_embeddings=tie)
 

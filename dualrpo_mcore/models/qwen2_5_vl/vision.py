@@ -5,6 +5,12 @@ parallelism comes from Megatron's column/row-parallel linears. What Megatron doe
 assembled here: the 3D patch embedding, the 2D (row, col) rotary embedding, and the window
 attention (windows of merged units, full attention at ``fullatt_block_indexes``), expressed as a
 per-layer block-diagonal mask over the window-permuted patch sequence.
+
+Megatron's TransformerBlock is what opens the FP8 autocast region for the LM; these layers run
+outside one, so the ViT and the merger open it themselves (``precision.fp8_context``: a no-op unless
+their TransformerConfig has ``fp8`` set, i.e. ``fp8_vision``). FP8 also needs the patch count padded
+(``token_multiple``): the padding is one extra attention segment no real patch sees, cut off after
+the merger.
 """
 from __future__ import annotations
 
@@ -16,11 +22,11 @@ import torch.nn.functional as F
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 from . import geometry
 from .config import QwenVLConfig
-from .specs import norm_module, vision_layer_spec
+from .precision import fp8_context
+from .specs import merger_linears, norm_module, vision_layer_spec
 
 
 class PatchEmbed(torch.nn.Module):
@@ -48,12 +54,13 @@ class PatchMerger(MegatronModule):
         self.unit = cfg.merger_hidden_size
         self.ln_q = build_module(norm_module(backend), config=vision_config,
                                  hidden_size=cfg.vision_hidden_size, eps=vision_config.layernorm_epsilon)
-        self.mlp = MLP(merger_config, MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
-                       input_size=self.unit)
+        fc1, fc2 = merger_linears(backend)
+        self.mlp = MLP(merger_config, MLPSubmodules(linear_fc1=fc1, linear_fc2=fc2), input_size=self.unit)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.ln_q(x).reshape(-1, 1, self.unit)  # [N/merge^2, 1, unit]: MLP expects [s, b, h]
-        out, bias = self.mlp(x)
+        with fp8_context(self.config):
+            out, bias = self.mlp(x)
         if bias is not None:
             out = out + bias
         return out.squeeze(1)
@@ -91,9 +98,12 @@ class _LayerList(torch.nn.ModuleList):
 class VisionModel(MegatronModule):
     """Patch embedding -> windowed ViT layers -> merger; returns merged embeddings in image order."""
 
-    def __init__(self, cfg: QwenVLConfig, vision_config, merger_config, backend: str = "local"):
+    def __init__(self, cfg: QwenVLConfig, vision_config, merger_config, backend: str = "local",
+                 token_multiple: int = 1):
         super().__init__(config=vision_config)
         self.cfg = cfg
+        # The merger takes merge^2 patches per row: this makes both its rows and the ViT's a multiple.
+        self.patch_multiple = token_multiple * cfg.spatial_merge_size ** 2
         self.patch_embed = PatchEmbed(cfg, vision_config.params_dtype)
         self.rotary = VisionRotary(cfg.vision_head_dim, cfg.vision_rope_theta)
         spec = vision_layer_spec(backend)
@@ -102,13 +112,15 @@ class VisionModel(MegatronModule):
         self.merger = PatchMerger(cfg, merger_config, vision_config, backend)
         self.full_attention = set(cfg.fullatt_block_indexes)
 
-    def _plan(self, grid_thw: torch.Tensor, device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Window order of merged units and the two attention masks over the permuted sequence."""
+    def _plan(self, grid_thw: torch.Tensor, device, pad: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Window order of merged units and the two attention masks over the permuted sequence
+        (``pad`` trailing padding patches form a segment of their own in both)."""
         c = self.cfg
         order, win_lengths = geometry.window_permutation(grid_thw.cpu(), c.spatial_merge_size, c.window_size,
                                                           c.patch_size)
-        full = geometry.block_diagonal_mask(geometry.segment_lengths(grid_thw.cpu()), device)
-        window = geometry.block_diagonal_mask(win_lengths, device)
+        tail = [pad] if pad else []
+        full = geometry.block_diagonal_mask(geometry.segment_lengths(grid_thw.cpu()) + tail, device)
+        window = geometry.block_diagonal_mask(win_lengths + tail, device)
         return order.to(device), full, window
 
     def _permute(self, x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -118,14 +130,17 @@ class VisionModel(MegatronModule):
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """pixel_values [N, C*T*P*P] (the HF processor's layout), grid_thw [I, 3] -> [N/merge^2, H_lm]."""
         x = self.patch_embed(pixel_values)
-        order, full_mask, window_mask = self._plan(grid_thw, x.device)
+        n = x.shape[0]
+        pad = -n % self.patch_multiple
+        order, full_mask, window_mask = self._plan(grid_thw, x.device, pad)
         rc = geometry.vision_patch_positions(grid_thw.cpu(), self.cfg.spatial_merge_size).to(x.device)
-        x = self._permute(x, order)[:, None, :]  # [N, 1, H]: Megatron's [s, b, h]
-        rotary = self._permute(self.rotary(rc), order)
-        for i, layer in enumerate(self.layers):
-            mask = full_mask if i in self.full_attention else window_mask
-            x, _ = layer(hidden_states=x, attention_mask=mask, rotary_pos_emb=rotary)
-        merged = self.merger(x[:, 0])
+        x = F.pad(self._permute(x, order), (0, 0, 0, pad))[:, None, :]  # [N + pad, 1, H]: Megatron's [s, b, h]
+        rotary = F.pad(self._permute(self.rotary(rc), order), (0, 0, 0, 0, 0, 0, 0, pad))  # angle 0 on padding
+        with fp8_context(self.config):
+            for i, layer in enumerate(self.layers):
+                mask = full_mask if i in self.full_attention else window_mask
+                x, _ = layer(hidden_states=x, attention_mask=mask, rotary_pos_emb=rotary)
+        merged = self.merger(x[:, 0])[: n // self.cfg.spatial_merge_size ** 2]
         return merged[torch.argsort(order)]
 
 

@@ -3,7 +3,7 @@ as checkpoint conversion. One tensor at a time: each is gathered over the tensor
 converted, and handed to the caller (who may bucket them for SGLang/HF engines)."""
 from __future__ import annotations
 
-from typing import Iterator, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -11,15 +11,17 @@ import torch.distributed as dist
 from . import mapping
 
 
-def export_hf(model, te_spec: bool = False) -> Iterator[Tuple[str, torch.Tensor]]:
+def export_hf(model, te_spec: Optional[bool] = None) -> Iterator[Tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, tensor)`` for the parameters of this pipeline stage, on every TP rank.
 
     ``model`` is a :class:`~.model.QwenVLModel` stage; Megatron's parallel state must be initialised.
+    ``te_spec`` (the weights' naming) defaults to the model's own resolved backend.
     With tied embeddings the last stage's output-layer copy is skipped (HF has no ``lm_head`` then).
     """
     from megatron.core import parallel_state as ps
 
     cfg = model.cfg
+    te_spec = model.backend == "te" if te_spec is None else te_spec
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     pp_rank, group = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_group()
     conv = mapping.Converter(cfg, model.padded_vocab_size)
