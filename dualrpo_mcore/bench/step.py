@@ -4,7 +4,7 @@ Runs the training loop itself (``trainer.loop.train``) on the ``tiny_cpu`` recip
 steps and reads the per-phase wall times the loop records in every step's metrics
 (``ctx.timer``: ``rollout`` = sampling G responses per prompt, ``verify`` = the verifier pool,
 ``logprob`` = the actor's forward for old log-probs / self-certainty, ``update`` = the policy update,
-``sync`` = weight export into the rollout engine). Printed: each phase's seconds (median over the
+``sync`` = weight export into the rollout engine, ``probe`` = the weight-sync guard). Printed: each phase's seconds (median over the
 measured steps, the first ``--warmup`` steps excluded), its share of the measured steps' summed time,
 and its seconds in every step (also in the JSON). ``other`` is the run's wall time minus the phases (set-up, the initial weight sync,
 logging); checkpoints and evaluation are switched off so they do not land in a step.
@@ -33,7 +33,7 @@ import tempfile
 import time
 from typing import Any, Dict, List
 
-PHASES = ("rollout", "verify", "logprob", "update", "sync")
+PHASES = ("rollout", "verify", "logprob", "update", "sync", "probe")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -50,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", default=None, help="image grid HxW in patches (default 8x8 small models, 28x28 presets)")
     parser.add_argument("--images-per-row", type=int, default=1, help="images per row (0 = text only)")
     parser.add_argument("--precision", default=None, choices=["fp32", "bf16"], help="default fp32 CPU, bf16 GPU")
+    parser.add_argument("--spec", default=None, choices=["auto", "local", "te"],
+                        help="Megatron layer spec (default auto on GPU: TE where it imports; local on CPU)")
+    parser.add_argument("--fp8", default=None, choices=["hybrid", "e4m3"],
+                        help="FP8 GEMMs through Transformer Engine (needs --precision bf16 and the te extra)")
     parser.add_argument("--recompute", default="none", choices=RECOMPUTE, help="LM recompute")
     parser.add_argument("--micro-tokens", type=int, default=None, help="micro-batch token budget (default: whole batch)")
     parser.add_argument("--iters", type=int, default=5, help="timed steps (median reported)")
@@ -67,6 +71,10 @@ def check_args(args) -> None:
     if args.warmup < 0 or args.images_per_row < 0:
         raise ValueError("--warmup and --images-per-row must be >= 0")
     parse_grid(args.image or "8x8")
+    if args.fp8 and args.precision != "bf16":
+        raise ValueError("--fp8 needs --precision bf16 (the GEMMs outside FP8 run in bf16)")
+    if args.fp8 and args.spec == "local":
+        raise ValueError("--fp8 needs the Transformer Engine spec: --spec te or auto")
     if args.precision == "bf16" and not torch.cuda.is_available():
         raise ValueError("--precision bf16 needs a GPU here (Megatron's CPU path runs fp32)")
 
@@ -152,12 +160,12 @@ def _actor(args, hf_cfg, tokens: int):
                                               ParallelConfig)
 
     precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
-    spec = "auto" if torch.cuda.is_available() else "local"
+    spec = args.spec or ("auto" if torch.cuda.is_available() else "local")
+    common = dict(precision=precision, spec_backend=spec, recompute=args.recompute, fp8=args.fp8)
     if args.model in SMALL_MODELS:
-        src = ModelSourceConfig(tiny=True, hf_config=hf_cfg, precision=precision, spec_backend=spec,
-                                recompute=args.recompute)
+        src = ModelSourceConfig(tiny=True, hf_config=hf_cfg, **common)
     else:
-        src = ModelSourceConfig(preset=args.model, precision=precision, spec_backend=spec, recompute=args.recompute)
+        src = ModelSourceConfig(preset=args.model, **common)
     cfg = ActorConfig(model=src, parallel=ParallelConfig(tp=args.tp, pp=args.pp),
                       optim=OptimConfig(lr=1e-6, warmup_fraction=0.0, total_steps=10 ** 6),
                       micro=MicroBatchConfig(max_tokens=args.micro_tokens or tokens))

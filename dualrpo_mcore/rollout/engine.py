@@ -135,6 +135,12 @@ class RolloutEngine(abc.ABC):
         """Load full HF-named tensors (any subset of the model); returns how many were loaded.
         An unknown name is an error naming it."""
 
+    def score(self, requests: Sequence[RolloutRequest], completions: Sequence[Sequence[int]]) -> List[List[float]]:
+        """Teacher-forced log-probs: for each request, ``log softmax(logits_t)[token_t]`` (T = 1) of every
+        token of its fixed completion, under the engine's current weights. The weight-sync probe
+        compares these with the trainer's own; an engine without it cannot be guarded."""
+        raise NotImplementedError(f"{type(self).__name__} cannot score fixed completions (weight-sync probe)")
+
     def release_memory(self) -> None:
         """Give accelerator memory (weights, KV cache) back before training. No-op by default."""
 

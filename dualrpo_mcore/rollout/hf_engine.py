@@ -97,6 +97,29 @@ class HFEngine(RolloutEngine):
             count += 1
         return count
 
+    @torch.no_grad()
+    def score(self, requests: Sequence[RolloutRequest], completions: Sequence[Sequence[int]]) -> List[List[float]]:
+        if self.model is None:
+            raise RuntimeError("HFEngine was shut down")
+        if len(requests) != len(completions):
+            raise ValueError(f"score: {len(requests)} requests but {len(completions)} completions")
+        cfg = self.model.config
+        out: List[List[float]] = []
+        for req, comp in zip(requests, completions):
+            # One row at a time: the probe is a handful of short rows, and no padding means no
+            # question of how padding is masked.
+            ids = torch.tensor([list(req.input_ids) + [int(t) for t in comp]])
+            pv = None if req.pixel_values is None else req.pixel_values.to(self.device, self.model.dtype)
+            grid = req.image_grid_thw
+            pos, _ = geometry.rope_index(ids, grid, cfg.image_token_id, cfg.vision_config.spatial_merge_size)
+            logits = self.model(input_ids=ids.to(self.device), pixel_values=pv,
+                                image_grid_thw=None if grid is None else grid.to(self.device),
+                                position_ids=pos.to(self.device), use_cache=False).logits[0].float()
+            start = len(req.input_ids)
+            logp = torch.log_softmax(logits[start - 1:start - 1 + len(comp)], -1)
+            out.append(logp.gather(-1, ids[0, start:, None].to(logp.device))[:, 0].tolist())
+        return out
+
     def shutdown(self) -> None:
         self.model = None
         self._params = {}

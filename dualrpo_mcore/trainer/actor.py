@@ -29,7 +29,7 @@ from dualrpo_mcore.ops import IGNORE_INDEX, token_stats
 from . import batching, megatron_setup
 from .badsteps import BadStepGuard
 from .config import ActorConfig
-from .microbatch import partition
+from .microbatch import pad_tokens, partition
 from .schedule import lr_factor
 
 log = logging.getLogger(__name__)
@@ -57,9 +57,13 @@ class Actor:
         from dualrpo_mcore.parallel import initialize
 
         self.config = config
+        # Before any process group: FP8 without Transformer Engine stops here, naming the extra.
+        self.backend = config.model.resolve_backend()
+        self.token_multiple = config.model.token_multiple
         self.info = initialize(config.parallel.tp, config.parallel.pp, config.parallel.backend, seed=config.seed)
         self.cfg = megatron_setup.resolve_model_config(config.model)
-        self.module = megatron_setup.build_and_load(self.cfg, config.model, self.info, hf_state_dict)
+        self.module = megatron_setup.build_and_load(self.cfg, config.model, self.info, hf_state_dict,
+                                                    backend=self.backend)
         self.model, self.optimizer, self.distributed_optimizer = megatron_setup.wrap_and_optimizer(
             self.module, config)
         self.reference = None
@@ -70,6 +74,11 @@ class Actor:
         self.guard = BadStepGuard(config.bad_steps.max_consecutive)
         self.steps_taken = 0  # successful optimizer updates: the LR schedule's clock
         self.updates_tried = 0
+
+    @property
+    def te_spec(self) -> bool:
+        """Weights are named as the Transformer Engine spec names them (the resolved backend, never 'auto')."""
+        return self.backend == "te"
 
     # ------------------------------------------------------------------ micro-batches and schedule
     def _groups(self) -> Dict[str, Any]:
@@ -83,7 +92,9 @@ class Actor:
 
         A rank with fewer rows than the agreed count fills up with filler micro-batches: its
         shortest row with the response mask cleared (no loss, no gradient, results dropped).
-        Returns the row groups of the real micro-batches (first) and all micro-batches."""
+        Every micro-batch is padded to ``token_multiple`` tokens (FP8; see ``microbatch.pad_tokens``),
+        so it may be wider than its rows. Returns the row groups of the real micro-batches (first) and
+        all micro-batches."""
         batching.check_batch(batch)
         lengths = batch["attention_mask"].sum(-1).tolist()
         spans = batching.image_spans(batch, self.cfg.image_token_id, self.cfg.spatial_merge_size)
@@ -102,24 +113,28 @@ class Actor:
             filler = batching.select_rows(batch, [min(range(len(lengths)), key=lengths.__getitem__)], spans)
             filler["response_mask"] = torch.zeros_like(filler["response_mask"])
             micro += [filler] * (k - len(micro))
-        return groups, micro
+        return groups, [pad_tokens(mb, self.token_multiple) for mb in micro]
 
-    def _stats(self, logits: torch.Tensor, mb: Dict[str, Any]) -> Dict[str, torch.Tensor]:
-        """Per-token stats ``[b, s]`` of the micro-batch from this rank's vocab shard of the logits."""
+    def _stats(self, logits: torch.Tensor, mb: Dict[str, Any],
+               temperature: Optional[float] = None) -> Dict[str, torch.Tensor]:
+        """Per-token stats ``[b, s]`` of the micro-batch from this rank's vocab shard of the logits
+        (at the actor's temperature unless ``temperature`` is given)."""
         b, s, v_local = logits.shape
         labels = mb["input_ids"][:, 1:].clone()
         labels[~mb["response_mask"][:, 1:].bool()] = IGNORE_INDEX
         tp = self.info.tp_size
         ts = token_stats(logits[:, :-1].reshape(-1, v_local), labels.reshape(-1),
                          vocab_start=self.info.tp_rank * v_local, vocab_size=self.cfg.vocab_size,
-                         group=self._groups()["tp"] if tp > 1 else None, temperature=self.config.temperature)
+                         group=self._groups()["tp"] if tp > 1 else None,
+                         temperature=self.config.temperature if temperature is None else temperature)
         pad = logits.new_zeros(b, 1, dtype=torch.float32)
         resp = mb["response_mask"].to(torch.float32)
         # Column 0 has no prediction; off-response positions are zeroed so they can never leak.
         return {k: torch.cat([pad, getattr(ts, k).reshape(b, s - 1)], 1) * resp for k in STATS}
 
     def _run(self, model, micro: List[Dict[str, Any]], loss_fn: Optional[LossFn], forward_only: bool,
-             denominator: Optional[torch.Tensor] = None) -> List[Dict[str, torch.Tensor]]:
+             denominator: Optional[torch.Tensor] = None,
+             temperature: Optional[float] = None) -> List[Dict[str, torch.Tensor]]:
         """Megatron's schedule over the micro-batches; returns the last stage's per-micro outputs."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -129,7 +144,7 @@ class Actor:
         scale = float(n * self.info.dp_size)
 
         def loss_func(mb, logits):
-            stats = self._stats(logits, mb)
+            stats = self._stats(logits, mb, temperature)
             if forward_only:
                 return logits.new_zeros(()), {k: v.detach() for k, v in stats.items()}
             loss, metrics = loss_fn(stats, mb, denominator)
@@ -158,10 +173,12 @@ class Actor:
 
     # ------------------------------------------------------------------ statistics
     @torch.no_grad()
-    def compute_token_stats(self, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    def compute_token_stats(self, batch: Dict[str, Any],
+                            temperature: Optional[float] = None) -> Dict[str, torch.Tensor]:
         """``logprob``, ``entropy``, ``self_certainty`` ``[B, S]`` of the current policy, and
-        ``seq_self_certainty [B]`` (u of eq. 1: mean over each row's response tokens)."""
-        return self._forward_stats(self.model, batch)
+        ``seq_self_certainty [B]`` (u of eq. 1: mean over each row's response tokens). ``temperature``
+        overrides the actor's (the weight-sync probe scores at 1, as engines do)."""
+        return self._forward_stats(self.model, batch, temperature)
 
     @torch.no_grad()
     def compute_ref_logprobs(self, batch: Dict[str, Any]) -> torch.Tensor:
@@ -171,19 +188,21 @@ class Actor:
         with self.reference.on_device() as ref:
             return self._forward_stats(ref, batch)["logprob"]
 
-    def _forward_stats(self, model, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    def _forward_stats(self, model, batch: Dict[str, Any],
+                       temperature: Optional[float] = None) -> Dict[str, torch.Tensor]:
         b, s = batch["input_ids"].shape
         groups, micro = self._split(batch)
         was_training = model.training
         model.eval()
         try:
-            outs = self._run(model, micro, None, forward_only=True)
+            outs = self._run(model, micro, None, forward_only=True, temperature=temperature)
         finally:
             model.train(was_training)
         stacked = None
         if self.info.is_last_stage:
             outs = outs[: len(groups)]  # filler micro-batches come last
-            stacked = torch.stack([batching.scatter_rows([o[k] for o in outs], groups, b, s) for k in STATS])
+            # Columns past S are FP8 padding (zero stats): cut before scattering into [B, S].
+            stacked = torch.stack([batching.scatter_rows([o[k][:, :s] for o in outs], groups, b, s) for k in STATS])
         stacked = self._broadcast_from_last_stage(stacked, (len(STATS), b, s))
         return with_sequence_certainty(dict(zip(STATS, stacked.unbind(0))), batch)
 
@@ -301,7 +320,7 @@ class Actor:
         """``(hf_name, tensor)`` of this pipeline stage's weights, TP-gathered (weight sync, saving)."""
         from dualrpo_mcore.models.qwen2_5_vl.weights import export_hf
 
-        return export_hf(self.module, te_spec=self.config.model.spec_backend == "te")
+        return export_hf(self.module, te_spec=self.te_spec)
 
     def state_dict(self) -> Dict[str, Any]:
         """Actor-side state the loop checkpoints next to the weights and optimizer."""

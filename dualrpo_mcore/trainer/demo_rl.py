@@ -127,7 +127,7 @@ def run_steps(ctx, args, start: int) -> int:
 def main(argv=None) -> int:
     import torch.distributed as dist
 
-    from . import steps
+    from . import probe, steps
     from .metrics import MetricsLogger
     from .sft_cli import save_hf
 
@@ -141,6 +141,7 @@ def main(argv=None) -> int:
                                    tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress)
         ctx.logger.log_config(resolved)
         steps.sync(ctx)
+        probe.check(ctx, start)
         before = os.path.join(args.out, "eval_before.json")
         if start == 0 or not os.path.exists(before):
             acc = _eval(ctx, 0, before, "before RL (warm start)")

@@ -12,7 +12,7 @@ import torch
 
 from dualrpo_mcore.algo import group_advantages, shape_rewards
 
-from . import steps
+from . import probe, steps
 from .metrics import MetricsLogger
 
 
@@ -95,6 +95,8 @@ def train_step(ctx: steps.Context, step: int, hooks: steps.Hooks) -> Dict[str, f
         metrics.update(update(ctx, batch))
     with ctx.timer("sync"):
         steps.sync(ctx)
+    with ctx.timer("probe"):  # the engine must now score as the trainer does, or the run stops
+        metrics.update(probe.check(ctx, step))
     metrics.update({f"verify/{k}": float(n) for k, n in ctx.verify_statuses.items()})
     metrics.update(groups=float(batch["v"].numel() // g), rounds=float(ctx.rounds), **ctx.timer.pop())
     return metrics
@@ -136,6 +138,7 @@ def train(cfg, hooks: Optional[steps.Hooks] = None, stop_after: Optional[int] = 
                                    tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress)
         ctx.logger.log_config(resolved)
         steps.sync(ctx)  # the engine starts from the actor's (initial or restored) weights
+        probe.check(ctx, start)
         if start == 0 and cfg.eval.every and cfg.eval.before_train:
             ctx.logger.log(0, steps.evaluate(ctx, 0))
         for step in range(start + 1, cfg.schedule.steps + 1):

@@ -20,6 +20,31 @@ from .config import ActorConfig
 
 
 @dataclass
+class ProbeConfig:
+    """The weight-sync guard: after every sync the engine scores fixed completions of a few fixed
+    prompts, and its log-probs must match the trainer's. A sync that silently loads nothing (the
+    engine keeps serving old weights while RL goes on) is caught at the first step."""
+
+    prompts: int = 3
+    """Probe prompts, drawn in file order from the first training source; at least one shows an
+    image when the source has any. 0 turns the guard off."""
+    completion: str = " <answer>1</answer>"
+    """The fixed completion every probe prompt is scored on (tokenized once)."""
+    tolerance: Optional[float] = None
+    """Largest allowed mean |engine - trainer| log-prob gap per completion token; above it the run
+    stops. None: 1e-3 for fp32 policies (the two forward the same math), 5e-2 for bf16/fp16/FP8
+    (different kernels round differently)."""
+
+    def __post_init__(self) -> None:
+        if self.prompts < 0:
+            raise ValueError(f"rollout.probe.prompts must be >= 0, got {self.prompts}")
+        if self.tolerance is not None and not self.tolerance > 0:
+            raise ValueError(f"rollout.probe.tolerance must be > 0 or None, got {self.tolerance}")
+        if self.prompts and not self.completion:
+            raise ValueError("rollout.probe.completion must not be empty while rollout.probe.prompts > 0")
+
+
+@dataclass
 class RolloutConfig:
     """How the G responses per prompt are sampled and how weights reach the engine."""
 
@@ -41,12 +66,16 @@ class RolloutConfig:
     share of each round's prompts, whatever the actor's TP/PP; False: one engine on global rank 0
     while the other ranks wait. The draws are the same either way (seeded per prompt and sample).
     HF engine only: SGLang replicas would each need their own GPU memory share."""
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    """The weight-sync guard (fixed prompts scored by engine and trainer after every sync)."""
 
     def __post_init__(self) -> None:
         if self.engine_on_every_rank and self.engine != "hf":
             raise ValueError(f"rollout.engine_on_every_rank needs rollout.engine='hf', got {self.engine!r}")
         if isinstance(self.sampling, dict):
             self.sampling = SamplingParams(**self.sampling)
+        if isinstance(self.probe, dict):
+            self.probe = ProbeConfig(**self.probe)
         if self.group_size < 2:
             raise ValueError(f"rollout.group_size must be >= 2 (a group advantage needs peers), got {self.group_size}")
         if self.bucket_mb < 1:

@@ -63,6 +63,8 @@ class Context:
     """Verifier statuses counted over the current step's rounds."""
     rounds: int = 0
     """Rollout rounds the current step took (> 1 only with dynamic sampling refills)."""
+    probe: Any = None
+    """The weight-sync probe (:mod:`.probe`), None when ``rollout.probe.prompts`` is 0."""
 
     @property
     def rank0(self) -> bool:
@@ -105,8 +107,11 @@ def build_engine(cfg, tokenizer):
         # SGLang loads architecture, tokenizer and processor from a checkpoint directory itself.
         if not cfg.actor.model.hf_dir:
             raise ValueError("rollout.engine='sglang' needs actor.model.hf_dir (SGLang reads its config there)")
+        # The trainer's image-processor bounds, so that both sides expand each image to the same
+        # number of tokens (the engine checks the counts it sees against the trainer's prompt).
         return make("sglang", model_path=cfg.actor.model.hf_dir, image_token_id=_image_token_id(cfg),
-                    bucket_bytes=cfg.rollout.bucket_mb << 20, random_seed=cfg.rollout.seed, **opts)
+                    bucket_bytes=cfg.rollout.bucket_mb << 20, random_seed=cfg.rollout.seed,
+                    min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels, **opts)
     return make(cfg.rollout.engine, hf_config=_hf_config(cfg), tokenizer=tokenizer,
                 eos_token_ids=[tokenizer.convert_tokens_to_ids(tokenizer.eos_token)], **opts)
 
@@ -123,7 +128,7 @@ def setup(cfg, resume_step: Optional[int] = None) -> Context:
     from transformers import AutoTokenizer
 
     from dualrpo_mcore.data import PromptLoader
-    from dualrpo_mcore.rollout.sync import BucketedExporter
+    from dualrpo_mcore.rollout.sync import BucketedExporter, check_exporter_engine
     from dualrpo_mcore.verifiers.pool import VerifierPool
 
     from .actor import Actor
@@ -132,16 +137,23 @@ def setup(cfg, resume_step: Optional[int] = None) -> Context:
     actor = Actor(cfg.actor)
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_dir)
     loader = PromptLoader(cfg.data, tokenizer=tokenizer)
-    exporter = BucketedExporter(cfg.rollout.bucket_mb << 20, te_spec=cfg.actor.model.spec_backend == "te")
+    # Every rank decides alike from the config (the engine exists on rank 0 only): an SGLang engine
+    # without its host backup loses frozen tensors on release, so they are re-sent every sync.
+    keeps = not (cfg.rollout.engine == "sglang" and cfg.rollout.engine_options.get("weights_cpu_backup") is False)
+    exporter = BucketedExporter(cfg.rollout.bucket_mb << 20, te_spec=actor.te_spec, skip_frozen=keeps)
     ctx = Context(cfg=cfg, actor=actor, loader=loader, tokenizer=tokenizer, exporter=exporter,
                   manager=CheckpointManager(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last), logger=None)
     if ctx.rank0 or cfg.rollout.engine_on_every_rank:
         ctx.engine = build_engine(cfg, tokenizer)
+        check_exporter_engine(exporter, ctx.engine)  # frozen tensors skipped must survive a release
     if ctx.rank0:
         ctx.pool = VerifierPool(num_workers=cfg.verifier.workers, timeout_s=cfg.verifier.timeout_s,
                                 max_memory_mb=cfg.verifier.max_memory_mb)
     if cfg.eval.every and (ctx.rank0 or cfg.rollout.engine_on_every_rank):
         ctx.heldout = _heldout_prompts(cfg, tokenizer)  # every engine generates a share of it
+    from . import probe
+
+    ctx.probe = probe.build(ctx)
     return ctx
 
 

@@ -82,7 +82,35 @@ def _run_all(rank, world_size, data, root):
     mini = apply_overrides(_config(data, os.path.join(root, "mini"), tp=2, pp=1, steps=2),
                            ["schedule.mini_batches=2", "schedule.epochs=2"])
     out["mini"] = train(mini)
+    out["stale"] = _stale_run(data, os.path.join(root, "stale"))
     return out
+
+
+def _stale_run(data, run_dir):
+    """An engine whose weight updates after the first load nothing and still report success: what
+    SGLang >= 0.5.21 did to us outside a weight-update session. The probe must stop the run."""
+    from dualrpo_mcore.rollout.engine import ENGINES
+    from dualrpo_mcore.rollout.hf_engine import HFEngine
+    from dualrpo_mcore.trainer.loop import train
+    from dualrpo_mcore.trainer.probe import WeightSyncError
+
+    class StaleEngine(HFEngine):
+        loads = 0
+
+        def update_weights(self, named_tensors):
+            self.loads += 1
+            if self.loads == 1:
+                return super().update_weights(named_tensors)
+            return sum(1 for _ in named_tensors)
+
+    ENGINES.register("hf-stale", StaleEngine, override=True)
+    cfg = _config(data, run_dir, tp=2, pp=1, steps=2)
+    cfg.rollout.engine = "hf-stale"
+    try:
+        records = train(cfg)
+    except WeightSyncError as e:
+        return {"error": str(e)}
+    return {"records": records}
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +157,11 @@ def test_tp2_run_trains_and_logs_per_task_metrics(runs):
     assert tasks, "no per-task accuracy keys"
     for r in records:
         for key in ("acc/all", "reward/all", "certainty/all", "entropy/all", "length/all", "clip_frac", "kl",
-                    "beta", "time/rollout", "time/verify", "time/update", "time/sync", "loss"):
+                    "beta", "time/rollout", "time/verify", "time/update", "time/sync", "loss", "probe/gap"):
             assert key in r, key
+        # fp32 HF engine vs fp32 Megatron at TP=2: the same math, so only summation order differs;
+        # the update itself moved the probe by orders of magnitude more (so the guard could see a miss).
+        assert r["probe/gap"] < 1e-5 < r["probe/moved"], r
     assert "eval/acc/all" in records[1] and "eval/acc/all" not in records[0]
     ckpts = sorted(d for d in os.listdir(os.path.join(run_dir, "checkpoints")) if d.startswith("step_"))
     assert ckpts == [f"step_{i:08d}" for i in range(1, 5)]
@@ -176,6 +207,16 @@ def test_an_engine_on_every_rank_samples_what_one_engine_does(runs):
     assert [bool(e) for e in every] == [False, True, False, True] and "eval/acc/all" in every[1]
     assert every == one
     assert not any(_evals(results[1]["every"])), "only rank 0 reports the eval"
+
+
+def test_an_engine_that_ignores_weight_updates_stops_the_run_at_the_first_step(runs):
+    root, results = runs
+    for rank in (0, 1):
+        stale = results[rank]["stale"]
+        assert "error" in stale, f"rank {rank}: the run went on with a stale engine: {stale}"
+        assert "after step 1:" in stale["error"] and "rollout.probe.tolerance=0.001" in stale["error"], stale
+    with open(os.path.join(root, "stale", "metrics.jsonl")) as f:
+        assert not f.read().strip(), "the stale step must not be logged as a normal step"
 
 
 def test_mini_batches_and_epochs_reuse_the_rollouts_with_a_moving_ratio(runs):

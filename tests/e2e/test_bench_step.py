@@ -14,7 +14,7 @@ import sys
 from test_rl_cli import _dualrpo  # the e2e tests' shared CLI runner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PHASES = ("rollout", "verify", "logprob", "update", "sync")
+PHASES = ("rollout", "verify", "logprob", "update", "sync", "probe")
 
 
 def test_bench_step_reports_every_phase(tmp_path):
