@@ -12,7 +12,7 @@ Every variant is chosen by name through a :class:`dualrpo_mcore.registry.Registr
 from .advantages import ADVANTAGE_ESTIMATORS, broadcast_to_tokens, group_advantages
 from .certainty import masked_mean, masked_sum, self_certainty, token_self_certainty
 from .kl import KL_ESTIMATORS, kl_coefficient, kl_k1, kl_k2, kl_k3, kl_k3_clamped, kl_penalty
-from .loss import LOSS_AGGREGATIONS, PolicyLossConfig, aggregate, policy_loss
+from .loss import LOSS_AGGREGATIONS, PolicyLossConfig, aggregate, aggregation_count, policy_loss
 from .normalize import (CERTAINTY_NORMALIZERS, DEFAULT_NORMALIZER, BatchMinMaxNormalizer, CertaintyNormalizer,
                         RunningNormalizer, make_normalizer)
 from .rewards import REWARD_MODES, shape_rewards
@@ -24,5 +24,5 @@ __all__ = [
     "kl_coefficient", "kl_penalty", "kl_k1", "kl_k2", "kl_k3", "kl_k3_clamped", "KL_ESTIMATORS",
     "CertaintyNormalizer", "BatchMinMaxNormalizer", "RunningNormalizer", "make_normalizer",
     "CERTAINTY_NORMALIZERS", "DEFAULT_NORMALIZER",
-    "policy_loss", "PolicyLossConfig", "aggregate", "LOSS_AGGREGATIONS",
+    "policy_loss", "PolicyLossConfig", "aggregate", "aggregation_count", "LOSS_AGGREGATIONS",
 ]

@@ -17,13 +17,27 @@ Per token, in order:
    slightly different distribution than the trainer's old policy.
 4. KL: ``+ beta * KL_est(logp, ref_logp)`` with ``beta`` a scalar, per sequence or per token
    (``kl_coefficient`` of the normalised certainty) and ``KL_est`` from ``KL_ESTIMATORS``.
-5. Aggregation (``LOSS_AGGREGATIONS``) over the response mask:
-   ``token-mean`` sum over all tokens / number of tokens (default);
-   ``seq-mean`` mean over non-empty sequences of each sequence's token mean;
-   ``seq-mean-token-sum-norm`` each sequence's token sum / ``max_response_length`` (a constant,
-   default the padded length T), then the mean over all sequences (Dr. GRPO: no length bias).
-   ``denominator`` replaces the count divided by (tokens, resp. sequences) so the trainer can use
-   the global count over micro-batches and data-parallel ranks and keep accumulation exact.
+5. Aggregation (``LOSS_AGGREGATIONS``) over the response mask, each ``total / count`` with a total
+   that adds up over rows, so a batch cut into micro-batches (and data-parallel ranks) gives the
+   loss of the whole batch when every piece divides its total by the whole batch's count:
+   ``token-mean`` the sum over all tokens / the number of tokens (default);
+   ``seq-mean`` the sum of each row's token mean / the number of non-empty rows;
+   ``seq-mean-token-sum-norm`` (Dr. GRPO) the sum of each row's token sum / ``L`` / the number of
+   non-empty rows, ``L`` a constant of the run (:attr:`PolicyLossConfig.token_sum_norm`, by default
+   the rollout's ``max_new_tokens``), never a tensor width, which would count prompt tokens and
+   change with the micro-batch a row lands in. Without ``L`` this aggregation is an error.
+   ``denominator`` replaces the count, so the trainer can pass the count over the whole batch and
+   every data-parallel rank (:func:`aggregation_count` of the whole batch's mask: the same rule).
+
+   **Empty rows** (no response token in the loss: overlong-filtered rows, filler micro-batches)
+   count in no denominator, locally (a micro-batch's own count) or globally (the whole batch's over
+   every rank): ``token-mean`` counts response tokens, so an empty row adds nothing; ``seq-mean``
+   and Dr. GRPO count non-empty rows. A batch's loss thus equals the loss of the batch without its
+   empty rows. verl's trainer counts all rows for the per-row aggregations; we do not, because then
+   the overlong filter would shrink every other row's step by the share of responses that hit the
+   budget, a step size that depends on response length. A truncated answer is neither right nor
+   wrong; leaving it out should not also change how far the others move the policy.
+   See ``docs/loss_aggregation.md``.
 
 Metrics (detached 0-dim tensors, token-means over the mask, 0 when the mask is empty; they stay
 on device so logging does not force a sync): ``pg_loss``, ``clip_frac_low`` (A < 0 and
@@ -50,10 +64,24 @@ from dualrpo_mcore.registry import Registry
 from .certainty import compute_dtype, masked_mean, masked_sum
 from .kl import KL_ESTIMATORS
 
-__all__ = ["LOSS_AGGREGATIONS", "PolicyLossConfig", "aggregate", "policy_loss"]
+__all__ = ["LOSS_AGGREGATIONS", "Aggregation", "PolicyLossConfig", "aggregate", "aggregation_count", "policy_loss"]
 
-AggFn = Callable[..., Tensor]
-LOSS_AGGREGATIONS: Registry[AggFn] = Registry("loss aggregation")
+DR_GRPO = "seq-mean-token-sum-norm"
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    """A loss aggregation as ``total(x, mask, L) / count(mask)``.
+
+    ``total`` adds up over rows (the sum of per-row contributions), so pieces of a batch sum to the
+    batch's total; ``count`` is the denominator rule (tokens, or non-empty rows), used alike on a
+    micro-batch's mask (local) and on the whole batch's mask (global, :func:`aggregation_count`)."""
+
+    total: Callable[[Tensor, Tensor, Optional[int]], Tensor]
+    count: Callable[[Tensor], Tensor]
+
+
+LOSS_AGGREGATIONS: Registry[Aggregation] = Registry("loss aggregation")
 
 
 def _safe_div(num: Tensor, den: Tensor) -> Tensor:
@@ -66,36 +94,43 @@ def _as_count(denominator: Union[Tensor, float], like: Tensor) -> Tensor:
     return torch.as_tensor(denominator, dtype=like.dtype, device=like.device)
 
 
-@LOSS_AGGREGATIONS.register("token-mean")
-def _token_mean(x: Tensor, mask: Tensor, *, max_response_length: Optional[int],
-                denominator: Union[Tensor, float, None]) -> Tensor:
-    den = mask.sum() if denominator is None else _as_count(denominator, x)
-    return _safe_div(masked_sum(x, mask), den)
+def _tokens(mask: Tensor) -> Tensor:
+    return mask.sum()
 
 
-@LOSS_AGGREGATIONS.register("seq-mean")
-def _seq_mean(x: Tensor, mask: Tensor, *, max_response_length: Optional[int],
-              denominator: Union[Tensor, float, None]) -> Tensor:
-    per_seq = masked_mean(x, mask, dim=-1)
-    nonempty = (mask.sum(-1) > 0).to(x.dtype)
-    den = nonempty.sum() if denominator is None else _as_count(denominator, x)
-    return _safe_div(per_seq.sum(), den)
+def _nonempty_rows(mask: Tensor) -> Tensor:
+    return (mask.sum(-1) > 0).to(mask.dtype).sum()
 
 
-@LOSS_AGGREGATIONS.register("seq-mean-token-sum-norm")
-def _seq_mean_token_sum_norm(x: Tensor, mask: Tensor, *, max_response_length: Optional[int],
-                             denominator: Union[Tensor, float, None]) -> Tensor:
-    length = mask.shape[-1] if max_response_length is None else max_response_length
-    per_seq = masked_sum(x, mask, dim=-1) / length
-    den = x.new_tensor(float(per_seq.numel())) if denominator is None else _as_count(denominator, x)
-    return _safe_div(per_seq.sum(), den)
+def _token_sum_over_length(x: Tensor, mask: Tensor, length: Optional[int]) -> Tensor:
+    if length is None:
+        raise ValueError(f"loss aggregation {DR_GRPO!r} (Dr. GRPO) divides every row by a constant of the run: "
+                         f"set PolicyLossConfig.max_response_length (or response_budget; an RL run fills it "
+                         f"from rollout.sampling.max_new_tokens)")
+    return masked_sum(x, mask) / length
+
+
+LOSS_AGGREGATIONS.register("token-mean", Aggregation(total=lambda x, m, _: masked_sum(x, m), count=_tokens))
+LOSS_AGGREGATIONS.register("seq-mean", Aggregation(total=lambda x, m, _: masked_mean(x, m, dim=-1).sum(),
+                                                   count=_nonempty_rows))
+LOSS_AGGREGATIONS.register(DR_GRPO, Aggregation(total=_token_sum_over_length, count=_nonempty_rows))
+
+
+def aggregation_count(mask: Tensor, agg: str = "token-mean") -> Tensor:
+    """The denominator of ``agg`` over ``mask [..., T]`` (tokens, or non-empty rows), float64 so that
+    sums over micro-batches and ranks stay exact. The trainer's global count: the same rule as the
+    local count :func:`aggregate` uses when no ``denominator`` is given."""
+    return LOSS_AGGREGATIONS.get(agg).count(mask.to(torch.float64))
 
 
 def aggregate(x: Tensor, mask: Tensor, agg: str = "token-mean", *, max_response_length: Optional[int] = None,
               denominator: Union[Tensor, float, None] = None) -> Tensor:
-    """Reduce per-token values ``[B, T]`` to a scalar with the named aggregation (see module doc)."""
-    return LOSS_AGGREGATIONS.get(agg)(x, mask.to(x.dtype), max_response_length=max_response_length,
-                                      denominator=denominator)
+    """Reduce per-token values ``[B, T]`` to a scalar with the named aggregation (see module doc);
+    ``max_response_length`` is Dr. GRPO's constant ``L`` (required by it, unused by the others)."""
+    a = LOSS_AGGREGATIONS.get(agg)
+    m = mask.to(x.dtype)
+    den = a.count(m) if denominator is None else _as_count(denominator, x)
+    return _safe_div(a.total(x, m, max_response_length), den)
 
 
 @dataclass
@@ -111,7 +146,12 @@ class PolicyLossConfig:
     agg: str = "token-mean"
     """Aggregation over tokens, a name in ``LOSS_AGGREGATIONS``."""
     max_response_length: Optional[int] = None
-    """Constant divisor of ``seq-mean-token-sum-norm``; None = the padded response length T."""
+    """Dr. GRPO's constant ``L`` (``seq-mean-token-sum-norm`` divides every row's token sum by it), set
+    by hand; None = ``response_budget``. One value for every micro-batch, data-parallel rank and layout."""
+    response_budget: Optional[int] = None
+    """The rollout's response budget in tokens, Dr. GRPO's default ``L``. An RL run fills it from
+    ``rollout.sampling.max_new_tokens`` on every check (as it does ``actor.optim.total_steps``); a
+    caller without the RL config (SFT, benchmarks, tests) sets it or ``max_response_length``."""
     kl_estimator: str = "k3"
     """Per-token KL(pi || pi_ref) estimator, a name in ``KL_ESTIMATORS`` (k3 = eq. 5)."""
     kl_options: Dict[str, Any] = field(default_factory=dict)
@@ -130,8 +170,9 @@ class PolicyLossConfig:
             raise ValueError(f"PolicyLossConfig.dual_clip must be > 1 (or None), got {self.dual_clip}")
         if self.agg not in LOSS_AGGREGATIONS:
             raise ValueError(f"PolicyLossConfig.agg {self.agg!r} unknown; known: {LOSS_AGGREGATIONS.names()}")
-        if self.max_response_length is not None and not self.max_response_length >= 1:
-            raise ValueError(f"PolicyLossConfig.max_response_length must be >= 1, got {self.max_response_length}")
+        for name in ("max_response_length", "response_budget"):
+            if getattr(self, name) is not None and not getattr(self, name) >= 1:
+                raise ValueError(f"PolicyLossConfig.{name} must be >= 1 (or None), got {getattr(self, name)}")
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"PolicyLossConfig.kl_estimator {self.kl_estimator!r} unknown; "
                              f"known: {KL_ESTIMATORS.names()}")
@@ -139,6 +180,20 @@ class PolicyLossConfig:
             raise ValueError(f"PolicyLossConfig.tis_cap must be > 0 (or None), got {self.tis_cap}")
         if not self.log_ratio_clamp > 0:
             raise ValueError(f"PolicyLossConfig.log_ratio_clamp must be > 0, got {self.log_ratio_clamp}")
+
+    @property
+    def token_sum_norm(self) -> Optional[int]:
+        """Dr. GRPO's ``L``: ``max_response_length`` when set, else ``response_budget``."""
+        return self.max_response_length if self.max_response_length is not None else self.response_budget
+
+    def check_complete(self, path: str = "PolicyLossConfig") -> None:
+        """Fails, naming the fields, where the aggregation needs a constant that nothing has set.
+        Separate from ``__post_init__`` because the RL config fills ``response_budget`` after this
+        branch is built; the actor calls it before its first update."""
+        if self.agg == DR_GRPO and self.token_sum_norm is None:
+            raise ValueError(f"{path}.agg={DR_GRPO!r} (Dr. GRPO) needs its constant divisor: set "
+                             f"{path}.max_response_length, or {path}.response_budget (an RL run fills it "
+                             f"from rollout.sampling.max_new_tokens)")
 
 
 def _per_token(x: Union[Tensor, float], shape: torch.Size, name: str, like: Tensor) -> Tensor:
@@ -200,7 +255,8 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Union[Tensor, float]
         ref_logp, kl_coef: reference-policy logp ``[..., T]`` and beta (scalar, per sequence or
             per token); give both to enable the KL term, or neither.
         rollout_logp: ``[..., T]`` logp reported by the rollout engine; needed when ``tis_cap`` is set.
-        denominator: overrides the aggregation's count (tokens or sequences), e.g. a global count.
+        denominator: overrides the aggregation's count (tokens or non-empty rows), e.g. the whole
+            batch's :func:`aggregation_count` over every micro-batch and rank.
         config: a :class:`PolicyLossConfig`; or pass its fields as keyword arguments (not both).
 
     Returns:
@@ -234,7 +290,7 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Union[Tensor, float]
             metrics["tis_weight_mean"] = masked_mean(raw_w.clamp(max=cfg.tis_cap), keep)
             metrics["tis_trunc_frac"] = masked_mean((raw_w > cfg.tis_cap).to(dtype), keep)
 
-    agg = dict(agg=cfg.agg, max_response_length=cfg.max_response_length, denominator=denominator)
+    agg = dict(agg=cfg.agg, max_response_length=cfg.token_sum_norm, denominator=denominator)
     loss = aggregate(pg, keep, **agg)
     metrics["pg_loss"] = loss.detach()
     if ref_logp is not None:

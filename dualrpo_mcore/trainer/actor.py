@@ -6,7 +6,8 @@
 * :meth:`Actor.compute_ref_logprobs` — the same log-probs under the frozen reference policy
   (only when the KL weight is on); its weights live on CPU between uses.
 * :meth:`Actor.update` — one optimizer update with the DualRPO policy loss (``algo.policy_loss``),
-  exact over micro-batches and data-parallel ranks (the token-mean uses the global token count),
+  exact over micro-batches and data-parallel ranks (every aggregation divides by its count over the
+  whole batch and all ranks, Dr. GRPO's rows by a constant of the run, never by a micro-batch's width),
   Megatron's DDP + (distributed) optimizer, gradient clipping and the warm-up-then-constant schedule.
   A non-finite loss or gradient skips the update (nothing reaches the weights) and is counted.
 * :meth:`Actor.sft_step` — the same machinery with cross-entropy on the response tokens (warm start).
@@ -23,7 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from dualrpo_mcore.algo import kl_coefficient, make_normalizer, masked_mean, policy_loss
+from dualrpo_mcore.algo import aggregation_count, kl_coefficient, make_normalizer, masked_mean, policy_loss
 from dualrpo_mcore.ops import IGNORE_INDEX, token_stats
 
 from . import batching, megatron_setup
@@ -57,6 +58,8 @@ class Actor:
         from dualrpo_mcore.parallel import initialize
 
         self.config = config
+        # Dr. GRPO's divisor must be a constant of the run, known before the first micro-batch.
+        config.loss.check_complete("actor.loss")
         # Before any process group: FP8 without Transformer Engine stops here, naming the extra.
         self.backend = config.model.resolve_backend()
         self.token_multiple = config.model.token_multiple
@@ -244,15 +247,9 @@ class Actor:
         return self._train_step(batch, loss_fn, self._denominator(batch, "token-mean"))
 
     def _denominator(self, batch: Dict[str, Any], agg: str) -> torch.Tensor:
-        """The aggregation's count over the whole batch and all data-parallel ranks."""
-        resp = batch["response_mask"][:, 1:]
-        if agg == "token-mean":
-            count = resp.sum()
-        elif agg == "seq-mean":
-            count = (resp.sum(-1) > 0).sum()
-        else:
-            count = torch.tensor(resp.shape[0])
-        count = count.to(torch.float64).reshape(1)
+        """The aggregation's count over the whole batch and all data-parallel ranks, by the rule each
+        micro-batch would apply locally (``aggregation_count``: empty rows never count)."""
+        count = aggregation_count(batch["response_mask"], agg).reshape(1)
         if self.info.dp_size > 1:
             dist.all_reduce(count, group=self._groups()["dp"])
         return count[0].to(torch.float32)

@@ -229,7 +229,8 @@ class ActorConfig:
     micro: MicroBatchConfig = field(default_factory=MicroBatchConfig)
     """Micro-batching."""
     loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
-    """Clipped surrogate (eq. 5) settings."""
+    """Clipped surrogate (eq. 5) settings and the aggregation; Dr. GRPO's divisor is
+    ``loss.token_sum_norm`` (the RL config fills ``loss.response_budget``; without it set one)."""
     kl: KLConfig = field(default_factory=KLConfig)
     """Reference KL settings."""
     bad_steps: BadStepConfig = field(default_factory=BadStepConfig)

@@ -268,6 +268,9 @@ class RLConfig:
             raise ValueError("tokenizer_dir (or data.processor_dir) must name the tokenizer directory")
         # The actor's warm-up length is a fraction of the run's optimizer updates, so it must know them.
         self.actor.optim.total_steps = self.schedule.steps * self.schedule.mini_batches * self.schedule.epochs
+        # Dr. GRPO divides every row by one constant of the run; by default no response is longer than
+        # the budget, so it is that. Rewritten on every check, so an override of the budget follows.
+        self.actor.loss.response_budget = self.rollout.sampling.max_new_tokens
 
     @property
     def checkpoint_dir(self) -> str:

@@ -41,7 +41,7 @@ def ref_loss_and_grad(lp, old, adv, mask, *, lo=0.2, hi=0.2, dual=None, agg="tok
             elif agg == "seq-mean":
                 weight[b, t] = 1.0 / counts[b] / (denominator or (counts > 0).sum())
             else:
-                weight[b, t] = 1.0 / (length or T) / (denominator or B)
+                weight[b, t] = 1.0 / length / (denominator or (counts > 0).sum())
     return float((weight * per).sum()), weight * dper
 
 
@@ -212,7 +212,7 @@ def test_denominator_override_and_empty_mask():
     assert scaled.item() == pytest.approx(base.item() * mask.sum() / 1000.0, rel=1e-12)
     logp = _t(lp).requires_grad_(True)
     for agg in LOSS_AGGREGATIONS.names():
-        loss, m = policy_loss(logp, _t(old), _t(adv_seq), torch.zeros(lp.shape), agg=agg)
+        loss, m = policy_loss(logp, _t(old), _t(adv_seq), torch.zeros(lp.shape), agg=agg, max_response_length=7)
         assert loss.item() == 0.0 and all(v.item() == 0.0 for v in m.values())
         loss.backward()
         assert torch.equal(logp.grad, torch.zeros_like(logp))
@@ -270,6 +270,7 @@ def test_input_errors():
 
 @pytest.mark.parametrize("field,value", [("clip_low", 1.0), ("clip_low", -0.1), ("clip_high", -0.1),
                                          ("dual_clip", 1.0), ("agg", "mean"), ("max_response_length", 0),
+                                         ("response_budget", 0),
                                          ("kl_estimator", "k9"), ("tis_cap", 0.0), ("log_ratio_clamp", 0.0)])
 def test_config_checks(field, value):
     with pytest.raises(ValueError, match=f"PolicyLossConfig.{field}"):

@@ -39,3 +39,13 @@ def test_bad_values_name_the_field(make, field):
 def test_training_dict_is_coerced():
     cfg = ModelSourceConfig(tiny=True, training={"freeze_vision": True})
     assert cfg.training.freeze_vision
+
+
+def test_dr_grpo_without_its_constant_fails_before_any_process_group():
+    """An actor built without the RL config (SFT, bench) has no response budget: Dr. GRPO names the fields."""
+    from dualrpo_mcore.algo import PolicyLossConfig
+    from dualrpo_mcore.trainer.actor import Actor
+
+    cfg = ActorConfig(loss=PolicyLossConfig(agg="seq-mean-token-sum-norm"))
+    with pytest.raises(ValueError, match=r"actor\.loss\.max_response_length"):
+        Actor(cfg)

@@ -97,3 +97,21 @@ def test_fp8_switches_reach_the_models_transformer_configs(synth_dir, tmp_path):
         assert (lm.fp8, lm.fp8_recipe) == ("hybrid", "tensorwise")
         assert vit.fp8 == merger.fp8 == ("hybrid" if vision else None)
         assert src.token_multiple == 16
+
+
+def test_dr_grpo_divisor_is_the_response_budget_and_follows_overrides(cfg):
+    """Dr. GRPO's constant comes from rollout.sampling.max_new_tokens unless set by hand, is re-derived
+    when the budget is overridden, and is in the resolved config (config.json)."""
+    apply_overrides(cfg, ["actor.loss.agg=seq-mean-token-sum-norm"])
+    assert cfg.actor.loss.response_budget == 24 and cfg.actor.loss.token_sum_norm == 24  # tiny_cpu's budget
+    apply_overrides(cfg, ["rollout.sampling.max_new_tokens=40"])
+    assert cfg.actor.loss.token_sum_norm == 40
+    assert cfg.to_dict()["actor"]["loss"]["response_budget"] == 40
+    apply_overrides(cfg, ["actor.loss.max_response_length=64"])
+    assert cfg.actor.loss.token_sum_norm == 64
+    assert cfg.to_dict()["actor"]["loss"]["max_response_length"] == 64
+    apply_overrides(cfg, ["actor.loss.max_response_length=none"])
+    assert cfg.actor.loss.token_sum_norm == 40
+    cfg.actor.loss.check_complete("actor.loss")
+    with pytest.raises(ValueError, match="max_response_length must be >= 1"):
+        apply_overrides(cfg, ["actor.loss.max_response_length=0"])
