@@ -1,6 +1,6 @@
 """``dualrpo bench verifiers``: throughput of the sandboxed pool, and its worst case.
 
-Two batches go through the same run:
+Three batches go through the same run:
 
 * **mixed**: realistic correct and incorrect responses for all eight tasks (math, choice,
   numeric, counting, ocr, grounding, detection, format). Baselines measured in the same run:
@@ -9,6 +9,12 @@ Two batches go through the same run:
 * **adversarial**: the corpus of :mod:`dualrpo_mcore.verifiers.adversarial` through the pool
   only (in-process it could hang forever, which is the point). The number to read is the
   worst-case per-sample latency against the budget.
+* **math-suite**: math-verify's own regression cases (``tests/data/math_verify_cases.json`` in a
+  checkout, or ``--math-cases PATH``), each scored raw and ``<answer>``-wrapped with the math
+  verifier's caches cleared first, in-process and through the pool. The mixed batch repeats a few
+  short fractions, so its math rows mostly measure cache hits; this batch measures parsing and
+  comparison of real answers. Reported per case (both scorings), with the worst case's latency
+  and the agreement with the suite's expectations.
 
 Latency is per sample: in-process, the time of one ``score`` call; in the pool, from dispatch to
 a worker until its result is back (pipe transfer included, queueing excluded).
@@ -29,6 +35,8 @@ from typing import List, Tuple
 from dualrpo_mcore.verifiers.adversarial import adversarial_corpus, markers_left
 from dualrpo_mcore.verifiers.pool import VerifierPool
 
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_MATH_CASES = os.path.join(_REPO, "tests", "data", "math_verify_cases.json")
 TASKS = ("math", "choice", "numeric", "counting", "ocr", "grounding", "detection", "format")
 _WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
           "fifteen sixteen seventeen eighteen nineteen twenty").split()
@@ -128,6 +136,53 @@ def _serial(samples) -> dict:
     return _summary("serial score (in-process)", "mixed", lat, time.perf_counter() - start, statuses)
 
 
+def load_math_suite(path: str = _MATH_CASES) -> List[Tuple[str, str, bool]]:
+    """``(gold, pred, expected)`` rows of math-verify's suite, or ``[]`` when the file is absent."""
+    if not path or not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [(c["gold"], c["pred"], bool(c["expected"])) for c in json.load(f)["cases"]]
+
+
+def math_suite_samples(cases) -> List[Tuple[dict, str]]:
+    """Two samples per case: the prediction raw, and wrapped in ``<answer>``."""
+    out = []
+    for gold, pred, _ in cases:
+        spec = {"verifier": "math", "answer": gold}
+        out += [(spec, pred), (spec, f"<answer>{pred}</answer>")]
+    return out
+
+
+def _serial_math(cases) -> Tuple[dict, dict]:
+    """In-process, per case (raw + wrapped), caches cleared before each case."""
+    from dualrpo_mcore.verifiers.math_verifier import clear_caches
+    from dualrpo_mcore.verifiers.scoring import score_with_info
+
+    samples = math_suite_samples(cases)
+    score_with_info(*samples[0])  # lazy imports are start-up cost
+    lat, case_lat, statuses, agree = [], [], [], 0
+    start = time.perf_counter()
+    for k, (_, _, expected) in enumerate(cases):
+        clear_caches()
+        best = 0.0
+        t_case = time.perf_counter()
+        for spec, response in samples[2 * k:2 * k + 2]:
+            t0 = time.perf_counter()
+            reward, info = score_with_info(spec, response)
+            lat.append(time.perf_counter() - t0)
+            statuses.append(info["status"])
+            best = max(best, reward)
+        case_lat.append(time.perf_counter() - t_case)
+        agree += (best >= 0.5) == expected
+    wall = time.perf_counter() - start
+    row = _summary("serial score (in-process)", "math-suite", lat, wall, statuses)
+    worst = max(range(len(cases)), key=case_lat.__getitem__)
+    summary = {"cases": len(cases), "cases_per_s": len(cases) / wall,
+               "worst_case_s": case_lat[worst], "worst_case_index": worst,
+               "agreement": agree / len(cases)}
+    return row, summary
+
+
 def _pooled(samples, workers: int, timeout: float, batch: str) -> dict:
     with VerifierPool(num_workers=workers, timeout_s=timeout) as pool:
         pool.wait_ready(300)  # worker start-up (sympy import) is not throughput either
@@ -159,12 +214,14 @@ def _commit() -> str:
     return (head + ("-dirty" if dirty else "")) if head else "unknown"
 
 
-def _table(rows: List[dict], serial_rate: float) -> str:
+def _table(rows: List[dict]) -> str:
+    """Each row's ratio is against the in-process serial row of its batch, where there is one."""
+    serial = {r["batch"]: r["samples_per_s"] for r in rows if r["runner"].startswith("serial")}
     head = (f"{'batch':<12} {'runner':<27} {'samples':>7} {'samples/s':>10} {'p50 ms':>8} "
             f"{'p99 ms':>8} {'max ms':>8} {'timeouts':>8} {'crashes':>7} {'vs serial':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        ratio = f"{r['samples_per_s'] / serial_rate:.2f}x" if r["batch"] == "mixed" else "n/a"
+        ratio = f"{r['samples_per_s'] / serial[r['batch']]:.2f}x" if r["batch"] in serial else "n/a"
         lines.append(f"{r['batch']:<12} {r['runner']:<27} {r['samples']:>7} {r['samples_per_s']:>10.1f} "
                      f"{r['p50_s'] * 1e3:>8.2f} {r['p99_s'] * 1e3:>8.1f} {r['max_s'] * 1e3:>8.1f} "
                      f"{r['timeouts']:>8} {r['crashes']:>7} {ratio:>9}")
@@ -178,6 +235,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-samples", type=int, default=800, help="mixed-batch size")
     parser.add_argument("--num-adversarial", type=int, default=1000, help="adversarial-batch size")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--math-cases", default=_MATH_CASES, metavar="PATH",
+                        help="math-verify suite cases (JSON); without them no math-suite rows")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
 
 
@@ -193,17 +252,33 @@ def run(args: argparse.Namespace) -> int:
         rows.append(_pooled(mixed, 1, args.timeout, "mixed"))
     rows.append(_pooled(mixed, args.workers, args.timeout, "mixed"))
     rows.append(_pooled(adversarial, args.workers, args.timeout, "adversarial"))
-    print(_table(rows, rows[0]["samples_per_s"]))
-    worst = rows[-1]["max_s"]
+    adversarial_row = rows[-1]
+    math_cases, math_summary = load_math_suite(args.math_cases), None
+    if math_cases:
+        serial_row, math_summary = _serial_math(math_cases)
+        rows.append(serial_row)
+        rows.append(_pooled(math_suite_samples(math_cases), args.workers, args.timeout,
+                            "math-suite"))
+    print(_table(rows))
+    if math_summary:
+        print(f"math suite: {math_summary['cases']} cases (raw + <answer>), "
+              f"{math_summary['cases_per_s']:.1f} cases/s in-process, worst case "
+              f"{math_summary['worst_case_s']:.3f} s (case {math_summary['worst_case_index']}), "
+              f"agreement with the suite {100 * math_summary['agreement']:.1f}%")
+    else:
+        print(f"math suite: skipped, no cases at {args.math_cases!r}")
+    worst = adversarial_row["max_s"]
     leaked = markers_left(token)
     print(f"worst-case adversarial latency: {worst:.3f} s (budget {args.timeout:g} s); "
-          f"adversarial statuses: {rows[-1]['statuses']}; code-execution markers found: {len(leaked)}")
+          f"adversarial statuses: {adversarial_row['statuses']}; "
+          f"code-execution markers found: {len(leaked)}")
     if args.json:
         out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "commit": _commit(), "machine": _machine(),
                "config": {"workers": args.workers, "timeout_s": args.timeout, "seed": args.seed,
                           "num_samples": args.num_samples, "num_adversarial": args.num_adversarial},
-               "results": rows, "worst_case_adversarial_s": worst, "markers_found": leaked}
+               "results": rows, "worst_case_adversarial_s": worst, "markers_found": leaked,
+               "math_suite": math_summary}
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
         print(f"wrote {args.json}")

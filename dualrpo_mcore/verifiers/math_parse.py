@@ -35,11 +35,12 @@ _BINOM = re.compile(r"\\[dt]?binom\s*\{([^{}]*)\}\s*\{([^{}]*)\}|\\[dt]?binom|\\
 # A free variable: a letter that is not part of a \command name.
 _FREE_SYMBOL = re.compile(r"(?<![\\A-Za-z])[A-Za-z](?![A-Za-z])")
 
-_FORBIDDEN_CMDS = re.compile(r"\\(?:sum|prod|int|iint|iiint|oint|lim|limsup|liminf|det|begin)"
-                             r"(?![A-Za-z])")
+_FORBIDDEN_CMDS = re.compile(r"\\(?:sum|prod|int|iint|iiint|oint|lim|limsup|liminf|det)(?![A-Za-z])"
+                             r"|\\begin(?!\s*\{(?:[pbvBV]?matrix|smallmatrix|array)\})")
 _EXP_OK_CMDS = {"frac", "dfrac", "tfrac", "pi", "circ", "prime", "cdot", "times", "left",
                 "right", "sqrt", "infty", "{", "}"}
-_COMMA_NUMBER = re.compile(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
+# "1,234", "1 234", "14{,}916" ("32,\\! 349" becomes "32,349" in ``clean``)
+_COMMA_NUMBER = re.compile(r"^-?\d{1,3}(?:(?:,| |\{,\})\d{3})+(?:\.\d+)?$")
 _PLAIN_NUMBER = re.compile(r"^-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d{1,3})?$")
 
 
@@ -64,7 +65,7 @@ def number_to_sympy(text: str, sympy=None):
     """``"1,234"``, ``"0.5"``, ``"1.5e3"`` -> sympy Integer/Float, no eval."""
     if sympy is None:
         import sympy
-    t = text.replace(",", "").replace(" ", "")
+    t = re.sub(r"[,\s{}]", "", text)
     if not _PLAIN_NUMBER.match(t) or len(t) > _MAX_DIGIT_RUN + 8:
         raise Unparsable(f"not a number: {text[:40]!r}")
     if "." in t or "e" in t or "E" in t:
@@ -129,25 +130,35 @@ def plain_to_latex(s: str) -> str:
 
 _DELIMS = re.compile(r"^\s*(?:\$\$?|\\\(|\\\[)|(?:\$\$?|\\\)|\\\])\s*$")
 _DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\degree")
-_TRAILING = re.compile(r"[.\s]+$")
+_NEG_SPACE = re.compile(r"\\!\s*")
 
 
 def clean(text: str) -> str:
     """Strip math delimiters, display commands, degree marks and a trailing full stop."""
     s = _DELIMS.sub("", text.strip())
-    s = s.replace("\\displaystyle", "").replace("\\!", "").replace("\\,", "").replace("\\;", " ")
+    s = _NEG_SPACE.sub("", s.replace("\\displaystyle", "")).replace("\\,", "").replace("\\;", " ")
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     s = _DEGREES.sub("", s)
-    return _TRAILING.sub("", s) if not s.endswith("\\.") else s
+    return s if s.endswith("\\.") else _rstrip_stops(s)
+
+
+def _rstrip_stops(s: str) -> str:
+    # a scan, not re.sub(r"[.\s]+$"): that regex is quadratic on a long run of spaces
+    i = len(s)
+    while i and (s[i - 1] == "." or s[i - 1].isspace()):
+        i -= 1
+    return s[:i]
 
 
 # ---------------------------------------------------------------------------------------------
 # bomb guard
 
 def _exponent_spans(s: str):
-    """Text of each exponent (``^{...}`` group, ``\\command`` or digit/letter run)."""
+    """``(numeric_base, text)`` of each exponent (``^{...}`` group, ``\\command`` or digit/letter
+    run); ``numeric_base`` when a digit precedes the caret."""
     i = s.find("^")
     while i >= 0:
+        numeric_base = s[:i].rstrip()[-1:].isdigit()
         j = i + 1
         while j < len(s) and s[j] == " ":
             j += 1
@@ -158,15 +169,15 @@ def _exponent_spans(s: str):
                 if depth == 0:
                     break
                 k += 1
-            yield s[j + 1:k]
+            yield numeric_base, s[j + 1:k]
             j = k
         else:
             m = re.match(r"\\[A-Za-z]+|[-+]?[\w.]+|\(", s[j:j + 64])
             if m and m.group(0) == "(":  # ^(...) in plain text: take the parenthesised group
                 k = s.find(")", j)
-                yield s[j:k + 1 if k >= 0 else len(s)]
+                yield numeric_base, s[j:k + 1 if k >= 0 else len(s)]
             else:
-                yield m.group(0) if m else ""
+                yield numeric_base, m.group(0) if m else ""
         i = s.find("^", j if j > i else i + 1)
 
 
@@ -180,19 +191,25 @@ def guard(s: str) -> None:
         raise Unparsable("sums, products, integrals, limits and environments are not evaluated")
     if s.count("^") > _MAX_CARETS:
         raise Unparsable("too many exponents")
-    product = 1
-    for span in _exponent_spans(s):
+    product = symbolic = 1.0
+    for numeric_base, span in _exponent_spans(s):
         if "^" in span or "!" in span:
             raise Unparsable("nested exponent")
         cmds = set(re.findall(r"\\([A-Za-z]+|.)", span))
         if cmds - _EXP_OK_CMDS:
             raise Unparsable("unsupported command in an exponent")
         lits = [float(x) for x in re.findall(r"\d+(?:\.\d+)?", span)] or [1.0]
-        product *= max(1.0, max(lits) if not re.search(r"\*|\\times|\\cdot", span) else
-                       functools.reduce(lambda a, b: a * max(b, 1.0), lits, 1.0))
+        size = max(1.0, max(lits) if not re.search(r"\*|\\times|\\cdot", span) else
+                   functools.reduce(lambda a, b: a * max(b, 1.0), lits, 1.0))
+        product *= size
+        # only a power of a symbolic base expands into many terms; 10^{x/6} stays one term
+        symbolic *= 1.0 if numeric_base else size
         if product > _MAX_EXPONENT_PRODUCT:
             raise Unparsable("exponent too large")
-    if product > _MAX_SYMBOLIC_EXPONENT and _FREE_SYMBOL.search(s):
+    # a matrix power multiplies whole matrices of growing numbers: bounded like a symbolic one
+    if product > _MAX_SYMBOLIC_EXPONENT and "\\begin" in s:
+        raise Unparsable("matrix power too large")
+    if symbolic > _MAX_SYMBOLIC_EXPONENT and _FREE_SYMBOL.search(s):
         raise Unparsable("symbolic power too large")
     _guard_binomials(s)
     for m in re.finditer(r"(\d+)\s*!", s):
@@ -216,7 +233,6 @@ def _guard_binomials(s: str) -> None:
 @functools.lru_cache(maxsize=512)
 def to_sympy(text: str):
     """Parse an answer (LaTeX or plain text) into a sympy object; :class:`Unparsable` if not."""
-    global _CONVERTER
     s = clean(text)
     if len(s) > MAX_ANSWER_CHARS:
         raise Unparsable(f"answer longer than {MAX_ANSWER_CHARS} chars")
@@ -235,6 +251,32 @@ def to_sympy(text: str):
         raise Unparsable("empty answer after normalisation")
     if _COMMA_NUMBER.match(s.strip()):
         return number_to_sympy(s)
+    try:
+        return _convert(s)
+    except Unparsable:
+        last = _last_of_chain(s)
+        if last is None:
+            raise
+        return _convert(last)
+
+
+_EQ_SPLIT = re.compile(r"(?<![\\<>!])=")
+
+
+def _last_of_chain(s: str) -> Optional[str]:
+    """``a = b = c`` -> ``c``: a chain of equalities that does not parse is read by its end (its
+    middle may hold a command the grammar lacks); lists (``a=1, b=2``) are never cut, which also
+    keeps ``1,234``-style numbers away from the grammar's own number conversion."""
+    if "," in s or ";" in s:
+        return None
+    parts = _EQ_SPLIT.split(s)
+    if len(parts) <= 2:
+        return None
+    return parts[-1].strip() or None
+
+
+def _convert(s: str):
+    global _CONVERTER
     if _CONVERTER is None:
         _CONVERTER = _lazy_converter()
     conv_cls, conv_cfg = _CONVERTER

@@ -100,7 +100,11 @@ def test_equivalence_table(gold, pred, expected):
 
 def test_extraction_last_boxed_nested_and_answer_tags():
     spec = {"verifier": "math", "answer": r"\frac{1}{2}"}
-    assert score(spec, r"first \boxed{3} then \boxed{\frac{1}{2}}") == 1.0
+    # boxes close together are one multi-answer (a wrong one among them costs the reward); a box
+    # far before the last is a draft the model revised
+    assert score(spec, r"first \boxed{3} then \boxed{\frac{1}{2}}") == 0.0
+    assert score(spec, r"a draft: \boxed{3}." + " Checking it again step by step." * 3
+                 + r" So \boxed{\frac{1}{2}}") == 1.0
     assert score(spec, r"\boxed{\frac{1}{2}} but finally \boxed{3}") == 0.0
     assert score(spec, r"\boxed{\frac{\sqrt{4}}{4}}") == 1.0  # nested braces
     assert score(spec, "<think>0.3</think><answer>0.5</answer>") == 1.0
