@@ -10,6 +10,7 @@
 #include <optional>
 #include <string>
 
+#include "token_stats_checks.h"
 #include "token_stats_cpu.h"
 
 namespace dualrpo {
@@ -24,16 +25,11 @@ int64_t grain_rows(int64_t n_cols) { return std::max<int64_t>(1, 16384 / std::ma
 // Column stride 1 is what the kernel reads; any row stride is fine.
 at::Tensor rows_contiguous(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
 
+// Shape, dtype, device and range checks are shared with the CUDA glue; only the CPU can afford to
+// look at the label values (on a GPU that is a host sync per call).
 void check_inputs(const at::Tensor& z, const at::Tensor& labels, const std::optional<at::Tensor>& ref,
-                  int64_t n_real, int64_t vocab_size) {
-  TORCH_CHECK(z.dim() == 2, "dualrpo::token_stats: logits must be [T, V_local]");
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == z.size(0) && labels.scalar_type() == at::kLong,
-              "dualrpo::token_stats: labels must be int64 [T]");
-  TORCH_CHECK(n_real >= 0 && n_real <= z.size(1), "dualrpo::token_stats: bad n_real ", n_real);
-  if (ref.has_value()) {
-    TORCH_CHECK(ref->sizes() == z.sizes() && ref->scalar_type() == z.scalar_type(),
-                "dualrpo::token_stats: ref_logits must have the shape and dtype of logits");
-  }
+                  int64_t vocab_start, int64_t n_real, int64_t vocab_size, double inv_t) {
+  check_partials_args("dualrpo::token_stats", z, labels, ref, vocab_start, n_real, vocab_size, inv_t);
   const auto lab = labels.contiguous();
   const int64_t* y = lab.data_ptr<int64_t>();
   for (int64_t i = 0; i < lab.size(0); ++i) {
@@ -102,13 +98,13 @@ void dispatch(at::ScalarType t, F&& f) {
 at::Tensor partials_cpu(const at::Tensor& logits, const at::Tensor& labels,
                         const std::optional<at::Tensor>& ref, int64_t vocab_start, int64_t n_real,
                         int64_t vocab_size, double inv_t) {
-  check_inputs(logits, labels, ref, n_real, vocab_size);
+  check_inputs(logits, labels, ref, vocab_start, n_real, vocab_size, inv_t);
   const auto z = rows_contiguous(logits);
   const auto lab = labels.contiguous();
   std::optional<at::Tensor> r;
   if (ref.has_value()) r = rows_contiguous(*ref);
   const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor out = at::empty({z.size(0), r ? 8 : 5}, z.options().dtype(acc));
+  at::Tensor out = at::empty({z.size(0), r ? 9 : 6}, z.options().dtype(acc));
   dispatch(z.scalar_type(), [&]<typename S, typename A>() {
     partials_impl<S, A>(z, lab, r ? &*r : nullptr, vocab_start, n_real, A(inv_t), out);
   });
@@ -119,7 +115,8 @@ at::Tensor grad_logits_cpu(const at::Tensor& logits, const at::Tensor& labels,
                            const std::optional<at::Tensor>& ref, const at::Tensor& stats,
                            const at::Tensor& grads, int64_t vocab_start, int64_t n_real,
                            int64_t vocab_size, double inv_t) {
-  check_inputs(logits, labels, ref, n_real, vocab_size);
+  check_inputs(logits, labels, ref, vocab_start, n_real, vocab_size, inv_t);
+  check_grad_args("dualrpo::grad_logits", logits, ref, stats, grads);
   const auto z = rows_contiguous(logits);
   const auto lab = labels.contiguous();
   std::optional<at::Tensor> r;
@@ -127,8 +124,6 @@ at::Tensor grad_logits_cpu(const at::Tensor& logits, const at::Tensor& labels,
   const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto st = stats.to(acc).contiguous();
   const auto gr = grads.to(acc).contiguous();
-  TORCH_CHECK(st.size(0) == z.size(0) && st.size(1) >= (r ? 5 : 3), "dualrpo: bad saved stats");
-  TORCH_CHECK(gr.size(0) == z.size(0) && gr.size(1) == 4, "dualrpo: grads must be [T, 4]");
   at::Tensor dz = at::empty(z.sizes(), z.options());
   dispatch(z.scalar_type(), [&]<typename S, typename A>() {
     grad_impl<S, A>(z, lab, r ? &*r : nullptr, st, gr, vocab_start, n_real, vocab_size, A(inv_t), dz);

@@ -79,14 +79,18 @@ inline void store(c10::BFloat16* p, float v) {
 }
 inline void store(c10::Half* p, float v) { *p = c10::Half(v); }
 
-// Accumulators of one row relative to the running maxima m (policy) and mr (reference).
+// Accumulators of one row relative to the running maxima m (policy) and mr (reference); n counts
+// the columns summed so far. B is relative to m as well (B = sum (x_j - m)): summing x_j itself
+// would cancel two numbers of size |x| in self-certainty and lose it at large offsets.
 template <typename A>
 struct RowAcc {
-  A m = -std::numeric_limits<A>::infinity(), s = 0, a = 0, b = 0;
+  A m = -std::numeric_limits<A>::infinity(), s = 0, a = 0, b = 0, n = 0;
   A mr = -std::numeric_limits<A>::infinity(), sr = 0, c = 0;
 
   // Move from max m to m_new > m: e_j scales by f = exp(m - m_new), x - m grows by m - m_new.
+  // While m is -inf every column so far is -inf and B is already -inf: nothing to move.
   void raise_m(A m_new) {
+    if (m > -std::numeric_limits<A>::infinity()) b += n * (m - m_new);
     if (s > 0) {
       const A delta = m - m_new, f = fexp(delta);
       a = f * (a + delta * s);
@@ -106,7 +110,7 @@ struct RowAcc {
   }
 };
 
-// Partials of one row: out = (m, S, A, B, y[, mr, Sr, C]); see token_stats.py.
+// Partials of one row: out = (m, S, A, B, y, n[, mr, Sr, C]); see token_stats.py.
 template <bool REF, typename S, typename A>
 void row_partials(const S* z, const S* zr, int64_t n, int64_t label_local, A inv_t, A* out) {
   RowAcc<A> acc;
@@ -139,7 +143,7 @@ void row_partials(const S* z, const S* zr, int64_t n, int64_t label_local, A inv
       const A e = fexp(d);
       ts += e;
       ta += e > 0 ? e * d : A(0);  // e = 0 for x = -inf: skip 0 * -inf
-      tb += x[i];
+      tb += d;
       if (REF) {
         const A dr = xr[i] - shift_r;
         tsr += fexp(dr);
@@ -147,10 +151,12 @@ void row_partials(const S* z, const S* zr, int64_t n, int64_t label_local, A inv
       }
     }
     acc.s += ts, acc.a += ta, acc.b += tb, acc.sr += tsr, acc.c += tc;
+    acc.n += A(w);
   }
   out[0] = acc.m, out[1] = acc.s, out[2] = acc.a, out[3] = acc.b;
   out[4] = (label_local >= 0 && label_local < n) ? load(z[label_local]) * inv_t : A(0);
-  if (REF) out[5] = acc.mr, out[6] = acc.sr, out[7] = acc.c;
+  out[5] = A(n);
+  if (REF) out[6] = acc.mr, out[7] = acc.sr, out[8] = acc.c;
 }
 
 // Gradient of one row. st = (M, log S, hbar[, M_r, D]), gr = (c, g_H, g_SC, g_KL); c is already 0

@@ -1,14 +1,19 @@
 // CUDA kernels of the fused token statistics (math: dualrpo_mcore/ops/token_stats.py).
 //
-// Bandwidth design: one 256-thread block per token row. Forward: each thread sweeps the row in
-// 16-byte vectors (8 bf16/fp16 or 4 fp32 values), keeps online partials (m, S, A, B[, mr, Sr, C])
-// in registers, rescaling only when a vector raises its max; the block then merges the 256
+// Bandwidth design: 256-thread blocks walk the token rows (one row at a time per block, a capped
+// grid striding over rows so any 64-bit row count works). Forward: each thread sweeps the row in
+// 16-byte vectors (8 bf16/fp16 or 4 fp32 values), keeps online partials (m, S, A, B, n[, mr, Sr,
+// C]) in registers, rescaling only when a vector raises its max; the block then merges the 256
 // partials with warp shuffles and shared memory in a fixed tree (deterministic). Backward: one
 // read of z (and z_ref) and one write of dz per element, 16-byte vectors both ways. Rows whose
 // pointer or stride is not 16-byte aligned take the scalar (VEC = 1) instantiation.
 //
 // No fp contraction of x = z * (1/T): __fmul_rn keeps x bitwise equal to the value whose max is
-// M, so x - M is exactly 0 at the max (a fused z * inv_t - M would leave |x| * 2^-24 there).
+// M, so x - M is exactly 0 at the max (a fused z * inv_t - M would leave |x| * 2^-24 there). B
+// is kept relative to the running max too, so a uniform row sums exact zeros whatever its offset.
+//
+// The tests compile this file unchanged with the host compiler through csrc/emu/ (a CPU emulator
+// of the CUDA features used here); that is why the launch syntax goes through DUALRPO_LAUNCH.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -16,6 +21,15 @@
 #include <stdint.h>
 
 #include "token_stats_cuda.h"
+
+#ifndef DUALRPO_LAUNCH  // csrc/emu/cuda_emu.h defines a host-callable replacement
+#define DUALRPO_LAUNCH(grid, block, stream, ...) __VA_ARGS__<<<grid, block, 0, stream>>>
+#endif
+// Blocks per launch. Rows past it are reached by the grid-stride loop, so the 2^31 - 1 limit of
+// gridDim.x is never hit; 2^20 blocks are ~1000 waves of an H100, far beyond any launch overhead.
+#ifndef DUALRPO_MAX_BLOCKS
+#define DUALRPO_MAX_BLOCKS (1 << 20)
+#endif
 
 namespace {
 
@@ -26,50 +40,44 @@ constexpr float kLog2e = 1.4426950408889634f;
 
 __device__ __forceinline__ float ex(float d) { return exp2f(d * kLog2e); }  // exp2f(-inf) = 0
 
-template <typename S> struct Vec;  // 16-byte vector of S and its conversion to float
-template <> struct Vec<float> {
-  static constexpr int N = 4;
-  using T = float4;
-  __device__ static void to_float(const T& v, float* x) { x[0] = v.x; x[1] = v.y; x[2] = v.z; x[3] = v.w; }
-  __device__ static float one(const float* p) { return *p; }
-  __device__ static void from_float(const float* x, T& v) { v = make_float4(x[0], x[1], x[2], x[3]); }
-  __device__ static void store_one(float* p, float x) { *p = x; }
-};
-template <> struct Vec<__nv_bfloat16> {
-  static constexpr int N = 8;
-  using T = uint4;
-  __device__ static void to_float(const T& v, float* x) {
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-    for (int k = 0; k < 4; ++k) { float2 f = __bfloat1622float2(h[k]); x[2 * k] = f.x; x[2 * k + 1] = f.y; }
-  }
-  __device__ static float one(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-  __device__ static void from_float(const float* x, T& v) {
-    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&v);
-    for (int k = 0; k < 4; ++k) h[k] = __floats2bfloat162_rn(x[2 * k], x[2 * k + 1]);
-  }
-  __device__ static void store_one(__nv_bfloat16* p, float x) { *p = __float2bfloat16_rn(x); }
-};
-template <> struct Vec<__half> {
-  static constexpr int N = 8;
-  using T = uint4;
-  __device__ static void to_float(const T& v, float* x) {
-    const __half2* h = reinterpret_cast<const __half2*>(&v);
-    for (int k = 0; k < 4; ++k) { float2 f = __half22float2(h[k]); x[2 * k] = f.x; x[2 * k + 1] = f.y; }
-  }
-  __device__ static float one(const __half* p) { return __half2float(*p); }
-  __device__ static void from_float(const float* x, T& v) {
-    __half2* h = reinterpret_cast<__half2*>(&v);
-    for (int k = 0; k < 4; ++k) h[k] = __floats2half2_rn(x[2 * k], x[2 * k + 1]);
-  }
-  __device__ static void store_one(__half* p, float x) { *p = __float2half_rn(x); }
+// 16 bytes of S. Loading it from an S array is an access through an aggregate of S (no type
+// punning), and its alignment lets nvcc emit one 128-bit load or store.
+template <typename S>
+struct alignas(16) Pack {
+  static constexpr int N = 16 / static_cast<int>(sizeof(S));
+  S e[N];
 };
 
-struct Acc {  // partials relative to the running maxima m (policy) and mr (reference)
-  float m, s, a, b, mr, sr, c;
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+
+// Round a pair to S (the paired conversions are one instruction for two values).
+__device__ __forceinline__ void from_f2(float a, float b, float* o) { o[0] = a, o[1] = b; }
+__device__ __forceinline__ void from_f2(float a, float b, __nv_bfloat16* o) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+  o[0] = h.x, o[1] = h.y;
+}
+__device__ __forceinline__ void from_f2(float a, float b, __half* o) {
+  const __half2 h = __floats2half2_rn(a, b);
+  o[0] = h.x, o[1] = h.y;
+}
+__device__ __forceinline__ void from_f(float a, float* o) { *o = a; }
+__device__ __forceinline__ void from_f(float a, __nv_bfloat16* o) { *o = __float2bfloat16_rn(a); }
+__device__ __forceinline__ void from_f(float a, __half* o) { *o = __float2half_rn(a); }
+
+template <typename S>
+__device__ __forceinline__ void load_scaled(const S* row, int64_t v, float inv_t, float* x) {
+  const Pack<S> p = reinterpret_cast<const Pack<S>*>(row)[v];
+  for (int k = 0; k < Pack<S>::N; ++k) x[k] = __fmul_rn(to_f(p.e[k]), inv_t);
+}
+
+struct Acc {  // partials relative to the running maxima m (policy) and mr (reference); n counts
+  float m, s, a, b, n, mr, sr, c;
 };
 
 __device__ __forceinline__ Acc acc_init() {
-  return Acc{-CUDART_INF_F, 0.f, 0.f, 0.f, -CUDART_INF_F, 0.f, 0.f};
+  return Acc{-CUDART_INF_F, 0.f, 0.f, 0.f, 0.f, -CUDART_INF_F, 0.f, 0.f};
 }
 
 // Fold q into p (same algebra as the cross-rank merge in token_stats.py).
@@ -77,11 +85,13 @@ __device__ __forceinline__ Acc acc_merge(const Acc& p, const Acc& q) {
   Acc o;
   o.m = fmaxf(p.m, q.m);
   o.mr = fmaxf(p.mr, q.mr);
-  o.b = p.b + q.b;
-  o.s = o.a = o.sr = o.c = 0.f;
+  o.n = p.n + q.n;
+  o.s = o.a = o.b = o.sr = o.c = 0.f;
   const Acc* side[2] = {&p, &q};
   for (int k = 0; k < 2; ++k) {
     const Acc& t = *side[k];
+    // A side whose max is -inf holds only -inf (B = -inf already) or nothing (B = 0).
+    o.b += t.m > -CUDART_INF_F ? t.b + t.n * (t.m - o.m) : t.b;
     const float dr = t.sr > 0.f ? t.mr - o.mr : 0.f;
     if (t.sr > 0.f) o.sr += ex(dr) * t.sr;
     if (t.s > 0.f) {
@@ -100,6 +110,7 @@ __device__ __forceinline__ void acc_add(Acc& acc, const float* x, const float* x
   for (int k = 0; k < n; ++k) vmax = fmaxf(vmax, x[k]);
   if (REF) for (int k = 0; k < n; ++k) rmax = fmaxf(rmax, xr[k]);
   if (vmax > acc.m) {  // raise m: e scales by f, x - m grows by m - m_new
+    if (acc.m > -CUDART_INF_F) acc.b += acc.n * (acc.m - vmax);
     if (acc.s > 0.f) {
       const float d = acc.m - vmax, f = ex(d);
       acc.a = f * (acc.a + d * acc.s);
@@ -122,13 +133,14 @@ __device__ __forceinline__ void acc_add(Acc& acc, const float* x, const float* x
     const float d = x[k] - shift, e = ex(d);
     acc.s += e;
     acc.a += e > 0.f ? e * d : 0.f;
-    acc.b += x[k];
+    acc.b += d;
     if (REF) {
       const float dr = xr[k] - shift_r;
       acc.sr += ex(dr);
       acc.c += e > 0.f ? e * (d - dr) : 0.f;
     }
   }
+  acc.n += static_cast<float>(n);
 }
 
 __device__ __forceinline__ Acc shfl_xor(const Acc& a, int lane) {
@@ -137,6 +149,7 @@ __device__ __forceinline__ Acc shfl_xor(const Acc& a, int lane) {
   o.s = __shfl_xor_sync(0xffffffffu, a.s, lane);
   o.a = __shfl_xor_sync(0xffffffffu, a.a, lane);
   o.b = __shfl_xor_sync(0xffffffffu, a.b, lane);
+  o.n = __shfl_xor_sync(0xffffffffu, a.n, lane);
   o.mr = __shfl_xor_sync(0xffffffffu, a.mr, lane);
   o.sr = __shfl_xor_sync(0xffffffffu, a.sr, lane);
   o.c = __shfl_xor_sync(0xffffffffu, a.c, lane);
@@ -153,47 +166,49 @@ __device__ Acc block_merge(Acc acc) {
     acc = threadIdx.x < kWarps ? warp_acc[threadIdx.x] : acc_init();
     for (int lane = 16; lane > 0; lane >>= 1) acc = acc_merge(acc, shfl_xor(acc, lane));
   }
-  return acc;  // valid in thread 0
+  __syncthreads();  // warp_acc is written again for the block's next row
+  return acc;       // valid in thread 0
 }
 
 template <typename S, int VEC, bool REF>
 __global__ void __launch_bounds__(kThreads)
 partials_kernel(const S* __restrict__ z, const S* __restrict__ zr, const int64_t* __restrict__ labels,
-                int64_t ld, int64_t ldr, int64_t n_real, int64_t vocab_start, int64_t vocab_size,
-                float inv_t, float* __restrict__ out) {
-  using V = Vec<S>;
-  const int64_t row = blockIdx.x;
-  const S* zrow = z + row * ld;
-  const S* rrow = REF ? zr + row * ldr : nullptr;
-  Acc acc = acc_init();
-  float x[V::N], xr[V::N];
-  const int64_t nvec = VEC > 1 ? n_real / V::N : 0;
-  for (int64_t v = threadIdx.x; v < nvec; v += kThreads) {
-    const typename V::T raw = reinterpret_cast<const typename V::T*>(zrow)[v];
-    V::to_float(raw, x);
-    for (int k = 0; k < V::N; ++k) x[k] = __fmul_rn(x[k], inv_t);
-    if (REF) {
-      const typename V::T rraw = reinterpret_cast<const typename V::T*>(rrow)[v];
-      V::to_float(rraw, xr);
-      for (int k = 0; k < V::N; ++k) xr[k] = __fmul_rn(xr[k], inv_t);
+                int64_t rows, int64_t ld, int64_t ldr, int64_t n_real, int64_t vocab_start,
+                int64_t vocab_size, float inv_t, float* __restrict__ out) {
+  static_assert(VEC == 1 || VEC == Pack<S>::N, "VEC: scalar, or one 16-byte pack");
+  constexpr int K = REF ? 9 : 6;
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const S* zrow = z + row * ld;
+    const S* rrow = REF ? zr + row * ldr : nullptr;
+    Acc acc = acc_init();
+    float x[VEC], xr[VEC];
+    int64_t tail = 0;
+    if constexpr (VEC > 1) {
+      const int64_t nvec = n_real / VEC;
+      for (int64_t v = threadIdx.x; v < nvec; v += kThreads) {
+        load_scaled(zrow, v, inv_t, x);
+        if (REF) load_scaled(rrow, v, inv_t, xr);
+        acc_add<REF>(acc, x, xr, VEC);
+      }
+      tail = nvec * VEC;
     }
-    acc_add<REF>(acc, x, xr, V::N);
-  }
-  for (int64_t j = nvec * V::N + threadIdx.x; j < n_real; j += kThreads) {  // tail / scalar path
-    x[0] = __fmul_rn(V::one(zrow + j), inv_t);
-    if (REF) xr[0] = __fmul_rn(V::one(rrow + j), inv_t);
-    acc_add<REF>(acc, x, xr, 1);
-  }
-  acc = block_merge(acc);
-  if (threadIdx.x == 0) {
-    const int64_t y = labels[row], local = y - vocab_start;
-    float ylogit = 0.f;
-    if (y != kIgnore && local >= 0 && local < n_real) ylogit = __fmul_rn(V::one(zrow + local), inv_t);
-    // An invalid label cannot raise here without a host sync: poison its logprob instead.
-    if (vocab_start == 0 && y != kIgnore && (y < 0 || y >= vocab_size)) ylogit = CUDART_NAN_F;
-    float* o = out + row * (REF ? 8 : 5);
-    o[0] = acc.m, o[1] = acc.s, o[2] = acc.a, o[3] = acc.b, o[4] = ylogit;
-    if (REF) o[5] = acc.mr, o[6] = acc.sr, o[7] = acc.c;
+    for (int64_t j = tail + threadIdx.x; j < n_real; j += kThreads) {  // tail / scalar path
+      x[0] = __fmul_rn(to_f(zrow[j]), inv_t);
+      if (REF) xr[0] = __fmul_rn(to_f(rrow[j]), inv_t);
+      acc_add<REF>(acc, x, xr, 1);
+    }
+    acc = block_merge(acc);
+    if (threadIdx.x == 0) {
+      const int64_t y = labels[row], local = y - vocab_start;
+      float ylogit = 0.f;
+      if (y != kIgnore && local >= 0 && local < n_real) ylogit = __fmul_rn(to_f(zrow[local]), inv_t);
+      // An invalid label cannot raise here without a host sync: poison its logprob instead.
+      if (vocab_start == 0 && y != kIgnore && (y < 0 || y >= vocab_size)) ylogit = CUDART_NAN_F;
+      float* o = out + row * K;
+      o[0] = acc.m, o[1] = acc.s, o[2] = acc.a, o[3] = acc.b, o[4] = ylogit;
+      o[5] = static_cast<float>(n_real);
+      if (REF) o[6] = acc.mr, o[7] = acc.sr, o[8] = acc.c;
+    }
   }
 }
 
@@ -213,39 +228,44 @@ __device__ __forceinline__ float grad_one(float x, float xr, int64_t j, int64_t 
 template <typename S, int VEC, bool REF>
 __global__ void __launch_bounds__(kThreads)
 grad_kernel(const S* __restrict__ z, const S* __restrict__ zr, S* __restrict__ dz,
-            const int64_t* __restrict__ labels, int64_t n_cols, int64_t ld, int64_t ldr, int64_t ldd,
-            int64_t n_real, int64_t vocab_start, float inv_t, float inv_v,
+            const int64_t* __restrict__ labels, int64_t rows, int64_t n_cols, int64_t ld, int64_t ldr,
+            int64_t ldd, int64_t n_real, int64_t vocab_start, float inv_t, float inv_v,
             const float* __restrict__ stats, int64_t ks, const float* __restrict__ grads) {
-  using V = Vec<S>;
-  const int64_t row = blockIdx.x;
-  const S* zrow = z + row * ld;
-  const S* rrow = REF ? zr + row * ldr : nullptr;
-  S* drow = dz + row * ldd;
-  float st[5], gr[4];
-  for (int k = 0; k < 5; ++k) st[k] = k < ks ? stats[row * ks + k] : 0.f;
-  for (int k = 0; k < 4; ++k) gr[k] = grads[row * 4 + k];
-  const int64_t y = labels[row];
-  const int64_t label = y == kIgnore ? -1 : y - vocab_start;
-  float x[V::N], xr[V::N], g[V::N];
-  const int64_t nvec = VEC > 1 ? n_cols / V::N : 0;
-  for (int64_t v = threadIdx.x; v < nvec; v += kThreads) {
-    const int64_t j0 = v * V::N;
-    if (j0 < n_real) {
-      V::to_float(reinterpret_cast<const typename V::T*>(zrow)[v], x);
-      if (REF) V::to_float(reinterpret_cast<const typename V::T*>(rrow)[v], xr);
+  static_assert(VEC == 1 || VEC == Pack<S>::N, "VEC: scalar, or one 16-byte pack");
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const S* zrow = z + row * ld;
+    const S* rrow = REF ? zr + row * ldr : nullptr;
+    S* drow = dz + row * ldd;
+    float st[5], gr[4];
+    for (int k = 0; k < 5; ++k) st[k] = k < ks ? stats[row * ks + k] : 0.f;
+    for (int k = 0; k < 4; ++k) gr[k] = grads[row * 4 + k];
+    const int64_t y = labels[row];
+    const int64_t label = y == kIgnore ? -1 : y - vocab_start;
+    int64_t tail = 0;
+    if constexpr (VEC > 1) {
+      const int64_t nvec = n_cols / VEC;
+      for (int64_t v = threadIdx.x; v < nvec; v += kThreads) {
+        const int64_t j0 = v * VEC;
+        float x[VEC], xr[VEC], g[VEC];
+        if (j0 < n_real) {  // a vector of padding only is written, never read
+          load_scaled(zrow, v, inv_t, x);
+          if (REF) load_scaled(rrow, v, inv_t, xr);
+          for (int k = 0; k < VEC; ++k)
+            g[k] = grad_one<REF>(x[k], REF ? xr[k] : 0.f, j0 + k, label, n_real, st, gr, inv_t, inv_v);
+        } else {
+          for (int k = 0; k < VEC; ++k) g[k] = 0.f;
+        }
+        Pack<S> out;
+        for (int k = 0; k < VEC; k += 2) from_f2(g[k], g[k + 1], out.e + k);
+        reinterpret_cast<Pack<S>*>(drow)[v] = out;
+      }
+      tail = nvec * VEC;
     }
-    for (int k = 0; k < V::N; ++k)
-      g[k] = j0 + k < n_real ? grad_one<REF>(__fmul_rn(x[k], inv_t), REF ? __fmul_rn(xr[k], inv_t) : 0.f,
-                                              j0 + k, label, n_real, st, gr, inv_t, inv_v)
-                             : 0.f;
-    typename V::T out;
-    V::from_float(g, out);
-    reinterpret_cast<typename V::T*>(drow)[v] = out;
-  }
-  for (int64_t j = nvec * V::N + threadIdx.x; j < n_cols; j += kThreads) {
-    const float xj = j < n_real ? __fmul_rn(V::one(zrow + j), inv_t) : 0.f;
-    const float rj = REF && j < n_real ? __fmul_rn(V::one(rrow + j), inv_t) : 0.f;
-    V::store_one(drow + j, grad_one<REF>(xj, rj, j, label, n_real, st, gr, inv_t, inv_v));
+    for (int64_t j = tail + threadIdx.x; j < n_cols; j += kThreads) {
+      const float xj = j < n_real ? __fmul_rn(to_f(zrow[j]), inv_t) : 0.f;
+      const float rj = REF && j < n_real ? __fmul_rn(to_f(rrow[j]), inv_t) : 0.f;
+      from_f(grad_one<REF>(xj, rj, j, label, n_real, st, gr, inv_t, inv_v), drow + j);
+    }
   }
 }
 
@@ -254,18 +274,26 @@ bool aligned(const void* p, int64_t ld) {
   return reinterpret_cast<uintptr_t>(p) % 16 == 0 && (ld * static_cast<int64_t>(sizeof(S))) % 16 == 0;
 }
 
+dim3 grid_for(int64_t rows) {
+  return dim3(static_cast<unsigned>(rows < DUALRPO_MAX_BLOCKS ? rows : DUALRPO_MAX_BLOCKS));
+}
+
 template <typename S>
 int launch_partials(const void* z, const void* zr, const int64_t* labels, int64_t rows, int64_t ld,
                     int64_t ldr, int64_t n_real, int64_t vs, int64_t vsize, float inv_t, float* out,
                     cudaStream_t st) {
+  constexpr int W = Pack<S>::N;
   const S* zp = static_cast<const S*>(z);
   const S* rp = static_cast<const S*>(zr);
   const bool vec = aligned<S>(z, ld) && (!zr || aligned<S>(zr, ldr));
-  const dim3 grid(static_cast<unsigned>(rows)), block(kThreads);
-  if (zr && vec) partials_kernel<S, 8, true><<<grid, block, 0, st>>>(zp, rp, labels, ld, ldr, n_real, vs, vsize, inv_t, out);
-  else if (zr) partials_kernel<S, 1, true><<<grid, block, 0, st>>>(zp, rp, labels, ld, ldr, n_real, vs, vsize, inv_t, out);
-  else if (vec) partials_kernel<S, 8, false><<<grid, block, 0, st>>>(zp, rp, labels, ld, ldr, n_real, vs, vsize, inv_t, out);
-  else partials_kernel<S, 1, false><<<grid, block, 0, st>>>(zp, rp, labels, ld, ldr, n_real, vs, vsize, inv_t, out);
+  const dim3 grid = grid_for(rows), block(kThreads);
+#define DUALRPO_PARTIALS(VEC, REF) \
+  DUALRPO_LAUNCH(grid, block, st, partials_kernel<S, VEC, REF>)(zp, rp, labels, rows, ld, ldr, n_real, vs, vsize, inv_t, out)
+  if (zr && vec) DUALRPO_PARTIALS(W, true);
+  else if (zr) DUALRPO_PARTIALS(1, true);
+  else if (vec) DUALRPO_PARTIALS(W, false);
+  else DUALRPO_PARTIALS(1, false);
+#undef DUALRPO_PARTIALS
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -274,17 +302,20 @@ int launch_grad(const void* z, const void* zr, void* dz, const int64_t* labels, 
                 int64_t n_cols, int64_t ld, int64_t ldr, int64_t ldd, int64_t n_real, int64_t vs,
                 int64_t vsize, float inv_t, const float* stats, int64_t ks, const float* grads,
                 cudaStream_t st) {
+  constexpr int W = Pack<S>::N;
   const S* zp = static_cast<const S*>(z);
   const S* rp = static_cast<const S*>(zr);
   S* dp = static_cast<S*>(dz);
   const bool vec = aligned<S>(z, ld) && aligned<S>(dz, ldd) && (!zr || aligned<S>(zr, ldr));
   const float inv_v = 1.0f / static_cast<float>(vsize);
-  const dim3 grid(static_cast<unsigned>(rows)), block(kThreads);
-#define DUALRPO_GRAD(VEC, REF) \
-  grad_kernel<S, VEC, REF><<<grid, block, 0, st>>>(zp, rp, dp, labels, n_cols, ld, ldr, ldd, n_real, vs, inv_t, inv_v, stats, ks, grads)
-  if (zr && vec) DUALRPO_GRAD(8, true);
+  const dim3 grid = grid_for(rows), block(kThreads);
+#define DUALRPO_GRAD(VEC, REF)                                                                    \
+  DUALRPO_LAUNCH(grid, block, st, grad_kernel<S, VEC, REF>)(zp, rp, dp, labels, rows, n_cols, ld, \
+                                                            ldr, ldd, n_real, vs, inv_t, inv_v,   \
+                                                            stats, ks, grads)
+  if (zr && vec) DUALRPO_GRAD(W, true);
   else if (zr) DUALRPO_GRAD(1, true);
-  else if (vec) DUALRPO_GRAD(8, false);
+  else if (vec) DUALRPO_GRAD(W, false);
   else DUALRPO_GRAD(1, false);
 #undef DUALRPO_GRAD
   return static_cast<int>(cudaGetLastError());
@@ -297,6 +328,7 @@ extern "C" int dualrpo_cuda_partials(const void* z, const void* zr, int dtype, c
                                      int64_t vocab_start, int64_t vocab_size, float inv_t, float* out,
                                      void* stream) {
   if (rows == 0) return 0;
+  if (rows < 0 || n_real < 0) return static_cast<int>(cudaErrorInvalidValue);
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   switch (dtype) {
     case DUALRPO_F32: return launch_partials<float>(z, zr, labels, rows, ld, ldr, n_real, vocab_start, vocab_size, inv_t, out, st);
@@ -311,6 +343,7 @@ extern "C" int dualrpo_cuda_grad(const void* z, const void* zr, void* dz, int dt
                                  int64_t n_real, int64_t vocab_start, int64_t vocab_size, float inv_t,
                                  const float* stats, int64_t ks, const float* grads, void* stream) {
   if (rows == 0) return 0;
+  if (rows < 0 || n_real < 0 || n_real > n_cols || vocab_size <= 0) return static_cast<int>(cudaErrorInvalidValue);
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   switch (dtype) {
     case DUALRPO_F32: return launch_grad<float>(z, zr, dz, labels, rows, n_cols, ld, ldr, ldd, n_real, vocab_start, vocab_size, inv_t, stats, ks, grads, st);

@@ -10,8 +10,8 @@ extern "C" {
 
 enum { DUALRPO_F32 = 0, DUALRPO_BF16 = 1, DUALRPO_F16 = 2 };
 
-// out[rows, 5 or 8] float32 partials of this shard; zr = NULL for no reference.
-// ld/ldr: row strides in elements (column stride must be 1).
+// out[rows, 6 or 9] float32 partials of this shard; zr = NULL for no reference.
+// ld/ldr: row strides in elements (column stride must be 1). Any rows >= 0 (64-bit).
 int dualrpo_cuda_partials(const void* z, const void* zr, int dtype, const int64_t* labels,
                           int64_t rows, int64_t ld, int64_t ldr, int64_t n_real,
                           int64_t vocab_start, int64_t vocab_size, float inv_t, float* out,

@@ -100,7 +100,7 @@ _lib.impl("grad_logits", lambda z, y, r, st, g, vs, n, V, it:
 
 
 def _fake_partials(z, y, r, vs, n, V, it):
-    return z.new_empty((z.shape[0], 5 if r is None else 8), dtype=_fallback.acc_dtype(z.dtype))
+    return z.new_empty((z.shape[0], 6 if r is None else 9), dtype=_fallback.acc_dtype(z.dtype))
 
 
 def _fake_grad(z, y, r, st, g, vs, n, V, it):

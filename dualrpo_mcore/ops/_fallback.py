@@ -28,10 +28,10 @@ def _finite_or_zero(t: torch.Tensor) -> torch.Tensor:
 
 def partials(logits: torch.Tensor, labels: torch.Tensor, ref: Optional[torch.Tensor],
              vocab_start: int, n_real: int, inv_t: float) -> torch.Tensor:
-    """Per-row partials of this shard: ``[T, 5]`` (m, S, A, B, y) or ``[T, 8]`` (+ mr, Sr, C)."""
+    """Per-row partials of this shard: ``[T, 6]`` (m, S, A, B, y, n) or ``[T, 9]`` (+ mr, Sr, C)."""
     acc = acc_dtype(logits.dtype)
     rows = logits.shape[0]
-    k = 5 if ref is None else 8
+    k = 6 if ref is None else 9
     out = torch.empty(rows, k, dtype=acc, device=logits.device)
     for s in range(0, rows, CHUNK_ROWS):
         e_ = min(rows, s + CHUNK_ROWS)
@@ -51,12 +51,14 @@ def _partials_chunk(z, labels, ref, vocab_start, n_real, inv_t, acc):
     e = torch.exp(d)
     live = e > 0
     zero = torch.zeros((), dtype=acc, device=z.device)
-    cols = [m, e.sum(1), torch.where(live, e * d, zero).sum(1), x.sum(1)]
+    # B relative to the max (d.sum), not x.sum(): see the merge in token_stats.py.
+    cols = [m, e.sum(1), torch.where(live, e * d, zero).sum(1), d.sum(1)]
     local = labels - vocab_start
     owned = (local >= 0) & (local < n_real)
     idx = torch.where(owned, local, torch.zeros_like(local))
     y = x.gather(1, idx[:, None])[:, 0] if n_real > 0 else torch.zeros(rows, dtype=acc, device=z.device)
     cols.append(torch.where(owned, y, zero))
+    cols.append(torch.full((rows,), float(n_real), dtype=acc, device=z.device))
     if ref is not None:
         xr = ref[:, :n_real].to(acc) * inv_t
         mr = xr.amax(dim=1) if n_real > 0 else torch.full_like(m, float("-inf"))

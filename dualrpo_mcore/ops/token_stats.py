@@ -6,7 +6,7 @@ Definitions (DESIGN.md section 1, eq. 1), per token, over the V *real* columns o
     x = z / T,   log Z = logsumexp_j x_j,   p = softmax(x)
     logprob  = x_y - log Z                       (0 for label -100, which also gets no gradient)
     entropy  = -sum_j p_j log p_j = log Z - mu,  mu = sum_j p_j x_j
-    self_certainty = KL(U || p) = log Z - mean_j x_j - log V
+    self_certainty = KL(U || p) = log Z - mean_j x_j - log V = log(S / V) - mean_j (x_j - M)
     kl       = KL(p || q) = sum_j p_j (x_j - r_j) - log Z + log Z_r,   q = softmax(r),  r = z_ref / T
 
 Every statistic is taken in the scaled units x (the temperature applies to the reference too).
@@ -14,22 +14,28 @@ Every statistic is taken in the scaled units x (the temperature applies to the r
 **Partials.** Each rank reduces its shard of a row to a few floats (the kernels in ``csrc/``,
 or ``_fallback.py``), relative to its local maxima m = max x, m_r = max r:
 
-    m, S = sum e_j, A = sum e_j (x_j - m), B = sum x_j, y = x_label (if owned, else 0)
+    m, S = sum e_j, A = sum e_j (x_j - m), B = sum (x_j - m), y = x_label (if owned, else 0),
+    n = number of real columns of the shard
     [with ref]  m_r, S_r = sum exp(r_j - m_r), C = sum e_j ((x_j - m) - (r_j - m_r))
     where e_j = exp(x_j - m); a term with e_j = 0 contributes 0 (so x_j = -inf is harmless).
+    Layout: ``[T, 6]`` = (m, S, A, B, y, n), ``[T, 9]`` with (m_r, S_r, C) appended.
 
-**Merge.** One all-gather of the ``[T, 5]`` (or ``[T, 8]``) partials; every rank then folds the
-ranks in the fixed order 0..W-1, so all ranks produce bitwise identical numbers. Moving a
-partial from its max m_k to the global max M (delta = m_k - M, w = exp(delta)):
+**Merge.** One all-gather of the partials; every rank then folds the ranks in the fixed order
+0..W-1, so all ranks produce bitwise identical numbers. Moving a partial from its max m_k to the
+global max M (delta = m_k - M, w = exp(delta)):
 
-    S += w S_k,   A += w (A_k + delta S_k),   C += w (C_k + S_k (delta - delta_r)),   S_r += w_r S_r,k
+    S += w S_k,   A += w (A_k + delta S_k),   B += B_k + n_k delta,
+    C += w (C_k + S_k (delta - delta_r)),   S_r += w_r S_r,k
 
-and B, y simply add (only the owner's y is non-zero, so the sum is exact). Then
+and y simply adds (only the owner's y is non-zero, so the sum is exact). Then
 
     log Z = M + log S,  mu = M + A / S,  entropy = log S - A / S,
-    self_certainty = M + log S - B / V - log V,   kl = C / S - log S + log S_r,
+    self_certainty = log(S / V) - B / V,   kl = C / S - log S + log S_r,
 
-written so that the large M cancels analytically where it can (entropy, kl are M-free).
+written so that the large M cancels analytically (every statistic is M-free). B is kept relative
+to the max for the same reason: as a plain sum of x_j it cancels against M in fp32 and a uniform
+row at |x| ~ 1e4 came out at -3.6e-3; shifted, a uniform row sums exact zeros and S = V exactly,
+so its self-certainty is exactly 0 at any offset.
 
 **Backward** (no collective; per shard; one read of z [and z_ref], one write of dz). With the
 incoming gradients c (logprob; 0 where the label is -100), g_H, g_SC, g_KL, and p_j = exp(x_j -
@@ -98,13 +104,15 @@ def _all_gather(parts: torch.Tensor, group) -> torch.Tensor:
 
 def merge(gathered: torch.Tensor, labels: torch.Tensor, vocab_size: int):
     """Fold ``[W, T, K]`` partials in rank order; return (outputs, saved stats), see module doc."""
-    g = gathered.to(torch.float64)  # [T]-sized work: float64 costs nothing and helps sc at |z|~1e4
-    m, s, a, b, y = g[..., 0], g[..., 1], g[..., 2], g[..., 3], g[..., 4]
+    g = gathered.to(torch.float64)  # [T]-sized work: float64 costs nothing here
+    if g.shape[-1] not in (6, 9):
+        raise ValueError(f"token_stats merge: partials must have 6 or 9 columns, got {g.shape[-1]}")
+    m, s, a, b, y, n = (g[..., i] for i in range(6))
     big_m = m.amax(0)
     big_m = torch.where(torch.isfinite(big_m), big_m, torch.zeros_like(big_m))
-    has_ref = g.shape[-1] == 8
+    has_ref = g.shape[-1] == 9
     if has_ref:
-        mr_all = g[..., 5].amax(0)
+        mr_all = g[..., 6].amax(0)
         big_mr = torch.where(torch.isfinite(mr_all), mr_all, torch.zeros_like(mr_all))
     zero = torch.zeros((), dtype=torch.float64, device=g.device)
     s_t = a_t = b_t = y_t = sr_t = c_t = zero
@@ -114,19 +122,20 @@ def merge(gathered: torch.Tensor, labels: torch.Tensor, vocab_size: int):
         w = torch.where(live, torch.exp(delta), zero)
         s_t = s_t + w * s[k]
         a_t = a_t + torch.where(live, w * (a[k] + delta * s[k]), zero)
-        b_t = b_t + b[k]
+        # A shard whose max is -inf holds only -inf (B_k = -inf already) or nothing (B_k = 0).
+        b_t = b_t + torch.where(m[k] > -math.inf, b[k] + n[k] * (m[k] - big_m), b[k])
         y_t = y_t + y[k]
         if has_ref:
-            live_r = g[k, :, 6] > 0
-            delta_r = torch.where(live_r, g[k, :, 5] - big_mr, zero)
-            sr_t = sr_t + torch.where(live_r, torch.exp(delta_r) * g[k, :, 6], zero)
-            c_t = c_t + torch.where(live, w * (g[k, :, 7] + s[k] * (delta - delta_r)), zero)
+            live_r = g[k, :, 7] > 0
+            delta_r = torch.where(live_r, g[k, :, 6] - big_mr, zero)
+            sr_t = sr_t + torch.where(live_r, torch.exp(delta_r) * g[k, :, 7], zero)
+            c_t = c_t + torch.where(live, w * (g[k, :, 8] + s[k] * (delta - delta_r)), zero)
     log_s = torch.log(s_t)
     hbar = a_t / s_t
     ignore = labels == IGNORE_INDEX
     logprob = torch.where(ignore, zero, y_t - big_m - log_s)
     entropy = log_s - hbar
-    sc = big_m + log_s - b_t / vocab_size - math.log(vocab_size)
+    sc = torch.log(s_t / vocab_size) - b_t / vocab_size
     cols = [big_m, log_s, hbar]
     kl = None
     if has_ref:

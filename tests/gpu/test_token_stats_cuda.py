@@ -81,3 +81,27 @@ def test_cuda_agrees_with_cpu_kernel():
     gpu = token_stats(z.cuda(), labels.cuda(), vocab_size=3001, ref_logits=ref.cuda(), backend="ext")
     for a, b in zip(list(cpu) + [cpu.kl], list(gpu) + [gpu.kl]):
         torch.testing.assert_close(b.cpu(), a, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_uniform_rows_have_zero_self_certainty(dtype):
+    offsets = [v for v in (1.4e4, -3e4, 1e6) if torch.isfinite(torch.tensor(v).to(dtype))]
+    for vocab in (1, 1001, 50000):
+        z = torch.tensor(offsets).to(dtype)[:, None].expand(-1, vocab).contiguous().cuda()
+        labels = torch.zeros(len(offsets), dtype=torch.long, device="cuda")
+        sc = token_stats(z, labels, temperature=0.7, backend="ext").self_certainty
+        assert torch.equal(sc, torch.zeros_like(sc)), (vocab, sc.tolist())
+
+
+def test_cuda_glue_checks_its_arguments():
+    partials, grad = _ext.ops("ext")
+    z = torch.randn(4, 40, device="cuda")
+    y = torch.zeros(4, dtype=torch.long, device="cuda")
+    with pytest.raises(RuntimeError, match="n_real = 41 outside"):
+        partials(z, y, None, 0, 41, 40, 1.0)
+    with pytest.raises(RuntimeError, match="labels must be"):
+        partials(z, y[:3], None, 0, 40, 40, 1.0)
+    with pytest.raises(RuntimeError, match="labels are on cpu"):
+        partials(z, y.cpu(), None, 0, 40, 40, 1.0)
+    with pytest.raises(RuntimeError, match="grads must be"):
+        grad(z, y, None, torch.zeros(4, 3, device="cuda"), torch.zeros(4, 3, device="cuda"), 0, 40, 40, 1.0)

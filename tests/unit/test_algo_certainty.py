@@ -142,3 +142,15 @@ def test_extreme_logits_stay_finite():
     ref = [ref_token_sc(row) for row in z.double().numpy()]
     assert torch.isfinite(sc).all()
     np.testing.assert_allclose(sc.numpy(), ref, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_uniform_rows_are_zero_at_large_offsets(dtype, temperature):
+    # Shifted by the row max (DESIGN.md eq. 1): the offset cancels exactly, wherever it is finite.
+    for value in (1.4e4, -3e4, 1e6):
+        z = torch.full((2, 1001), value).to(dtype)
+        if not torch.isfinite(z).all():
+            continue  # 1e6 overflows fp16
+        sc = token_self_certainty(z, temperature=temperature)
+        assert torch.equal(sc, torch.zeros_like(sc)), (value, sc)

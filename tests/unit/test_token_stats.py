@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dualrpo_mcore.ops import TokenStats, load_error, load_extension, token_stats
-from test_token_stats_reference import IGNORE, awkward_inputs, reference_with_grads, tolerance
+from test_token_stats_reference import IGNORE, awkward_inputs, reference, reference_with_grads, tolerance
 
 HAS_EXT = load_extension() is not None
 BACKENDS = [
@@ -165,3 +165,60 @@ def test_torch_compile(backend):
     compiled.backward()
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(x2.grad, x1.grad)
+
+
+# --- self-certainty at large offsets (DESIGN.md eq. 1: shifted by the row max) ------------------
+
+OFFSETS = [1.4e4, -3e4, 1e6]
+
+
+def _finite_offsets(dtype):
+    return [v for v in OFFSETS if torch.isfinite(torch.tensor(v).to(dtype)).item()]  # fp16 tops at 65504
+
+
+def _sharded_stats(z, labels, vocab, temperature, bounds, backend):
+    """Outputs of the per-shard partials folded by the tensor-parallel merge, on one process."""
+    from dualrpo_mcore.ops import _ext
+    from dualrpo_mcore.ops.token_stats import merge
+
+    partials, _ = _ext.ops(backend)
+    parts = [partials(z[:, a:b], labels, None, a, max(0, min(b, vocab) - a), vocab, 1.0 / temperature)
+             for a, b in zip(bounds, bounds[1:])]
+    (lp, h, sc, _), _ = merge(torch.stack(parts), labels, vocab)
+    return lp, h, sc
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_uniform_rows_have_zero_self_certainty_at_any_offset(backend, dtype, temperature):
+    offsets = _finite_offsets(dtype)
+    for vocab in (1, 37, 1001, 50000):
+        z = torch.tensor(offsets).to(dtype)[:, None].expand(-1, vocab).contiguous()
+        labels = torch.zeros(len(offsets), dtype=torch.long)
+        sc = token_stats(z, labels, temperature=temperature, backend=backend).self_certainty
+        assert torch.equal(sc, torch.zeros_like(sc)), (vocab, sc.tolist())
+        bounds = [0, vocab // 3, vocab] if vocab > 2 else [0, vocab]
+        _, _, sc = _sharded_stats(z, labels, vocab, temperature, bounds, backend)
+        assert torch.equal(sc, torch.zeros_like(sc)), ("sharded", vocab, sc.tolist())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_self_certainty_error_does_not_grow_with_the_offset(backend):
+    # fp32 logits around a large offset: the inputs are what they are (quantised by the offset,
+    # and x = z * (1/T) rounded in fp32, so the reference starts from that x), but the statistic
+    # over them must be as accurate as at offset 0; an unshifted mean of x loses ~ulp(sum x) / V,
+    # 1e-3 and more at 1e4. Sharded: the shards' maxima differ, so the mean term is re-based in
+    # the merge.
+    g = torch.Generator().manual_seed(11)
+    vocab, temperature = 1000, 0.7
+    for offset in OFFSETS:
+        z = (offset + torch.randn(4, vocab, generator=g, dtype=torch.float64) * 3).float()
+        labels = torch.randint(0, vocab, (4,), generator=g)
+        x32 = z * torch.tensor(1.0 / temperature, dtype=torch.float32)
+        want = reference(x32, labels, vocab)[2]
+        got = token_stats(z, labels, temperature=temperature, backend=backend).self_certainty
+        assert float((got.double() - want).abs().max()) < 1e-4, (offset, got, want)
+        _, _, got = _sharded_stats(z, labels, vocab, temperature, [0, 333, 700, vocab], backend)
+        assert float((got - want).abs().max()) < 1e-4, ("sharded", offset, got, want)
+        assert bool((got >= 0).all())
