@@ -20,11 +20,18 @@ for a in "$@"; do [ "$a" = "--dry-run" ] && dry=1; done
 if [ "$dry" = 0 ]; then
   t0=$(date +%s)
   if ! "$PY" -c "import megatron.core" >/dev/null 2>&1 && [ -d .whl ]; then
-    echo "[gpu_check] installing runtime wheels from .whl/"
-    "$PY" -m pip install -q --no-index --find-links .whl --no-deps .whl/*.whl
+    # As ../shared/offline/fetch_wheels.sh prints: a target dir, so the image's own packages
+    # (torch above all) are never touched.
+    echo "[gpu_check] installing runtime wheels from .whl/ into /tmp/site"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   fi
   echo "[gpu_check] building the extension (CUDA where torch has it and nvcc is found)"
-  "$PY" -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -20
+  if ! "$PY" -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -20; then
+    echo "[gpu_check] editable install refused here; building the extension in place instead"
+    "$PY" setup.py -q build_ext --inplace
+  fi
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
   "$PY" -c "import dualrpo_mcore._C as c, torch; print('[gpu_check] extension built; CUDA kernels compiled in:', c.has_cuda(), '| torch', torch.__version__, 'cuda', torch.version.cuda)"
   setup=$(( $(date +%s) - t0 ))
   echo "[gpu_check] set-up took ${setup} s"
