@@ -1,20 +1,22 @@
 """The DualRPO paper reproduction on Slurm: Qwen2.5-VL-7B-Instruct, Orsta-Data-47k, one 8xH100 node.
 
-    python examples/qwen2_5_vl_7b_paper.py --data /lustre/orsta --init /lustre/models/Qwen2.5-VL-7B-Instruct \\
-        --out /lustre/runs/7b_dualrpo --account ACCT --partition batch --container IMAGE \\
-        --mount /lustre:/lustre [--grpo | --both] [--dryrun]
+    python examples/qwen2_5_vl_7b_paper.py --data /lustre/Orsta-Data-47k/train \\
+        --init /lustre/models/Qwen2.5-VL-7B-Instruct --out /lustre/runs/7b_dualrpo \\
+        --account ACCT --partition batch --container IMAGE --mount /lustre:/lustre [--grpo | --both] [--dryrun]
 
 ``--grpo`` runs the GRPO baseline (recipe ``qwen2_5_vl_7b_paper_grpo``) instead of DualRPO; ``--both``
 submits both as one nemo-run experiment (runs in ``<out>/dualrpo`` and ``<out>/grpo``) for the
-paper's comparison. Data: each Orsta-Data-47k train file converted with
-``dualrpo data convert-vtriune SRC <data>/<same name>`` (see trainer/recipes_paper.py).
+paper's comparison. Data: ``--data`` is the ``train/`` folder of Orsta-Data-47k as downloaded
+(``huggingface-cli download --repo-type dataset One-RL-to-See-Them-All/Orsta-Data-47k``): its parquet
+files are read as published, with V-Triune's rewards (``data.reward_profile='vtriune'``), prompt
+instructions and image sizing (see trainer/recipes_paper.py and docs/vtriune.md).
 """
 import argparse
 import os
 import sys
 
 from dualrpo_mcore.launch import cli, nemo
-from dualrpo_mcore.trainer.recipes_paper import default_world
+from dualrpo_mcore.trainer.recipes_paper import default_world, discover_orsta
 
 RECIPES = {"dualrpo": "qwen2_5_vl_7b_paper", "grpo": "qwen2_5_vl_7b_paper_grpo"}
 
@@ -30,8 +32,17 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def check_data(data: str) -> None:
+    """Orsta's train files, as the recipe reads them; a folder without them would train on nothing."""
+    if not discover_orsta(data):
+        raise nemo.LaunchError(f"--data {data}: no Orsta train files (train_{{task}}_{{source}}_{{n}}.parquet); "
+                               "pass the train/ folder of Orsta-Data-47k as downloaded")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if os.path.isdir(args.data):  # a path only the cluster mounts cannot be looked into from here
+        check_data(args.data)
     args.exp_dir = cli.exp_dir(args)
     variants = ["dualrpo", "grpo"] if args.both else ["grpo" if args.grpo else "dualrpo"]
     nodes, gpus = default_world(RECIPES["dualrpo"])

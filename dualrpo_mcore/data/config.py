@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 FORMATS = ("auto", "parquet", "jsonl", "arrow", "saved")
 BAD_ROW_POLICIES = ("fail", "skip")
+REWARD_PROFILES = ("vtriune", "native")
+INSTRUCTION_POOLS = ("vtriune_cot",)
 
 
 @dataclass
@@ -67,6 +69,22 @@ class DataConfig:
     """Rows to read before ``max_bad_fraction`` is enforced (a few bad rows early are noise)."""
     validate_specs: bool = True
     """Check each reward spec with the verifiers' ``validate_spec`` (unknown verifier, bad params)."""
+    reward_profile: str = "vtriune"
+    """How rows in V-Triune's published layout (Orsta-Data-47k: ``prompt``, ``reward_model``, ...)
+    are scored. ``vtriune``: rows naming their ``mathverify``/``detection`` verifiers get
+    ``vtriune_math``/``vtriune_detection``, which reproduce their reward server. ``native``: this
+    package's verifiers (math, choice, detection, ... plus a ``format`` component). Rows in our own
+    schema name their verifier in ``reward`` and are not affected (one may name ``vtriune_math``)."""
+    instructions: Dict[str, str] = field(default_factory=dict)
+    """Task -> instruction pool appended to the last prompt message, per row and epoch. The one pool,
+    ``vtriune_cot``, is V-Triune's "think step by step / answer in \\boxed{}" pair, applied to rows
+    scored by math-verify-style verifiers (``data.vtriune_prompts.VTRIUNE_INSTRUCTIONS`` lists
+    their six tasks). Empty = prompts as written."""
+    image_resize: Dict[str, List[int]] = field(default_factory=dict)
+    """Task -> ``[min_area, max_area]`` in pixels: images of that task are shrunk above max and
+    enlarged below min before the processor (V-Triune: ``[512*512, 2048*2048]`` for every task,
+    ``data.vtriune_prompts.VTRIUNE_IMAGE_RESIZE``); the resized image is what the rollout engine
+    receives too. A task absent here keeps its images as they are."""
 
     def __post_init__(self):
         self.sources = [s if isinstance(s, SourceConfig) else SourceConfig(**s) for s in self.sources]
@@ -87,6 +105,27 @@ class DataConfig:
             raise ValueError("DataConfig.max_bad_fraction must be in [0, 1]")
         if self.min_rows_for_fraction < 1:
             raise ValueError("DataConfig.min_rows_for_fraction must be >= 1")
+        self._check_per_task()
         names = [s.name for s in self.sources if s.name]
         if len(names) != len(set(names)):
             raise ValueError(f"DataConfig.sources: duplicate source names {names}")
+
+    def _check_per_task(self) -> None:
+        from dualrpo_mcore.data.schema import TASKS
+
+        if self.reward_profile not in REWARD_PROFILES:
+            raise ValueError(f"DataConfig.reward_profile must be one of {REWARD_PROFILES}, got {self.reward_profile!r}")
+        for name, table in (("instructions", self.instructions), ("image_resize", self.image_resize)):
+            unknown = sorted(set(table) - set(TASKS) - {"other"})
+            if unknown:
+                raise ValueError(f"DataConfig.{name}: unknown task {unknown[0]!r}; tasks: {TASKS + ('other',)}")
+        for task, pool in self.instructions.items():
+            if pool not in INSTRUCTION_POOLS:
+                raise ValueError(f"DataConfig.instructions[{task!r}] must be one of {INSTRUCTION_POOLS}, got {pool!r}")
+        for task, bounds in self.image_resize.items():
+            ok = (isinstance(bounds, (list, tuple)) and len(bounds) == 2
+                  and all(isinstance(v, int) and not isinstance(v, bool) for v in bounds)
+                  and 0 <= bounds[0] <= bounds[1])
+            if not ok:
+                raise ValueError(f"DataConfig.image_resize[{task!r}] must be [min_area, max_area] ints with "
+                                 f"0 <= min <= max, got {bounds!r}")

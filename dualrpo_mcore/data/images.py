@@ -56,6 +56,28 @@ def open_image(entry: Dict[str, Any], *, base_dir: str = "", max_image_pixels: i
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
+def resize_to_area(img, min_pixels: int, max_pixels: int):
+    """V-Triune's image sizing (their ``rl_dataset.process_image``), run before the processor: an
+    image above ``max_pixels`` is shrunk, then one below ``min_pixels`` is enlarged, each by the
+    square root of the area ratio with the new sides truncated to integers (PIL's default filter).
+
+    It changes the pixels both the trainer and the rollout engine receive, so both count the same
+    image tokens; the processor's own bounds (``DataConfig.min_pixels``/``max_pixels``) still
+    apply afterwards."""
+    if max_pixels > 0 and img.width * img.height > max_pixels:
+        img = _scale_to(img, max_pixels)
+    if min_pixels > 0 and img.width * img.height < min_pixels:
+        img = _scale_to(img, min_pixels)
+    return img
+
+
+def _scale_to(img, area: int):
+    import math
+
+    f = math.sqrt(area / (img.width * img.height))
+    return img.resize((int(img.width * f), int(img.height * f)))
+
+
 def num_image_tokens(grid_thw: Sequence[int]) -> int:
     """LM placeholder tokens for one image: t*h*w patches, merged 2x2."""
     t, h, w = (int(x) for x in grid_thw)

@@ -23,8 +23,10 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from dualrpo_mcore.data.config import DataConfig, SourceConfig
-from dualrpo_mcore.data.images import ImageError, ImageProcessor, open_image
-from dualrpo_mcore.data.schema import BadRow, Row, to_chat, validate_row
+from dualrpo_mcore.data.images import PATCH_SIZE, ImageError, ImageProcessor, open_image, resize_to_area
+from dualrpo_mcore.data.schema import TASKS, BadRow, Row, to_chat, validate_row
+from dualrpo_mcore.data.vtriune import is_vtriune_row, task_of
+from dualrpo_mcore.data.vtriune_prompts import instruction, with_instruction
 
 log = logging.getLogger("dualrpo.data")
 
@@ -215,6 +217,7 @@ class PromptLoader:
 
     def _advance(self, s: int) -> int:
         epoch, pos = self.cursors[s]
+        self._row_epoch = epoch
         idx = int(self._perm(s, epoch)[pos])
         pos += 1
         if pos == len(self.sources[s]):
@@ -275,26 +278,51 @@ class PromptLoader:
         """Read, validate, decode and process one row; raises BadRow or _Filtered."""
         src = self.sources[s]
         path, r, raw = src.raw(idx)
-        row: Row = validate_row(raw, file=path, row=r, check_spec=self.cfg.validate_specs)
         base = os.path.dirname(os.path.abspath(path))
+        if is_vtriune_row(raw):
+            raw = self._from_vtriune(raw, path, r, base)
+        row: Row = validate_row(raw, file=path, row=r, check_spec=self.cfg.validate_specs)
+        task = row.task if row.task in TASKS else task_or_own(row.task)
         imgs = []
         for j, entry in enumerate(row.images):
             try:
                 imgs.append(open_image(entry, base_dir=base, max_image_pixels=self.cfg.max_image_pixels))
             except ImageError as e:
                 raise BadRow(path, r, f"images[{j}]", str(e)) from None
+        bounds = self.cfg.image_resize.get(task)
+        if bounds:  # before processing, so the engine gets these very pixels and counts alike
+            imgs = [resize_to_area(im, bounds[0], bounds[1]) for im in imgs]
         processed = self.images(imgs)
-        chat = to_chat(row.messages)
+        reward = with_image_hw(row.reward, processed)
+        uid = f"{src.name}:{os.path.basename(path)}:{r}" if row.id is None else f"{src.name}:{row.id}"
+        messages = row.messages
+        pool = self.cfg.instructions.get(task)
+        if pool:
+            text = instruction(pool, reward, seed=self.cfg.seed, uid=uid, epoch=getattr(self, "_row_epoch", 0))
+            messages = with_instruction(messages, text)
+        chat = to_chat(messages)
         text, ids = self._tokenize(chat, processed)
         if self.cfg.max_prompt_tokens is not None and len(ids) > self.cfg.max_prompt_tokens:
             raise _Filtered(path, r, "max_prompt_tokens")
-        uid = f"{src.name}:{os.path.basename(path)}:{r}" if row.id is None else f"{src.name}:{row.id}"
         return Prompt(uid=uid, source=src.name, file=path, row=r, messages=chat, images=imgs,
                       pixel_values=None if processed is None else processed.pixel_values,
                       image_grid_thw=None if processed is None else processed.image_grid_thw,
-                      reward=row.reward, task=row.task, data_source=row.data_source,
+                      reward=reward, task=task, data_source=row.data_source,
                       difficulty=row.difficulty, solution=row.solution, prompt_text=text,
                       input_ids=ids, extra=row.extra)
+
+    def _from_vtriune(self, raw, path: str, r: int, base: str) -> Dict[str, Any]:
+        """A row in V-Triune's layout, converted as read (``data.vtriune``)."""
+        from dualrpo_mcore.data.vtriune import convert_row
+
+        try:
+            return convert_row(raw, base_dir=base, profile=self.cfg.reward_profile,
+                               file_name=os.path.basename(path), image_resize=self.cfg.image_resize,
+                               size_images=False, min_pixels=self.cfg.min_pixels,
+                               max_pixels=self.cfg.max_pixels)
+        except (ValueError, KeyError, TypeError) as e:
+            field_name = str(e).split(":", 1)[0] if ":" in str(e) else "reward_model"
+            raise BadRow(path, r, field_name, str(e)) from None
 
     def _tokenize(self, chat, processed):
         if self.tokenizer is None:
@@ -331,6 +359,23 @@ class PromptLoader:
     def stats(self) -> Dict[str, Any]:
         return {"draws": self.draws, "attempts": self.attempts, "bad_rows": len(self.bad),
                 "filtered": dict(self.filtered), "epochs": [c[0] for c in self.cursors]}
+
+
+def task_or_own(task: str) -> str:
+    """A free-form task name that names one of ours (``cv_detection``) becomes it; others stay."""
+    mapped = task_of(task)
+    return task if mapped == "other" else mapped
+
+
+def with_image_hw(spec: Dict[str, Any], processed) -> Dict[str, Any]:
+    """A ``vtriune_detection`` spec that maps pixels to the 0..1000 grid needs the size the model
+    saw; it comes from the processed grid (theirs: ``image_grid_thw`` * 14), whatever was computed
+    when the row was converted."""
+    params = spec.get("params") or {}
+    if spec.get("verifier") != "vtriune_detection" or not params.get("det_verifier_normalized") or processed is None:
+        return spec
+    _, gh, gw = (int(v) for v in processed.image_grid_thw[0].tolist())
+    return dict(spec, params=dict(params, image_hw=[gh * PATCH_SIZE, gw * PATCH_SIZE]))
 
 
 class _Filtered(Exception):

@@ -5,8 +5,9 @@ Columns (parquet / jsonl / arrow / saved ``datasets`` directories all carry the 
     messages     list of {"role": str, "content": str}; "<image>" in a content string marks where
                  an image goes (images are consumed in order across all messages)
     images       list of {"bytes": binary | null, "path": str | null}  (the layout of the
-                 ``datasets.Image`` feature, so HF-written image columns load as-is); a relative
-                 path is resolved against the data file's directory
+                 ``datasets.Image`` feature, so HF-written image columns load as-is; in jsonl,
+                 bytes are base64 text); a relative path is resolved against the data file's
+                 directory
     reward       the verifier spec, a JSON string (or a dict in jsonl):
                  {"verifier": NAME, "answer": ..., "params": {...}} or {"components": [...]}
     task         one of TASKS (free-form names are accepted; TASKS are the paper's eight)
@@ -19,6 +20,7 @@ verifier (a string, a number, a list of boxes) and a parquet column has one type
 """
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
@@ -127,7 +129,13 @@ def _check_images(imgs: Any, fail) -> List[Dict[str, Any]]:
             im = {"bytes": None, "path": im}
         elif not isinstance(im, Mapping) or not (im.get("bytes") or im.get("path")):
             fail(f"images[{i}]", "needs non-empty 'bytes' or 'path'")
-        out.append({"bytes": im.get("bytes"), "path": im.get("path")})
+        data = im.get("bytes")
+        if isinstance(data, str):  # jsonl holds bytes as base64 text
+            try:
+                data = base64.b64decode(data, validate=True)
+            except ValueError:
+                fail(f"images[{i}].bytes", "a string here must be base64")
+        out.append({"bytes": data, "path": im.get("path")})
     return out
 
 

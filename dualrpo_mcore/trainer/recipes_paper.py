@@ -3,8 +3,12 @@
 The training set is V-Triune's Orsta-Data-47k ("One RL to See Them All", arXiv:2505.18129), the
 corpus the DualRPO paper trains on: 47.7K samples from 18 datasets over eight tasks (math,
 puzzle, science, chart; detection, grounding, counting, OCR), ~27.1K reasoning and ~20.6K
-perception samples (V-Triune section 5.1.1). Convert each released file with
-``dualrpo data convert-vtriune SRC DATA/<same file name>`` so the recipe finds it in ``DATA/``.
+perception samples (V-Triune section 5.1.1). ``DATA`` is the dataset's ``train/`` folder as
+downloaded (``train_{task}_{source}_{n}.parquet``): the loader reads those rows as published, and
+their rewards are V-Triune's own (``data.reward_profile='vtriune'``: the ``vtriune_math`` and
+``vtriune_detection`` verifiers reproduce their reward server), with their prompt instructions and
+image sizing turned on (``data.instructions``, ``data.image_resize``; see ``data/vtriune_prompts.py``).
+No conversion step is needed.
 
 Every recipe here builds without any file existing (``init=None`` gives the released architecture
 as a randomly initialised preset): the memory planner and the benchmarks only need the shapes.
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 from dualrpo_mcore.data import DataConfig, SourceConfig
+from dualrpo_mcore.data.vtriune_prompts import VTRIUNE_IMAGE_RESIZE, VTRIUNE_INSTRUCTIONS
 from dualrpo_mcore.models.qwen2_5_vl.training import ModuleTraining
 from dualrpo_mcore.rollout.engine import SamplingParams
 
@@ -120,7 +125,8 @@ def discover_orsta(data_dir: str) -> List[Tuple[str, OrstaSource]]:
 
 
 def orsta_data(data_dir: str, processor_dir: str, seed: int) -> Tuple[DataConfig, int]:
-    """The 18-file mix weighted by sample counts, and the number of samples it holds (one epoch)."""
+    """The 18-file mix weighted by sample counts, and the number of samples it holds (one epoch): Orsta's
+    parquet files read as published, scored by V-Triune's rewards, with their prompt pool and image sizing."""
     found = discover_orsta(data_dir)
     if not found:  # planning without the data: the table's paths, opened only by the loader
         found = [(os.path.join(data_dir, f"train_{s.task}_{s.source}_*.parquet"), s) for s in ORSTA_TRAIN]
@@ -128,7 +134,11 @@ def orsta_data(data_dir: str, processor_dir: str, seed: int) -> Tuple[DataConfig
     samples = sum(s.samples for _, s in found)
     data = DataConfig(sources=sources, seed=seed, shuffle=True, processor_dir=processor_dir,
                       # 1280 merged patches at most (the DataConfig default): bounds vision tokens per prompt.
-                      max_pixels=28 * 28 * 1280, max_prompt_tokens=4096)
+                      # V-Triune's processor keeps up to 2048x2048 after its resize (~5.3K tokens); this
+                      # bound is what the memory plan was sized for (docs/vtriune.md, "image sizing").
+                      max_pixels=28 * 28 * 1280, max_prompt_tokens=4096,
+                      reward_profile="vtriune", instructions=dict(VTRIUNE_INSTRUCTIONS),
+                      image_resize={t: list(b) for t, b in VTRIUNE_IMAGE_RESIZE.items()})
     return data, samples
 
 

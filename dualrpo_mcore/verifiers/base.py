@@ -13,7 +13,8 @@ mix tasks. A spec is a JSON-like dict in one of two forms::
     ]}
 
 * ``verifier`` names an entry of :data:`VERIFIERS` (built-ins: ``math, choice, numeric, counting,
-  ocr, grounding, detection, format``; add one with :func:`register_verifier`).
+  ocr, grounding, detection, format``, plus ``vtriune_math`` and ``vtriune_detection``, which
+  reproduce V-Triune's reward server for Orsta rows; add one with :func:`register_verifier`).
 * ``answer`` is the ground truth, required unless the verifier declares ``needs_answer=False``
   (only ``format`` does). Its type depends on the verifier (string, number, box list, ...).
 * ``params`` is optional; unknown keys are rejected so that a typo in a dataset is caught when the

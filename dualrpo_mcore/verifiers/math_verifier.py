@@ -20,11 +20,13 @@ in any order; a single gold answer is never matched by a list that contains it. 
 ``1,000`` / ``1 000`` / ``32,\\! 349`` are thousands; a comma before 2+ digits (``2,74``,
 ``1000,99``, not ``1,234``) is a decimal comma in plain text only, since in LaTeX ``1,2`` is a list.
 
-Comparing. Numbers are compared by value (0.5 = 1/2 = ``\\dfrac12``; ``50\\%`` equals both 0.5 and
-50, as math-verify does). Everything else (sets, intervals, tuples, matrices, relations,
-expressions) goes to math-verify's comparison of the sympy objects built here, at its default
-rounding (6 decimals). Two answers whose normalised text is identical score 1 even when neither
-parses; a gold whose answer does not parse can only be matched that way.
+Comparing. Numbers are compared by value (0.5 = 1/2 = ``\\dfrac12``; a percentage equals both its
+value and its value / 100: ``45.2\\%`` equals 0.452 and 45.2. math-verify does that for whole
+percentages only (``50\\%`` = 50 = 0.5), its ``45.2\\%`` equals 0.452 but not 45.2; the
+``vtriune_math`` verifier keeps math-verify's rule). Everything else (sets, intervals, tuples,
+matrices, relations, expressions) goes to math-verify's comparison of the sympy objects built here,
+at its default rounding (6 decimals). Two answers whose normalised text is identical score 1 even
+when neither parses; a gold whose answer does not parse can only be matched that way.
 
 What comes from math-verify 0.9.0 / latex2sympy2_extended, and what is ours:
 

@@ -15,6 +15,7 @@ from dualrpo_mcore.verifiers.base import VERIFIERS, Context, Unparsable
 # Importing the built-in verifier modules registers them.
 from dualrpo_mcore.verifiers import (  # noqa: F401  (imported for registration)
     choice, counting, detection, format_reward, grounding, math_verifier, numeric, ocr,
+    vtriune_detection, vtriune_math,
 )
 
 _MAX_COMPONENTS = 16

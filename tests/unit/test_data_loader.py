@@ -177,7 +177,7 @@ def test_hf_image_feature_column_loads_undecoded(tmp_path):
     assert p.images[0].size == (28, 28) and p.image_grid_thw.tolist() == [[1, 4, 4]]
 
 
-def test_vtriune_conversion(tmp_path):
+def test_vtriune_conversion_native_profile(tmp_path):
     from dualrpo_mcore.data.vtriune import convert_file
 
     def vt(verifier, answer, gt=None, ability="math", fmt=0.0, norm=None):
@@ -194,7 +194,7 @@ def test_vtriune_conversion(tmp_path):
             vt("what_is_this", "3", ability="cooking")]
     src = tmp_path / "vt.parquet"
     pq.write_table(pa.Table.from_pylist(rows), str(src))
-    n, errors = convert_file(str(src), str(tmp_path / "out.parquet"))
+    n, errors = convert_file(str(src), str(tmp_path / "out.parquet"), profile="native")
     assert n == 3 and len(errors) == 1 and f"{src}:3" in errors[0] and "reward_model.verifier" in errors[0]
     out = pq.read_table(tmp_path / "out.parquet").to_pylist()
     specs = [json.loads(r["reward"]) for r in out]
