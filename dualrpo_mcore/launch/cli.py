@@ -54,7 +54,15 @@ def add_slurm_arguments(group, time: str = "04:00:00") -> None:
     group.add_argument("--account", default=os.environ.get("SLURM_ACCOUNT"), help="Slurm account ($SLURM_ACCOUNT)")
     group.add_argument("--partition", default=os.environ.get("SLURM_PARTITION"), help="partition ($SLURM_PARTITION)")
     group.add_argument("--time", default=time, help=f"wall-clock limit [D-]HH:MM[:SS] (default {time})")
-    group.add_argument("--container", default=None, help="container image with dualrpo-mcore installed")
+    group.add_argument("--container", default=None,
+                       help="container image with dualrpo-mcore installed (default: bare metal, this interpreter)")
+    group.add_argument("--no-gpus", dest="gpus", action="store_false",
+                       help="CPU nodes: request no GPUs; --gpus-per-node is then the processes per node (gloo)")
+    group.add_argument("--signal", default=None, metavar="[B:]SIG[@SECS]",
+                       help="sbatch --signal, e.g. TERM@120: warn the job before its time limit so it checkpoints")
+    group.add_argument("--rdzv-port", type=int, default=29500, help="torchrun c10d port on the first node")
+    group.add_argument("--requeue", action="store_true",
+                       help="sbatch --requeue (pair with `-- --resume auto` so the requeued job continues)")
     group.add_argument("--mount", action="append", default=[], metavar="SRC:DST", help="container mount (repeat)")
     group.add_argument("--job-dir", default=None, help="sbatch scripts + logs on the shared FS (default: --exp-dir)")
     group.add_argument("--ssh-host", default=None, help="submit through SSH to this login node")
@@ -72,7 +80,9 @@ def slurm_options(args, nodes: int, gpus_per_node: int):
         account=args.account, container_image=args.container, partition=args.partition, time=args.time,
         nodes=nodes, gpus_per_node=gpus_per_node, container_mounts=args.mount, job_dir=args.job_dir,
         ssh_host=args.ssh_host, ssh_user=args.ssh_user, ib_hca=args.ib_hca or None,
-        socket_ifname=args.socket_ifname or None, env=nemo.parse_env(args.env), packager=args.packager)
+        socket_ifname=args.socket_ifname or None, env=nemo.parse_env(args.env), packager=args.packager,
+        gpus=args.gpus, signal=args.signal, requeue=args.requeue,
+        rdzv_port=args.rdzv_port)
 
 
 def build_executor(args, recipe_world):
@@ -87,6 +97,8 @@ def build_executor(args, recipe_world):
         opts = nemo.LocalOptions(nproc_per_node=nproc, env=nemo.parse_env(args.env))
         return nemo.local_executor(opts), nproc
     opts = slurm_options(args, args.nodes or nodes, args.gpus_per_node or gpus)
+    if not args.dryrun:
+        nemo.check_slurm(opts)
     return nemo.slurm_executor(opts, exp_base_dir=args.exp_dir), opts.world
 
 
@@ -121,8 +133,9 @@ def launch(args):
 
     nemo.require_nemo_run()
     local = args.executor == "local"
-    # Locally the job's cwd is nemo-run's, so paths are made absolute; on Slurm they are container paths.
-    fix = os.path.abspath if local else (lambda p: p)
+    # Locally and on bare-metal Slurm the job's cwd is nemo-run's, so paths are made absolute; in a
+    # container they are container paths, left as given.
+    fix = os.path.abspath if local or not getattr(args, "container", None) else (lambda p: p)
     job = nemo.TrainJob(recipe=args.recipe, data=fix(args.data), out=fix(args.out),
                         init=fix(args.init) if args.init else None, tp=args.tp, pp=args.pp,
                         extra_args=_train_args(args))

@@ -3,8 +3,11 @@
 * :func:`train_task`: the task, a ``run.Script`` running ``python -m dualrpo_mcore train ...``;
   nemo-run's torchrun launcher wraps it (``torchrun --nnodes .. --nproc-per-node .. -m dualrpo_mcore``).
 * :func:`local_executor`: ``run.LocalExecutor`` + torchrun on this machine (gloo on CPU, NCCL on GPUs).
-* :func:`slurm_executor`: ``run.SlurmExecutor`` for multi-node H100 clusters with Pyxis containers:
-  one torchrun per node, rendezvous (c10d) on the first node's address, NCCL environment.
+* :func:`slurm_executor`: ``run.SlurmExecutor`` for multi-node H100 clusters, in a Pyxis container or
+  bare metal (no ``--container``: the job runs this interpreter, so the package must be installed on a
+  filesystem the nodes share): one torchrun per node, rendezvous (c10d) on the first node's address.
+* :func:`check_slurm`: asks the cluster (``sbatch --test-only``) whether it can ever run the request, so
+  an unknown partition or too many nodes fail before anything is submitted, in Slurm's own words.
 * :func:`run_experiment`: one ``run.Experiment`` holding one or more jobs, run or dry-run (nemo-run
   prints the generated job scripts without submitting anything).
 
@@ -23,6 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 EXTRA_HINT = "pip install 'dualrpo-mcore[launch]'"
 PACKAGERS = ("none", "git")
 _TIME = re.compile(r"^(\d+-)?\d{1,3}:\d{2}(:\d{2})?$")  # Slurm --time: [D-]HH:MM[:SS]
+_SIGNAL = re.compile(r"^(R:|B:|RB:|BR:)?[A-Z0-9]+(@\d+)?$")  # sbatch --signal
 _MOUNT = re.compile(r"^[^:,]+:[^:,]+(:(ro|rw))?$")   # Pyxis --container-mounts: SRC:DST[:ro|rw]
 
 # The NCCL / PyTorch environment of every multi-node job. Each line says why it is set.
@@ -160,12 +164,13 @@ def local_executor(opts: LocalOptions):
 
 @dataclass
 class SlurmOptions:
-    """A Slurm + Pyxis cluster of GPU nodes (H100: 8 per node)."""
+    """A Slurm cluster of GPU nodes (H100: 8 per node), with Pyxis containers or bare metal."""
 
     account: str
     """``--account`` of the allocation."""
-    container_image: str
-    """Container image with dualrpo-mcore installed (CUDA torch, TE, SGLang), e.g. an enroot .sqsh or registry tag."""
+    container_image: Optional[str] = None
+    """Container image with dualrpo-mcore installed (CUDA torch, TE, SGLang), e.g. an enroot .sqsh or registry
+    tag; None = bare metal: the nodes run this interpreter (``sys.executable``) from a shared filesystem."""
     partition: Optional[str] = None
     """``--partition``; None = the cluster's default."""
     time: str = "04:00:00"
@@ -194,12 +199,23 @@ class SlurmOptions:
     """'none': run the package installed in the image; 'git': ship this checkout's HEAD as the job's code."""
     rdzv_port: int = 29500
     """torchrun c10d rendezvous port on the first node."""
+    gpus: bool = True
+    """Request ``--gpus-per-node`` GPUs from Slurm; False (CPU nodes, no GRES): ``gpus_per_node`` is only the
+    number of processes torchrun starts per node, and NCCL settings are left out (gloo)."""
+    signal: Optional[str] = None
+    """``sbatch --signal``: e.g. ``TERM@120`` has Slurm send SIGTERM 120 s before the time limit, so the
+    trainer can checkpoint before the SIGKILL; None = Slurm's default (SIGTERM only at the limit)."""
+    requeue: bool = False
+    """``sbatch --requeue``: a preempted or failed-node job goes back to the queue (run it with
+    ``--resume auto`` so the requeued job continues from its last checkpoint)."""
 
     def __post_init__(self) -> None:
         if not self.account:
             raise LaunchError("--account is required for --executor slurm")
-        if not self.container_image:
-            raise LaunchError("--container is required for --executor slurm (an image with dualrpo-mcore installed)")
+        if self.container_mounts and not self.container_image:
+            raise LaunchError("--mount needs --container (bare-metal jobs see the nodes' filesystems as they are)")
+        if self.signal and not _SIGNAL.match(self.signal):
+            raise LaunchError(f"--signal {self.signal!r}: expected [B:]SIG[@SECONDS], e.g. TERM@120")
         if self.nodes < 1:
             raise LaunchError(f"--nodes must be >= 1, got {self.nodes}")
         if self.gpus_per_node < 1:
@@ -221,6 +237,8 @@ class SlurmOptions:
         return self.nodes * self.gpus_per_node
 
     def nccl_env(self) -> Dict[str, str]:
+        if not self.gpus:
+            return {"PYTHONUNBUFFERED": "1", **self.env}
         env = dict(NCCL_ENV)
         if self.ib_hca:
             env["NCCL_IB_HCA"] = self.ib_hca
@@ -240,16 +258,52 @@ def slurm_executor(opts: SlurmOptions, exp_base_dir: str):
     else:
         tunnel = run.LocalTunnel(job_dir=job_dir)
     packager = run.GitArchivePackager() if opts.packager == "git" else run.Packager()
+    env = opts.nccl_env()
+    if not opts.container_image:
+        # Bare metal: torchrun and python resolve through PATH on the node, so the launcher's own
+        # environment (a venv on the shared filesystem) must come first there too.
+        env = {"PATH": f"{os.path.dirname(sys.executable)}:{os.environ.get('PATH', '/usr/bin:/bin')}", **env}
+    extra = {"requeue": True} if opts.requeue else None
     return run.SlurmExecutor(
         account=opts.account, partition=opts.partition, time=opts.time, nodes=opts.nodes,
         job_name_prefix="dualrpo-",
         # One task per GPU as the request; nemo-run's torchrun launcher turns it into one task per
         # node running `torchrun --nproc-per-node <gpus>` (rendezvous at the first node, c10d).
-        ntasks_per_node=opts.gpus_per_node, gpus_per_node=opts.gpus_per_node,
-        exclusive=opts.exclusive or None, container_image=opts.container_image,
-        container_mounts=list(opts.container_mounts), env_vars=opts.nccl_env(),
+        ntasks_per_node=opts.gpus_per_node, gpus_per_node=opts.gpus_per_node if opts.gpus else None,
+        exclusive=opts.exclusive or None, container_image=opts.container_image or None,
+        container_mounts=list(opts.container_mounts), env_vars=env, signal=opts.signal,
+        additional_parameters=extra,
         launcher=run.Torchrun(rdzv_backend="c10d", rdzv_port=opts.rdzv_port),
         tunnel=tunnel, packager=packager)
+
+
+def check_slurm(opts: SlurmOptions, env: Optional[Dict[str, str]] = None) -> None:
+    """Ask the cluster whether it could ever run this request (``sbatch --test-only``: nothing is queued).
+    Raises :class:`LaunchError` with Slurm's reason: no ``sbatch`` here, an unknown partition or account,
+    more nodes or GPUs than the partition has, a time limit above its maximum. Over SSH the check is
+    left to the submission itself."""
+    import shutil
+    import subprocess
+
+    if opts.ssh_host:
+        return
+    sbatch = shutil.which("sbatch", path=(env or os.environ).get("PATH"))
+    if sbatch is None:
+        raise LaunchError("--executor slurm: `sbatch` not found on PATH; run on a Slurm login node, or submit "
+                          "through one with --ssh-host")
+    argv = [sbatch, "--test-only", f"--nodes={opts.nodes}", "--ntasks-per-node=1", f"--time={opts.time}",
+            f"--account={opts.account}", "--job-name=dualrpo-check"]
+    argv += [f"--partition={opts.partition}"] if opts.partition else []
+    argv += [f"--gpus-per-node={opts.gpus_per_node}"] if opts.gpus else []
+    argv += ["--exclusive"] if opts.exclusive else []
+    try:
+        p = subprocess.run(argv + ["--wrap", "true"], capture_output=True, text=True, timeout=60, env=env)
+    except subprocess.TimeoutExpired:
+        raise LaunchError("--executor slurm: `sbatch --test-only` did not answer in 60 s; is slurmctld up?") from None
+    if p.returncode != 0:
+        why = " ".join((p.stderr or p.stdout).split()) or f"exit status {p.returncode}"
+        raise LaunchError(f"--executor slurm: the cluster refuses {opts.nodes} node(s)"
+                          f"{' in partition ' + repr(opts.partition) if opts.partition else ''}: {why}")
 
 
 @dataclass

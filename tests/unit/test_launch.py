@@ -148,7 +148,8 @@ def test_launch_cli_dryrun(nemo_run, tmp_path, capsys):
 
 @pytest.mark.parametrize("flags,named", [
     (["--executor", "slurm", "--container", "img"], "--account"),
-    (["--executor", "slurm", "--account", "a"], "--container"),
+    (["--executor", "slurm", "--account", "a", "--mount", "/d:/d"], "--mount needs --container"),
+    (["--executor", "slurm", "--account", "a", "--container", "i", "--signal", "soon"], "--signal"),
     (["--executor", "slurm", "--account", "a", "--container", "i", "--mount", "nocolon"], "--mount"),
     (["--executor", "slurm", "--account", "a", "--container", "i", "--time", "soon"], "--time"),
     (["--executor", "slurm", "--account", "a", "--container", "i", "--gpus-per-node", "3"], "tp=2"),
