@@ -15,6 +15,15 @@ rank 0 renames the directory to ``step_N/`` and rewrites ``latest``. A crash at 
 either the old set of complete checkpoints or the old set plus the new one; ``latest()`` trusts
 the marker only if it names a directory holding ``meta.json`` and otherwise scans.
 
+Failures: a write that fails on one rank would leave its peers waiting in the next collective until
+they die with "Connection closed by peer". So a save runs in phases (prepare, Megatron's common file,
+the sharded write, the per-rank files, the publish), each ending where every rank learns whether any
+rank failed (:func:`.storage.agree`); then every rank raises the same
+:class:`~.storage.CheckpointSaveError`, naming the file, the free space and the last good checkpoint.
+Before writing, a save refuses when the newest checkpoint's size (``bytes`` in its ``meta.json``) no
+longer fits. The tiny ``metadata.json`` Megatron writes from rank 0 alone behind a bare barrier is
+written once before that barrier, inside our strategy, where a failure can still be agreed on.
+
 Backend on CPU (gloo) and GPU: Megatron's stock ``torch_dist`` save strategy hands the writing to
 forked writer processes and needs ``psutil``; neither is available in every environment (the gloo
 test workers are daemonic processes, which may not fork children, and psutil is not a Megatron
@@ -29,6 +38,7 @@ ranks so every rank raises together instead of some hanging in a collective.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -39,6 +49,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+
+from . import faults, storage
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
 TMP_SUFFIX = ".tmp"
@@ -105,12 +117,6 @@ def _world() -> int:
     return d.get_world_size() if d else 1
 
 
-def _barrier() -> None:
-    d = _dist()
-    if d:
-        d.barrier()
-
-
 def _any_rank(flag: bool) -> bool:
     """True on every rank if ``flag`` is true on any rank."""
     d = _dist()
@@ -121,6 +127,32 @@ def _any_rank(flag: bool) -> bool:
         t = t.cuda()
     d.all_reduce(t, op=d.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+class _Agreed(Exception):
+    """Some rank failed in the phase just ended; every rank learnt it at the same point."""
+
+    def __init__(self, failures):
+        super().__init__(failures[0][1])
+        self.failures = failures
+
+
+def _agreement(phase: str, error: Optional[BaseException] = None) -> None:
+    failures = storage.agree(error, phase)
+    if failures:
+        raise _Agreed(failures)
+
+
+def _tree_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def _meta(path: str) -> Dict[str, Any]:
+    try:
+        with open(os.path.join(path, META), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
 
 
 def _fsync_tree(path: str) -> None:
@@ -161,7 +193,10 @@ def _write_rank_state(path: str, payload: Dict[str, Any]) -> None:
 
 
 # -------------------------------------------------------------------------- Megatron backend
-def _sync_save_strategy():
+def _sync_save_strategy(checkpoint_point=None):
+    """``checkpoint_point(phase, error=None)``: called on every rank just before the collective write
+    (so a failure of Megatron's rank-0-only common file is agreed on there, not met by the peers inside
+    the collective) and after it (see ``CheckpointManager._write``)."""
     from megatron.core.dist_checkpointing.strategies import torch as mtorch
 
     class SyncTorchDistSave(mtorch.TorchDistSaveShardedStrategy):
@@ -171,8 +206,11 @@ def _sync_save_strategy():
             super().__init__("torch_dist", 1, thread_count=1)
 
         def save(self, sharded_state_dict, checkpoint_dir):
+            from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
             from torch.distributed import checkpoint as dcp
 
+            if checkpoint_point is not None:
+                checkpoint_point("common")  # Megatron's common.pt, written by rank 0 alone, is done
             sd, _, _ = mtorch._replace_state_dict_keys_with_sharded_keys(
                 sharded_state_dict, self.keep_only_main_replica)
             pyt = mtorch.mcore_to_pyt_state_dict(sd, False)
@@ -180,6 +218,18 @@ def _sync_save_strategy():
                                               flatten_state_dict=False)
             dcp.save(pyt, storage_writer=dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1),
                      planner=planner)
+            # Megatron writes this file next, on rank 0 alone, before a bare barrier where a failure
+            # could not be agreed on; written here first, Megatron's rewrite needs no new space.
+            error = None
+            if _rank() == 0:
+                try:
+                    save_config(CheckpointingConfig(self.backend, self.version), str(checkpoint_dir))
+                except Exception as e:  # noqa: BLE001 - agreed on below
+                    error = e
+            if checkpoint_point is not None:
+                checkpoint_point("metadata", error)
+            elif error is not None:
+                raise error
 
     return SyncTorchDistSave()
 
@@ -263,12 +313,15 @@ class CheckpointManager:
     initialised); only rank 0 touches directories and markers.
     """
 
-    def __init__(self, root: str, keep_last: Optional[int] = 3, check_finite: bool = True):
+    def __init__(self, root: str, keep_last: Optional[int] = 3, check_finite: bool = True,
+                 check_space: bool = True):
         if keep_last is not None and keep_last < 1:
             raise ValueError(f"keep_last must be >= 1 or None (keep all), got {keep_last}")
         self.root = os.path.abspath(root)
         self.keep_last = keep_last
         self.check_finite = check_finite
+        # Off where free space is not what a write can use (compressing file systems).
+        self.check_space = check_space
 
     # ---- discovery
     def step_dir(self, step: int) -> str:
@@ -318,46 +371,100 @@ class CheckpointManager:
 
     # ---- save
     def save(self, step: int, model=None, optimizer=None, extra_state: Optional[Dict[str, Any]] = None,
-             poisoned: bool = False, save_rng: bool = True) -> str:
+             poisoned: bool = False, save_rng: bool = True, layout: Optional[Dict[str, Any]] = None) -> str:
         """Write checkpoint ``step`` atomically and prune to ``keep_last``; returns its path.
 
         ``model``: a Megatron module (or list of virtual-pipeline chunks; DDP wrappers are
         unwrapped); ``optimizer``: a Megatron optimizer; ``extra_state``: this rank's loop state
-        (data loader ``state_dict()``, normaliser, config, ...), any torch-picklable objects.
+        (data loader ``state_dict()``, normaliser, config, ...), any torch-picklable objects;
+        ``layout``: the run's parallel layout and model shape (:func:`.recovery.layout_differences`
+        checks it on load). A failed write on any rank raises :class:`~.storage.CheckpointSaveError`
+        on every rank, naming the file, the free space and the last good checkpoint; a partial
+        ``step_N.tmp`` stays (never loaded) until the next save or start removes it.
         """
         chunks = _as_list(model)
         if poisoned:
             raise PoisonedStepError(f"refusing to checkpoint step {step}: it was marked poisoned (NaN/inf)")
         if _any_rank(self.check_finite and _nonfinite_params(chunks)):
             raise PoisonedStepError(f"refusing to checkpoint step {step}: non-finite parameters on some rank")
-        final = self.step_dir(step)
-        tmp = final + TMP_SUFFIX
+        tmp = self.step_dir(step) + TMP_SUFFIX
+        try:
+            self._write(step, tmp, chunks, optimizer, extra_state, save_rng, layout)
+        except _Agreed as e:
+            failures = e.failures
+        except storage.FAILURES as e:  # noqa: BLE001 - failed alone: the others wait at the next agreement
+            failures = storage.agree(e, tmp)
+        else:
+            return self.step_dir(step)
+        raise self._save_failed(step, tmp, failures)
+
+    def _write(self, step: int, tmp: str, chunks, optimizer, extra_state, save_rng: bool, layout) -> None:
+        """The save's phases; each ends where every rank agrees on whether any rank failed in it."""
+        error = None
         if _rank() == 0:
-            os.makedirs(self.root, exist_ok=True)
-            self.clean_stale()
-            os.makedirs(os.path.join(tmp, "dist"))
-        _barrier()
+            try:
+                os.makedirs(self.root, exist_ok=True)
+                self.clean_stale()
+                self._check_space(step, tmp)
+                os.makedirs(os.path.join(tmp, "dist"))
+            except Exception as e:  # noqa: BLE001 - agreed on below
+                error = e
+        _agreement("prepare", error)
         if chunks or optimizer is not None:
             from megatron.core import dist_checkpointing
 
             dist_checkpointing.save(_sharded_state(chunks, optimizer, is_loading=False),
-                                    os.path.join(tmp, "dist"), sharded_strategy=_sync_save_strategy())
+                                    os.path.join(tmp, "dist"), sharded_strategy=_sync_save_strategy(_agreement))
         payload = {"step": int(step), "extra": extra_state or {},
                    "rng": capture_rng_state() if save_rng else None, "adam_steps": _adam_steps(optimizer)}
-        _write_rank_state(os.path.join(tmp, f"rank_{_rank():05d}.pt"), payload)
-        _barrier()
+        rank_file = os.path.join(tmp, f"rank_{_rank():05d}.pt")
+        _write_rank_state(rank_file, payload)
+        faults.at("mid_checkpoint", step, rank_file)
+        _agreement("rank state")
+        error = None
         if _rank() == 0:
-            self._publish(step, tmp, final, has_model=bool(chunks), has_optimizer=optimizer is not None,
-                          spec_backend=_spec_backend(chunks))
-        _barrier()
-        return final
+            try:
+                self._publish(step, tmp, self.step_dir(step), has_model=bool(chunks),
+                              has_optimizer=optimizer is not None, spec_backend=_spec_backend(chunks), layout=layout)
+            except Exception as e:  # noqa: BLE001 - agreed on below
+                error = e
+        _agreement("publish", error)
+
+    def _check_space(self, step: int, tmp: str) -> None:
+        """Refuse before writing when the newest checkpoint (the same model, the same size) would not
+        fit: a clear error instead of a short write deep inside torch.save."""
+        if not self.check_space:
+            return
+        done = self.complete()
+        need = _meta(done[-1][1]).get("bytes") if done else None
+        free, _ = storage.disk_space(self.root)
+        if need and free is not None and free < need:
+            raise OSError(errno.ENOSPC, f"No space left on device: it needs about {storage.human(need)}, "
+                                        f"the size of {os.path.basename(done[-1][1])}", tmp)
+
+    def _save_failed(self, step: int, tmp: str, failures) -> Exception:
+        text = None
+        if _rank() == 0:
+            rank, _, exc = failures[0]
+            who = f" (rank {rank})" if _world() > 1 else ""
+            kept = (f"Nothing of step {step} was kept: {os.path.basename(tmp)} is partial, never loaded, and "
+                    f"removed at the next start" if os.path.exists(tmp) else f"Nothing of step {step} was written")
+            text = storage.write_failed(f"checkpoint of step {step}{who}", self.root, exc, self.latest(), kept=kept,
+                                        target=tmp)
+        error = storage.CheckpointSaveError(storage.broadcast_text(text))
+        local = [exc for r, _, exc in failures if r == _rank()]
+        error.__cause__ = local[0] if local else None
+        return error
 
     def _publish(self, step: int, tmp: str, final: str, has_model: bool, has_optimizer: bool,
-                 spec_backend: Optional[str] = None) -> None:
+                 spec_backend: Optional[str] = None, layout: Optional[Dict[str, Any]] = None) -> None:
         meta = {"step": int(step), "world_size": _world(), "format": FORMAT_VERSION, "time": time.time(),
                 "model": has_model, "optimizer": has_optimizer, "optimizer_metadata": OPTIM_METADATA}
         if spec_backend is not None:
             meta["spec_backend"] = spec_backend
+        if layout is not None:
+            meta["layout"] = layout
+        meta["bytes"] = _tree_bytes(tmp)
         _write_meta(os.path.join(tmp, META), meta)
         _fsync_tree(tmp)
         if os.path.exists(final):  # re-saving a step (e.g. after a resume): replace it whole
@@ -389,14 +496,21 @@ class CheckpointManager:
 
     # ---- load
     def load(self, path: Optional[str] = None, model=None, optimizer=None, restore_rng: bool = True,
-             strict: bool = True) -> Dict[str, Any]:
+             strict: bool = True, layout: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         """Load a complete checkpoint (default: :meth:`latest`) into ``model``/``optimizer`` in place,
-        restore this rank's RNG streams, and return ``{"step", "extra", "path", "meta"}``."""
+        restore this rank's RNG streams, and return ``{"step", "extra", "path", "meta"}``.
+
+        An unreadable file raises :class:`~.storage.CheckpointLoadError` naming it; a checkpoint of
+        another ``layout`` that cannot be resharded raises :class:`~.storage.CheckpointMismatchError`
+        naming the differences."""
         path = path or self.latest()
         if path is None or not os.path.isfile(os.path.join(path, META)):
             raise FileNotFoundError(f"no complete checkpoint to load at {path or self.root}")
-        with open(os.path.join(path, META), encoding="utf-8") as f:
-            meta = json.load(f)
+        try:
+            with open(os.path.join(path, META), encoding="utf-8") as f:
+                meta = json.load(f)
+        except (OSError, ValueError) as e:
+            raise storage.CheckpointLoadError(f"{os.path.join(path, META)}: {storage.cause(e)}") from e
         chunks = _as_list(model)
         if optimizer is not None and not meta.get("optimizer"):
             raise ValueError(f"{path} holds no optimizer state (saved without an optimizer)")
@@ -404,13 +518,24 @@ class CheckpointManager:
         if saved and here and saved != here:
             raise ValueError(f"{path} holds a model built with the {saved!r} layer spec, this run builds "
                              f"{here!r} (its weight names differ); set actor.model.spec_backend={saved!r}")
+        from .recovery import check_layout
+
+        check_layout(path, meta.get("layout"), layout)
         if chunks or optimizer is not None:
-            self._load_megatron(path, chunks, optimizer, strict)
+            try:
+                self._load_megatron(path, chunks, optimizer, strict)
+            except storage.FAILURES as e:  # noqa: BLE001 - one line naming the file; the cause stays chained
+                where = storage.filename_of(e) or ", ".join(storage.short_shards(os.path.join(path, "dist"))) or \
+                    os.path.join(path, "dist")
+                raise storage.CheckpointLoadError(f"{where}: {storage.cause(e)}") from e
         rank_file = os.path.join(path, f"rank_{_rank():05d}.pt")
         if not os.path.isfile(rank_file):
             raise FileNotFoundError(f"{rank_file} missing: {path} was saved by {meta.get('world_size')} "
                                     f"ranks, this run has {_world()}")
-        payload = torch.load(rank_file, map_location="cpu", weights_only=False)
+        try:
+            payload = torch.load(rank_file, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - a truncated or corrupt file: say which
+            raise storage.CheckpointLoadError(storage.unreadable(rank_file, e)) from e
         if optimizer is not None:
             _restore_adam_steps(optimizer, payload.get("adam_steps") or [])
         if restore_rng and payload.get("rng") is not None:
@@ -437,3 +562,4 @@ def _write_meta(path: str, meta: Dict[str, Any]) -> None:
         json.dump(meta, f, indent=2, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
+

@@ -3,11 +3,20 @@
 One process (TP=PP=1) or under ``torchrun --nproc-per-node N`` (gloo on CPU, NCCL on GPUs); the
 world is split into TP x PP x DP. The resolved config is printed and saved as ``config.json`` in
 the run directory (with ``reward_mode``, which ``dualrpo plot`` uses as the run's label).
+
+A layout that needs more processes than were started (``--tp 2`` as one process) stops at once with
+one line giving the ``torchrun`` and ``dualrpo launch`` commands that start them. It does not start
+them itself: how many processes (the data-parallel size), on which devices and nodes, and who
+forwards a preemption signal to them are the launcher's decisions; a trainer that re-spawned itself
+would hide a second process tree from the scheduler. (``dualrpo demo`` owns its processes because it
+is a fixed script.) Storage faults and unreadable checkpoints end with one line on every rank
+(exit status 1), naming the path, the cause and how to resume.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 
 
@@ -45,8 +54,49 @@ def config_from_args(args):
     return apply_overrides(cfg, getattr(args, "overrides", []))
 
 
+def _train_argv(args) -> tuple:
+    """``(where, what)``: the flags that place a run (recipe, data, out, init) and the rest of ``args``
+    again, for the commands a wrong world size prints."""
+    where = ["--recipe", args.recipe, "--data", args.data, "--out", args.out]
+    where += ["--init", args.init] if args.init else []
+    what = []
+    for flag, value in (("--steps", args.steps), ("--reward-mode", args.reward_mode), ("--resume", args.resume)):
+        what += [flag, str(value)] if value is not None else []
+    for kv in getattr(args, "overrides", []):
+        what += ["--set", kv]
+    return where, what
+
+
+def world_problem(args, cfg) -> str:
+    """One line when this world cannot hold tp x pp (else ''): the commands that start enough processes."""
+    tp, pp = cfg.actor.parallel.tp, cfg.actor.parallel.pp
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % (tp * pp) == 0:
+        return ""
+    n, (where, what) = tp * pp, _train_argv(args)
+    layout = ["--tp", str(tp), "--pp", str(pp)]
+    train = ["train", *where, *layout, *what] + (["--no-progress"] if args.no_progress else [])
+    launch = ["launch", *where, *layout, "--executor", "local", "--nproc-per-node", str(n)]
+    launch += ["--", *what] if what else []  # the launcher adds --no-progress itself
+    return (f"dualrpo train: tp={tp} x pp={pp} needs a multiple of {n} processes, this is {world}; start them with "
+            f"`torchrun --standalone --nproc-per-node {n} -m dualrpo_mcore {shlex.join(train)}` or "
+            f"`dualrpo {shlex.join(launch)}`")
+
+
+def _teardown() -> None:
+    import torch.distributed as dist
+
+    from dualrpo_mcore.parallel import teardown
+
+    if dist.is_available() and dist.is_initialized():
+        teardown()
+        dist.destroy_process_group()
+
+
 def run(args) -> int:
     import torch.distributed as dist
+
+    from .storage import CheckpointLoadError, StorageError
 
     if args.init and not os.path.isdir(args.init):
         print(f"dualrpo train: --init {args.init} is not a directory", file=sys.stderr)
@@ -56,15 +106,22 @@ def run(args) -> int:
     except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"dualrpo train: {e}", file=sys.stderr)
         return 2
+    problem = world_problem(args, cfg)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     from .loop import train
 
-    records = train(cfg)
+    try:
+        records = train(cfg)
+    except (StorageError, CheckpointLoadError) as e:
+        # The same line on every rank, and no traceback: the message is the whole story.
+        print(f"dualrpo train: {e}", file=sys.stderr, flush=True)
+        _teardown()
+        return 1
     if dist.get_rank() == 0 and records:
         last = records[-1]
         print(f"train: {len(records)} steps (last {last['step']}); acc/all {last.get('acc/all', float('nan')):.3f}, "
               f"reward/all {last.get('reward/all', float('nan')):.4f}; run dir {cfg.logging.run_dir}")
-    from dualrpo_mcore.parallel import teardown
-
-    teardown()
-    dist.destroy_process_group()
+    _teardown()
     return 0

@@ -100,7 +100,7 @@ def _eval(ctx, step: int, path: str, label: str) -> Dict[str, float]:
 
 def run_steps(ctx, args, start: int) -> int:
     """RL steps until ``--steps`` or the deadline; returns the last step run (``start`` if none)."""
-    from . import loop, steps
+    from . import loop, recovery, steps
 
     cfg, step, last_dt = ctx.cfg, start, 0.0
     for step in range(start + 1, cfg.schedule.steps + 1):
@@ -114,9 +114,7 @@ def run_steps(ctx, args, start: int) -> int:
             metrics.update(steps.evaluate(ctx, step))
         if last:
             metrics.update(_eval(ctx, step, os.path.join(args.out, "eval_after.json"), "after RL"))
-        if last or step % cfg.checkpoint.every == 0:
-            steps.save(ctx, step, poisoned=metrics.get("skipped", 0.0) > 0)
-        ctx.logger.log(step, metrics)
+        recovery.commit(ctx, step, metrics, checkpoint=last or step % cfg.checkpoint.every == 0)
         if stop:
             if ctx.rank0:
                 print(f"demo rl: time budget reached after step {step} ({last_dt:.1f}s/step); stopping", flush=True)
@@ -127,26 +125,25 @@ def run_steps(ctx, args, start: int) -> int:
 def main(argv=None) -> int:
     import torch.distributed as dist
 
-    from . import probe, steps
-    from .metrics import MetricsLogger
+    from . import faults, probe, recovery, steps
     from .sft_cli import save_hf
 
     args = parse_args(argv)
     cfg = build_config(args)
+    faults.arm()
+    recovery.preflight(cfg)
     resolved = steps.write_config(cfg, cfg.logging.run_dir)
     ctx = steps.setup(cfg)
     try:
         start = steps.resume(ctx)
-        ctx.logger = MetricsLogger(cfg.logging.run_dir, cfg.schedule.steps, resume_step=start or None,
-                                   tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress)
-        ctx.logger.log_config(resolved)
+        recovery.open_logger(ctx, resolved, start)
         steps.sync(ctx)
         probe.check(ctx, start)
         before = os.path.join(args.out, "eval_before.json")
         if start == 0 or not os.path.exists(before):
             acc = _eval(ctx, 0, before, "before RL (warm start)")
             if start == 0:  # step 0 of the curves; a resumed run's file has it already
-                ctx.logger.log(0, acc)
+                recovery.record(ctx, 0, acc)
         last = run_steps(ctx, args, start)
         if last == start and ctx.rank0 and not os.path.exists(os.path.join(args.out, "eval_after.json")):
             _eval(ctx, last, os.path.join(args.out, "eval_after.json"), "after RL")

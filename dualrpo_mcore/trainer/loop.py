@@ -12,8 +12,7 @@ import torch
 
 from dualrpo_mcore.algo import group_advantages, shape_rewards
 
-from . import probe, steps
-from .metrics import MetricsLogger
+from . import faults, probe, recovery, steps
 
 
 def generate(ctx: steps.Context, step: int, round_: int, num_prompts: int) -> Dict[str, Any]:
@@ -82,6 +81,7 @@ def train_step(ctx: steps.Context, step: int, hooks: steps.Hooks) -> Dict[str, f
     cfg, g = ctx.cfg, ctx.cfg.rollout.group_size
     ctx.verify_statuses = {}
     batch = collect(ctx, step)  # rollout -> verify -> token stats -> shape
+    faults.at("after_rollout", step)
     if batch is None:  # dynamic sampling found no informative group: nothing to learn from
         return {"no_update": 1.0, "groups": 0.0, "rounds": float(ctx.rounds), **ctx.timer.pop()}
     batch["advantages"] = group_advantages(batch["reward"], g, eps=cfg.reward.eps,
@@ -92,17 +92,18 @@ def train_step(ctx: steps.Context, step: int, hooks: steps.Hooks) -> Dict[str, f
     if hooks.before_update is not None:
         hooks.before_update(step, batch)
     with ctx.timer("update"):
-        metrics.update(update(ctx, batch))
+        metrics.update(update(ctx, batch, step))
     with ctx.timer("sync"):
         steps.sync(ctx)
     with ctx.timer("probe"):  # the engine must now score as the trainer does, or the run stops
         metrics.update(probe.check(ctx, step))
+    faults.at("after_sync", step)
     metrics.update({f"verify/{k}": float(n) for k, n in ctx.verify_statuses.items()})
     metrics.update(groups=float(batch["v"].numel() // g), rounds=float(ctx.rounds), **ctx.timer.pop())
     return metrics
 
 
-def update(ctx: steps.Context, batch: Dict[str, Any]) -> Dict[str, float]:
+def update(ctx: steps.Context, batch: Dict[str, Any], step: int = 0) -> Dict[str, float]:
     """``schedule.epochs`` passes over ``schedule.mini_batches`` group-aligned parts of the batch, one
     optimizer update each; every data-parallel rank takes its share of each part."""
     cfg, g = ctx.cfg, ctx.cfg.rollout.group_size
@@ -116,6 +117,7 @@ def update(ctx: steps.Context, batch: Dict[str, Any]) -> Dict[str, float]:
                 continue
             out = ctx.actor.update(mine)
             outs.append(dict(out, loss=steps.global_loss(ctx.actor, out)))
+            faults.at("in_update", step)
     if not outs:
         return {"no_update": 1.0}
     metrics = steps.merge_updates(outs)
@@ -127,28 +129,29 @@ def update(ctx: steps.Context, batch: Dict[str, Any]) -> Dict[str, float]:
 def train(cfg, hooks: Optional[steps.Hooks] = None, stop_after: Optional[int] = None) -> List[Dict[str, float]]:
     """Run (or resume) the configured training; returns the metrics of the steps this call ran.
 
+    Each step is recorded before it is checkpointed (:func:`.recovery.commit`), so after a kill
+    anywhere and ``checkpoint.resume='auto'`` every step has exactly one record.
     ``stop_after``: return after this step as if killed there (tests of resume)."""
     hooks = hooks or steps.Hooks()
+    faults.arm()
+    recovery.preflight(cfg)
     resolved = steps.write_config(cfg, cfg.logging.run_dir)
     ctx = steps.setup(cfg)
     records: List[Dict[str, float]] = []
     try:
         start = steps.resume(ctx)
-        ctx.logger = MetricsLogger(cfg.logging.run_dir, cfg.schedule.steps, resume_step=start or None,
-                                   tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress)
-        ctx.logger.log_config(resolved)
+        recovery.open_logger(ctx, resolved, start)
         steps.sync(ctx)  # the engine starts from the actor's (initial or restored) weights
         probe.check(ctx, start)
         if start == 0 and cfg.eval.every and cfg.eval.before_train:
-            ctx.logger.log(0, steps.evaluate(ctx, 0))
+            recovery.record(ctx, 0, steps.evaluate(ctx, 0))
         for step in range(start + 1, cfg.schedule.steps + 1):
             metrics = train_step(ctx, step, hooks)
             last = step == cfg.schedule.steps
             if cfg.eval.every and (step % cfg.eval.every == 0 or last):
                 metrics.update(steps.evaluate(ctx, step))
-            if cfg.checkpoint.every and (step % cfg.checkpoint.every == 0 or last):
-                steps.save(ctx, step, poisoned=metrics.get("skipped", 0.0) > 0)
-            ctx.logger.log(step, metrics)
+            save = bool(cfg.checkpoint.every) and (step % cfg.checkpoint.every == 0 or last)
+            recovery.commit(ctx, step, metrics, checkpoint=save)
             records.append(dict(metrics, step=step))
             if stop_after is not None and step >= stop_after:
                 break

@@ -3,10 +3,13 @@
 One record per optimizer step goes to ``metrics.jsonl`` (one flushed line each, so a crash loses at
 most the step being written), to TensorBoard, and to a tqdm progress bar. Only the global rank 0
 writes anything; other ranks hold a logger that silently drops records, so the loop calls it
-unconditionally.
+unconditionally. ``log(..., durable=True)`` also fsyncs every file sink: the loop asks for it before
+each checkpoint, so no checkpoint ever exists whose step has no record (:mod:`.recovery`).
+W&B is not a sink here (no W&B client in this package); one would join the same flush/purge contract.
 
 Resuming: ``MetricsLogger(..., resume_step=k)`` keeps the lines with ``step <= k`` and drops the
-rest (they came from steps the resumed run will redo), so a curve never has two points per step.
+rest (they came from steps the resumed run will redo), so a curve never has two points per step;
+TensorBoard hides the dropped steps' events through ``purge_step=k + 1``. ``k = -1`` drops all.
 """
 from __future__ import annotations
 
@@ -119,9 +122,10 @@ class PhaseTimer:
 def truncate_jsonl(path: str, keep_through_step: int) -> int:
     """Drop records with ``step > keep_through_step`` (and a torn last line) from ``path``, atomically.
 
-    Returns the number of lines kept. The rewrite goes through a temp file + rename so a crash
-    here never leaves a half-written metrics file.
-    """
+    Returns the number of lines kept. The rewrite goes through a temp file + rename (both fsynced), so
+    a crash here leaves either the old file or the new one."""
+    from .checkpoint import _atomic_write_text
+
     if not os.path.exists(path):
         return 0
     kept = []
@@ -133,13 +137,16 @@ def truncate_jsonl(path: str, keep_through_step: int) -> int:
                 continue  # a line torn by a crash mid-write
             if isinstance(rec, dict) and rec.get("step", -1) <= keep_through_step:
                 kept.append(json.dumps(rec, allow_nan=False) + "\n")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(kept)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _atomic_write_text(path, "".join(kept))
     return len(kept)
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the inode's dirty pages, whichever descriptor wrote them
+    finally:
+        os.close(fd)
 
 
 class MetricsLogger:
@@ -174,7 +181,7 @@ class MetricsLogger:
         if progress:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total_steps, initial=resume_step or 0, desc="train", dynamic_ncols=True)
+            self._bar = tqdm(total=total_steps, initial=max(0, resume_step or 0), desc="train", dynamic_ncols=True)
 
     def log_config(self, config: Mapping[str, Any]) -> None:
         if not self.enabled:
@@ -184,8 +191,9 @@ class MetricsLogger:
             json.dump(config, f, indent=2, sort_keys=True, default=str)
         os.replace(tmp, os.path.join(self.run_dir, "config.json"))
 
-    def log(self, step: int, metrics: Mapping[str, Any]) -> Dict[str, Any]:
-        """Write one step's record; returns it (non-finite values as None)."""
+    def log(self, step: int, metrics: Mapping[str, Any], durable: bool = False) -> Dict[str, Any]:
+        """Write one step's record; returns it (non-finite values as None). ``durable``: fsync every
+        file sink before returning (the record then survives a power loss, not only a kill)."""
         record: Dict[str, Any] = {"step": int(step), "time": time.time()}
         for k, v in metrics.items():
             record[k] = v if isinstance(v, str) else to_float(v)
@@ -198,11 +206,27 @@ class MetricsLogger:
                 if k not in ("step", "time") and isinstance(v, float):
                     self._tb.add_scalar(k, v, step)
             self._tb.flush()
+        if durable:
+            self.sync()
         if self._bar is not None:
             shown = {lab: f"{record[key]:.3g}" for lab, key in _BAR_KEYS if isinstance(record.get(key), float)}
             self._bar.set_postfix(shown, refresh=False)
             self._bar.update(max(0, int(step) - self._bar.n))
         return record
+
+    def sync(self) -> None:
+        """fsync the JSONL file and the TensorBoard event file (after their flush)."""
+        if self._jsonl is not None:
+            os.fsync(self._jsonl.fileno())
+            _fsync_path(self.run_dir)  # the file's own name, for a run whose file was just created
+        if self._tb is not None:
+            for writer in self._tb.all_writers.values():
+                name = getattr(writer.event_writer, "_file_name", None)  # tensorboard's EventFileWriter
+                logdir = writer.get_logdir()
+                files = [name] if name else [os.path.join(logdir, n) for n in os.listdir(logdir)
+                                             if n.startswith("events.")]
+                for path in files + [logdir]:
+                    _fsync_path(path)
 
     def close(self) -> None:
         for sink in (self._jsonl, self._tb, self._bar):

@@ -179,26 +179,23 @@ def close(ctx: Context) -> None:
 
 # ------------------------------------------------------------------------------------ resume / save
 def resume(ctx: Context) -> int:
-    """Restore the newest checkpoint named by ``checkpoint.resume``; returns the last completed step (0 if fresh)."""
-    path = ctx.manager.resolve_resume(ctx.cfg.checkpoint.resume)
-    path = broadcast(path)  # rank 0's view of the directory decides for everyone
-    if path is None:
-        return 0
-    state = ctx.manager.load(path, model=ctx.actor.model, optimizer=ctx.actor.optimizer)
-    extra = state["extra"]
-    ctx.loader.load_state_dict(extra["loader"])
-    ctx.actor.load_state_dict(extra["actor"])
-    log.info("resumed from %s (step %d)", path, extra["step"])
-    return int(extra["step"])
+    """Restore the newest checkpoint named by ``checkpoint.resume``; returns the last completed step (0 if
+    fresh). Unreadable checkpoints and other configurations: see :func:`.recovery.resume`."""
+    from . import recovery
+
+    return recovery.resume(ctx)
 
 
 def save(ctx: Context, step: int, poisoned: bool) -> Optional[str]:
     """Checkpoint ``step`` unless it was poisoned (its update was skipped: nothing new to keep)."""
+    from . import recovery
+
     if poisoned:
         log.warning("step %d was poisoned (update skipped): not checkpointed", step)
         return None
     extra = {"step": step, "loader": ctx.loader.state_dict(), "actor": ctx.actor.state_dict()}
-    return ctx.manager.save(step, model=ctx.actor.model, optimizer=ctx.actor.optimizer, extra_state=extra)
+    return ctx.manager.save(step, model=ctx.actor.model, optimizer=ctx.actor.optimizer, extra_state=extra,
+                            layout=recovery.layout(ctx))
 
 
 # ------------------------------------------------------------------------------------ rollout / verify
