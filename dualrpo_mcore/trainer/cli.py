@@ -10,7 +10,8 @@ them itself: how many processes (the data-parallel size), on which devices and n
 forwards a preemption signal to them are the launcher's decisions; a trainer that re-spawned itself
 would hide a second process tree from the scheduler. (``dualrpo demo`` owns its processes because it
 is a fixed script.) Storage faults and unreadable checkpoints end with one line on every rank
-(exit status 1), naming the path, the cause and how to resume.
+(exit status 1), naming the path, the cause and how to resume. SIGTERM or SIGUSR1 (preemption, a
+time limit's warning) checkpoint the step in flight and exit with status 75 (see ``preempt``).
 """
 from __future__ import annotations
 
@@ -111,9 +112,15 @@ def run(args) -> int:
         print(problem, file=sys.stderr)
         return 2
     from .loop import train
+    from .preempt import REQUEUE_EXIT, Preempted
 
     try:
         records = train(cfg)
+    except Preempted as e:
+        # Not a failure: a requeued job (or the operator) resumes from the step just checkpointed.
+        print(f"dualrpo train: {e}", file=sys.stderr, flush=True)
+        _teardown()
+        return REQUEUE_EXIT
     except (StorageError, CheckpointLoadError) as e:
         # The same line on every rank, and no traceback: the message is the whole story.
         print(f"dualrpo train: {e}", file=sys.stderr, flush=True)

@@ -12,7 +12,7 @@ import torch
 
 from dualrpo_mcore.algo import group_advantages, shape_rewards
 
-from . import faults, probe, recovery, steps
+from . import faults, preempt, probe, recovery, steps
 
 
 def generate(ctx: steps.Context, step: int, round_: int, num_prompts: int) -> Dict[str, Any]:
@@ -131,13 +131,16 @@ def train(cfg, hooks: Optional[steps.Hooks] = None, stop_after: Optional[int] = 
 
     Each step is recorded before it is checkpointed (:func:`.recovery.commit`), so after a kill
     anywhere and ``checkpoint.resume='auto'`` every step has exactly one record.
-    ``stop_after``: return after this step as if killed there (tests of resume)."""
+    ``stop_after``: return after this step as if killed there (tests of resume). SIGTERM / SIGUSR1
+    (preemption, a time limit's warning) checkpoint the step in flight and raise
+    :class:`.preempt.Preempted`."""
     hooks = hooks or steps.Hooks()
     faults.arm()
     recovery.preflight(cfg)
     resolved = steps.write_config(cfg, cfg.logging.run_dir)
     ctx = steps.setup(cfg)
     records: List[Dict[str, float]] = []
+    watch = preempt.Watch()
     try:
         start = steps.resume(ctx)
         recovery.open_logger(ctx, resolved, start)
@@ -150,11 +153,15 @@ def train(cfg, hooks: Optional[steps.Hooks] = None, stop_after: Optional[int] = 
             last = step == cfg.schedule.steps
             if cfg.eval.every and (step % cfg.eval.every == 0 or last):
                 metrics.update(steps.evaluate(ctx, step))
-            save = bool(cfg.checkpoint.every) and (step % cfg.checkpoint.every == 0 or last)
+            stop = watch.agreed()  # a cluster signal on any rank: checkpoint this step, then stop
+            save = bool(cfg.checkpoint.every) and (step % cfg.checkpoint.every == 0 or last) or stop is not None
             recovery.commit(ctx, step, metrics, checkpoint=save)
             records.append(dict(metrics, step=step))
+            if stop is not None and not last:
+                raise preempt.Preempted(step, stop)
             if stop_after is not None and step >= stop_after:
                 break
     finally:
+        watch.close()
         steps.close(ctx)
     return records

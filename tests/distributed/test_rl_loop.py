@@ -83,7 +83,38 @@ def _run_all(rank, world_size, data, root):
                            ["schedule.mini_batches=2", "schedule.epochs=2"])
     out["mini"] = train(mini)
     out["stale"] = _stale_run(data, os.path.join(root, "stale"))
+    out.update(_preempted_run(data, os.path.join(root, "preempted")))
     return out
+
+
+def _term_rank1_at_step2(step, batch):
+    import os
+    import signal
+
+    import torch.distributed as dist
+
+    if step == 2 and dist.get_rank() == 1:  # one rank signalled, as when only one node is warned
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _preempted_run(data, run_dir):
+    """SIGTERM to rank 1 during step 2, with checkpoints every 3 steps: both ranks must stop after
+    step 2 with it checkpointed, and the resumed run must give what the uninterrupted one gives."""
+    from dualrpo_mcore.trainer.loop import train
+    from dualrpo_mcore.trainer.preempt import Preempted
+    from dualrpo_mcore.trainer.steps import Hooks
+
+    cfg = _config(data, run_dir, tp=2, pp=1, eval_every=2)
+    cfg.checkpoint.every = 3
+    try:
+        train(cfg, hooks=Hooks(before_update=_term_rank1_at_step2))
+        stopped = None
+    except Preempted as e:
+        stopped = e.step
+    ckpts = sorted(d for d in os.listdir(os.path.join(run_dir, "checkpoints")) if d.startswith("step_"))
+    cfg = _config(data, run_dir, tp=2, pp=1, eval_every=2, resume="auto")
+    cfg.checkpoint.every = 3
+    return {"preempted_at": stopped, "preempted_ckpts": ckpts, "preempted_rest": train(cfg)}
 
 
 def _stale_run(data, run_dir):
@@ -217,6 +248,18 @@ def test_an_engine_that_ignores_weight_updates_stops_the_run_at_the_first_step(r
         assert "after step 1:" in stale["error"] and "rollout.probe.tolerance=0.001" in stale["error"], stale
     with open(os.path.join(root, "stale", "metrics.jsonl")) as f:
         assert not f.read().strip(), "the stale step must not be logged as a normal step"
+
+
+def test_a_cluster_signal_checkpoints_the_step_in_flight_and_the_resume_is_bitwise(runs):
+    root, results = runs
+    for rank in (0, 1):
+        r = results[rank]
+        assert r["preempted_at"] == 2, f"rank {rank} did not stop after step 2: {r['preempted_at']}"
+        assert r["preempted_ckpts"] == ["step_00000002"], r["preempted_ckpts"]
+        assert [x["step"] for x in r["preempted_rest"]] == [3, 4]
+        assert _fingerprint(r["preempted_rest"]) == _fingerprint(r["full"])[2:], (rank, r["preempted_rest"])
+    with open(os.path.join(root, "preempted", "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == [0, 1, 2, 3, 4]
 
 
 def test_mini_batches_and_epochs_reuse_the_rollouts_with_a_moving_ratio(runs):

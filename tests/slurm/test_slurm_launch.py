@@ -95,7 +95,10 @@ def _free_port():
 def test_scancel_term_then_resume_matches_uninterrupted(slurm, slurm_data, tmp_path, baseline):
     out = str(tmp_path / "run")
     before = set(_job_ids(slurm))
-    p = launch(slurm, tmp_path, slurm_data, out, "--tp", "2", "--detach", train=STEPS)
+    # No periodic checkpoint before the last step: a checkpoint of the step in flight can only come
+    # from the trainer's SIGTERM handling.
+    rare = ["--set", "checkpoint.every=100"]
+    p = launch(slurm, tmp_path, slurm_data, out, "--tp", "2", "--detach", train=STEPS + rare)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     (job_id,) = set(_job_ids(slurm)) - before
     deadline = time.monotonic() + 180
@@ -111,7 +114,9 @@ def test_scancel_term_then_resume_matches_uninterrupted(slurm, slurm_data, tmp_p
     assert done and done[-1] < 4, f"the job finished before the signal landed ({state} {code}); nothing tested"
     print(f"job {job_id} after SIGTERM: {state} {code}, steps done {done}")
     assert state != "COMPLETED"
-    p = launch(slurm, tmp_path, slurm_data, out, "--tp", "2", train=STEPS + ["--resume", "auto"])
+    ckpts = sorted(d for d in os.listdir(os.path.join(out, "checkpoints")) if d.startswith("step_"))
+    assert ckpts == [f"step_{done[-1]:08d}"], f"the step in flight was not checkpointed at SIGTERM: {ckpts}"
+    p = launch(slurm, tmp_path, slurm_data, out, "--tp", "2", train=STEPS + rare + ["--resume", "auto"])
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     # Every step once, and each loss the uninterrupted run's to the bit.
     assert [r["step"] for r in _records(out) if r["step"] > 0] == [1, 2, 3, 4]
