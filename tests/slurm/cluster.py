@@ -212,6 +212,16 @@ class Cluster:
         return subprocess.run(list(argv), env=self.env, capture_output=True, text=True, timeout=timeout, check=check)
 
     def stop(self) -> None:
+        # Jobs first: a job step (slurmstepd and its srun) outlives slurmd, so a test that failed
+        # with its job still running would leave them behind on the machine.
+        if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
+            try:
+                self.run("scancel", "--signal=KILL", "--full", "--user", getpass.getuser(), timeout=10, check=False)
+                deadline = time.monotonic() + 15
+                while time.monotonic() < deadline and self.run("squeue", "-h", timeout=10, check=False).stdout.strip():
+                    time.sleep(0.5)
+            except (OSError, subprocess.SubprocessError):
+                pass
         # Reverse start order: compute daemons first, the database last.
         for name in reversed(list(self.procs)):
             p = self.procs.pop(name)
