@@ -30,7 +30,7 @@ INSTALL_REQUIRES = [
     "pillow>=10",
     "tqdm>=4.60",
     "rapidfuzz>=3.0",
-    "megatron-core>=0.16.1,<0.17",
+    "megatron-core>=0.16.1,<0.20",
     "transformers>=5.0,<6",
     "datasets>=3.0",
     "tokenizers>=0.20",
@@ -48,8 +48,12 @@ EXTRAS = {
     # 0.5.3-0.5.9 pin transformers 4.57 (we need >=5); 0.5.10 does not hand mm_process_config to the
     # image processor. rollout/sglang_engine.py was read against 0.5.10-0.5.23 (0.5.23 pins torch 2.14.1).
     "sglang": ["sglang>=0.5.11,<0.6"],
-    # megatron-core 0.16.1 declares Transformer Engine >=2.9.0a0,<2.12.0 (its METADATA, "dev" extra).
-    "te": ["transformer-engine[pytorch]>=2.9,<2.12"],
+    # Per Python because megatron-core is: on 3.11 only 0.16.1 installs, which declares TE >=2.9.0a0,<2.12.0
+    # (its METADATA, "dev" extra); 0.17.0-0.19.2 need 3.12 and declare TE with no bound (gating newer
+    # features at run time), so there the cap is only the next major. `dualrpo env` flags megatron-core
+    # 0.16 with TE >= 2.12 on 3.12. Ranges per version: docs/compatibility.md.
+    "te": ['transformer-engine[pytorch]>=2.9,<2.12; python_version < "3.12"',
+           'transformer-engine[pytorch]>=2.9,<3; python_version >= "3.12"'],
     "launch": ["nemo-run==0.11.1", "leptonai==0.27.3"],  # nemo-run 0.11.1 imports only with this leptonai
 }
 

@@ -23,7 +23,11 @@ COMMANDS = {
     "plot": ("dualrpo_mcore.trainer.plot", "training curves from one or more runs"),
     "plan": ("dualrpo_mcore.launch.plan", "per-GPU memory plan for a recipe"),
     "launch": ("dualrpo_mcore.launch.cli", "launch a recipe through nemo-run"),
+    "env": ("dualrpo_mcore.env", "versions, GPUs and kernel paths, for bug reports; non-zero if unsupported"),
 }
+# Commands that start work whose speed depends on the compiled kernels: each says at start which
+# path every op takes, so a kernel that failed to build or load is seen at once, not in a profile.
+KERNEL_REPORT = ("train", "bench", "demo")
 
 
 def available(module: str) -> bool:
@@ -58,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    if args.command in KERNEL_REPORT:
+        from dualrpo_mcore.ops.report import log_kernel_paths
+
+        log_kernel_paths(args.command)
     return int(args._run(args) or 0)
 
 

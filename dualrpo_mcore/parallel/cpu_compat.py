@@ -9,7 +9,9 @@ tensors with ``.cuda()`` and builds causal masks with ``device="cuda"``. On a ma
   argument that names CUDA (or a bare int) to CPU, and turns ``Tensor.cuda()`` into a no-op;
 * the CUDA RNG tracker reads and writes the CPU generator, so ``model_parallel_cuda_manual_seed``
   and ``get_cuda_rng_tracker().fork()`` behave as on GPU (distinct TP streams for init/dropout);
-* ``torch.cuda.synchronize`` / ``empty_cache`` become no-ops;
+* ``torch.cuda.synchronize`` / ``empty_cache`` become no-ops, and ``torch.cuda.current_stream`` /
+  ``default_stream`` return a stream whose waits are no-ops (CPU work is already ordered);
+  megatron-core >= 0.19 asks for the current stream in every ``start_grad_sync``;
 * ``Tensor.type()`` (no argument: the type *name*) reports a CPU tensor under its CUDA name, because
   Megatron's optimizers gate on that string (``'torch.cuda.FloatTensor'`` in the distributed
   optimizer's parameter sharding and in ``clip_grads``); conversions ``Tensor.type(dtype)`` are untouched.
@@ -80,6 +82,34 @@ def _patch_rng_tracker() -> None:
     mrandom._set_cuda_rng_state = _cpu_set_rng_state
 
 
+class _NullStream:
+    """What megatron-core does with a CUDA stream, for CPU tensors: nothing to order.
+
+    0.19's ``start_grad_sync`` calls ``current_stream().wait_event`` for CUDA-graph gradients (none
+    on CPU); 0.16-0.18 reach the stream only with ``overlap_grad_reduce``.
+    """
+
+    device = _CPU
+
+    def wait_event(self, event=None) -> None:
+        return None
+
+    def wait_stream(self, stream=None) -> None:
+        return None
+
+    def record_event(self, event=None):
+        return event
+
+    def synchronize(self) -> None:
+        return None
+
+    def query(self) -> bool:
+        return True
+
+
+_NULL_STREAM = _NullStream()
+
+
 def _patch_torch_cuda() -> None:
     torch.cuda.current_device = lambda: 0
     torch.cuda.get_rng_state = _cpu_get_rng_state
@@ -88,6 +118,8 @@ def _patch_torch_cuda() -> None:
     torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
     torch.cuda.synchronize = lambda *a, **k: None
     torch.cuda.empty_cache = lambda *a, **k: None
+    torch.cuda.current_stream = lambda *a, **k: _NULL_STREAM
+    torch.cuda.default_stream = lambda *a, **k: _NULL_STREAM
 
 
 def enable(force: bool = False) -> bool:

@@ -35,20 +35,29 @@ def default_backend() -> str:
 
 
 def init_process_group(backend: str | None = None, timeout_minutes: int = 30) -> str:
-    """Join the default process group from the usual env vars (torchrun); single-process fallback.
+    """Join the default process group from the usual env vars (torchrun); a single process without
+    ``MASTER_PORT`` gets an in-process store, so no port is ever assumed free.
 
     Returns the backend in use. Already-initialised groups are kept as they are.
     """
     backend = backend or default_backend()
     if dist.is_initialized():
         return dist.get_backend()
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29533")
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    store = None
+    if "MASTER_PORT" not in os.environ:
+        if world != 1:
+            raise RuntimeError(f"WORLD_SIZE={world} but MASTER_PORT is not set: start the ranks with torchrun "
+                               f"(which sets MASTER_ADDR/MASTER_PORT) or set both yourself")
+        # One process needs no rendezvous. A default port made two single-process runs on one
+        # machine fail with EADDRINUSE; an in-process store cannot collide with anything.
+        store = dist.HashStore()
+    else:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, rank=rank, world_size=world,
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world,
                             timeout=datetime.timedelta(minutes=timeout_minutes))
     return backend
 

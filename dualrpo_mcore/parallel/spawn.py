@@ -16,9 +16,22 @@ from typing import Any, Callable, List
 
 
 def free_port() -> int:
+    """A port that was free a moment ago. Racy by nature (another process may take it before it is
+    bound again): prefer :func:`rendezvous_store`, which keeps the port it binds."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def rendezvous_store(world_size: int):
+    """A TCP store served by this process on a port the OS picks and this process keeps holding.
+
+    Binding port 0 and never letting go is what makes two suites on one machine unable to collide:
+    a fixed port (or one probed free, released, then bound again) can be taken in between.
+    """
+    import torch.distributed as dist
+
+    return dist.TCPStore("127.0.0.1", 0, world_size + 1, is_master=True, wait_for_workers=False)
 
 
 def _worker(fn, rank, world_size, port, backend, threads, args, out):
@@ -30,7 +43,8 @@ def _worker(fn, rank, world_size, port, backend, threads, args, out):
     # Oversubscribing 2 cores with N processes x N threads makes gloo tests crawl.
     torch.set_num_threads(threads)
     try:
-        dist.init_process_group(backend, rank=rank, world_size=world_size)
+        store = dist.TCPStore("127.0.0.1", port, is_master=False)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
         buf = io.BytesIO()
         torch.save(result, buf)
@@ -53,7 +67,8 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, backend
 
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    port = free_port()
+    store = rendezvous_store(world_size)
+    port = store.port
     procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, backend, threads, args, out),
                          daemon=True) for r in range(world_size)]
     for p in procs:
@@ -79,6 +94,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, backend
             if p.is_alive():
                 p.kill()
                 p.join()
+        del store  # the server goes with the last reference, and the port with it
     if errors:
         rank, tb = errors[0]
         raise RuntimeError(f"rank {rank} of {world_size} failed:\n{tb}")

@@ -13,6 +13,8 @@ passed explicitly, instead of relying on transformers' cached ``rope_deltas`` st
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -49,6 +51,23 @@ def choose_token(logits: torch.Tensor, params: SamplingParams, gen: torch.Genera
     return tok, float(logp[tok])
 
 
+def cache_argument(model) -> str:
+    """The forward's KV-cache argument: ``cache`` where transformers has renamed it (5.25 warns that
+    ``past_key_values`` goes in 5.40), ``past_key_values`` in the 5.x releases before the rename."""
+    try:
+        params = inspect.signature(model.forward).parameters  # follows the deprecation decorator's __wrapped__
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def returned_cache(output):
+    """The KV cache a forward returned, by the field name this transformers uses: reading the old
+    ``past_key_values`` property of a renamed output logs a deprecation, and goes in 5.40 too."""
+    names = {f.name for f in dataclasses.fields(output)}
+    return getattr(output, "cache" if "cache" in names else "past_key_values")
+
+
 @ENGINES.register("hf")
 class HFEngine(RolloutEngine):
     """``model``: a ``Qwen2_5_VLForConditionalGeneration`` (or build one from ``hf_config``)."""
@@ -80,6 +99,7 @@ class HFEngine(RolloutEngine):
         # appear under both names and share storage, so copying one updates both.
         self._params: Dict[str, torch.Tensor] = {
             mapping.normalize_hf_name(n): t for n, t in self.model.state_dict(keep_vars=True).items()}
+        self._cache_arg = cache_argument(self.model)
 
     # ------------------------------------------------------------ weights
     @torch.no_grad()
@@ -161,7 +181,7 @@ class HFEngine(RolloutEngine):
         res = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), pixel_values=pv,
                          image_grid_thw=None if grid is None else grid.to(self.device),
                          position_ids=pos.to(self.device), use_cache=True)
-        cache = res.past_key_values
+        cache = returned_cache(res)
         if n > 1:
             cache.batch_repeat_interleave(n)
         next_pos = pos.amax(dim=(0, 2)) + 1  # per prompt: one past its largest position on any axis
@@ -196,8 +216,8 @@ class HFEngine(RolloutEngine):
             step_pos = pos.view(1, rows, 1).expand(3, rows, 1)
             res = self.model(input_ids=torch.tensor(step_tokens, device=self.device)[:, None],
                              attention_mask=mask.to(self.device), position_ids=step_pos.to(self.device),
-                             past_key_values=cache, use_cache=True)
-            logits, cache, pos = res.logits[:, -1], res.past_key_values, pos + 1
+                             use_cache=True, **{self._cache_arg: cache})
+            logits, cache, pos = res.logits[:, -1], returned_cache(res), pos + 1
 
     def _hit_stop_string(self, tokens: List[int], stop: Tuple[str, ...]) -> bool:
         if not stop:

@@ -197,7 +197,8 @@ def test_an_unreadable_newest_checkpoint_falls_back_under_auto(synth_dir, refere
     resumed = run(synth_dir, run_dir, "tp2", "resumed", "--resume", "auto")
     assert resumed.codes == [0, 0], resumed
     warning = [ln for ln in resumed.log(0).splitlines() if "falling back to" in ln]
-    assert warning and f"{bad} (" in warning[0] and "zip archive" in warning[0], resumed
+    # The cause as the checkpoint reader words it: a zip error on megatron-core 0.16, EOFError on 0.19.
+    assert warning and f"{bad} (" in warning[0] and ("zip archive" in warning[0] or "EOFError" in warning[0]), resumed
     assert warning[0].endswith("falling back to " + os.path.join(run_dir, "checkpoints", "step_00000002")), warning
     assert "train: 1 steps (last 3)" in resumed.log(0)
     assert_same_as_reference(run_dir, ref)

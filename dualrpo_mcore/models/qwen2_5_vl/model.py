@@ -23,7 +23,7 @@ from .config import (RECOMPUTE, QwenVLConfig, check_parallel, language_config, m
 from .image_dedup import encode_once
 from .precision import Precision, check_pad_tokens_to
 from .specs import language_layer_spec, resolve_backend
-from .vision import VisionModel
+from .vision import VisionModel, with_ffn_hidden_size
 
 
 @dataclass
@@ -86,7 +86,8 @@ class QwenVLModel(MegatronModule):
             self.vision = VisionModel(cfg, vit_config, mrg_config, backend,
                                       token_multiple=options.token_multiple("vision"))
         self.language_model = GPTModel(
-            config=lm_config, transformer_layer_spec=language_layer_spec(backend),
+            config=lm_config,
+            transformer_layer_spec=with_ffn_hidden_size(language_layer_spec(backend), lm_config.ffn_hidden_size),
             vocab_size=self.padded_vocab_size, max_sequence_length=cfg.max_position_embeddings,
             pre_process=pre_process, post_process=post_process, parallel_output=True,
             share_embeddings_and_output_weights=cfg.tie_word_embeddings,

@@ -14,11 +14,14 @@ the merger.
 """
 from __future__ import annotations
 
+import copy
+import functools
 from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from megatron.core import parallel_state
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
@@ -27,6 +30,27 @@ from . import geometry
 from .config import QwenVLConfig
 from .precision import fp8_context
 from .specs import merger_linears, norm_module, vision_layer_spec
+
+
+def tp_group():
+    """This rank's tensor-parallel group; None before Megatron's parallel state exists (then Megatron
+    itself passes None through)."""
+    return parallel_state.get_tensor_model_parallel_group(check_initialized=False)
+
+
+def with_ffn_hidden_size(spec, ffn_hidden_size: int):
+    """A copy of a TransformerLayer spec whose MLP is built with an explicit ``ffn_hidden_size``.
+
+    Megatron's TransformerLayer builds the MLP from the spec's params and does not pass the width
+    itself, so without this every layer warns that the MLP "requires ffn_hidden_size" (0.16 to 0.19).
+    """
+    spec = copy.deepcopy(spec)
+    mlp = spec.submodules.mlp
+    if isinstance(mlp, functools.partial):  # 0.19: MLP.as_mlp_submodule bound to its submodules
+        spec.submodules.mlp = functools.partial(mlp, ffn_hidden_size=ffn_hidden_size)
+    elif hasattr(mlp, "params"):  # 0.16: a ModuleSpec, whose params reach MLP.__init__
+        mlp.params = dict(mlp.params or {}, ffn_hidden_size=ffn_hidden_size)
+    return spec
 
 
 class PatchEmbed(torch.nn.Module):
@@ -55,7 +79,10 @@ class PatchMerger(MegatronModule):
         self.ln_q = build_module(norm_module(backend), config=vision_config,
                                  hidden_size=cfg.vision_hidden_size, eps=vision_config.layernorm_epsilon)
         fc1, fc2 = merger_linears(backend)
-        self.mlp = MLP(merger_config, MLPSubmodules(linear_fc1=fc1, linear_fc2=fc2), input_size=self.unit)
+        # ffn_hidden_size and tp_group given, not defaulted: megatron-core 0.16 to 0.19 warn that both
+        # will be required (and accept both).
+        self.mlp = MLP(merger_config, MLPSubmodules(linear_fc1=fc1, linear_fc2=fc2), input_size=self.unit,
+                       ffn_hidden_size=merger_config.ffn_hidden_size, tp_group=tp_group())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.ln_q(x).reshape(-1, 1, self.unit)  # [N/merge^2, 1, unit]: MLP expects [s, b, h]
@@ -106,7 +133,7 @@ class VisionModel(MegatronModule):
         self.patch_multiple = token_multiple * cfg.spatial_merge_size ** 2
         self.patch_embed = PatchEmbed(cfg, vision_config.params_dtype)
         self.rotary = VisionRotary(cfg.vision_head_dim, cfg.vision_rope_theta)
-        spec = vision_layer_spec(backend)
+        spec = with_ffn_hidden_size(vision_layer_spec(backend), vision_config.ffn_hidden_size)
         self.layers = _LayerList(
             build_module(spec, config=vision_config, layer_number=i + 1) for i in range(cfg.vision_depth))
         self.merger = PatchMerger(cfg, merger_config, vision_config, backend)
