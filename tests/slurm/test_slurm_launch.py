@@ -50,6 +50,32 @@ def _job_ids(slurm, name="dualrpo-tiny_cpu"):
     return [int(j) for j in p.stdout.split()]
 
 
+def _new_job(slurm, before, timeout=60):
+    """The one job submitted since ``before``. sacct learns of a job from slurmdbd a moment after the
+    submission returns (sooner on an idle machine), so it is polled rather than read once."""
+    deadline = time.monotonic() + timeout
+    while True:
+        new = set(_job_ids(slurm)) - before
+        if new or time.monotonic() > deadline:
+            assert len(new) == 1, f"expected one new job, sacct shows {sorted(new)}"
+            return new.pop()
+        time.sleep(0.5)
+
+
+def _settled_job_ids(slurm, timeout=60):
+    """Job ids once nothing runs and accounting has caught up (the ids stay the same for 2 s)."""
+    deadline, last, same_since = time.monotonic() + timeout, None, time.monotonic()
+    while time.monotonic() < deadline:
+        busy = slurm.run("squeue", "-h", check=False).stdout.strip()
+        ids = set(_job_ids(slurm))
+        if busy or ids != last:
+            last, same_since = ids, time.monotonic()
+        elif time.monotonic() - same_since >= 2:
+            return ids
+        time.sleep(0.5)
+    return set(_job_ids(slurm))
+
+
 @pytest.fixture(scope="module")
 def baseline(slurm, slurm_data, tmp_path_factory):
     """The uninterrupted run every other check compares with: 1 node, 2 ranks, TP=2, 4 steps."""
@@ -58,7 +84,7 @@ def baseline(slurm, slurm_data, tmp_path_factory):
     before = set(_job_ids(slurm))
     p = launch(slurm, tmp, slurm_data, out, "--tp", "2", train=STEPS)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    (job_id,) = set(_job_ids(slurm)) - before
+    job_id = _new_job(slurm, before)
     return out, p.stdout, job_id
 
 
@@ -79,7 +105,7 @@ def test_two_nodes_one_torchrun_each(slurm, slurm_data, tmp_path, baseline):
     p = launch(slurm, tmp_path, slurm_data, out, "--tp", "2", "--nodes", "2", "--gpus-per-node", "1",
                "--rdzv-port", str(_free_port()), train=["--steps", "2"])
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    (job_id,) = set(_job_ids(slurm)) - before
+    job_id = _new_job(slurm, before)
     state, code, nodes = _sacct(slurm, job_id)
     assert (state, code) == ("COMPLETED", "0:0") and nodes == "n[1-2]"
     # TP=2 across the two nodes computes what TP=2 on one node does: same losses, bitwise.
@@ -100,7 +126,7 @@ def test_scancel_term_then_resume_matches_uninterrupted(slurm, slurm_data, tmp_p
     rare = ["--set", "checkpoint.every=100"]
     p = launch(slurm, tmp_path, slurm_data, out, "--tp", "2", "--detach", train=STEPS + rare)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    (job_id,) = set(_job_ids(slurm)) - before
+    job_id = _new_job(slurm, before)
     deadline = time.monotonic() + 180
     while not _any_loss(out):
         assert time.monotonic() < deadline, f"job {job_id} wrote no step: {_sacct(slurm, job_id)}"
@@ -129,11 +155,11 @@ def test_scancel_term_then_resume_matches_uninterrupted(slurm, slurm_data, tmp_p
     (["--nodes", "1", "--gpus-per-node", "1"], "do not split into tp=2"),
 ])
 def test_bad_requests_fail_before_submission(slurm, slurm_data, tmp_path, flags, needle):
-    before = set(_job_ids(slurm))
+    before = _settled_job_ids(slurm)
     p = launch(slurm, tmp_path, slurm_data, str(tmp_path / "run"), "--tp", "2", *flags, train=["--steps", "1"])
     assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
     assert needle in p.stderr.lower() or needle in p.stderr, p.stderr[-2000:]
-    assert set(_job_ids(slurm)) == before  # nothing was queued
+    assert _settled_job_ids(slurm) == before  # nothing was queued
 
 
 def test_sbatch_not_found(slurm, slurm_data, tmp_path):
