@@ -3,7 +3,7 @@ import pytest
 
 from dualrpo_mcore import cli, env
 
-pytest.importorskip("packaging")
+pytest.importorskip("packaging", reason="packaging (version ranges) is not installed; the range checks need it")
 
 REQS = [
     "torch>=2.4",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("packaging")
+pytest.importorskip("packaging", reason="packaging (version ranges) is not installed; the range checks need it")
 from packaging.requirements import Requirement  # noqa: E402
 from packaging.version import Version  # noqa: E402
 
