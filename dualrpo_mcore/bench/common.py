@@ -8,7 +8,6 @@ are only comparable within one run, which is why each benchmark measures its bas
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import shlex
@@ -19,6 +18,8 @@ import time
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
+
+from dualrpo_mcore.atomic import atomic_write_json
 
 # Dense (no sparsity) tensor-core peak per GPU, FLOP/s, by dtype; matched on the device name.
 GPU_PEAKS = (
@@ -74,10 +75,7 @@ def write_json(path: str, bench: str, args, results: Any, **extra: Any) -> Dict[
            "command": command_line(), "machine": machine(), "args": public_args(args), **extra,
            "results": results}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=2, default=str)
-    os.replace(tmp, path)  # a reader never sees half a file
+    atomic_write_json(path, doc, indent=2, default=str)  # a reader never sees half a file
     print(f"wrote {path}")
     return doc
 

@@ -9,7 +9,6 @@ Baselines measured in the same run on the same synthetic rows:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -78,6 +77,7 @@ def run(args) -> int:
     for name, rate in results.items():
         print(f"{name:<24}{rate:>12.1f}{rate * g:>12.1f}{rate / base:>14.2f}x")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"prompts_per_s": results, "group_size": g, "prompts": n}, f, indent=2)
+        from dualrpo_mcore.atomic import atomic_write_json
+
+        atomic_write_json(args.json, {"prompts_per_s": results, "group_size": g, "prompts": n}, indent=2)
     return 0

@@ -239,9 +239,9 @@ def main(argv=None) -> int:
     if total + setup > args.budget_s:
         result["plan_problem"] = f"set-up {setup:.0f} s + stages {total} s, over the {args.budget_s} s budget"
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    from dualrpo_mcore.trainer.checkpoint import _atomic_write_text
+    from dualrpo_mcore.atomic import atomic_write_json
 
-    _atomic_write_text(out, json.dumps(result, indent=2, sort_keys=True) + "\n")
+    atomic_write_json(out, result, indent=2, sort_keys=True)
     print(f"gpu check: wrote {out}", flush=True)
     bad = [n for n, r in result["stages"].items() if r["status"] in ("failed", "timeout", "broken")]
     if "plan_problem" in result:

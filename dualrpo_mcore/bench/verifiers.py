@@ -28,6 +28,7 @@ import os
 import platform
 import random
 import subprocess
+import sys
 import time
 import uuid
 from typing import List, Tuple
@@ -240,6 +241,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
 
 
+def _announce(row: dict) -> dict:
+    """Print a finished row's headline on stderr: the progress line of a run that takes minutes."""
+    print(f"  {row['batch']} / {row['runner']}: {row['samples']} samples in {row['wall_s']:.1f} s",
+          file=sys.stderr, flush=True)
+    return row
+
+
 def run(args: argparse.Namespace) -> int:
     mixed = mixed_batch(args.num_samples, args.seed)
     token = uuid.uuid4().hex
@@ -247,18 +255,18 @@ def run(args: argparse.Namespace) -> int:
                    adversarial_corpus(args.num_adversarial, token=token, seed=args.seed)]
     print(f"verifier bench: {len(mixed)} mixed + {len(adversarial)} adversarial samples, "
           f"{args.workers} workers, {args.timeout:g} s budget", flush=True)
-    rows = [_serial(mixed)]
+    rows = [_announce(_serial(mixed))]
     if args.workers > 1:
-        rows.append(_pooled(mixed, 1, args.timeout, "mixed"))
-    rows.append(_pooled(mixed, args.workers, args.timeout, "mixed"))
-    rows.append(_pooled(adversarial, args.workers, args.timeout, "adversarial"))
+        rows.append(_announce(_pooled(mixed, 1, args.timeout, "mixed")))
+    rows.append(_announce(_pooled(mixed, args.workers, args.timeout, "mixed")))
+    rows.append(_announce(_pooled(adversarial, args.workers, args.timeout, "adversarial")))
     adversarial_row = rows[-1]
     math_cases, math_summary = load_math_suite(args.math_cases), None
     if math_cases:
         serial_row, math_summary = _serial_math(math_cases)
-        rows.append(serial_row)
-        rows.append(_pooled(math_suite_samples(math_cases), args.workers, args.timeout,
-                            "math-suite"))
+        rows.append(_announce(serial_row))
+        rows.append(_announce(_pooled(math_suite_samples(math_cases), args.workers, args.timeout,
+                                      "math-suite")))
     print(_table(rows))
     if math_summary:
         print(f"math suite: {math_summary['cases']} cases (raw + <answer>), "
@@ -279,7 +287,8 @@ def run(args: argparse.Namespace) -> int:
                           "num_samples": args.num_samples, "num_adversarial": args.num_adversarial},
                "results": rows, "worst_case_adversarial_s": worst, "markers_found": leaked,
                "math_suite": math_summary}
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+        from dualrpo_mcore.atomic import atomic_write_json
+
+        atomic_write_json(args.json, out, indent=2)
         print(f"wrote {args.json}")
     return 1 if leaked else 0

@@ -20,18 +20,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
+import sys
 import time
 
 import torch
 
-PRESETS = {
-    # name: (hidden, ffn, layers, heads, kv_heads, vocab, vision_depth, vision_hidden)
-    "tiny": (96, 70, 2, 6, 2, 203, 3, 48),
-    "small": (512, 1408, 4, 8, 2, 16384, 2, 256),
-    "medium": (1024, 2816, 8, 16, 2, 32768, 4, 512),
-}
+# --preset name -> the shape in models.qwen2_5_vl.presets (the one place for model shapes)
+PRESETS = {"tiny": "bench-tiny", "small": "bench-small", "medium": "bench-medium"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,32 +42,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def hf_config(preset: str):
-    from transformers import Qwen2_5_VLConfig
+    from dualrpo_mcore.models.qwen2_5_vl import presets
 
-    h, ffn, layers, heads, kv, vocab, vdepth, vh = PRESETS[preset]
-    text = dict(vocab_size=vocab, hidden_size=h, intermediate_size=ffn, num_hidden_layers=layers,
-                num_attention_heads=heads, num_key_value_heads=kv, rms_norm_eps=1e-6, max_position_embeddings=4096,
-                rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                                 "mrope_section": [h // heads // 8, h // heads * 3 // 16, h // heads * 3 // 16]},
-                bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    vision = dict(depth=vdepth, hidden_size=vh, intermediate_size=vh * 2, num_heads=max(vh // 64, 4), patch_size=14,
-                  temporal_patch_size=2, in_channels=3, spatial_merge_size=2, window_size=112,
-                  fullatt_block_indexes=[vdepth - 1], out_hidden_size=h)
-    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=vocab - 3,
-                            video_token_id=vocab - 2, vision_start_token_id=vocab - 5,
-                            vision_end_token_id=vocab - 4, tie_word_embeddings=False)
+    return presets.hf_config(PRESETS[preset])
 
 
 def _timed(fn, repeats):
     import torch.distributed as dist
 
     best = float("inf")
-    for _ in range(repeats):
+    for i in range(repeats):
         dist.barrier()
         t0 = time.perf_counter()
         fn()
         dist.barrier()
         best = min(best, time.perf_counter() - t0)
+        if dist.get_rank() == 0:  # progress: a medium model takes tens of seconds over its methods
+            print(f"  weight-sync: repeat {i + 1}/{repeats} {time.perf_counter() - t0:.2f} s", file=sys.stderr,
+                  flush=True)
     return best
 
 
@@ -96,7 +84,7 @@ def _worker(rank, world, preset, bucket_mbs, repeats, freeze_vision, config_path
 
     initialize(world, 1, backend="gloo")
     with torch.no_grad():
-        model = build_model(config_path or hf_config(preset), ModelOptions(backend="local"))
+        model = build_model(config_path or hf_config(preset), ModelOptions(spec_backend="local"))
     if freeze_vision:
         apply_freeze(model, ModuleTraining(freeze_vision=True))
     local = [p.detach() for p in model.parameters()]
@@ -150,7 +138,8 @@ def run(args) -> int:
         doc = {"bench": "weight-sync", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                "commit": _commit(), "machine": _machine("cpu"),
                "args": {k: v for k, v in vars(args).items() if not k.startswith("_")}, "results": res}
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=2, default=str)
+        from dualrpo_mcore.atomic import atomic_write_json
+
+        atomic_write_json(args.json, doc, indent=2, default=str)
         print(f"wrote {args.json}")
     return 0

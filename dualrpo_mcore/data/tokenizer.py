@@ -13,7 +13,6 @@ load - splits text exactly as the trained merges expect.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Dict, Iterable, List, Optional, Sequence
 
@@ -136,9 +135,9 @@ def token_facts(tok) -> Dict[str, int]:
 
 
 def _write_json(path: str, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
+    from dualrpo_mcore.atomic import atomic_write_json
+
+    atomic_write_json(path, obj, indent=2, sort_keys=True)
 
 
 def load_processor(model_dir: str):

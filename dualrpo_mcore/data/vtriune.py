@@ -43,6 +43,7 @@ import os
 import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from dualrpo_mcore.atomic import atomic_path
 from dualrpo_mcore.data.schema import arrow_schema, make_row, validate_row
 
 log = logging.getLogger("dualrpo.data")
@@ -287,16 +288,15 @@ def convert_file(src: str, out: str, *, profile: str = "vtriune", min_pixels: in
 
 
 def _write(rows: List[Dict[str, Any]], out: str) -> None:
-    tmp = out + ".tmp"
-    if out.endswith((".jsonl", ".json")):
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                images = [{"bytes": base64.b64encode(im["bytes"]).decode("ascii") if im["bytes"] else None,
-                           "path": im["path"]} for im in row["images"]]
-                f.write(json.dumps(dict(row, images=images), ensure_ascii=False) + "\n")
-    else:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+    with atomic_path(out) as tmp:  # a reader never sees half a file; a failed write keeps the old one
+        if out.endswith((".jsonl", ".json")):
+            with open(tmp, "w", encoding="utf-8") as f:
+                for row in rows:
+                    images = [{"bytes": base64.b64encode(im["bytes"]).decode("ascii") if im["bytes"] else None,
+                               "path": im["path"]} for im in row["images"]]
+                    f.write(json.dumps(dict(row, images=images), ensure_ascii=False) + "\n")
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
 
-        pq.write_table(pa.Table.from_pylist(rows, schema=arrow_schema()), tmp)
-    os.replace(tmp, out)
+            pq.write_table(pa.Table.from_pylist(rows, schema=arrow_schema()), tmp)

@@ -23,15 +23,17 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 
+from dualrpo_mcore.data.schema import TASKS
+
 POOL_NAMES = ("vtriune_cot",)
 VTRIUNE_MIN_PIXELS = 512 * 512
 VTRIUNE_MAX_PIXELS = 2048 * 2048
-# the tasks whose Orsta rows name ``mathverify``; detection and grounding name ``detection``
-COT_TASKS = ("math", "puzzle", "science", "chart", "counting", "ocr")
+# Orsta rows of these two tasks name the ``detection`` verifier (IoU, no chain-of-thought prompt);
+# every other task's rows name ``mathverify``: COT_TASKS
+BOX_TASKS = ("detection", "grounding")
+COT_TASKS = tuple(t for t in TASKS if t not in BOX_TASKS)
 VTRIUNE_INSTRUCTIONS: Dict[str, str] = {t: "vtriune_cot" for t in COT_TASKS}
-VTRIUNE_IMAGE_RESIZE: Dict[str, List[int]] = {
-    t: [VTRIUNE_MIN_PIXELS, VTRIUNE_MAX_PIXELS]
-    for t in ("math", "puzzle", "science", "chart", "detection", "grounding", "counting", "ocr")}
+VTRIUNE_IMAGE_RESIZE: Dict[str, List[int]] = {t: [VTRIUNE_MIN_PIXELS, VTRIUNE_MAX_PIXELS] for t in TASKS}
 _STREAM = 0x636F74  # separates these draws from the loader's shuffles
 
 FREEFORM_FIRST = (

@@ -50,6 +50,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from ..atomic import atomic_write, fsync_dir, fsync_tree
 from . import faults, storage
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
@@ -153,36 +154,6 @@ def _meta(path: str) -> Dict[str, Any]:
             return json.load(f)
     except (OSError, ValueError):
         return {}
-
-
-def _fsync_tree(path: str) -> None:
-    """fsync every file and directory under ``path`` (contents before the rename that publishes it)."""
-    for dirpath, _, files in os.walk(path):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(dirpath)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path) or ".")
 
 
 def _write_rank_state(path: str, payload: Dict[str, Any]) -> None:
@@ -466,12 +437,12 @@ class CheckpointManager:
             meta["layout"] = layout
         meta["bytes"] = _tree_bytes(tmp)
         _write_meta(os.path.join(tmp, META), meta)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if os.path.exists(final):  # re-saving a step (e.g. after a resume): replace it whole
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(self.root)
-        _atomic_write_text(os.path.join(self.root, LATEST), os.path.basename(final) + "\n")
+        fsync_dir(self.root)
+        atomic_write(os.path.join(self.root, LATEST), os.path.basename(final) + "\n")
         self.prune()
 
     def clean_stale(self) -> List[str]:

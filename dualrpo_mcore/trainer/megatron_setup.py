@@ -25,38 +25,17 @@ warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_int
 
 
 def resolve_model_config(src: ModelSourceConfig):
-    """The :class:`QwenVLConfig` of the configured source."""
+    """The :class:`QwenVLConfig` of the configured source (:mod:`.model_source` resolves every kind)."""
     from dualrpo_mcore.models.qwen2_5_vl import from_hf
 
-    if src.hf_dir:
-        return from_hf(src.hf_dir)
-    if src.megatron_ckpt:
-        import json
-        import os
+    from .model_source import hf_config_source
 
-        with open(os.path.join(src.megatron_ckpt, "meta.json")) as f:
-            return from_hf(json.load(f)["hf_config"])
-    if src.hf_config is not None:
-        return from_hf(src.hf_config)
-    if src.preset:
-        from dualrpo_mcore.models.qwen2_5_vl import presets
-
-        return from_hf(presets.hf_config_dict(src.preset))
-    from dualrpo_mcore.models.qwen2_5_vl import testing
-
-    return from_hf(testing.tiny_hf_config(**src.tiny_overrides))
+    return from_hf(hf_config_source(src))
 
 
 def model_options(src: ModelSourceConfig, backend: str):
-    """The model's build options; ``backend`` is the run's resolved one ('te' or 'local')."""
-    from dualrpo_mcore.models.qwen2_5_vl.model import ModelOptions
-    from dualrpo_mcore.models.qwen2_5_vl.specs import RESOLVED_BACKENDS
-
-    if backend not in RESOLVED_BACKENDS:
-        raise ValueError(f"backend={backend!r}: pass the resolved backend ({RESOLVED_BACKENDS}), "
-                         f"from ModelSourceConfig.resolve_backend()")
-    return ModelOptions(precision=src.precision_config(), backend=backend, recompute=src.recompute,
-                        dedup_images=src.dedup_images, pad_tokens_to=src.pad_tokens_to)
+    """The model's build options (``src``'s own ModelOptions fields); ``backend`` is the run's resolved one."""
+    return src.with_backend(backend)
 
 
 def build_and_load(cfg, src: ModelSourceConfig, info, hf_state_dict: Optional[Dict[str, torch.Tensor]] = None, *,

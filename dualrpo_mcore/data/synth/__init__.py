@@ -10,10 +10,10 @@ Two layouts: ``free`` (objects anywhere, sizes in pixels: the set for real model
 """
 from __future__ import annotations
 
-import os
 import random
 from typing import Callable, Dict, Iterator, List
 
+from dualrpo_mcore.atomic import atomic_path
 from dualrpo_mcore.data.schema import IMAGE_PLACEHOLDER, TASKS, arrow_schema, make_row
 from dualrpo_mcore.data.synth import grid
 from dualrpo_mcore.data.synth.common import Sample, png_bytes
@@ -85,9 +85,8 @@ def write_split(path: str, num_per_task: int, *, seed: int, split: str, progress
         if progress is not None:
             progress(len(rows))
     table = pa.Table.from_pylist(rows, schema=arrow_schema())
-    tmp = path + ".tmp"
-    pq.write_table(table, tmp, compression="zstd", row_group_size=512)
-    os.replace(tmp, path)  # atomic: a reader never sees half a file
+    with atomic_path(path) as tmp:  # a reader never sees half a file
+        pq.write_table(table, tmp, compression="zstd", row_group_size=512)
     return len(rows)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
+import sys
 from contextlib import ExitStack, contextmanager
 from typing import Dict, Iterator, List, Optional
 
@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ...atomic import atomic_dir
 from . import mapping
 from .config import QwenVLConfig, from_hf
 
@@ -71,22 +72,20 @@ def _copy_side_files(src: str, dst: str) -> None:
 
 @contextmanager
 def _atomic_dir(out_dir: str, reader) -> Iterator[str]:
-    """Yield a temp dir beside ``out_dir``; it becomes ``out_dir`` only if the body completes, so a
-    crash never leaves a half-written checkpoint under the real name. ``reader`` is closed either way."""
+    """:func:`dualrpo_mcore.atomic.atomic_dir` (a crash never leaves a half-written checkpoint under
+    the real name; an existing ``out_dir`` is refused) that also closes ``reader`` either way."""
     try:
-        parent = os.path.dirname(os.path.abspath(out_dir)) or "."
-        os.makedirs(parent, exist_ok=True)
-        if os.path.exists(out_dir):
-            raise FileExistsError(f"{out_dir} already exists; choose a new output directory")
-        tmp = tempfile.mkdtemp(prefix=".tmp-convert-", dir=parent)
-        try:
+        with atomic_dir(out_dir) as tmp:
             yield tmp
-            os.rename(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     finally:
         reader.close()
+
+
+def _bar(total: int, desc: str):
+    """A progress line on stderr: a 7B checkpoint takes minutes to convert, silently otherwise."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tensor", file=sys.stderr, mininterval=1.0)
 
 
 def hf_to_megatron(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, te_spec: bool = False,
@@ -97,16 +96,18 @@ def hf_to_megatron(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, te_spec:
     padded = cfg.padded_vocab_size(max(vocab_divisible_by, tp))
     conv = mapping.Converter(cfg, padded)
     reader = HFReader(hf_dir)
-    with _atomic_dir(out_dir, reader) as tmp:
+    rules = list(mapping.rules(cfg, pp))
+    with _atomic_dir(out_dir, reader) as tmp, _bar(len(rules), "hf-to-mcore") as bar:
         for pp_rank in range(pp):
             shards: List[Dict[str, torch.Tensor]] = [{} for _ in range(tp)]
-            for rule in mapping.rules(cfg, pp):
+            for rule in rules:
                 if mapping.owner_stage(rule, cfg, pp) != pp_rank:
                     continue
                 glob = conv.to_mcore(rule, [reader[n] for n in rule.hf])
                 name = mapping.from_canonical(mapping.local_name(rule, cfg, pp), te_spec)
                 for tp_rank in range(tp):
                     shards[tp_rank][name] = mapping.tp_shard(glob, rule.split, tp_rank, tp)
+                bar.update(1)
             for tp_rank, sd in enumerate(shards):
                 os.makedirs(os.path.join(tmp, _rank_dir(tp_rank, pp_rank)))
                 save_file(sd, os.path.join(tmp, _rank_dir(tp_rank, pp_rank), "model.safetensors"),
@@ -146,11 +147,15 @@ class MegatronReader:
         self._stack.close()
 
 
+def _exported_rules(reader: MegatronReader) -> List[mapping.Rule]:
+    """The rules whose tensors go to the HF directory: all but the last stage's copy of a tied embedding."""
+    tied = reader.cfg.tie_word_embeddings
+    return [r for r in mapping.rules(reader.cfg, reader.pp) if not (tied and r.mcore.endswith("output_layer.weight"))]
+
+
 def _hf_tensors(reader: MegatronReader) -> Iterator[tuple[str, torch.Tensor]]:
     conv = mapping.Converter(reader.cfg, reader.meta["padded_vocab_size"])
-    for rule in mapping.rules(reader.cfg, reader.pp):
-        if reader.cfg.tie_word_embeddings and rule.mcore.endswith("output_layer.weight"):
-            continue  # the last stage's copy of the tied embedding
+    for rule in _exported_rules(reader):
         for name, t in zip(rule.hf, conv.to_hf(rule, reader.global_tensor(rule))):
             yield name, t
 
@@ -159,7 +164,8 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, max_shard_bytes: int = 5 * 1024 
     """Write a HF directory (published tensor names, sharded safetensors + index) from a Megatron
     checkpoint, carrying the config/tokenizer/processor files over. Returns ``out_dir``."""
     reader = MegatronReader(ckpt_dir)
-    with _atomic_dir(out_dir, reader) as tmp:
+    tensors = sum(len(r.hf) for r in _exported_rules(reader))
+    with _atomic_dir(out_dir, reader) as tmp, _bar(tensors, "mcore-to-hf") as bar:
         shards: List[Dict[str, torch.Tensor]] = [{}]
         size = 0
         files: List[str] = []
@@ -172,6 +178,7 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, max_shard_bytes: int = 5 * 1024 
             shards[-1][name] = t
             size += nbytes
             weight_map[name] = len(files)
+            bar.update(1)
         files.append(_flush(tmp, shards[-1], len(files)))
         _finish_hf_dir(tmp, files, weight_map, ckpt_dir)
     return out_dir

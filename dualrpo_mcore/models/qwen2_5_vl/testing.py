@@ -1,31 +1,23 @@
-"""Tiny random Qwen2.5-VL configs and batches (tests, CPU demo). No model hub involved."""
+"""Tiny random Qwen2.5-VL models and batches for tests. No model hub involved.
+
+Not for production code: the shapes live in :mod:`.presets` (``presets.hf_config("tiny", ...)``)."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 
-IMAGE, VIDEO, VSTART, VEND = 200, 201, 198, 199
+from .presets import TINY_IMAGE as IMAGE
+from .presets import TINY_VEND as VEND
+from .presets import TINY_VIDEO as VIDEO  # noqa: F401  (part of the tests' vocabulary of names)
+from .presets import TINY_VSTART as VSTART
 
 
-def tiny_hf_config(tie: bool = False, text_layers: int = 2, vision_depth: int = 3,
-                   vision_overrides: Optional[Dict[str, Any]] = None, **text_overrides: Any):
-    """Odd sizes on purpose: vocab 203 (padded on the Megatron side), ffn 70, GQA 6 heads / 2 groups,
-    vision head_dim 12 and ffn 54, window 2x2 merged units with ragged edge windows.
-    ``vision_overrides`` change the vision config (e.g. FP8 wants widths that are multiples of 16)."""
-    from transformers import Qwen2_5_VLConfig
+def tiny_hf_config(**kw: Any):
+    """``presets.hf_config("tiny", **kw)``: the name the tests use (see ``presets._tiny`` for ``kw``)."""
+    from .presets import hf_config
 
-    text = dict(vocab_size=203, hidden_size=96, intermediate_size=70, num_hidden_layers=text_layers,
-                num_attention_heads=6, num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=512,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-                bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    text.update(text_overrides)
-    vision = dict(depth=vision_depth, hidden_size=48, intermediate_size=54, num_heads=4, patch_size=4,
-                  temporal_patch_size=2, in_channels=3, spatial_merge_size=2, window_size=16,
-                  fullatt_block_indexes=[1], out_hidden_size=text["hidden_size"])
-    vision.update(vision_overrides or {})
-    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=VIDEO,
-                            vision_start_token_id=VSTART, vision_end_token_id=VEND, tie_word_embeddings=tie)
+    return hf_config("tiny", **kw)
 
 
 def tiny_hf_model(seed: int = 0, **kw):
