@@ -3,24 +3,14 @@ exits 0 and writes JSON whose per-device rows (actor and transformers baseline) 
 finite throughput, FLOPs and MFU. Timings are never asserted, only that they were measured."""
 import json
 import math
-import os
-import subprocess
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _run(*args, timeout=300):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "dualrpo_mcore", "bench", *args], cwd=ROOT, env=env,
-                          timeout=timeout, capture_output=True, text=True)
-    return proc
+from helpers.cli import run_dualrpo
 
 
 def test_bench_train_tp2_writes_json(tmp_path):
     out = tmp_path / "train.json"
-    proc = _run("train", "--tp", "2", "--rows", "2", "--response-len", "16", "--prompt-len", "8", "--iters", "1",
-                "--warmup", "0", "--json", str(out))
+    proc = run_dualrpo("bench", "train", "--tp", "2", "--rows", "2", "--response-len", "16", "--prompt-len", "8",
+                       "--iters", "1", "--warmup", "0", "--json", str(out), check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "MFU" in proc.stdout and "vs baseline" in proc.stdout
     doc = json.loads(out.read_text())
@@ -41,5 +31,5 @@ def test_bench_train_tp2_writes_json(tmp_path):
 
 
 def test_bench_train_bad_flag_is_named():
-    proc = _run("train", "--image", "7x8")
+    proc = run_dualrpo("bench", "train", "--image", "7x8", check=False)
     assert proc.returncode == 2 and "--image" in proc.stdout

@@ -6,9 +6,8 @@ shard of the collective write (rank 1), the per-rank file (rank 1), the publish 
 The kill-and-resume matrix of the whole loop is in test_faults.py."""
 import errno
 
-from test_trainer_checkpoint_megatron import _build, _step
-
 from dualrpo_mcore.parallel.spawn import run_distributed
+from helpers import tiny_gpt
 
 
 PLACES = [("common", 0), ("shard", 1), ("rank file", 1), ("publish", 0)]
@@ -59,9 +58,9 @@ def _all_places(rank, world, root):
     from dualrpo_mcore.trainer.storage import CheckpointSaveError
 
     initialize(2, 1, backend="gloo", seed=7)
-    model, ddp, opt = _build(2, False)
+    model, ddp, opt = tiny_gpt.build(2, False)
     mgr = ck.CheckpointManager(root, keep_last=10)
-    _step(ddp, opt)
+    tiny_gpt.step(ddp, opt)
     mgr.save(1, model, opt, extra_state={})
     # megatron-core 0.19 writes no common.pt (torch_dist keeps non-tensor data in the collective write).
     wrote_common = any("common.pt" in files for _, _, files in os.walk(root))

@@ -6,19 +6,14 @@ compiled kernel and the torch fallback. Checks: every output (the full KL includ
 float64, ranks bitwise identical, the shards' gradients concatenated equal the full-vocabulary
 gradient, and exactly one collective in forward and none in backward.
 """
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.distributed as dist
 
 from dualrpo_mcore.ops import load_error, load_extension
 from dualrpo_mcore.parallel.spawn import run_distributed
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from test_token_stats_reference import (  # noqa: E402
-    awkward_inputs, reference_with_grads, tolerance)
+from helpers.close import assert_close
+from helpers.token_stats_ref import awkward_inputs, reference_with_grads, tolerance
 
 VOCAB, PAD, ROWS, TEMP = 37, 4, 10, 0.7
 # Shard boundaries over the 41 padded columns; uneven on purpose.
@@ -90,14 +85,6 @@ def _cases():
     return cases
 
 
-def _assert_close(got, want, rtol, atol, what):
-    got = got.double()
-    same_inf = torch.isinf(want) & (got == want)
-    diff = torch.where(same_inf, torch.zeros_like(want), (got - want).abs())
-    bound = atol + rtol * torch.where(torch.isinf(want), torch.zeros_like(want), want.abs())
-    assert bool((diff <= bound).all()), f"{what}: max err {float(diff[~(diff <= bound)].max())}"
-
-
 @pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_vocab_parallel_matches_float64(world_size, tp_results):
     cases, by_rank = tp_results
@@ -117,12 +104,12 @@ def test_vocab_parallel_matches_float64(world_size, tp_results):
         rtol, atol = tolerance(z.dtype, z / TEMP)
         names = ["logprob", "entropy", "self_certainty", "kl"]
         for name, got, w in zip(names, rank0["outs"], want):
-            _assert_close(got, w, rtol, atol, f"{what} {name}")
+            assert_close(got, w, rtol, atol, f"{what} {name}")
         grad = torch.cat([per_rank[r][ci]["grad"] for r in range(world_size)], dim=1)
         assert grad.shape == z.shape and grad.dtype == z.dtype
         assert torch.equal(grad[:, VOCAB:], torch.zeros_like(grad[:, VOCAB:])), f"{what} padding grad"
         grtol = 2e-5 if z.dtype == torch.float32 else 1e-2
-        _assert_close(grad, want_grad, grtol, 1e-6 / TEMP, f"{what} grad")
+        assert_close(grad, want_grad, grtol, 1e-6 / TEMP, f"{what} grad")
         for r in range(world_size):  # and each shard is exactly its slice of that gradient
             assert per_rank[r][ci]["grad"].shape[1] == bounds[r + 1] - bounds[r]
 

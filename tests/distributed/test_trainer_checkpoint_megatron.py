@@ -10,42 +10,7 @@ import os
 import pytest
 
 from dualrpo_mcore.parallel.spawn import run_distributed
-
-VOCAB, SEQ = 64, 8
-
-
-def _build(tp, distopt):
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.transformer import TransformerConfig
-
-    cfg = TransformerConfig(num_layers=2, hidden_size=16, num_attention_heads=4, use_cpu_initialization=True,
-                            tensor_model_parallel_size=tp, hidden_dropout=0.1, attention_dropout=0.1)
-    model = GPTModel(cfg, get_gpt_layer_local_spec(), vocab_size=VOCAB, max_sequence_length=SEQ)
-    ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(use_distributed_optimizer=distopt), model)
-    # clip_grad=0: Megatron's grad clipping asserts CUDA tensors; the RL loop clips on GPU only.
-    opt_cfg = OptimizerConfig(optimizer="adam", lr=1e-2, use_distributed_optimizer=distopt, bf16=False,
-                              fp16=False, clip_grad=0.0)
-    opt = get_megatron_optimizer(opt_cfg, [ddp], use_gloo_process_groups=False)
-    return model, ddp, opt
-
-
-def _step(ddp, opt):
-    """One training step on data drawn from the global torch RNG (so resuming must restore it)."""
-    import torch
-
-    ddp.zero_grad_buffer()
-    opt.zero_grad()
-    ids = torch.randint(0, VOCAB, (2, SEQ))
-    pos = torch.arange(SEQ)[None].expand(2, SEQ)
-    loss = ddp(ids, pos, None, labels=ids).float().mean()
-    loss.backward()
-    ddp.finish_grad_sync()
-    ok, _, _ = opt.step()
-    assert ok
-    return loss.detach().clone()
+from helpers import tiny_gpt
 
 
 def _snapshot(model, opt):
@@ -79,14 +44,14 @@ def _one_setting(root, tp, distopt):
     from dualrpo_mcore.trainer import checkpoint as ck
 
     initialize(tp, 1, backend="gloo", seed=7)
-    model, ddp, opt = _build(tp, distopt)
+    model, ddp, opt = tiny_gpt.build(tp, distopt)
     mgr = ck.CheckpointManager(root, keep_last=2)
-    _step(ddp, opt)
+    tiny_gpt.step(ddp, opt)
     mgr.save(1, model, opt, extra_state={"data": {"position": 2}})
-    _step(ddp, opt)
+    tiny_gpt.step(ddp, opt)
     saved = mgr.save(2, model, opt, extra_state={"data": {"position": 4}})
     at_save = _snapshot(model, opt)
-    ref_losses = [_step(ddp, opt) for _ in range(3)]
+    ref_losses = [tiny_gpt.step(ddp, opt) for _ in range(3)]
     ref_params = _snapshot(model, opt)[0]
 
     # A crash inside the save of step 5, after the sharded files are written, on every rank.
@@ -102,12 +67,12 @@ def _one_setting(root, tp, distopt):
     assert os.path.isdir(os.path.join(root, "step_00000005.tmp"))
 
     torch.manual_seed(1000 + torch.distributed.get_rank())  # perturb every stream and the weights
-    _step(ddp, opt)
+    tiny_gpt.step(ddp, opt)
     assert mgr.resolve_resume("auto") == saved
     out = mgr.load(mgr.resolve_resume("auto"), model, opt)
     assert out["step"] == 2 and out["extra"] == {"data": {"position": 4}}
     after_load = _snapshot(model, opt)
-    losses = [_step(ddp, opt) for _ in range(3)]
+    losses = [tiny_gpt.step(ddp, opt) for _ in range(3)]
     return {
         "params_restored": _equal(after_load[0], at_save[0]),
         "optim_restored": _equal(after_load[1], at_save[1]),

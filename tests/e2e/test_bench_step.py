@@ -7,20 +7,16 @@ time, the shares add up, and the JSON carries the run's metadata. ``rollout``: t
 reason on CPU. No wall-clock value is asserted."""
 import json
 import math
-import os
-import subprocess
-import sys
 
-from test_rl_cli import _dualrpo  # the e2e tests' shared CLI runner
+from helpers.cli import run_dualrpo
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PHASES = ("rollout", "verify", "logprob", "update", "sync", "probe")
 
 
 def test_bench_step_reports_every_phase(tmp_path):
     out = tmp_path / "step.json"
-    stdout = _dualrpo("bench", "step", "--steps", "2", "--prompts-per-step", "2", "--group-size", "2",
-                      "--max-new-tokens", "6", "--json", str(out))
+    stdout = run_dualrpo("bench", "step", "--steps", "2", "--prompts-per-step", "2", "--group-size", "2",
+                         "--max-new-tokens", "6", "--json", str(out), threads=2).stdout
     for p in PHASES:
         assert f"\n{p} " in stdout, p
     doc = json.loads(out.read_text())
@@ -36,20 +32,18 @@ def test_bench_step_reports_every_phase(tmp_path):
 
 
 def test_bench_step_bad_flags_are_named(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     cases = ((["--warmup", "3", "--steps", "2"], "--warmup"), (["--data", str(tmp_path)], "--data"),
              (["--engines", "compare", "--baseline-set", "schedule.epochs=2"], "--baseline-set"),
              (["--baseline-set", "actor.model.dedup_image=false"], "actor.model.dedup_image"))
     for args, flag in cases:
-        proc = subprocess.run([sys.executable, "-m", "dualrpo_mcore", "bench", "step", *args], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=120)
+        proc = run_dualrpo("bench", "step", *args, timeout=120, check=False)
         assert proc.returncode == 2 and flag in proc.stdout, proc.stdout
 
 
 def test_bench_rollout_counts_tokens(tmp_path):
     out = tmp_path / "rollout.json"
-    _dualrpo("bench", "rollout", "--prompts", "1", "--n", "2", "--max-new-tokens", "4", "--image", "4x4",
-             "--iters", "1", "--warmup", "0", "--json", str(out))
+    run_dualrpo("bench", "rollout", "--prompts", "1", "--n", "2", "--max-new-tokens", "4", "--image", "4x4",
+                "--iters", "1", "--warmup", "0", "--json", str(out), threads=2)
     doc = json.loads(out.read_text())
     rows = {r["method"]: r for r in doc["results"]["rows"]}
     assert set(rows) == {"generate (baseline)", "hf-engine"}
@@ -61,8 +55,9 @@ def test_bench_rollout_counts_tokens(tmp_path):
 
 def test_bench_step_baseline_overrides(tmp_path):
     out = tmp_path / "ab.json"
-    stdout = _dualrpo("bench", "step", "--steps", "2", "--prompts-per-step", "2", "--group-size", "2",
-                      "--max-new-tokens", "4", "--baseline-set", "actor.model.dedup_images=false", "--json", str(out))
+    stdout = run_dualrpo("bench", "step", "--steps", "2", "--prompts-per-step", "2", "--group-size", "2",
+                         "--max-new-tokens", "4", "--baseline-set", "actor.model.dedup_images=false", "--json",
+                         str(out), threads=2).stdout
     assert "overrides: ['actor.model.dedup_images=false']" in stdout
     assert "this vs baseline (baseline); ratio = baseline / this" in stdout
     for p in PHASES + ("total",):

@@ -9,16 +9,15 @@ import pytest
 
 pytest.importorskip("nemo_run", reason="nemo-run is not installed (pip install 'dualrpo-mcore[launch]')")
 
-# The same cheap data and subprocess helper as the `dualrpo train` e2e test (tests/e2e is on sys.path
-# under pytest's default import mode): one sample per task, random tiny policy.
-from test_rl_cli import _dualrpo, synth_dir  # noqa: E402,F401
+from helpers.cli import run_dualrpo  # noqa: E402
 
 
-def test_launch_local_torchrun_runs_to_completion(synth_dir, tmp_path):  # noqa: F811
+# The same cheap data as the `dualrpo train` e2e test: one sample per task, random tiny policy.
+def test_launch_local_torchrun_runs_to_completion(synth_dir_cli, tmp_path):
     run_dir = str(tmp_path / "run")
-    out = _dualrpo("launch", "--recipe", "tiny_cpu", "--data", synth_dir, "--out", run_dir, "--executor", "local",
-                   "--nproc-per-node", "2", "--tp", "2", "--env", "OMP_NUM_THREADS=1",
-                   "--", "--steps", "2", "--reward-mode", "grpo", timeout=300)
+    out = run_dualrpo("launch", "--recipe", "tiny_cpu", "--data", synth_dir_cli, "--out", run_dir, "--executor",
+                      "local", "--nproc-per-node", "2", "--tp", "2", "--env", "OMP_NUM_THREADS=1",
+                      "--", "--steps", "2", "--reward-mode", "grpo", timeout=300, threads=2).stdout
     assert "launch: job tiny_cpu: SUCCEEDED" in out
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         assert [json.loads(line)["step"] for line in f] == [0, 1, 2]  # 0: the held-out eval before training

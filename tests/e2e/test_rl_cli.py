@@ -3,28 +3,8 @@ a random tiny model -> config.json (with reward_mode), metrics.jsonl with per-ta
 then ``--resume auto --steps 3`` continues at step 3 instead of starting over."""
 import json
 import os
-import subprocess
-import sys
 
-import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _dualrpo(*args, timeout=300):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               OMP_NUM_THREADS="2")
-    proc = subprocess.run([sys.executable, "-m", "dualrpo_mcore", *args], cwd=ROOT, env=env, timeout=timeout,
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
-
-
-@pytest.fixture(scope="module")
-def synth_dir(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("synth"))
-    _dualrpo("data", "synth", "--out", out, "--num-per-task", "1", "--heldout-per-task", "1")
-    return out
+from helpers.cli import run_dualrpo
 
 
 def _steps(run_dir):
@@ -32,10 +12,10 @@ def _steps(run_dir):
         return [json.loads(line) for line in f]
 
 
-def test_train_cli_runs_and_resumes(synth_dir, tmp_path):
+def test_train_cli_runs_and_resumes(synth_dir_cli, tmp_path):
     run_dir = str(tmp_path / "run")
-    out = _dualrpo("train", "--recipe", "tiny_cpu", "--data", synth_dir, "--out", run_dir, "--steps", "2",
-                   "--reward-mode", "grpo", "--no-progress")
+    out = run_dualrpo("train", "--recipe", "tiny_cpu", "--data", synth_dir_cli, "--out", run_dir, "--steps", "2",
+                      "--reward-mode", "grpo", "--no-progress", threads=2).stdout
     assert '"reward_mode": "grpo"' in out  # the resolved config is printed at start
     with open(os.path.join(run_dir, "config.json")) as f:
         cfg = json.load(f)
@@ -47,7 +27,7 @@ def test_train_cli_runs_and_resumes(synth_dir, tmp_path):
     assert "time/rollout" in records[1] and "loss" in records[1]
     assert os.path.isdir(os.path.join(run_dir, "checkpoints", "step_00000002"))
 
-    out = _dualrpo("train", "--recipe", "tiny_cpu", "--data", synth_dir, "--out", run_dir, "--steps", "3",
-                   "--reward-mode", "grpo", "--resume", "auto", "--no-progress")
+    out = run_dualrpo("train", "--recipe", "tiny_cpu", "--data", synth_dir_cli, "--out", run_dir, "--steps", "3",
+                      "--reward-mode", "grpo", "--resume", "auto", "--no-progress", threads=2).stdout
     assert "train: 1 steps (last 3)" in out
     assert [r["step"] for r in _steps(run_dir)] == [0, 1, 2, 3]

@@ -3,30 +3,20 @@
 GPU's name. Skipped without CUDA (the CPU machines that run CI have none). No timing is asserted."""
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from helpers.cli import run_dualrpo
+
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")]
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _bench(*args):
-    proc = subprocess.run([sys.executable, "-m", "dualrpo_mcore", "bench", *args], cwd=ROOT, timeout=900,
-                          capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
 
 
 def test_bench_train_gpu_small(tmp_path):
     out = tmp_path / "train.json"
-    _bench("train", "--model", "small", "--precision", "bf16", "--rows", "4", "--image", "28x28", "--iters", "3",
-           "--json", str(out))
+    run_dualrpo("bench", "train", "--model", "small", "--precision", "bf16", "--rows", "4", "--image", "28x28",
+                "--iters", "3", "--json", str(out), timeout=900, threads=None)
     doc = json.loads(out.read_text())
     assert doc["machine"]["gpu"] == torch.cuda.get_device_name()
     summary = doc["results"]["summary"]
@@ -40,7 +30,8 @@ def test_bench_train_gpu_small(tmp_path):
 
 def test_bench_rollout_gpu(tmp_path):
     out = tmp_path / "rollout.json"
-    _bench("rollout", "--model", "small", "--prompts", "2", "--n", "4", "--max-new-tokens", "16", "--json", str(out))
+    run_dualrpo("bench", "rollout", "--model", "small", "--prompts", "2", "--n", "4", "--max-new-tokens", "16",
+                "--json", str(out), timeout=900, threads=None)
     doc = json.loads(out.read_text())
     assert doc["results"]["device"] == "cuda"
     for r in doc["results"]["rows"]:

@@ -5,17 +5,13 @@ padding columns, labels on shard edges, ignore labels, ±1e4 / -inf, temperature
 fp16, with and without reference logits. Vocab-parallel shards are checked on one GPU by merging
 the per-shard partials with the same merge the all-gather path uses.
 """
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from dualrpo_mcore.ops import _ext, load_extension
 from dualrpo_mcore.ops.token_stats import merge, token_stats
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from test_token_stats_reference import awkward_inputs, reference_with_grads, tolerance  # noqa: E402
+from helpers.close import assert_close
+from helpers.token_stats_ref import awkward_inputs, reference_with_grads, tolerance
 
 EXT = load_extension()
 pytestmark = [
@@ -25,14 +21,6 @@ pytestmark = [
                        reason="dualrpo_mcore._C was built without CUDA (needs a CUDA torch and nvcc)"),
 ]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-def _close(got, want, rtol, atol, what):
-    got = got.double().cpu()
-    same_inf = torch.isinf(want) & (got == want)
-    diff = torch.where(same_inf, torch.zeros_like(want), (got - want).abs())
-    bound = atol + rtol * torch.where(torch.isinf(want), torch.zeros_like(want), want.abs())
-    assert bool((diff <= bound).all()), f"{what}: max err {float(diff[~(diff <= bound)].max())}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -55,9 +43,9 @@ def test_cuda_matches_float64(dtype, vocab, pad, odd_stride, with_ref):
     want, want_grad = reference_with_grads(z, labels, vocab, 0.7, ref, up)
     rtol, atol = tolerance(dtype, z / 0.7)
     for name, o, w in zip(["logprob", "entropy", "sc", "kl"], outs, want):
-        _close(o, w, 4 * rtol, 4 * atol, name)  # exp2f on the GPU: a few ulp more than the CPU
+        assert_close(o, w, 4 * rtol, 4 * atol, name)  # exp2f on the GPU: a few ulp more than the CPU
     (grad,) = torch.autograd.grad(outs, [x], [u.float().cuda() for u in up[:len(outs)]])
-    _close(grad, want_grad, 1e-4 if dtype == torch.float32 else 1e-2, 1e-6 / 0.7, "grad")
+    assert_close(grad, want_grad, 1e-4 if dtype == torch.float32 else 1e-2, 1e-6 / 0.7, "grad")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -72,7 +60,7 @@ def test_cuda_shards_merge_to_full_vocab(dtype):
     want, _ = reference_with_grads(z, labels, 150, 1.0, ref, [torch.zeros(9)] * 4)
     rtol, atol = tolerance(dtype, z)
     for name, o, w in zip(["logprob", "entropy", "sc", "kl"], [lp, h, sc, kl], want):
-        _close(o, w, 4 * rtol, 4 * atol, name)
+        assert_close(o, w, 4 * rtol, 4 * atol, name)
 
 
 def test_cuda_agrees_with_cpu_kernel():

@@ -1,5 +1,6 @@
 """The extension build (dualrpo_build.py): the real CUDA toolkit behind an nvcc wrapper, and failures
 that stop the install with the reason and the opt-out instead of dropping the kernel silently."""
+import importlib.util
 import os
 import shutil
 import stat
@@ -9,8 +10,19 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-import dualrpo_build as build  # noqa: E402  (lives at the repository root, beside setup.py)
+
+
+def _load_build():
+    """dualrpo_build.py lives at the repository root, beside setup.py, and is not installed: load it by
+    path (a sys.path entry for the root would let the source tree shadow the installed package)."""
+    spec = importlib.util.spec_from_file_location("dualrpo_build", ROOT / "dualrpo_build.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there while being built
+    spec.loader.exec_module(module)
+    return module
+
+
+build = _load_build()
 
 
 def _exe(path: Path, text: str) -> Path:

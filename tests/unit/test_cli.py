@@ -1,10 +1,8 @@
 """The `dualrpo` entry point: every listed command parses, and a missing subcommand says so."""
-import subprocess
-import sys
-
 import pytest
 
 from dualrpo_mcore import cli
+from helpers.cli import run_dualrpo
 
 
 def test_present_commands_build_and_missing_module_is_hidden(monkeypatch):
@@ -32,6 +30,5 @@ def test_unknown_command_is_an_argparse_error():
 
 
 def test_python_dash_m_is_the_same_cli():
-    out = subprocess.run([sys.executable, "-m", "dualrpo_mcore", "--help"], capture_output=True, text=True,
-                         timeout=120)
+    out = run_dualrpo("--help", timeout=120, threads=None, check=False)
     assert out.returncode == 0 and "convert" in out.stdout

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from dualrpo_mcore.ops import TokenStats, load_error, load_extension, token_stats
-from test_token_stats_reference import IGNORE, awkward_inputs, reference, reference_with_grads, tolerance
+from helpers.close import assert_close
+from helpers.token_stats_ref import IGNORE, awkward_inputs, reference, reference_with_grads, tolerance
 
 HAS_EXT = load_extension() is not None
 BACKENDS = [
@@ -19,16 +20,6 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 def _upstream(rows, n, seed=1):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(rows, generator=g, dtype=torch.float64) for _ in range(n)]
-
-
-def _assert_close(got, want, rtol, atol, what):
-    got = got.double()
-    both_inf = torch.isinf(want) & (got == want)
-    diff = torch.where(both_inf, torch.zeros_like(want), (got - want).abs())
-    bound = atol + rtol * torch.where(torch.isinf(want), torch.zeros_like(want), want.abs())
-    bad = ~(diff <= bound)
-    assert not bool(bad.any()), (f"{what}: max err {float(diff[bad].max())} at rows "
-                                 f"{torch.nonzero(bad)[:, 0].tolist()[:8]}")
 
 
 def check_against_reference(z, labels, vocab_size, temperature, ref, backend, vocab_start=0,
@@ -45,12 +36,12 @@ def check_against_reference(z, labels, vocab_size, temperature, ref, backend, vo
     rtol, atol = tolerance(z.dtype, z / temperature)
     for name, g, w in zip(["logprob", "entropy", "self_certainty", "kl"], outs, want):
         assert g.dtype == torch.float32 and g.shape == (z.shape[0],)
-        _assert_close(g, w, rtol, atol, name)
+        assert_close(g, w, rtol, atol, name)
     (grad,) = torch.autograd.grad(outs, [shard], [u.float() for u in up])
     assert grad.dtype == z.dtype
     grtol = 2e-5 if z.dtype == torch.float32 else 1e-2
-    _assert_close(grad, want_grad[:, vocab_start:vocab_start + width], grtol, 1e-6 / temperature,
-                  "grad")
+    assert_close(grad, want_grad[:, vocab_start:vocab_start + width], grtol, 1e-6 / temperature,
+                 "grad")
     return out, grad
 
 
@@ -167,7 +158,7 @@ def test_torch_compile(backend):
     torch.testing.assert_close(x2.grad, x1.grad)
 
 
-# --- self-certainty at large offsets (DESIGN.md eq. 1: shifted by the row max) ------------------
+# --- self-certainty at large offsets (docs/design.md eq. 1: shifted by the row max) ------------------
 
 OFFSETS = [1.4e4, -3e4, 1e6]
 

@@ -16,8 +16,8 @@ import time
 import pytest
 import torch
 
-import _token_stats_emu as E
-from test_token_stats_reference import IGNORE, awkward_inputs
+import helpers.token_stats_emu as E
+from helpers.token_stats_ref import IGNORE, awkward_inputs
 
 pytestmark = pytest.mark.skipif(E.GXX is None, reason="g++ not on PATH: cannot build the CUDA emulator")
 NAN = float("nan")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import _token_stats_emu as E
+import helpers.token_stats_emu as E
 from dualrpo_mcore.ops import _ext  # noqa: F401  (registers torch.ops.dualrpo_fallback)
 
 TORCH_DIR = Path(torch.__file__).parent

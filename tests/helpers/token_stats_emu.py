@@ -1,10 +1,10 @@
 """Harness for running csrc/token_stats_cuda.cu on the CPU through csrc/emu/ (used by
-test_token_stats_cuda_emu.py): build the driver with g++, encode launch records, decode results,
-and check them against the float64 reference after the same merge the tensor-parallel path uses.
+unit/test_token_stats_cuda_emu.py and unit/test_token_stats_cuda_glue.py): build the driver with
+g++, encode launch records, decode results, and check them against the float64 reference after the
+same merge the tensor-parallel path uses.
 """
 from __future__ import annotations
 
-import math
 import shutil
 import struct
 import subprocess
@@ -15,7 +15,8 @@ from typing import List, Optional, Sequence
 import torch
 
 from dualrpo_mcore.ops.token_stats import merge
-from test_token_stats_reference import IGNORE, reference_with_grads
+from helpers.close import mismatches
+from helpers.token_stats_ref import IGNORE, reference_with_grads
 
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
@@ -207,11 +208,9 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def _close(got, want, rtol, atol, what, bad):
+    """Like helpers.close.assert_close, but collects every failure so one run reports them all."""
     got = got.double()
-    same_inf = torch.isinf(want) & (got == want)
-    diff = torch.where(same_inf, torch.zeros_like(want), (got - want).abs())
-    bound = atol + rtol * torch.where(torch.isinf(want), torch.zeros_like(want), want.abs())
-    wrong = ~(diff <= bound)  # nan counts as wrong
+    wrong = mismatches(got, want, rtol, atol)  # nan counts as wrong
     if bool(wrong.any()):
         idx = torch.nonzero(wrong)[0].tolist()
         bad.append(f"{what}: {int(wrong.sum())} wrong, first at {idx}: got {float(got[tuple(idx)])}, "
