@@ -1,4 +1,4 @@
-"""The DualRPO policy loss (DESIGN.md eq. 5): clipped surrogate + certainty-weighted KL, minimised.
+"""The DualRPO policy loss (docs/design.md eq. 5): clipped surrogate + certainty-weighted KL, minimised.
 
 Sign convention: the objective to *maximise* per token is
 ``J_t = min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A) - beta * KL_t``; the function
@@ -54,7 +54,7 @@ Precision: computed in float32 (float64 when ``logp`` is float64); bf16 inputs a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, ClassVar, Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -135,7 +135,10 @@ def aggregate(x: Tensor, mask: Tensor, agg: str = "token-mean", *, max_response_
 
 @dataclass
 class PolicyLossConfig:
-    """Hyper-parameters of :func:`policy_loss` (DESIGN.md eq. 5)."""
+    """Hyper-parameters of :func:`policy_loss` (docs/design.md eq. 5)."""
+
+    path: ClassVar[str] = "actor.loss"
+    """Where the trainer's config tree holds it: errors name the dotted path a user would ``--set``."""
 
     clip_low: float = 0.2
     """Lower PPO clip: the ratio is clipped at ``1 - clip_low``; in [0, 1)."""
@@ -149,9 +152,10 @@ class PolicyLossConfig:
     """Dr. GRPO's constant ``L`` (``seq-mean-token-sum-norm`` divides every row's token sum by it), set
     by hand; None = ``response_budget``. One value for every micro-batch, data-parallel rank and layout."""
     response_budget: Optional[int] = None
-    """The rollout's response budget in tokens, Dr. GRPO's default ``L``. An RL run fills it from
-    ``rollout.sampling.max_new_tokens`` on every check (as it does ``actor.optim.total_steps``); a
-    caller without the RL config (SFT, benchmarks, tests) sets it or ``max_response_length``."""
+    """The rollout's response budget in tokens, Dr. GRPO's default ``L``. In an RL run it is derived:
+    ``RLConfig.resolved_actor()`` fills it from ``rollout.sampling.max_new_tokens`` (as it does
+    ``actor.optim.total_steps``); a caller without the RL config (SFT, benchmarks, tests) sets it or
+    ``max_response_length``."""
     kl_estimator: str = "k3"
     """Per-token KL(pi || pi_ref) estimator, a name in ``KL_ESTIMATORS`` (k3 = eq. 5)."""
     kl_options: Dict[str, Any] = field(default_factory=dict)
@@ -163,23 +167,23 @@ class PolicyLossConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.clip_low < 1.0:
-            raise ValueError(f"PolicyLossConfig.clip_low must lie in [0, 1), got {self.clip_low}")
+            raise ValueError(f"{self.path}.clip_low must lie in [0, 1), got {self.clip_low}")
         if not self.clip_high >= 0.0:
-            raise ValueError(f"PolicyLossConfig.clip_high must be >= 0, got {self.clip_high}")
+            raise ValueError(f"{self.path}.clip_high must be >= 0, got {self.clip_high}")
         if self.dual_clip is not None and not self.dual_clip > 1.0:
-            raise ValueError(f"PolicyLossConfig.dual_clip must be > 1 (or None), got {self.dual_clip}")
+            raise ValueError(f"{self.path}.dual_clip must be > 1 (or None), got {self.dual_clip}")
         if self.agg not in LOSS_AGGREGATIONS:
-            raise ValueError(f"PolicyLossConfig.agg {self.agg!r} unknown; known: {LOSS_AGGREGATIONS.names()}")
+            raise ValueError(f"{self.path}.agg {self.agg!r} unknown; known: {LOSS_AGGREGATIONS.names()}")
         for name in ("max_response_length", "response_budget"):
             if getattr(self, name) is not None and not getattr(self, name) >= 1:
-                raise ValueError(f"PolicyLossConfig.{name} must be >= 1 (or None), got {getattr(self, name)}")
+                raise ValueError(f"{self.path}.{name} must be >= 1 (or None), got {getattr(self, name)}")
         if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"PolicyLossConfig.kl_estimator {self.kl_estimator!r} unknown; "
+            raise ValueError(f"{self.path}.kl_estimator {self.kl_estimator!r} unknown; "
                              f"known: {KL_ESTIMATORS.names()}")
         if self.tis_cap is not None and not self.tis_cap > 0:
-            raise ValueError(f"PolicyLossConfig.tis_cap must be > 0 (or None), got {self.tis_cap}")
+            raise ValueError(f"{self.path}.tis_cap must be > 0 (or None), got {self.tis_cap}")
         if not self.log_ratio_clamp > 0:
-            raise ValueError(f"PolicyLossConfig.log_ratio_clamp must be > 0, got {self.log_ratio_clamp}")
+            raise ValueError(f"{self.path}.log_ratio_clamp must be > 0, got {self.log_ratio_clamp}")
 
     @property
     def token_sum_norm(self) -> Optional[int]:

@@ -85,17 +85,13 @@ def synth_data(out: str) -> str:
 
 def recipe(args, data: str, run_dir: str):
     """The tiny CPU recipe with the bench's sizes; checkpoints and evaluation off; then the overrides."""
-    from dualrpo_mcore.trainer.overrides import apply_overrides
     from dualrpo_mcore.trainer.recipes import build_recipe
 
-    cfg = build_recipe("tiny_cpu", data, args.init, run_dir, steps=args.steps, tp=args.tp, pp=args.pp,
-                       group_size=args.group_size, prompts_per_step=args.prompts_per_step,
-                       max_new_tokens=args.max_new_tokens)
-    cfg.checkpoint.every = 0
-    cfg.eval.every = 0
-    cfg.rollout.engine_on_every_rank = args.engines == "every-rank"
-    cfg.logging.progress = False
-    return apply_overrides(cfg, [*args.set, *getattr(args, "extra_set", [])])
+    sets = ["checkpoint.every=0", "eval.every=0", f"rollout.engine_on_every_rank={args.engines == 'every-rank'}",
+            *args.set, *getattr(args, "extra_set", [])]
+    return build_recipe("tiny_cpu", data, args.init, run_dir, sets, steps=args.steps, tp=args.tp, pp=args.pp,
+                        group_size=args.group_size, prompts_per_step=args.prompts_per_step,
+                        max_new_tokens=args.max_new_tokens, progress=True)  # the step bar, rank 0
 
 
 def _worker(rank: int, world: int, args, data: str, run_dir: str) -> Dict[str, Any]:

@@ -33,6 +33,7 @@ from typing import Any, Dict
 import torch
 
 from dualrpo_mcore.models.qwen2_5_vl.config import RECOMPUTE
+from dualrpo_mcore.models.qwen2_5_vl.specs import BACKENDS
 
 SMALL_MODELS = ("tiny", "small", "medium")
 
@@ -50,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", default=None, help="image grid HxW in patches (default 8x8 small models, 28x28 presets)")
     parser.add_argument("--images-per-row", type=int, default=1, help="images per row (0 = text only)")
     parser.add_argument("--precision", default=None, choices=["fp32", "bf16"], help="default fp32 CPU, bf16 GPU")
-    parser.add_argument("--spec", default=None, choices=["auto", "local", "te"],
+    parser.add_argument("--spec", default=None, choices=BACKENDS,
                         help="Megatron layer spec (default auto on GPU: TE where it imports; local on CPU)")
     parser.add_argument("--fp8", default=None, choices=["hybrid", "e4m3"],
                         help="FP8 GEMMs through Transformer Engine (needs --precision bf16 and the te extra)")
@@ -90,18 +91,10 @@ def parse_grid(text: str):
 
 
 def hf_config(name: str):
-    """The HF config object of ``--model``."""
-    from transformers import Qwen2_5_VLConfig
+    """The HF config object of ``--model``: "tiny" is the tests' shape, small/medium the bench shapes."""
+    from dualrpo_mcore.models.qwen2_5_vl import presets
 
-    from dualrpo_mcore.models.qwen2_5_vl import presets, testing
-
-    if name == "tiny":
-        return testing.tiny_hf_config()
-    if name in SMALL_MODELS:
-        from .weight_sync import hf_config as sized
-
-        return sized(name)
-    return Qwen2_5_VLConfig(**presets.hf_config_dict(name))
+    return presets.hf_config(name if name == "tiny" or name not in SMALL_MODELS else f"bench-{name}")
 
 
 def synthetic_batch(cfg, rows: int, prompt_len: int, response_len: int, grid, images: int, seed: int = 0):
@@ -222,7 +215,7 @@ def _hf_baseline(hf_cfg, batch, args) -> Dict[str, Any]:
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from dualrpo_mcore.algo import policy_loss
-    from dualrpo_mcore.models.qwen2_5_vl import testing
+    from dualrpo_mcore.models.qwen2_5_vl import presets
 
     from .common import median_time
 
@@ -233,7 +226,7 @@ def _hf_baseline(hf_cfg, batch, args) -> Dict[str, Any]:
     model = model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0)
     dev = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    image = testing.IMAGE if args.model == "tiny" else model.config.image_token_id
+    image = presets.TINY_IMAGE if args.model == "tiny" else model.config.image_token_id
     fwd_kw = dict(input_ids=dev["input_ids"], attention_mask=dev["attention_mask"],
                   mm_token_type_ids=(dev["input_ids"] == image).int())
     if "pixel_values" in dev:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, ClassVar, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -26,6 +26,9 @@ FINISH_REASONS = ("stop", "length")
 @dataclass
 class SamplingParams:
     """How responses are sampled (one setting per ``generate`` call)."""
+
+    path: ClassVar[str] = "rollout.sampling"
+    """Where the trainer's config tree holds it: errors name the dotted path a user would ``--set``."""
 
     n: int = 1
     """Responses per prompt (G)."""
@@ -48,13 +51,13 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if self.n < 1:
-            raise ValueError(f"sampling.n={self.n}: must be >= 1")
+            raise ValueError(f"{self.path}.n={self.n}: must be >= 1")
         if self.temperature < 0:
-            raise ValueError(f"sampling.temperature={self.temperature}: must be >= 0")
+            raise ValueError(f"{self.path}.temperature={self.temperature}: must be >= 0")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"sampling.top_p={self.top_p}: must be in (0, 1]")
+            raise ValueError(f"{self.path}.top_p={self.top_p}: must be in (0, 1]")
         if self.max_new_tokens < 1:
-            raise ValueError(f"sampling.max_new_tokens={self.max_new_tokens}: must be >= 1")
+            raise ValueError(f"{self.path}.max_new_tokens={self.max_new_tokens}: must be >= 1")
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
         self.stop, self.stop_token_ids = tuple(self.stop), tuple(int(t) for t in self.stop_token_ids)

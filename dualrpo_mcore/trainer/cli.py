@@ -21,51 +21,45 @@ import shlex
 import sys
 
 
+# flag -> the SETTINGS name it spells (``--steps 4`` is ``--set schedule.steps=4``).
+ALIAS_FLAGS = {"--steps": "steps", "--reward-mode": "reward_mode", "--tp": "tp", "--pp": "pp", "--resume": "resume"}
+_LAYOUT = ("actor.parallel.tp", "actor.parallel.pp")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .recipes import RECIPES
+    from .overrides import add_alias, add_set_argument
+    from .recipes import RECIPES, SETTINGS
 
     parser.add_argument("--recipe", default="tiny_cpu", choices=RECIPES.names(), help="config recipe")
     parser.add_argument("--data", required=True, help="data directory (`dualrpo data synth` output)")
     parser.add_argument("--init", default=None, help="initial policy: HF directory (e.g. `dualrpo sft` output)")
     parser.add_argument("--out", required=True, help="run directory (config.json, metrics.jsonl, checkpoints/)")
-    parser.add_argument("--steps", type=int, default=None, help="RL steps (default: the recipe's)")
-    parser.add_argument("--reward-mode", default=None, help="grpo | dualrpo | internal (default: the recipe's)")
-    parser.add_argument("--resume", default=None, help="'auto' (newest checkpoint in the run dir) or a path")
-    parser.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: the recipe's)")
-    parser.add_argument("--pp", type=int, default=None, help="pipeline-parallel size (default: the recipe's)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field by its dotted path, e.g. schedule.mini_batches=2 or "
-                             "reward.lam=0.5 (repeatable; config.json in the run dir shows every field)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_set_argument(parser, "schedule.mini_batches=2 or reward.lam=0.5 (config.json in the run dir shows "
+                             "every field)")
+    helps = {"steps": "RL steps", "reward_mode": "grpo | dualrpo | internal", "tp": "tensor-parallel size",
+             "pp": "pipeline-parallel size", "resume": "'auto' (newest checkpoint in the run dir) or a path"}
+    for flag, name in ALIAS_FLAGS.items():
+        add_alias(parser, flag, SETTINGS[name], helps[name], metavar=name.upper())
+    add_alias(parser, "--no-progress", SETTINGS["progress"], "no progress bar", value="false")
 
 
 def config_from_args(args):
-    """The recipe's config with the command line's overrides (checks run again on the changed tree)."""
-    from .overrides import apply_overrides
+    """The recipe's config with the command line's ``--set`` entries and alias flags, in their order."""
     from .recipes import build_recipe
 
-    kwargs = {k: getattr(args, k) for k in ("tp", "pp") if getattr(args, k) is not None}
-    if args.steps is not None:
-        kwargs["steps"] = args.steps
-    if args.reward_mode is not None:
-        kwargs["reward_mode"] = args.reward_mode
-    cfg = build_recipe(args.recipe, args.data, args.init, args.out, **kwargs)
-    cfg.checkpoint.resume = args.resume
-    cfg.logging.progress = not args.no_progress
-    return apply_overrides(cfg, getattr(args, "overrides", []))
+    return build_recipe(args.recipe, args.data, args.init, args.out, getattr(args, "overrides", []))
 
 
 def _train_argv(args) -> tuple:
-    """``(where, what)``: the flags that place a run (recipe, data, out, init) and the rest of ``args``
-    again, for the commands a wrong world size prints."""
+    """``(where, sets)``: the flags that place a run (recipe, data, out, init) and its overrides but the
+    layout's (printed apart), for the commands a wrong world size prints."""
     where = ["--recipe", args.recipe, "--data", args.data, "--out", args.out]
     where += ["--init", args.init] if args.init else []
-    what = []
-    for flag, value in (("--steps", args.steps), ("--reward-mode", args.reward_mode), ("--resume", args.resume)):
-        what += [flag, str(value)] if value is not None else []
-    for kv in getattr(args, "overrides", []):
-        what += ["--set", kv]
-    return where, what
+    return where, [kv for kv in getattr(args, "overrides", []) if kv.partition("=")[0] not in _LAYOUT]
+
+
+def _as_set(items) -> list:
+    return [x for kv in items for x in ("--set", kv)]
 
 
 def world_problem(args, cfg) -> str:
@@ -74,11 +68,12 @@ def world_problem(args, cfg) -> str:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world % (tp * pp) == 0:
         return ""
-    n, (where, what) = tp * pp, _train_argv(args)
+    n, (where, sets) = tp * pp, _train_argv(args)
     layout = ["--tp", str(tp), "--pp", str(pp)]
-    train = ["train", *where, *layout, *what] + (["--no-progress"] if args.no_progress else [])
+    train = ["train", *where, *layout, *_as_set(sets)]
     launch = ["launch", *where, *layout, "--executor", "local", "--nproc-per-node", str(n)]
-    launch += ["--", *what] if what else []  # the launcher adds --no-progress itself
+    rest = _as_set(kv for kv in sets if kv != "logging.progress=false")  # the launcher adds --no-progress itself
+    launch += ["--", *rest] if rest else []
     return (f"dualrpo train: tp={tp} x pp={pp} needs a multiple of {n} processes, this is {world}; start them with "
             f"`torchrun --standalone --nproc-per-node {n} -m dualrpo_mcore {shlex.join(train)}` or "
             f"`dualrpo {shlex.join(launch)}`")

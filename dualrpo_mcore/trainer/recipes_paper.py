@@ -20,35 +20,21 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 from dualrpo_mcore.data import DataConfig, SourceConfig
+from dualrpo_mcore.data.schema import PERCEPTION_TASKS, REASONING_TASKS
 from dualrpo_mcore.data.vtriune_prompts import VTRIUNE_IMAGE_RESIZE, VTRIUNE_INSTRUCTIONS
 from dualrpo_mcore.models.qwen2_5_vl.training import ModuleTraining
 from dualrpo_mcore.rollout.engine import SamplingParams
 
-from .config import ActorConfig, KLConfig, MicroBatchConfig, ModelSourceConfig, OptimConfig, ParallelConfig
-from .recipes import RECIPES
+from .config import ActorConfig, KLConfig, MicroBatchConfig, ModelSourceConfig, OptimConfig
+from .overrides import apply_overrides
+from .recipes import Layout, default_world, recipe  # noqa: F401 (default_world: launch.plan imports it here)
 from .rl_config import (CheckpointConfig, EvalConfig, LoggingConfig, RewardConfig, RLConfig, RolloutConfig,
                         ScheduleConfig, VerifierConfig)
 
 GPUS_PER_H100_NODE = 8
-
-# recipe name -> (nodes, GPUs per node) the recipe's TP/PP/DP layout was sized for. The launcher
-# and the memory planner read it; a recipe that runs anywhere (tiny_cpu) still names its default.
-RECIPE_WORLD: Dict[str, Tuple[int, int]] = {
-    "tiny_cpu": (1, 2),  # the CPU demo: 2 gloo processes at TP=2
-    "qwen2_5_vl_7b_paper": (1, GPUS_PER_H100_NODE),
-    "qwen2_5_vl_7b_paper_grpo": (1, GPUS_PER_H100_NODE),
-    "qwen2_5_vl_32b": (4, GPUS_PER_H100_NODE),
-}
-
-
-def default_world(name: str) -> Tuple[int, int]:
-    """``(nodes, gpus_per_node)`` recipe ``name`` is sized for (an unknown name lists the known ones)."""
-    if name not in RECIPE_WORLD:
-        raise KeyError(f"no default world for recipe {name!r}; known: {sorted(RECIPE_WORLD)}")
-    return RECIPE_WORLD[name]
 
 
 @dataclass(frozen=True)
@@ -71,8 +57,7 @@ class OrstaSource:
 PAPER_TOTAL = 47_700
 PAPER_REASONING = 27_100
 PAPER_PERCEPTION = 20_600
-REASONING_TASKS = ("math", "puzzle", "science", "chart")
-PERCEPTION_TASKS = ("detection", "grounding", "counting", "ocr")
+# REASONING_TASKS / PERCEPTION_TASKS: the two groups those totals count, from data.schema (imported above)
 
 # Per-file sizes. The dataset's file names carry their sample counts, but only four file names are
 # printed in a source we could read (the V-Triune README and scripts/train.sh): those are marked
@@ -157,76 +142,77 @@ def _model(init: Optional[str], preset: str, recompute: str) -> ModelSourceConfi
     return ModelSourceConfig(**where, precision="bf16", spec_backend="te", recompute=recompute, training=training)
 
 
-def paper_config(data_dir: str, init: Optional[str], run_dir: str, *, preset: str, steps: Optional[int],
-                 reward_mode: str, tp: int, pp: int, recompute: str, prompts_per_step: int, group_size: int,
-                 max_new_tokens: int, micro_tokens: int, engine_options: dict, seed: int,
-                 processor_dir: Optional[str]) -> RLConfig:
-    """The shared body of the paper-scale recipes (one epoch of Orsta-Data-47k unless ``steps``)."""
+def paper_config(data_dir: str, init: Optional[str], run_dir: str, *, preset: str, layout: Layout, recompute: str,
+                 micro_tokens: int, engine_options: dict, seed: int, processor_dir: Optional[str]) -> RLConfig:
+    """The shared body of the paper-scale recipes: one epoch of Orsta-Data-47k at 128 prompts per step,
+    G=8, 2048 new tokens (``--set schedule.steps=...`` and the like change them afterwards; the epoch
+    is counted at the recipe's 128 prompts per step)."""
     processor_dir = processor_dir or init or os.path.join(data_dir, "processor")
     data, samples = orsta_data(data_dir, processor_dir, seed)
-    steps = steps or math.ceil(samples / prompts_per_step)  # one epoch
-    temperature = 1.0
+    prompts_per_step = 128  # our choice; G=8 and 2048 new tokens follow V-Triune (ROLLOUT_N, DATA_MAX_RES_LENGTH)
     actor = ActorConfig(
-        model=_model(init, preset, recompute), parallel=ParallelConfig(tp=tp, pp=pp),
+        model=_model(init, preset, recompute), parallel=layout.parallel(),
         # Paper: lr 1e-6, 5% linear warm-up, then constant (OptimConfig's schedule).
         optim=OptimConfig(lr=1e-6, warmup_fraction=0.05, distributed_optimizer=True),
         micro=MicroBatchConfig(max_tokens=micro_tokens),
         # beta0 = 0: the paper's main runs drop the reference KL; beta_min is the eq. 4 floor if it is turned on.
-        kl=KLConfig(beta0=0.0, beta_min=0.05), temperature=temperature, seed=seed + 1234)
+        kl=KLConfig(beta0=0.0, beta_min=0.05), seed=seed + 1234)
     return RLConfig(
         actor=actor, data=data,
-        rollout=RolloutConfig(engine="sglang", group_size=group_size, bucket_mb=512, seed=seed,
+        rollout=RolloutConfig(engine="sglang", group_size=8, bucket_mb=512, seed=seed,
                               engine_options=dict(engine_options),
-                              sampling=SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens)),
-        reward=RewardConfig(mode=reward_mode, mu=0.01, lam=0.005),
+                              sampling=SamplingParams(temperature=1.0, max_new_tokens=2048)),
+        reward=RewardConfig(mode="dualrpo", mu=0.01, lam=0.005),
         # 1024 responses per step: a 5 s budget each over 32 worker processes keeps scoring well under rollout time.
         verifier=VerifierConfig(workers=32, timeout_s=5.0),
-        schedule=ScheduleConfig(steps=steps, prompts_per_step=prompts_per_step),
+        schedule=ScheduleConfig(steps=math.ceil(samples / prompts_per_step), prompts_per_step=prompts_per_step),
         checkpoint=CheckpointConfig(every=25, keep_last=3),
-        eval=_eval(data_dir, every=25), logging=LoggingConfig(run_dir=run_dir), tokenizer_dir=processor_dir)
+        # The tokenizer is data.processor_dir's (RLConfig.tokenizer_path): one stored path.
+        eval=_eval(data_dir, every=25), logging=LoggingConfig(run_dir=run_dir))
 
 
-@RECIPES.register("qwen2_5_vl_7b_paper")
+# One 8xH100 node; TP=2 (28 heads / 4 KV heads split evenly) leaves DP=4 for throughput.
+PAPER_7B = Layout(tp=2, pp=1, nodes=1, gpus_per_node=GPUS_PER_H100_NODE)
+
+
+@recipe("qwen2_5_vl_7b_paper", PAPER_7B)
 def qwen2_5_vl_7b_paper(data_dir: str, init: Optional[str] = None, run_dir: str = "runs/qwen2_5_vl_7b_paper", *,
-                        steps: Optional[int] = None, reward_mode: str = "dualrpo", tp: int = 2, pp: int = 1,
-                        prompts_per_step: int = 128, group_size: int = 8, max_new_tokens: int = 2048,
                         seed: int = 0, processor_dir: Optional[str] = None) -> RLConfig:
     """The DualRPO paper run: Qwen2.5-VL-7B-Instruct (``init``: its HF directory), Orsta-Data-47k for one
-    epoch, one 8xH100 node. TP=2 (28 heads / 4 KV heads split evenly) leaves DP=4 for throughput; the
-    7B weights + sharded Adam state fit beside the colocated SGLang engine. Full recomputation:
-    `dualrpo plan` puts selective recomputation 0.1 GiB over 80 GB in the worst case (2K-token
-    responses, max-size images), full at 58 GiB. G=8 and 2048 new tokens
-    follow V-Triune's defaults (ROLLOUT_N, DATA_MAX_RES_LENGTH); 128 prompts/step is our choice."""
+    epoch, one 8xH100 node. TP=2 leaves DP=4 for throughput; the 7B weights + sharded Adam state fit
+    beside the colocated SGLang engine. Full recomputation: `dualrpo plan` puts selective
+    recomputation 0.1 GiB over 80 GB in the worst case (2K-token responses, max-size images), full at
+    58 GiB."""
     return paper_config(
-        data_dir, init, run_dir, preset="qwen2.5-vl-7b", steps=steps, reward_mode=reward_mode, tp=tp, pp=pp,
-        recompute="full", prompts_per_step=prompts_per_step, group_size=group_size,
-        max_new_tokens=max_new_tokens, micro_tokens=16384, seed=seed, processor_dir=processor_dir,
+        data_dir, init, run_dir, preset="qwen2.5-vl-7b", layout=PAPER_7B, recompute="full", micro_tokens=16384,
+        seed=seed, processor_dir=processor_dir,
         # SGLang on rank 0: TP=4 is the widest split of 28 heads; 0.5 of each GPU for weights + KV cache
         # leaves the rest to the resident Megatron params, gradients and optimizer shards.
         engine_options={"mem_fraction_static": 0.5, "tp_size": 4})
 
 
-@RECIPES.register("qwen2_5_vl_7b_paper_grpo")
+@recipe("qwen2_5_vl_7b_paper_grpo", PAPER_7B)
 def qwen2_5_vl_7b_paper_grpo(data_dir: str, init: Optional[str] = None,
-                             run_dir: str = "runs/qwen2_5_vl_7b_paper_grpo", *, steps: Optional[int] = None,
-                             reward_mode: str = "grpo", tp: int = 2, pp: int = 1, **kwargs) -> RLConfig:
+                             run_dir: str = "runs/qwen2_5_vl_7b_paper_grpo", *, seed: int = 0,
+                             processor_dir: Optional[str] = None) -> RLConfig:
     """The GRPO baseline of the paper: the same run with verifier rewards only (``reward.mode='grpo'``)."""
-    return qwen2_5_vl_7b_paper(data_dir, init, run_dir, steps=steps, reward_mode=reward_mode, tp=tp, pp=pp,
-                               **kwargs)
+    return apply_overrides(qwen2_5_vl_7b_paper(data_dir, init, run_dir, seed=seed, processor_dir=processor_dir),
+                           ["reward.mode=grpo"])
 
 
-@RECIPES.register("qwen2_5_vl_32b")
+# TP=4 inside a node (NVLink; the ViT's ffn of 3420 splits over TP 1, 2 or 4 only, so TP=8 cannot
+# build), PP=4 across the 64 layers, DP=2 over 4 nodes x 8 H100.
+PAPER_32B = Layout(tp=4, pp=4, nodes=4, gpus_per_node=GPUS_PER_H100_NODE)
+
+
+@recipe("qwen2_5_vl_32b", PAPER_32B)
 def qwen2_5_vl_32b(data_dir: str, init: Optional[str] = None, run_dir: str = "runs/qwen2_5_vl_32b", *,
-                   steps: Optional[int] = None, reward_mode: str = "dualrpo", tp: int = 4, pp: int = 4,
-                   prompts_per_step: int = 128, group_size: int = 8, max_new_tokens: int = 2048,
                    seed: int = 0, processor_dir: Optional[str] = None) -> RLConfig:
-    """DualRPO on Qwen2.5-VL-32B-Instruct over 4 nodes x 8 H100 (``default_world``): TP=4 inside a node
-    (NVLink; the ViT's ffn of 3420 splits over TP 1, 2 or 4 only, so TP=8 cannot build), PP=4 across
-    the 64 layers, DP=2; full recomputation because 32B activations at 2K-token responses do not fit
-    beside the weights otherwise (`dualrpo plan --recipe qwen2_5_vl_32b`: 54 GiB peak per GPU)."""
+    """DualRPO on Qwen2.5-VL-32B-Instruct over 4 nodes x 8 H100 (:data:`PAPER_32B`); full recomputation
+    because 32B activations at 2K-token responses do not fit beside the weights otherwise
+    (`dualrpo plan --recipe qwen2_5_vl_32b`: 54 GiB peak per GPU)."""
     return paper_config(
-        data_dir, init, run_dir, preset="qwen2.5-vl-32b", steps=steps, reward_mode=reward_mode, tp=tp, pp=pp,
-        recompute="full", prompts_per_step=prompts_per_step, group_size=group_size,
-        max_new_tokens=max_new_tokens, micro_tokens=8192, seed=seed, processor_dir=processor_dir,
+        data_dir, init, run_dir, preset="qwen2.5-vl-32b", layout=PAPER_32B, recompute="full", micro_tokens=8192,
+        seed=seed, processor_dir=processor_dir,
         # The engine shards like the actor (TP=4: 40 heads / 8 KV heads and the ViT split evenly).
         engine_options={"mem_fraction_static": 0.5, "tp_size": 4})

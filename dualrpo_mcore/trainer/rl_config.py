@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from dualrpo_mcore.algo import ADVANTAGE_ESTIMATORS, REWARD_MODES
 from dualrpo_mcore.data import DataConfig
@@ -86,7 +86,7 @@ class RolloutConfig:
 
 @dataclass
 class RewardConfig:
-    """Reward shaping (DESIGN.md eq. 2) and the group advantage (eq. 3)."""
+    """Reward shaping (docs/design.md eq. 2) and the group advantage (eq. 3)."""
 
     mode: str = "dualrpo"
     """A name in ``algo.REWARD_MODES``: 'grpo' (v), 'dualrpo' (eq. 2), 'internal' (u only)."""
@@ -150,7 +150,7 @@ class ScheduleConfig:
     mini_batches: int = 1
     """Optimizer updates per pass over a step's batch: its groups split into this many contiguous
     parts. Old log-probs stay the rollout policy's, so from the second update on the ratio moves
-    off 1 and the clipping of eq. 3 bounds how far the policy goes (PPO-style reuse of rollouts)."""
+    off 1 and the clipping of eq. 5 bounds how far the policy goes (PPO-style reuse of rollouts)."""
     epochs: int = 1
     """Passes over the mini-batches per step."""
     overlong_filter: bool = False
@@ -216,9 +216,43 @@ class EvalConfig:
             raise ValueError(f"eval.max_samples must be >= 1, got {self.max_samples}")
 
 
+WANDB_MODES = ("disabled", "offline", "online")
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases beside TensorBoard: the same metric names at the same steps as metrics.jsonl,
+    and the resolved config once. Off unless ``mode`` says otherwise; needs the ``wandb`` extra."""
+
+    mode: str = "disabled"
+    """'disabled' (no W&B at all), 'offline' (a local run directory, uploaded later with
+    ``wandb sync``) or 'online'."""
+    project: str = "dualrpo"
+    """W&B project."""
+    entity: Optional[str] = None
+    """W&B team or user; None: the account's default entity."""
+    name: Optional[str] = None
+    """Display name of the run; None: the run directory's base name."""
+    tags: List[str] = field(default_factory=list)
+    """Tags on the run (each 1 to 64 characters, W&B's limit)."""
+    dir: Optional[str] = None
+    """Where W&B keeps its local files (``<dir>/wandb/``); None: the run directory."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in WANDB_MODES:
+            raise ValueError(f"logging.wandb.mode must be one of {', '.join(WANDB_MODES)}, got {self.mode!r}")
+        if not isinstance(self.project, str) or not self.project.strip():
+            raise ValueError(f"logging.wandb.project must be a non-empty string, got {self.project!r}")
+        if self.name is not None and not str(self.name).strip():
+            raise ValueError("logging.wandb.name must be None or a non-empty string")
+        if isinstance(self.tags, str) or not all(isinstance(t, str) and 0 < len(t) <= 64 for t in self.tags):
+            raise ValueError(f"logging.wandb.tags must be a list of strings of 1 to 64 characters, got {self.tags!r}")
+
+
 @dataclass
 class LoggingConfig:
-    """Where the run writes config.json, metrics.jsonl and TensorBoard events."""
+    """Where the run writes config.json, metrics.jsonl and TensorBoard events, and which other sinks
+    mirror them."""
 
     run_dir: str = "runs/dualrpo"
     """Run directory."""
@@ -226,6 +260,12 @@ class LoggingConfig:
     """Write TensorBoard events next to the JSONL."""
     progress: bool = True
     """Show a progress bar (rank 0)."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases (off by default)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.wandb, dict):  # a config read back from config.json
+            self.wandb = WandbConfig(**self.wandb)
 
 
 @dataclass
@@ -251,26 +291,58 @@ class RLConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Run directory and sinks."""
     tokenizer_dir: Optional[str] = None
-    """Tokenizer + processor directory (decoding responses, the engine); None = ``data.processor_dir``."""
+    """Tokenizer + processor directory (decoding responses, the engine); None = ``data.processor_dir``
+    (read it through :attr:`tokenizer_path`)."""
 
     def __post_init__(self) -> None:
+        # Checks only: a derived value is computed where it is read (resolved_actor, tokenizer_path),
+        # never written back, so an override of its source cannot leave a stale copy behind.
         if not self.data.sources:
             raise ValueError("data.sources is empty: name at least one training file")
-        if abs(self.actor.temperature - self.rollout.sampling.temperature) > 0:
-            raise ValueError(f"actor.temperature={self.actor.temperature} must equal rollout.sampling.temperature="
-                             f"{self.rollout.sampling.temperature} (old log-probs use the sampling temperature)")
+        for path, given, derived, source in self._derived():
+            if given is not None and given != derived:
+                raise ValueError(f"{path}={given} conflicts with {source}={derived}: {path} is derived from "
+                                 f"{source}; leave {path} unset and set {source}")
         if self.schedule.dynamic_sampling and self.reward.mode == "internal" and self.schedule.dynamic_sampling_on == "v":
             raise ValueError("schedule.dynamic_sampling_on='v' with reward.mode='internal' would drop every group "
                              "the verifier scores alike; use 'reward'")
-        if self.tokenizer_dir is None:
-            self.tokenizer_dir = self.data.processor_dir
-        if not self.tokenizer_dir:
+        if not self.tokenizer_path:
             raise ValueError("tokenizer_dir (or data.processor_dir) must name the tokenizer directory")
-        # The actor's warm-up length is a fraction of the run's optimizer updates, so it must know them.
-        self.actor.optim.total_steps = self.schedule.steps * self.schedule.mini_batches * self.schedule.epochs
-        # Dr. GRPO divides every row by one constant of the run; by default no response is longer than
-        # the budget, so it is that. Rewritten on every check, so an override of the budget follows.
-        self.actor.loss.response_budget = self.rollout.sampling.max_new_tokens
+
+    def _derived(self):
+        """``(path, stored value, derived value, source path)`` of each actor field the run derives."""
+        return [
+            # Old log-probs and certainty must use the temperature the engine sampled at.
+            ("actor.temperature", self.actor.temperature, self.rollout.sampling.temperature,
+             "rollout.sampling.temperature"),
+            # The warm-up/decay lengths are fractions of the run's optimizer updates.
+            ("actor.optim.total_steps", self.actor.optim.total_steps, self.optimizer_updates,
+             "schedule.steps x schedule.mini_batches x schedule.epochs"),
+            # Dr. GRPO divides every row by one constant of the run: by default nothing is longer than the
+            # budget (actor.loss.max_response_length chooses another constant).
+            ("actor.loss.response_budget", self.actor.loss.response_budget, self.rollout.sampling.max_new_tokens,
+             "rollout.sampling.max_new_tokens"),
+        ]
+
+    @property
+    def optimizer_updates(self) -> int:
+        """Optimizer updates of the whole run: ``mini_batches * epochs`` per step."""
+        return self.schedule.steps * self.schedule.mini_batches * self.schedule.epochs
+
+    @property
+    def tokenizer_path(self) -> Optional[str]:
+        """The tokenizer + processor directory: ``tokenizer_dir``, else ``data.processor_dir``."""
+        return self.tokenizer_dir or self.data.processor_dir
+
+    def resolved_actor(self) -> ActorConfig:
+        """The actor's config as the run uses it: ``actor`` with the values derived from the other branches
+        (temperature, ``optim.total_steps``, ``loss.response_budget``) filled in. A new tree; ``actor``
+        itself keeps them unset, so one stored value decides each."""
+        a = self.actor
+        return dataclasses.replace(
+            a, temperature=self.rollout.sampling.temperature,
+            optim=dataclasses.replace(a.optim, total_steps=self.optimizer_updates),
+            loss=dataclasses.replace(a.loss, response_budget=self.rollout.sampling.max_new_tokens))
 
     @property
     def checkpoint_dir(self) -> str:
@@ -279,9 +351,12 @@ class RLConfig:
         return self.checkpoint.dir or os.path.join(self.logging.run_dir, "checkpoints")
 
     def to_dict(self) -> Dict[str, Any]:
-        """Plain nested dict (non-JSON leaves, e.g. a ready HF config object, become strings),
-        with ``reward_mode`` at the top for ``dualrpo plot``."""
-        out = json.loads(json.dumps(dataclasses.asdict(self), default=_jsonable))
+        """The resolved config as a plain nested dict (config.json): derived values filled in (the
+        actor's as :meth:`resolved_actor` gives them, ``tokenizer_dir``), non-JSON leaves (e.g. a ready HF
+        config object) as strings, and ``reward_mode`` at the top for ``dualrpo plot``. Building an
+        RLConfig from it again gives the same run (a derived value equal to its source is accepted)."""
+        resolved = dataclasses.replace(self, actor=self.resolved_actor(), tokenizer_dir=self.tokenizer_path)
+        out = json.loads(json.dumps(dataclasses.asdict(resolved), default=_jsonable))
         out["reward_mode"] = self.reward.mode
         return out
 

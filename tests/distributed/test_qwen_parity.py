@@ -49,7 +49,7 @@ def _setup(tp, pp, hf_kwargs, ckpt=None, recompute="none", shared_images=False):
     info = initialize(tp, pp)
     hf = testing.tiny_hf_model(**hf_kwargs)
     cfg = from_hf(hf.config)
-    model = QwenVLModel(cfg, ModelOptions(backend="local", recompute=recompute), pre_process=info.is_first_stage,
+    model = QwenVLModel(cfg, ModelOptions(spec_backend="local", recompute=recompute), pre_process=info.is_first_stage,
                         post_process=info.is_last_stage, tp=tp, pp=pp)
     if ckpt is None:
         model.load_state_dict(mapping.hf_state_dict_to_rank(cfg, hf.state_dict(), info.tp_rank, tp, info.pp_rank, pp))

@@ -28,7 +28,7 @@ def _build(tp, pp, hf):
 
     info = initialize(tp, pp, backend="gloo")
     cfg = from_hf(hf.config)
-    model = QwenVLModel(cfg, ModelOptions(backend="local"), pre_process=info.is_first_stage,
+    model = QwenVLModel(cfg, ModelOptions(spec_backend="local"), pre_process=info.is_first_stage,
                         post_process=info.is_last_stage, tp=tp, pp=pp)
     model.load_state_dict(mapping.hf_state_dict_to_rank(cfg, hf.state_dict(), info.tp_rank, tp, info.pp_rank, pp))
     return info, cfg, model

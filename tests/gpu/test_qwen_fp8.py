@@ -39,7 +39,8 @@ def _forward_backward(hf, prec, batch):
     from dualrpo_mcore.models.qwen2_5_vl.model import ModelOptions, QwenVLModel
 
     cfg = from_hf(hf.config)
-    model = QwenVLModel(cfg, ModelOptions(precision=prec, backend="te")).cuda()
+    model = QwenVLModel(cfg, ModelOptions(precision=prec.dtype, fp8=prec.fp8, fp8_recipe=prec.fp8_recipe,
+                                          fp8_vision=prec.fp8_vision, spec_backend="te")).cuda()
     model.load_state_dict(mapping.hf_state_dict_to_rank(cfg, hf.state_dict(), te_spec=True), strict=False)
     batch = {k: v.cuda() for k, v in batch.items()}
     batch["pixel_values"] = batch["pixel_values"].bfloat16()

@@ -273,5 +273,5 @@ def test_input_errors():
                                          ("response_budget", 0),
                                          ("kl_estimator", "k9"), ("tis_cap", 0.0), ("log_ratio_clamp", 0.0)])
 def test_config_checks(field, value):
-    with pytest.raises(ValueError, match=f"PolicyLossConfig.{field}"):
+    with pytest.raises(ValueError, match=f"actor.loss.{field}"):
         PolicyLossConfig(**{field: value})

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from dualrpo_mcore.trainer.recipes import build_recipe
-from dualrpo_mcore.trainer.recipes_paper import (ORSTA_TRAIN, PAPER_TOTAL, RECIPE_WORLD, default_world,
+from dualrpo_mcore.trainer.recipes import RECIPES, build_recipe
+from dualrpo_mcore.trainer.recipes_paper import (ORSTA_TRAIN, PAPER_TOTAL, default_world,
                                                  discover_orsta)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -34,6 +34,8 @@ def test_paper_recipes_build_without_files(name, tmp_path):
     nodes, gpus = default_world(name)
     par = cfg.actor.parallel
     assert (nodes * gpus) % (par.tp * par.pp) == 0
+    layout = RECIPES.get(name).layout  # what the launcher reads without building the config
+    assert (par.tp, par.pp) == (layout.tp, layout.pp)
     assert cfg.actor.model.preset == ("qwen2.5-vl-32b" if "32b" in name else "qwen2.5-vl-7b")
     assert cfg.actor.model.precision == "bf16" and cfg.actor.model.spec_backend == "te"
     assert cfg.actor.model.recompute == "full"  # what `dualrpo plan` needs for 80 GB (tests/unit/test_plan.py)
@@ -51,12 +53,14 @@ def test_paper_recipes_build_without_files(name, tmp_path):
 
 
 def test_paper_recipe_takes_train_cli_overrides(tmp_path):
-    """`dualrpo train` passes tp/pp always and steps/reward_mode when given."""
+    """`dualrpo train`'s flags reach a paper recipe as --set entries (the launcher passes tp/pp always)."""
     cfg = build_recipe("qwen2_5_vl_7b_paper", str(tmp_path), "/models/7b", str(tmp_path / "r"),
-                       tp=4, pp=1, steps=3, reward_mode="internal")
+                       ["reward.mode=internal"], tp=4, pp=1, steps=3)
     assert (cfg.actor.parallel.tp, cfg.schedule.steps, cfg.reward.mode) == (4, 3, "internal")
     assert cfg.actor.model.hf_dir == "/models/7b" and cfg.actor.model.preset is None
-    assert cfg.tokenizer_dir == "/models/7b"
+    assert cfg.tokenizer_path == "/models/7b"
+    with pytest.raises(TypeError, match="unknown settings.*nope"):
+        build_recipe("qwen2_5_vl_7b_paper", str(tmp_path), None, str(tmp_path / "r"), nope=1)
 
 
 def test_orsta_files_present_rule_the_mix(tmp_path):
@@ -74,9 +78,22 @@ def test_orsta_table_marks_what_is_verified():
 
 
 def test_default_world():
-    assert default_world("tiny_cpu") == (1, 2) and set(PAPER) <= set(RECIPE_WORLD)
+    """The world is registered with each recipe (no table keyed by name), its layout fits it, and the
+    config's parallel section is that layout."""
+    import dualrpo_mcore.trainer.recipes_paper as paper
+    from dualrpo_mcore.launch.nemo import recipe_parallel
+    from dualrpo_mcore.trainer.recipes import RECIPES, Layout, recipe_layout
+
+    assert not hasattr(paper, "RECIPE_WORLD")
+    assert default_world("tiny_cpu") == (1, 2) and default_world("qwen2_5_vl_32b") == (4, 8)
+    for name in RECIPES.names():
+        layout = recipe_layout(name)
+        assert layout.world % (layout.tp * layout.pp) == 0 and recipe_parallel(name) == (layout.tp, layout.pp)
+    assert recipe_layout("qwen2_5_vl_32b") == Layout(tp=4, pp=4, nodes=4, gpus_per_node=8)
     with pytest.raises(KeyError, match="known"):
         default_world("nope")
+    with pytest.raises(ValueError, match="do not split"):
+        Layout(tp=4, pp=1, nodes=1, gpus_per_node=2)
 
 
 # ---------------------------------------------------------------- launch (nemo-run)

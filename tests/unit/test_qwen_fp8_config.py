@@ -116,13 +116,12 @@ def test_fp8_context_is_opened_exactly_for_configs_with_fp8(monkeypatch):
 def test_fp8_is_settable_from_the_config_tree():
     from dualrpo_mcore.trainer.overrides import apply_overrides
 
-    cfg = ActorConfig()
-    apply_overrides(cfg, ["model.spec_backend=auto", "model.precision=bf16", "model.fp8=hybrid",
-                          "model.fp8_recipe=blockwise", "model.fp8_vision=true"])
+    cfg = apply_overrides(ActorConfig(), ["model.spec_backend=auto", "model.precision=bf16", "model.fp8=hybrid",
+                                          "model.fp8_recipe=blockwise", "model.fp8_vision=true"])
     src = cfg.model
     assert (src.fp8, src.fp8_recipe, src.fp8_vision) == ("hybrid", "blockwise", True)
     assert src.precision_config() == Precision(dtype="bf16", fp8="hybrid", fp8_recipe="blockwise", fp8_vision=True)
-    apply_overrides(cfg, ["model.fp8_vision=false", "model.fp8=none"])
+    src = apply_overrides(cfg, ["model.fp8_vision=false", "model.fp8=none"]).model
     assert src.fp8 is None and src.token_multiple == 1
 
 
@@ -168,11 +167,25 @@ def test_resolve_backend_errors():
         resolve_backend("tee", cuda_available=True, te_available=True)
 
 
-def test_backend_names_are_defined_once():
-    from dualrpo_mcore.launch import memory
-    from dualrpo_mcore.trainer import config
+def test_backend_names_and_model_options_are_defined_once():
+    """One BACKENDS tuple, and the trainer's model section is the model layer's options plus a source."""
+    import dataclasses
 
-    assert config.BACKENDS is BACKENDS and memory.BACKENDS is RESOLVED_BACKENDS
+    from dualrpo_mcore.launch import memory
+    from dualrpo_mcore.models.qwen2_5_vl import options
+    from dualrpo_mcore.models.qwen2_5_vl.model import ModelOptions
+
+    assert options.BACKENDS is BACKENDS and memory.BACKENDS is RESOLVED_BACKENDS
+    assert issubclass(ModelSourceConfig, ModelOptions)
+    src = ModelSourceConfig(tiny=True, recompute="selective", vocab_divisible_by=64, pad_tokens_to=8)
+    built = src.with_backend("local")
+    assert type(built) is ModelOptions and built.spec_backend == "local"
+    assert {f.name: getattr(built, f.name) for f in dataclasses.fields(ModelOptions) if f.name != "spec_backend"} == \
+        {f.name: getattr(src, f.name) for f in dataclasses.fields(ModelOptions) if f.name != "spec_backend"}
+    with pytest.raises(ValueError, match=r"^model.recompute='x'"):
+        ModelOptions(recompute="x")
+    with pytest.raises(ValueError, match=r"^actor.model.recompute='x'"):
+        ModelSourceConfig(tiny=True, recompute="x")
 
 
 def test_callers_receive_the_resolved_backend():
@@ -183,7 +196,7 @@ def test_callers_receive_the_resolved_backend():
     src = ModelSourceConfig(tiny=True, spec_backend="auto")
     resolved = src.resolve_backend(cuda_available=True, te_available=True)
     assert resolved == "te"
-    assert model_options(src, resolved).backend == "te"
+    assert model_options(src, resolved).spec_backend == "te"
     assert plan_backend(src) == "te"
     assert plan_backend(ModelSourceConfig(tiny=True, spec_backend="local")) == "local"
     assert src.resolve_backend(cuda_available=False, te_available=False) == "local"

@@ -7,34 +7,45 @@ import pytest
 from dualrpo_mcore.trainer.overrides import apply_overrides
 
 
-@pytest.fixture(scope="module")
-def synth_dir(tmp_path_factory):
-    from dualrpo_mcore.cli import main
-
-    out = tmp_path_factory.mktemp("synth")
-    assert main(["data", "synth", "--out", str(out), "--num-per-task", "1", "--heldout-per-task", "1"]) == 0
-    return str(out)
-
-
 @pytest.fixture
 def cfg(synth_dir, tmp_path):
-    from dualrpo_mcore.trainer.recipes import tiny_cpu
+    from dualrpo_mcore.trainer.recipes import build_recipe
 
-    return tiny_cpu(synth_dir, None, str(tmp_path / "run"), steps=10)
+    return build_recipe("tiny_cpu", synth_dir, None, str(tmp_path / "run"), steps=10)
+
+
+def _train_config(synth_dir, out, argv):
+    from dualrpo_mcore.trainer import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    return cli.config_from_args(parser.parse_args(["--data", synth_dir, "--out", out, *argv]))
 
 
 def test_values_take_the_fields_types_and_derived_fields_follow(cfg):
-    apply_overrides(cfg, ["schedule.mini_batches=2", "schedule.epochs=3", "schedule.dynamic_sampling=true",
-                          "reward.lam=0.25", "verifier.timeout_s=7", "checkpoint.dir=/tmp/ck",
-                          "eval.greedy=False"])
-    assert cfg.schedule.mini_batches == 2 and cfg.schedule.epochs == 3
-    assert cfg.schedule.dynamic_sampling is True and cfg.eval.greedy is False
-    assert cfg.reward.lam == 0.25 and isinstance(cfg.verifier.timeout_s, float) and cfg.verifier.timeout_s == 7.0
-    assert cfg.checkpoint.dir == "/tmp/ck"
-    apply_overrides(cfg, ["checkpoint.dir=none", "logging.run_dir=none"])
-    assert cfg.checkpoint.dir is None and cfg.logging.run_dir == "none"  # only an Optional field takes None
-    # The root's check derives the warm-up length from the updates: 10 steps x 2 x 3.
-    assert cfg.actor.optim.total_steps == 60
+    new = apply_overrides(cfg, ["schedule.mini_batches=2", "schedule.epochs=3", "schedule.dynamic_sampling=true",
+                                "reward.lam=0.25", "verifier.timeout_s=7", "checkpoint.dir=/tmp/ck",
+                                "eval.greedy=False"])
+    assert new.schedule.mini_batches == 2 and new.schedule.epochs == 3
+    assert new.schedule.dynamic_sampling is True and new.eval.greedy is False
+    assert new.reward.lam == 0.25 and isinstance(new.verifier.timeout_s, float) and new.verifier.timeout_s == 7.0
+    assert new.checkpoint.dir == "/tmp/ck"
+    # A new tree: the validated input is never edited.
+    assert cfg.schedule.mini_batches == 1 and cfg.checkpoint.dir is None
+    new = apply_overrides(new, ["checkpoint.dir=none", "logging.run_dir=none", "data.processor_dir=123"])
+    assert new.checkpoint.dir is None and new.logging.run_dir == "none"  # only an Optional field takes None
+    assert new.data.processor_dir == "123" == new.tokenizer_path  # a path that reads as a number stays a path
+    # The warm-up length is derived from the updates (10 steps x 2 x 3), never stored in the tree.
+    assert new.actor.optim.total_steps is None and new.resolved_actor().optim.total_steps == 60
+    assert new.to_dict()["actor"]["optim"]["total_steps"] == 60
+
+
+def test_checks_run_once_on_the_final_values(cfg):
+    """Two entries that are only valid together: each alone would fail eval's check."""
+    new = apply_overrides(cfg, ["eval.every=0", "eval.heldout=none"])
+    assert (new.eval.every, new.eval.heldout) == (0, None)
+    with pytest.raises(ValueError, match="eval.heldout must name a file when eval.every > 0"):
+        apply_overrides(cfg, ["eval.heldout=none"])
 
 
 @pytest.mark.parametrize("item,message", [
@@ -45,36 +56,55 @@ def test_values_take_the_fields_types_and_derived_fields_follow(cfg):
     ("schedule=3", "a section, not a value"),
     ("schedule.mini_batches", "expected KEY=VALUE"),
     ("schedule.mini_batches=0", r"schedule.mini_batches must be >= 1"),
-    ("rollout.sampling.temperature=0.7", "actor.temperature=1.0 must equal rollout.sampling.temperature=0.7"),
+    ("actor.temperature=0.5", r"actor.temperature=0.5 conflicts with rollout.sampling.temperature=1.0"),
+    ("actor.optim.total_steps=3", r"actor.optim.total_steps=3 conflicts with schedule.steps"),
+    ("actor.loss.response_budget=7", r"actor.loss.response_budget=7 conflicts with rollout.sampling.max_new_tokens"),
+    ("actor.parallel.tp=0", r"actor.parallel.tp must be >= 1, got 0"),
+    ("actor.optim.lr=0", r"actor.optim.lr must be > 0"),
 ])
 def test_bad_overrides_name_the_key(cfg, item, message):
     with pytest.raises(ValueError, match=message):
         apply_overrides(cfg, [item])
 
 
+def test_actor_temperature_is_the_rollouts(synth_dir, tmp_path):
+    """One stored temperature: --set on the rollout's changes what the actor computes log-probs at."""
+    cfg = _train_config(synth_dir, str(tmp_path / "r"), ["--set", "rollout.sampling.temperature=0.7"])
+    assert cfg.actor.temperature is None and cfg.resolved_actor().temperature == 0.7
+    assert cfg.to_dict()["actor"]["temperature"] == 0.7
+    # The resolved config.json builds the same run again: a derived value equal to its source is accepted.
+    same = apply_overrides(cfg, ["actor.temperature=0.7"])
+    assert same.resolved_actor() == cfg.resolved_actor()
+    with pytest.raises(ValueError, match=r"actor.temperature=1.0 conflicts with rollout.sampling.temperature=0.7.*"
+                                         r"leave actor.temperature unset"):
+        apply_overrides(cfg, ["actor.temperature=1.0"])
+
+
 def test_train_cli_applies_repeated_set(synth_dir, tmp_path):
-    from dualrpo_mcore.trainer import cli
-
-    parser = argparse.ArgumentParser()
-    cli.add_arguments(parser)
-    args = parser.parse_args(["--data", synth_dir, "--out", str(tmp_path / "r"), "--steps", "4",
-                              "--set", "schedule.mini_batches=2", "--set", "reward.mode=grpo"])
-    cfg = cli.config_from_args(args)
-    assert cfg.schedule.mini_batches == 2 and cfg.reward.mode == "grpo" and cfg.actor.optim.total_steps == 8
+    cfg = _train_config(synth_dir, str(tmp_path / "r"), ["--steps", "4", "--set", "schedule.mini_batches=2",
+                                                          "--set", "reward.mode=grpo"])
+    assert cfg.schedule.mini_batches == 2 and cfg.reward.mode == "grpo"
+    assert cfg.resolved_actor().optim.total_steps == 8
 
 
-def test_demo_rl_set_comes_after_its_flags_and_bad_keys_are_named(synth_dir, tmp_path):
-    from dualrpo_mcore.trainer import demo_rl
-
-    base = ["--data", synth_dir, "--init", synth_dir, "--out", str(tmp_path / "r"), "--hf-out", str(tmp_path / "h"),
-            "--steps", "4", "--deadline", "0", "--mini-batches", "2"]
-    cfg = demo_rl.build_config(demo_rl.parse_args(base + ["--set", "actor.loss.agg=seq-mean",
-                                                          "--set", "schedule.mini_batches=4"]))
-    # the flag said 2 and the override 4: the override wins, and the warm-up follows it (4 steps x 4)
-    assert cfg.actor.loss.agg == "seq-mean" and cfg.schedule.mini_batches == 4
-    assert cfg.actor.optim.total_steps == 16
-    with pytest.raises(ValueError, match="the config has no field 'nope'"):
-        demo_rl.build_config(demo_rl.parse_args(base + ["--set", "nope.x=1"]))
+def test_alias_flags_are_their_set_entries(synth_dir, tmp_path):
+    """``--steps/--reward-mode/--tp/--pp/--resume/--no-progress`` give the same config.json as their ``--set``
+    spellings, and a later entry wins whichever spelling either has."""
+    out = str(tmp_path / "r")
+    flags = _train_config(synth_dir, out, ["--steps", "3", "--reward-mode", "grpo", "--tp", "2", "--pp", "1",
+                                           "--resume", "auto", "--no-progress"])
+    sets = _train_config(synth_dir, out, ["--set", "schedule.steps=3", "--set", "reward.mode=grpo",
+                                          "--set", "actor.parallel.tp=2", "--set", "actor.parallel.pp=1",
+                                          "--set", "checkpoint.resume=auto", "--set", "logging.progress=false"])
+    assert flags.to_dict() == sets.to_dict()
+    assert (flags.schedule.steps, flags.reward.mode, flags.actor.parallel.tp) == (3, "grpo", 2)
+    assert flags.checkpoint.resume == "auto" and flags.logging.progress is False
+    assert _train_config(synth_dir, out, ["--set", "schedule.steps=5", "--steps", "6"]).schedule.steps == 6
+    assert _train_config(synth_dir, out, ["--steps", "6", "--set", "schedule.steps=5"]).schedule.steps == 5
+    with pytest.raises(ValueError, match="reward.mode='nope'"):
+        _train_config(synth_dir, out, ["--reward-mode", "nope"])
+    with pytest.raises(ValueError, match="--set schedule.steps: 'x' is not a int"):
+        _train_config(synth_dir, out, ["--steps", "x"])
 
 
 def test_fp8_switches_reach_the_models_transformer_configs(synth_dir, tmp_path):
@@ -102,16 +132,18 @@ def test_fp8_switches_reach_the_models_transformer_configs(synth_dir, tmp_path):
 def test_dr_grpo_divisor_is_the_response_budget_and_follows_overrides(cfg):
     """Dr. GRPO's constant comes from rollout.sampling.max_new_tokens unless set by hand, is re-derived
     when the budget is overridden, and is in the resolved config (config.json)."""
-    apply_overrides(cfg, ["actor.loss.agg=seq-mean-token-sum-norm"])
-    assert cfg.actor.loss.response_budget == 24 and cfg.actor.loss.token_sum_norm == 24  # tiny_cpu's budget
-    apply_overrides(cfg, ["rollout.sampling.max_new_tokens=40"])
-    assert cfg.actor.loss.token_sum_norm == 40
+    cfg = apply_overrides(cfg, ["actor.loss.agg=seq-mean-token-sum-norm"])
+    loss = cfg.resolved_actor().loss
+    assert loss.response_budget == 24 and loss.token_sum_norm == 24  # tiny_cpu's budget
+    assert cfg.actor.loss.response_budget is None  # derived, not stored
+    cfg = apply_overrides(cfg, ["rollout.sampling.max_new_tokens=40"])
+    assert cfg.resolved_actor().loss.token_sum_norm == 40
     assert cfg.to_dict()["actor"]["loss"]["response_budget"] == 40
-    apply_overrides(cfg, ["actor.loss.max_response_length=64"])
-    assert cfg.actor.loss.token_sum_norm == 64
+    cfg = apply_overrides(cfg, ["actor.loss.max_response_length=64"])
+    assert cfg.resolved_actor().loss.token_sum_norm == 64
     assert cfg.to_dict()["actor"]["loss"]["max_response_length"] == 64
-    apply_overrides(cfg, ["actor.loss.max_response_length=none"])
-    assert cfg.actor.loss.token_sum_norm == 40
-    cfg.actor.loss.check_complete("actor.loss")
+    cfg = apply_overrides(cfg, ["actor.loss.max_response_length=none"])
+    assert cfg.resolved_actor().loss.token_sum_norm == 40
+    cfg.resolved_actor().loss.check_complete("actor.loss")
     with pytest.raises(ValueError, match="max_response_length must be >= 1"):
         apply_overrides(cfg, ["actor.loss.max_response_length=0"])

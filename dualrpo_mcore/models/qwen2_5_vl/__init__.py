@@ -1,6 +1,7 @@
 """Qwen2.5-VL policy on Megatron-Core: ViT + merger + mrope GPTModel, HF <-> Megatron conversion."""
 from .config import QwenVLConfig, from_hf, language_config, merger_config, vision_config
 from .geometry import rope_index
+from .options import ModelOptions
 from .precision import Precision
 
 __all__ = ["QwenVLConfig", "from_hf", "language_config", "vision_config", "merger_config", "rope_index",
@@ -9,7 +10,7 @@ __all__ = ["QwenVLConfig", "from_hf", "language_config", "vision_config", "merge
 
 def __getattr__(name):
     # The model pulls in Megatron's module tree; config-only users (CLI parsing) skip that cost.
-    if name in ("QwenVLModel", "ModelOptions", "build_model"):
+    if name in ("QwenVLModel", "build_model"):
         from . import model
 
         return getattr(model, name)

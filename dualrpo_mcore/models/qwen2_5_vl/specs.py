@@ -10,7 +10,8 @@ from .precision import require_te
 from .precision import te_available as _te_available
 
 BACKENDS = ("auto", "te", "local")
-"""What a user may ask for (``model.backend``, ``actor.model.spec_backend``)."""
+"""What a user may ask for (``ModelOptions.spec_backend``, i.e. ``actor.model.spec_backend``); the one
+definition: configs and command lines take their choices from here."""
 RESOLVED_BACKENDS = ("te", "local")
 """What :func:`resolve_backend` returns: the spec the modules are built with, and the naming their
 weights follow (TE fuses the norms into the next linear). Callers that map weight names, size
@@ -31,9 +32,9 @@ def resolve_backend(requested: str = "auto", needs_te: bool = False, *, cuda_ava
     another machine (``dualrpo plan`` for the GPU nodes) or in tests. Resolve once per run and hand
     the result on: everything downstream compares against :data:`RESOLVED_BACKENDS`."""
     if requested not in BACKENDS:
-        raise ValueError(f"model.backend={requested!r}: choose one of {BACKENDS}")
+        raise ValueError(f"spec_backend={requested!r}: choose one of {BACKENDS}")
     if needs_te and requested == "local":
-        raise ValueError("FP8 needs the Transformer Engine spec; set model.backend to 'te' or 'auto'")
+        raise ValueError("FP8 needs the Transformer Engine spec; set spec_backend to 'te' or 'auto'")
     if requested == "local":
         return "local"
     have_te = _te_available() if te_available is None else te_available

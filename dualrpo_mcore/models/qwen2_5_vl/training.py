@@ -8,7 +8,7 @@ param groups carrying ``lr_mult`` for other optimizers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Tuple
+from typing import ClassVar, Dict, Iterable, List, Tuple
 
 import torch
 
@@ -44,13 +44,16 @@ class ModuleTraining:
     lr_mult_language: float = 1.0
     """LM learning rate = base lr x this."""
 
+    path: ClassVar[str] = "actor.model.training"
+    """Where the trainer's config tree holds it: errors name the dotted path a user would ``--set``."""
+
     def __post_init__(self) -> None:
         for part in PARTS:
             mult = getattr(self, f"lr_mult_{part}")
             if not mult > 0:
-                raise ValueError(f"model.training.lr_mult_{part}={mult}: must be > 0 (freeze it instead)")
+                raise ValueError(f"{self.path}.lr_mult_{part}={mult}: must be > 0 (freeze it instead)")
         if all(getattr(self, f"freeze_{p}") for p in PARTS):
-            raise ValueError("model.training freezes every part: nothing would train")
+            raise ValueError(f"{self.path} freezes every part: nothing would train")
 
     def frozen(self, part: str) -> bool:
         return getattr(self, f"freeze_{part}")
