@@ -14,16 +14,19 @@ events of the torch profiler, a separate untimed run; the logits gradient is rep
 GPU (``--device cuda``): forward and backward time with CUDA events, achieved GB/s of the fused
 kernel against a copy-bandwidth measurement taken in the same run, for V split over TP = 1, 2,
 4, 8 (one rank's shard, TP group of one process: the kernel work per rank is what scales).
+
+``--fused-head``: the output layer fused with the statistics (``ops.fused_head``) against the output
+GEMM + ``token_stats``, at V = 151936, H = 2048 (``bench/fused_head.py``).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import platform
 import subprocess
+import sys
 import time
 
 import torch
@@ -42,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="ext", choices=["ext", "torch"], help="fused backend")
     parser.add_argument("--skip", nargs="*", default=[], choices=["naive", "mcore"], help="baselines to skip")
     parser.add_argument("--json", default=None, help="write results here as JSON")
+    from . import fused_head
+
+    fused_head.add_arguments(parser)
 
 
 # --- the three methods: each returns (logprob, entropy, self_certainty) ------------------------
@@ -163,6 +169,7 @@ def run_cpu(args, ctx):
         for name, method in _methods(args).items():
             t = _time_cpu(method, z, y, ctx, args.repeats)
             peak = _peak_extra_cpu(method, z, y, ctx)
+            print(f"  V_local {v} {name}: {t:.3f} s", file=sys.stderr, flush=True)  # progress: cases take seconds
             results.append({"T": rows, "V_local": v, "dtype": str(dtype).split(".")[-1], "method": name,
                             "fwd_bwd_s": t, "peak_extra_bytes": peak,
                             "peak_extra_per_token_excl_grad": (peak - grad_bytes) / rows})
@@ -198,6 +205,7 @@ def run_cuda(args, ctx):
             row[f"{name}_fwd_bwd_s"] = _time_cuda(lambda m=method: _fwd_bwd(m, z, y, ctx), args.repeats)
             row[f"{name}_peak_extra_bytes"] = torch.cuda.max_memory_allocated() - base
         results.append(row)
+        print(f"  TP {tp} V_local {v}: fwd {fwd_s * 1e3:.2f} ms, bwd {bwd_s * 1e3:.2f} ms", file=sys.stderr, flush=True)
         del z, dst, x, out
     return results
 
@@ -269,6 +277,8 @@ def run(args) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device here")
         return 1
+    if args.fused_head:
+        return _run_fused_head(args)
     ctx = {"backend": args.backend}
     if "mcore" not in args.skip:
         ctx["ce"], ctx["group"] = _megatron_ce()
@@ -281,7 +291,32 @@ def run(args) -> int:
                "commit": _commit(), "machine": machine, "args": {k: v for k, v in vars(args).items()
                                                                  if not k.startswith("_")},
                "results": results}
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=2, default=str)
+        from dualrpo_mcore.atomic import atomic_write_json
+
+        atomic_write_json(args.json, doc, indent=2, default=str)
         print(f"wrote {args.json}")
+    return 0
+
+
+def _run_fused_head(args) -> int:
+    """``--fused-head``: ``bench/fused_head.py``; the JSON carries the ratios and the versions."""
+    import numpy
+
+    from . import common, fused_head
+    from dualrpo_mcore.ops import load_extension
+
+    results = fused_head.run(args)
+    fused_head.print_table(results)
+    if args.json:
+        ext = load_extension()
+        versions = {"torch": torch.__version__, "numpy": numpy.__version__,
+                    "extension": ext.build_info() if ext is not None else None}
+        try:
+            from importlib.metadata import version
+
+            versions["megatron-core"] = version("megatron-core")
+        except Exception:  # noqa: BLE001 - not needed by this benchmark, only reported
+            versions["megatron-core"] = None
+        common.write_json(args.json, "token-stats --fused-head", args, results,
+                          ratios=fused_head.ratios(results), versions=versions)
     return 0

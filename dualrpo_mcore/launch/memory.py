@@ -51,7 +51,11 @@ on a stage.
 **Log-prob buffers** (last stage): GPTModel returns the logits [rows, s, V/TP] made contiguous (held by
 the schedule until backward) and ``Actor._stats`` slices off the last column, which copies when rows >
 1; ``ops.token_stats`` saves that copy (plus 3 fp32 per token). Backward materialises a gradient of
-the same size (transient).
+the same size (transient). With ``Layout.fused_head`` (``actor.model.fused_head``) no logits exist
+outside ``ops.fused_head``: held are the shifted hidden-state copy and the op's copy of the response
+rows ([tokens, H] each, an upper bound) plus the 3 fp32 stats and labels; the transient is one chunk
+(the op's byte budget, or less for a small micro-batch) and, for a 16-bit weight, the fp32 buffer
+the weight gradient is summed in when there are several chunks ([V/TP, H]).
 
 **Reference model**: with ``actor.kl.beta0 > 0`` a full copy of the stage's params; on the GPU during
 the update unless ``offload_reference`` (then only during its own forward, when no activations are
@@ -61,7 +65,7 @@ kept).
 TP) + KV pool at start-up from the memory it finds free: ``profile_max_num_token`` computes
 ``rest = free_after_load - free_before_load * (1 - f)``, i.e. pool = f x F0 - weights, where F0 is the
 free memory when the engine starts (the whole GPU if nothing else holds memory: then pool = f x GPU -
-weights). ``trainer.steps.setup`` builds the Actor before the engine, so F0 = GPU - (params + gradient
+weights). ``trainer.context.setup`` builds the Actor before the engine, so F0 = GPU - (params + gradient
 buffers + fp32 main params + context); Adam's moments appear at the first step, after. SGLang gives
 weights and KV back before training (``SGLangEngine.release_memory``); the actor's params, gradient
 buffers and optimizer state stay on the GPU during rollout (nothing offloads them in this code). So
@@ -101,6 +105,9 @@ class Layout:
     freeze_vision: bool = False
     freeze_merger: bool = False
     freeze_language: bool = False
+    fused_head: bool = False
+    """The actor's ``model.fused_head`` (its default is on): the logits are never stored (see the
+    module doc). False models the output layer + ``ops.token_stats``, the larger of the two."""
 
     def __post_init__(self) -> None:
         if min(self.tp, self.pp, self.dp) < 1:
@@ -355,6 +362,13 @@ def logits_bytes(cfg, layout: Layout, mb: MicroBatch) -> Dict[str, int]:
     v_local = padded_vocab(cfg, layout.tp) // layout.tp
     d = DTYPE_BYTES[layout.dtype]
     t = mb.tokens
+    if layout.fused_head:
+        from dualrpo_mcore.ops.fused_head import DEFAULT_CHUNK_BYTES
+
+        whole = t * v_local * d * (2 + int(d < 4))  # logits, dz[, dW block] of all tokens at once
+        acc32 = v_local * cfg.hidden_size * 4 if d < 4 and whole > DEFAULT_CHUNK_BYTES else 0
+        held = 2 * t * cfg.hidden_size * d + t * (3 * 4 + 8)
+        return {"held": held, "transient": min(DEFAULT_CHUNK_BYTES, whole) + acc32}
     copies = 2 if mb.rows > 1 else 1  # logits[:, :-1].reshape(...) is a view only for one row
     held = copies * t * v_local * d + t * (3 * 4 + 8)
     return {"held": held, "transient": t * v_local * d}

@@ -95,7 +95,7 @@ def _recipe_inputs(a) -> Dict[str, Any]:
         model=resolve_model_config(actor.model), tp=actor.parallel.tp, pp=actor.parallel.pp,
         dtype=actor.model.precision, recompute=actor.model.recompute,
         distributed_optimizer=actor.optim.distributed_optimizer,
-        backend=plan_backend(actor.model),
+        backend=plan_backend(actor.model), fused_head=actor.model.fused_head,
         freeze=(mt.freeze_vision, mt.freeze_merger, mt.freeze_language),
         micro_tokens=actor.micro.max_tokens, prompts=cfg.schedule.prompts_per_step, group=ro.group_size,
         max_new=ro.sampling.max_new_tokens, max_prompt=cfg.data.max_prompt_tokens, max_pixels=cfg.data.max_pixels,
@@ -125,13 +125,15 @@ def _recipe_world(name: str) -> Optional[Tuple[int, int]]:
 def _preset_inputs(a) -> Dict[str, Any]:
     from dualrpo_mcore.data import DataConfig
     from dualrpo_mcore.models.qwen2_5_vl import from_hf, presets
+    from dualrpo_mcore.trainer.config import ModelSourceConfig  # the actor's default for the head
 
     try:
         model = from_hf(presets.hf_config_dict(a.preset))
     except KeyError as e:
         raise ValueError(f"--preset {a.preset!r}: {e.args[0]}") from e
     return dict(model=model, tp=1, pp=1, dtype=a.dtype, recompute="none", distributed_optimizer=True,
-                backend="te", freeze=(False, False, False), micro_tokens=8192, prompts=a.prompts_per_step,
+                backend="te", fused_head=ModelSourceConfig.fused_head, freeze=(False, False, False),
+                micro_tokens=8192, prompts=a.prompts_per_step,
                 group=a.group_size, max_new=a.max_new_tokens, max_prompt=None,
                 max_pixels=DataConfig().max_pixels, mem_fraction=0.0, sglang_tp=1, reference="none", world=None)
 
@@ -152,7 +154,7 @@ def build(a) -> Tuple[Any, M.Plan, Dict[str, Any]]:
     fv, fm, fl = inp["freeze"]
     layout = M.Layout(tp=tp, pp=pp, dp=dp, dtype=inp["dtype"], recompute=a.recompute or inp["recompute"],
                       distributed_optimizer=inp["distributed_optimizer"], backend=a.backend or inp["backend"],
-                      freeze_vision=fv, freeze_merger=fm, freeze_language=fl)
+                      freeze_vision=fv, freeze_merger=fm, freeze_language=fl, fused_head=inp["fused_head"])
     patches = a.images_per_prompt * (inp["max_pixels"] // cfg.patch_size ** 2)
     image_tokens = patches // cfg.spatial_merge_size ** 2
     prompt = a.prompt_len or inp["max_prompt"] or image_tokens + TEXT_TOKENS
@@ -172,6 +174,7 @@ def build(a) -> Tuple[Any, M.Plan, Dict[str, Any]]:
     header = dict(source=f"recipe {a.recipe}" if a.recipe else f"preset {a.preset}", nodes=nodes,
                   gpus_per_node=gpn, tp=tp, pp=pp, dp=dp, dtype=layout.dtype, recompute=layout.recompute,
                   backend=layout.backend, distributed_optimizer=layout.distributed_optimizer,
+                  fused_head=layout.fused_head,
                   frozen=[n for n, f in zip(("vision", "merger", "language"), inp["freeze"]) if f],
                   prompt_tokens=prompt, seq_len=seq, patches_per_row=patches, micro_tokens=micro_tokens,
                   rows_per_microbatch=mb.rows, microbatches_per_step=result.num_microbatches,
@@ -201,7 +204,7 @@ def format_plan(result: M.Plan, header: Dict[str, Any]) -> str:
     lines = [f"dualrpo plan: {h['source']} on {h['nodes']} node(s) x {h['gpus_per_node']} GPU(s) of "
              f"{h['gpu_gb']:g} GB; TP={h['tp']} PP={h['pp']} DP={h['dp']}, {h['dtype']}, recompute={h['recompute']}, "
              f"{h['backend']} spec, distributed optimizer {'on' if h['distributed_optimizer'] else 'off'}, "
-             f"frozen: {', '.join(h['frozen']) or 'nothing'}",
+             f"output head {'fused (no logits stored)' if h.get('fused_head') else 'unfused'}, frozen: {', '.join(h['frozen']) or 'nothing'}",
              f"workload: rows of {h['seq_len']} tokens (prompt {h['prompt_tokens']}, {h['patches_per_row']} ViT patches), "
              f"{h['rows_per_microbatch']} row(s) per micro-batch of <= {h['micro_tokens']} tokens, "
              f"{h['microbatches_per_step']} micro-batches per DP rank per step; reference: {h['reference']}",

@@ -1,9 +1,12 @@
 """Python face of ``csrc/``: fused vocab-parallel token statistics (see ``token_stats.py``).
 
 ``token_stats`` runs the compiled kernel (C++ on CPU, CUDA on GPU) when ``dualrpo_mcore._C`` is
-built, else a pure-torch fallback with the same semantics (logged once).
+built, else a pure-torch fallback with the same semantics (logged once). ``fused_head`` is the
+output layer fused with the same statistics, in token chunks, so the logits are never stored
+(``fused_head.py``).
 """
 from ._ext import BACKEND_ENV, load_error, load_extension
+from .fused_head import fused_head
 from .token_stats import IGNORE_INDEX, TokenStats, token_stats
 
-__all__ = ["token_stats", "TokenStats", "IGNORE_INDEX", "BACKEND_ENV", "load_extension", "load_error"]
+__all__ = ["token_stats", "fused_head", "TokenStats", "IGNORE_INDEX", "BACKEND_ENV", "load_extension", "load_error"]

@@ -5,19 +5,21 @@ Every field has a docstring and ``__post_init__`` checks names a bad field by it
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, ClassVar, Dict, Optional
 
 from dualrpo_mcore.algo import CERTAINTY_NORMALIZERS, DEFAULT_NORMALIZER, PolicyLossConfig
-from dualrpo_mcore.models.qwen2_5_vl.precision import Precision, check_fields, check_pad_tokens_to
-from dualrpo_mcore.models.qwen2_5_vl.specs import BACKENDS, resolve_backend
+from dualrpo_mcore.models.qwen2_5_vl.options import ModelOptions
 from dualrpo_mcore.models.qwen2_5_vl.training import ModuleTraining
 
 COMM_BACKENDS = ("nccl", "gloo")
 
 
 @dataclass
-class ModelSourceConfig:
-    """Where the policy's architecture and weights come from (exactly one source)."""
+class ModelSourceConfig(ModelOptions):
+    """The policy: where its architecture and weights come from (exactly one source), and how it is
+    built (the fields of :class:`~dualrpo_mcore.models.qwen2_5_vl.options.ModelOptions`, defined there
+    once: precision and FP8, ``spec_backend``, ``recompute``, ``dedup_images``, ``pad_tokens_to``,
+    ``vocab_divisible_by``)."""
 
     hf_dir: Optional[str] = None
     """A Hugging Face Qwen2.5-VL directory (config.json + safetensors); weights are resharded on load."""
@@ -32,29 +34,18 @@ class ModelSourceConfig:
     preset: Optional[str] = None
     """A released architecture from ``models.qwen2_5_vl.presets`` (e.g. 'qwen2.5-vl-7b'), randomly
     initialised: memory planning and throughput benchmarks need the shapes, not the weights."""
-    precision: str = "fp32"
-    """Parameter dtype: 'fp32', 'bf16' or 'fp16'."""
-    fp8: Optional[str] = None
-    """FP8 GEMMs through Transformer Engine: None (off), 'hybrid' (e4m3 forward, e5m2 gradients) or
-    'e4m3'. Needs ``precision`` bf16/fp16, a spec_backend other than 'local', and the ``te`` extra."""
-    fp8_recipe: str = "delayed"
-    """FP8 scaling: 'delayed', 'tensorwise', 'blockwise' (Hopper) or 'mxfp8' (Blackwell)."""
-    fp8_amax_history_len: int = 1024
-    """Delayed scaling: amax history length."""
-    fp8_vision: bool = False
-    """Run the ViT and the merger in FP8 too (only with ``fp8``)."""
-    pad_tokens_to: Optional[int] = None
-    """Pad micro-batches (and ViT patches) to a multiple of this many tokens; None = what ``fp8``
-    needs (16, 32 for mxfp8; no padding without FP8). Exists to run the FP8 padding on CPU."""
     spec_backend: str = "local"
     """Megatron layer spec: 'local' (CPU, no Transformer Engine), 'te' or 'auto' (TE with CUDA and
-    TE importable); resolved once at start by :meth:`resolve_backend`."""
+    TE importable); resolved once at start by :meth:`resolve_backend`. Local by default: a trainer
+    config must mean the same run on every machine."""
     training: ModuleTraining = field(default_factory=ModuleTraining)
     """Per-module freezing and learning-rate multipliers (ViT, merger, LM)."""
-    recompute: str = "none"
-    """Activation recomputation in the language model: 'none', 'selective' or 'full'."""
-    dedup_images: bool = True
-    """Run the ViT once per distinct image of a batch (the G rows of a group share one); same numbers."""
+    fused_head: bool = True
+    """Actor and log-prob passes skip Megatron's output layer and feed the final hidden state and the
+    output (or tied embedding) weight to ``ops.fused_head``: the [tokens, V/TP] logits and their
+    gradient are never stored, only response tokens are projected. False = output layer + ``token_stats``."""
+
+    path: ClassVar[str] = "actor.model"
 
     def __post_init__(self) -> None:
         given = [n for n in ("hf_dir", "megatron_ckpt", "preset") if getattr(self, n)] + (["tiny"] if self.tiny else [])
@@ -65,39 +56,9 @@ class ModelSourceConfig:
             from dualrpo_mcore.models.qwen2_5_vl import presets
 
             presets.hf_config_dict(self.preset)  # an unknown name fails here, listing the known ones
-        if self.spec_backend not in BACKENDS:
-            raise ValueError(f"actor.model.spec_backend={self.spec_backend!r}: choose one of {BACKENDS}")
-        check_fields(self.precision, self.fp8, self.fp8_recipe, self.fp8_amax_history_len,
-                     dict(dtype="actor.model.precision", fp8="actor.model.fp8", fp8_recipe="actor.model.fp8_recipe",
-                          fp8_amax_history_len="actor.model.fp8_amax_history_len"))
-        if self.fp8 is not None and self.spec_backend == "local":
-            raise ValueError(f"actor.model.fp8={self.fp8!r} needs the Transformer Engine spec; "
-                             f"set actor.model.spec_backend to 'te' or 'auto'")
-        if self.fp8_vision and self.fp8 is None:
-            raise ValueError("actor.model.fp8_vision=True does nothing without actor.model.fp8; set both")
-        check_pad_tokens_to(self.pad_tokens_to, self.precision_config(), "actor.model.pad_tokens_to")
+        super().__post_init__()
         if isinstance(self.training, dict):
             self.training = ModuleTraining(**self.training)
-        from dualrpo_mcore.models.qwen2_5_vl.config import RECOMPUTE
-
-        if self.recompute not in RECOMPUTE:
-            raise ValueError(f"actor.model.recompute={self.recompute!r}: choose one of {RECOMPUTE}")
-
-    def precision_config(self) -> Precision:
-        """The model's :class:`Precision` (dtype and FP8 settings) from these fields."""
-        return Precision(dtype=self.precision, fp8=self.fp8, fp8_recipe=self.fp8_recipe,
-                         fp8_amax_history_len=self.fp8_amax_history_len, fp8_vision=self.fp8_vision)
-
-    def resolve_backend(self, *, cuda_available: Optional[bool] = None, te_available: Optional[bool] = None) -> str:
-        """'te' or 'local' for this run (``specs.resolve_backend``: FP8 without TE fails here, naming the
-        extra). Call once at start and pass the result on; ``spec_backend`` itself may say 'auto'."""
-        return resolve_backend(self.spec_backend, needs_te=self.fp8 is not None, cuda_available=cuda_available,
-                               te_available=te_available)
-
-    @property
-    def token_multiple(self) -> int:
-        """Micro-batches' ``B * S`` is padded to a multiple of this."""
-        return self.pad_tokens_to or self.precision_config().token_multiple
 
 
 @dataclass
@@ -111,11 +72,15 @@ class ParallelConfig:
     backend: Optional[str] = None
     """Collective backend: 'nccl', 'gloo', or None (nccl with CUDA, else gloo)."""
 
+    path: ClassVar[str] = "actor.parallel"
+    """Where this section sits in its config tree (the SFT config reuses it elsewhere): errors name it."""
+
     def __post_init__(self) -> None:
-        if self.tp < 1 or self.pp < 1:
-            raise ValueError(f"actor.parallel: tp and pp must be >= 1 (got tp={self.tp}, pp={self.pp})")
+        for name in ("tp", "pp"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{self.path}.{name} must be >= 1, got {getattr(self, name)}")
         if self.backend is not None and self.backend not in COMM_BACKENDS:
-            raise ValueError(f"actor.parallel.backend={self.backend!r}: choose one of {COMM_BACKENDS} or None")
+            raise ValueError(f"{self.path}.backend={self.backend!r}: choose one of {COMM_BACKENDS} or None")
 
 
 @dataclass
@@ -138,29 +103,34 @@ class OptimConfig:
     """Fraction of all updates with linear warm-up (paper: 5%), then constant."""
     decay_fraction: float = 0.0
     """Fraction of all updates, at the end, over which the rate falls linearly towards 0 (paper: none)."""
-    total_steps: int = 1
-    """Number of optimizer updates the run will take (sets the warm-up length); the loop fills it in."""
+    total_steps: Optional[int] = None
+    """Optimizer updates the run takes (sets the warm-up and decay lengths). Derived where a run
+    knows its schedule (``RLConfig.resolved_actor``: steps x mini_batches x epochs; ``SFTConfig``:
+    its steps), so leave it unset there; an actor built alone (benchmarks, tests) sets it."""
     distributed_optimizer: bool = True
     """Shard optimizer state over data-parallel ranks (Megatron's distributed optimizer)."""
 
+    path: ClassVar[str] = "actor.optim"
+    """Where this section sits in its config tree (the SFT config reuses it elsewhere): errors name it."""
+
     def __post_init__(self) -> None:
         if not self.lr > 0:
-            raise ValueError(f"actor.optim.lr must be > 0, got {self.lr}")
+            raise ValueError(f"{self.path}.lr must be > 0, got {self.lr}")
         if not self.weight_decay >= 0:
-            raise ValueError(f"actor.optim.weight_decay must be >= 0, got {self.weight_decay}")
+            raise ValueError(f"{self.path}.weight_decay must be >= 0, got {self.weight_decay}")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"actor.optim.{name} must lie in [0, 1), got {getattr(self, name)}")
+                raise ValueError(f"{self.path}.{name} must lie in [0, 1), got {getattr(self, name)}")
         if not self.adam_eps > 0:
-            raise ValueError(f"actor.optim.adam_eps must be > 0, got {self.adam_eps}")
+            raise ValueError(f"{self.path}.adam_eps must be > 0, got {self.adam_eps}")
         if not self.grad_clip >= 0:
-            raise ValueError(f"actor.optim.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+            raise ValueError(f"{self.path}.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
         if not 0.0 <= self.warmup_fraction < 1.0:
-            raise ValueError(f"actor.optim.warmup_fraction must lie in [0, 1), got {self.warmup_fraction}")
+            raise ValueError(f"{self.path}.warmup_fraction must lie in [0, 1), got {self.warmup_fraction}")
         if not 0.0 <= self.decay_fraction < 1.0:
-            raise ValueError(f"actor.optim.decay_fraction must lie in [0, 1), got {self.decay_fraction}")
-        if self.total_steps < 1:
-            raise ValueError(f"actor.optim.total_steps must be >= 1, got {self.total_steps}")
+            raise ValueError(f"{self.path}.decay_fraction must lie in [0, 1), got {self.decay_fraction}")
+        if self.total_steps is not None and self.total_steps < 1:
+            raise ValueError(f"{self.path}.total_steps must be >= 1 (or unset), got {self.total_steps}")
 
 
 @dataclass
@@ -170,14 +140,17 @@ class MicroBatchConfig:
     max_tokens: int = 8192
     """Upper bound of real (unpadded) tokens per micro-batch; rows are balanced by token count."""
 
+    path: ClassVar[str] = "actor.micro"
+    """Where this section sits in its config tree (the SFT config reuses it elsewhere): errors name it."""
+
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
-            raise ValueError(f"actor.micro.max_tokens must be >= 1, got {self.max_tokens}")
+            raise ValueError(f"{self.path}.max_tokens must be >= 1, got {self.max_tokens}")
 
 
 @dataclass
 class KLConfig:
-    """Certainty-modulated reference KL (DESIGN.md eq. 4); ``beta0 = 0`` (the paper's runs) turns it off."""
+    """Certainty-modulated reference KL (docs/design.md eq. 4); ``beta0 = 0`` (the paper's runs) turns it off."""
 
     beta0: float = 0.0
     """Base KL weight; 0 removes the reference model entirely."""
@@ -230,16 +203,19 @@ class ActorConfig:
     """Micro-batching."""
     loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
     """Clipped surrogate (eq. 5) settings and the aggregation; Dr. GRPO's divisor is
-    ``loss.token_sum_norm`` (the RL config fills ``loss.response_budget``; without it set one)."""
+    ``loss.token_sum_norm`` (``RLConfig.resolved_actor`` derives ``loss.response_budget``; an actor
+    built alone sets it or ``loss.max_response_length``)."""
     kl: KLConfig = field(default_factory=KLConfig)
     """Reference KL settings."""
     bad_steps: BadStepConfig = field(default_factory=BadStepConfig)
     """Poisoned-step policy."""
-    temperature: float = 1.0
-    """Sampling temperature of the rollout; logits are divided by it for log-probs and certainty."""
+    temperature: Optional[float] = None
+    """Logits are divided by it for log-probs and certainty; it must be the rollout's sampling
+    temperature, so under ``dualrpo train`` it is derived from ``rollout.sampling.temperature``
+    (``RLConfig.resolved_actor``) and left unset here. An actor built alone may set it; None = 1.0."""
     seed: int = 1234
     """Seed of initialisation and Megatron's RNG tracker (deterministic on CPU)."""
 
     def __post_init__(self) -> None:
-        if not self.temperature > 0:
-            raise ValueError(f"actor.temperature must be > 0, got {self.temperature}")
+        if self.temperature is not None and not self.temperature > 0:
+            raise ValueError(f"actor.temperature must be > 0 (or unset), got {self.temperature}")

@@ -149,7 +149,7 @@ def _measure(rank, world, setting):
     actor = Actor(ActorConfig(model=src, parallel=ParallelConfig(tp=tp, pp=pp, backend="gloo"),
                               optim=OptimConfig(lr=1e-4, distributed_optimizer=dist_opt),
                               micro=MicroBatchConfig(max_tokens=ROWS * SEQ), seed=3))
-    batch = make_batch(images, actor.cfg.patch_dim)
+    batch = make_batch(images, actor.arch.patch_dim)
     out = dict(stage=actor.info.pp_rank, dp=actor.info.dp_size)
     out["parameters"] = sum(_model_storages(actor).values()) - sum(_storages(actor.module.buffers()).values())
     out["gradients"] = sum(b.grad_data.nbytes for b in actor.model.buffers)

@@ -8,7 +8,6 @@ not given.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -18,51 +17,19 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.module import MegatronModule
 
 from . import geometry
-from .config import (RECOMPUTE, QwenVLConfig, check_parallel, language_config, merger_config, recompute_kwargs,
-                     vision_config)
+from .config import QwenVLConfig, check_parallel, language_config, merger_config, recompute_kwargs, vision_config
 from .image_dedup import encode_once
-from .precision import Precision, check_pad_tokens_to
-from .specs import language_layer_spec, resolve_backend
+from .options import ModelOptions
+from .specs import language_layer_spec
 from .vision import VisionModel, with_ffn_hidden_size
-
-
-@dataclass
-class ModelOptions:
-    """How to build the policy (beyond what config.json says)."""
-
-    precision: Precision = field(default_factory=Precision)
-    """Numeric format (dtype, FP8)."""
-    backend: str = "auto"
-    """'auto', 'te' or 'local' (Megatron-only modules; CPU): see ``specs.resolve_backend``. The built
-    model keeps the resolved value as ``QwenVLModel.backend``."""
-    vocab_divisible_by: int = 128
-    """The embedding/output rows are padded to a multiple of this (and of TP)."""
-    recompute: str = "none"
-    """Activation recomputation of the language model: 'none', 'selective' (attention core) or
-    'full' (every layer's input is kept, the layer re-run in backward)."""
-    dedup_images: bool = True
-    """Encode each distinct image of a batch once (GRPO's G rows of a prompt share its image); the
-    result is the same, the ViT's compute and activations shrink by up to G. See ``image_dedup``."""
-    pad_tokens_to: Optional[int] = None
-    """Token multiple the inputs are padded to (masked out): None = what the precision's FP8 GEMMs
-    need (``Precision.token_multiple``; nothing without FP8). Set it without FP8 to run the padded
-    path on CPU. The ViT pads its patches itself; LM batches must arrive padded (``trainer.microbatch``)."""
-
-    def __post_init__(self) -> None:
-        if self.recompute not in RECOMPUTE:
-            raise ValueError(f"recompute={self.recompute!r}: choose one of {RECOMPUTE}")
-        check_pad_tokens_to(self.pad_tokens_to, self.precision, "pad_tokens_to")
-
-    def token_multiple(self, part: str = "language") -> int:
-        """Tokens of ``part``'s GEMM inputs are padded to a multiple of this."""
-        return self.pad_tokens_to or self.precision.for_part(part).token_multiple
 
 
 def transformer_configs(cfg: QwenVLConfig, options: ModelOptions, tp: int = 1, pp: int = 1):
     """The (language model, ViT, merger) TransformerConfigs the model is built from: FP8 reaches the
-    ViT and the merger only with ``precision.fp8_vision`` (``Precision.for_part``)."""
-    lm = language_config(cfg, tp, pp, options.precision, **recompute_kwargs(options.recompute))
-    return lm, vision_config(cfg, tp, options.precision), merger_config(cfg, tp, options.precision)
+    ViT and the merger only with ``fp8_vision`` (``Precision.for_part``)."""
+    precision = options.precision_config()
+    lm = language_config(cfg, tp, pp, precision, **recompute_kwargs(options.recompute))
+    return lm, vision_config(cfg, tp, precision), merger_config(cfg, tp, precision)
 
 
 class QwenVLModel(MegatronModule):
@@ -70,21 +37,24 @@ class QwenVLModel(MegatronModule):
 
     def __init__(self, cfg: QwenVLConfig, options: Optional[ModelOptions] = None, pre_process: bool = True,
                  post_process: bool = True, tp: int = 1, pp: int = 1):
+        """``options``: a :class:`ModelOptions` (or the trainer's model config, a subclass); a run passes
+        ``options.with_backend(resolved)`` so the backend is decided once, and resolving it again here
+        is then the identity."""
         options = options or ModelOptions()
-        options.precision.check_runtime()
+        options.precision_config().check_runtime()
         check_parallel(cfg, tp, pp)
-        backend = resolve_backend(options.backend, needs_te=options.precision.uses_te)
+        backend = options.resolve_backend()
         lm_config, vit_config, mrg_config = transformer_configs(cfg, options, tp, pp)
         super().__init__(config=lm_config)
         self.cfg, self.backend, self.dedup_images = cfg, backend, options.dedup_images
-        self.token_multiple = options.token_multiple("language")
+        self.token_multiple = options.part_token_multiple("language")
         self.model_type = ModelType.encoder_or_decoder  # what Megatron's pipeline schedules look for
         self.pre_process, self.post_process = pre_process, post_process
         self.padded_vocab_size = cfg.padded_vocab_size(max(options.vocab_divisible_by, tp))
         self.vision = None
         if pre_process:
             self.vision = VisionModel(cfg, vit_config, mrg_config, backend,
-                                      token_multiple=options.token_multiple("vision"))
+                                      token_multiple=options.part_token_multiple("vision"))
         self.language_model = GPTModel(
             config=lm_config,
             transformer_layer_spec=with_ffn_hidden_size(language_layer_spec(backend), lm_config.ffn_hidden_size),
@@ -120,10 +90,12 @@ class QwenVLModel(MegatronModule):
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None, pixel_values: Optional[torch.Tensor] = None,
                 image_grid_thw: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
-                runtime_gather_output: Optional[bool] = None) -> torch.Tensor:
+                runtime_gather_output: Optional[bool] = None, return_hidden: bool = False) -> torch.Tensor:
         """input_ids/attention_mask [B, S] (mask 1 = real token); returns logits [B, S, V/TP]
         (last stage; gathered over TP with ``runtime_gather_output``), per-token loss with
-        ``labels``, or hidden states [S, B, H] on earlier stages."""
+        ``labels``, or hidden states [S, B, H] on earlier stages. ``return_hidden``: the last stage
+        skips the output layer and returns the final (normed) hidden states [S, B, H] too, for
+        ``ops.fused_head`` with :meth:`output_weight`."""
         if position_ids is None:
             position_ids = self.position_ids(input_ids, image_grid_thw, attention_mask)
         b, s = input_ids.shape
@@ -132,9 +104,32 @@ class QwenVLModel(MegatronModule):
                              f"pad it with dualrpo_mcore.trainer.microbatch.pad_tokens")
         mask = geometry.causal_padding_mask(attention_mask, s, b, device=input_ids.device)
         decoder_input = self._embed(input_ids, pixel_values, image_grid_thw) if self.pre_process else None
-        return self.language_model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
-                                   decoder_input=decoder_input, labels=labels,
-                                   runtime_gather_output=runtime_gather_output)
+        lm = self.language_model
+        if return_hidden and self.post_process:
+            if labels is not None or getattr(lm, "mtp_process", False) or lm.config.sequence_parallel:
+                raise ValueError("return_hidden: not with labels, multi-token prediction or sequence "
+                                 "parallelism (the fused head expects the full [S, B, H] hidden states)")
+            # GPTModel returns the decoder's output (its final norm included) right before the output
+            # layer when post_process is off; the flag is restored even if the forward raises.
+            lm.post_process = False
+            try:
+                return lm(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
+                          decoder_input=decoder_input)
+            finally:
+                lm.post_process = True
+        return lm(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
+                  decoder_input=decoder_input, labels=labels, runtime_gather_output=runtime_gather_output)
+
+    def output_weight(self) -> torch.Tensor:
+        """This rank's vocabulary shard [V_pad / TP, H] of the output layer, or of the input embedding
+        when they are tied (Megatron's own choice of the shared parameter, so its gradient lands where
+        the unfused output layer's would). Last pipeline stage only."""
+        if not self.post_process:
+            raise RuntimeError("output_weight: only the last pipeline stage holds the output layer")
+        lm = self.language_model
+        if lm.share_embeddings_and_output_weights:
+            return lm.shared_embedding_or_output_weight()
+        return lm.output_layer.weight
 
 
 def build_model(hf_config, options: Optional[ModelOptions] = None) -> QwenVLModel:

@@ -1,0 +1,223 @@
+r"""The output layer fused with the token statistics: logits are never stored.
+
+``fused_head(hidden [T, H], weight [V_local, H], labels [T], ...)`` returns what
+``token_stats(hidden @ weight.T, labels, ...)`` returns (log-prob, entropy, self-certainty and
+optionally the full KL to a reference given as its own hidden + weight), with the same definitions,
+the same vocab-parallel partials and the same merge (``token_stats.py`` holds the equations), but
+works in token chunks: a chunk's logits ``[rows, V_local]`` exist only inside the op.
+
+**Forward.** Per chunk: one GEMM (ATen: MKL/oneDNN on CPU, cuBLAS on CUDA) over the shard's real
+vocabulary rows, then the statistics kernel reduces the chunk's logits to ``[rows, 6|9]`` partials
+and the logits are dropped. The partials of all chunks then go through the *one* all-gather and the
+fixed-order merge of ``token_stats`` (one collective per call, whatever the number of chunks).
+
+**Backward.** Per chunk: the logits are recomputed (one more GEMM than the unfused head), the
+statistics kernel writes dz (``grad_logits``), and dHidden_c = dz W, dW += dz^T h_c. Saved for
+backward: 3 floats per token (5 with a reference) and references to the inputs. With a TP group each
+rank's dHidden covers only its vocabulary shard, so it is summed over the group (the all-reduce that
+Megatron's ``ColumnParallelLinear`` issues in its backward; one per call). The reference gets no
+gradient. With a bf16/fp16 weight, dW is summed in an fp32 buffer of the weight's shape (one rounding
+per chunk product, not per running sum; none for a single chunk) and returned in the weight's dtype.
+
+**Chunk size** comes from a memory budget in bytes (``chunk_bytes``), not a constant: backward holds a
+chunk's logits and their gradient (plus the reference's logits, plus one product block for a
+half-precision dW), so ``rows = chunk_bytes // (V_local * itemsize * k)``, at least 1. Forward uses
+the same chunks: a BLAS may round a row differently in a GEMM of another height, and the logits that
+backward recomputes must be bitwise the ones whose (max, log-sum) forward saved.
+
+**Mask.** ``mask [T]`` (1 = compute) selects the rows the op computes at all: the others cost no GEMM,
+return 0 for every statistic and get no gradient (the actor's prompt tokens). Labels of -100 inside
+the mask behave as in ``token_stats`` (log-prob 0, entropy and self-certainty computed).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from . import _ext, _fallback
+from .token_stats import IGNORE_INDEX, TokenStats, _all_gather, merge
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+"""Default memory budget of one chunk (see the module doc): ~220 rows at V_local = 151936 in fp32."""
+
+
+def chunk_rows(chunk_bytes: int, n_cols: int, dtype: torch.dtype, with_ref: bool = False) -> int:
+    """Token rows per chunk so that backward's chunk-sized tensors fit in ``chunk_bytes``."""
+    if chunk_bytes <= 0:
+        raise ValueError(f"fused_head: chunk_bytes must be > 0, got {chunk_bytes}")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    half = dtype in (torch.bfloat16, torch.float16)
+    tensors = 2 + int(with_ref) + int(half)  # logits, dz, [ref logits], [dW product block]
+    return max(1, int(chunk_bytes) // max(1, n_cols * itemsize * tensors))
+
+
+# --- the pure-torch loop (no compiled extension, or float64 on a GPU) ---------------------------
+
+def _torch_partials(h, w, labels, rh, rw, vocab_start, n_real, vocab_size, inv_t, rows_per_chunk):
+    acc = _fallback.acc_dtype(h.dtype)
+    wr, rwr = w[:n_real], None if rw is None else rw[:n_real]
+    out = torch.empty(h.shape[0], 6 if rh is None else 9, dtype=acc, device=h.device)
+    for lo in range(0, h.shape[0], rows_per_chunk):
+        hi = min(h.shape[0], lo + rows_per_chunk)
+        z = h[lo:hi] @ wr.t()
+        zr = None if rh is None else rh[lo:hi] @ rwr.t()
+        out[lo:hi] = _fallback.partials(z, labels[lo:hi], zr, vocab_start, n_real, inv_t)
+    return out
+
+
+def _torch_grad(h, w, labels, rh, rw, stats, grads, vocab_start, n_real, vocab_size, inv_t, rows_per_chunk):
+    half = w.dtype in (torch.bfloat16, torch.float16) and h.shape[0] > rows_per_chunk  # as in csrc/
+    wr, rwr = w[:n_real], None if rw is None else rw[:n_real]
+    dh = torch.empty_like(h)
+    dw = torch.zeros(w.shape, dtype=torch.float32 if half else w.dtype, device=w.device)
+    for lo in range(0, h.shape[0], rows_per_chunk):
+        hi = min(h.shape[0], lo + rows_per_chunk)
+        z = h[lo:hi] @ wr.t()
+        zr = None if rh is None else rh[lo:hi] @ rwr.t()
+        dz = _fallback.grad_logits(z, labels[lo:hi], zr, stats[lo:hi], grads[lo:hi], vocab_start, n_real,
+                                   vocab_size, inv_t)
+        dh[lo:hi] = dz @ wr
+        dw[:n_real] += (dz.t() @ h[lo:hi]).to(dw.dtype)
+    return dh, dw.to(w.dtype)
+
+
+def _has_head_ops() -> bool:
+    try:
+        torch.ops.dualrpo.head_partials  # noqa: B018  (attribute lookup resolves the operator)
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _choose(device, backend, dtype) -> str:
+    chosen = _ext.choose(device, backend, dtype)
+    if chosen == "ext" and not _has_head_ops():
+        msg = ("the compiled extension predates the fused head (no torch.ops.dualrpo.head_partials); "
+               "rebuild with `pip install --no-build-isolation -e .`")
+        if (backend or "auto") == "ext":
+            raise RuntimeError(f"fused_head backend 'ext': {msg}")
+        log.warning("fused_head: %s; using the pure-torch loop", msg)
+        return "torch"
+    return chosen
+
+
+def _ops(backend: str):
+    if backend == "ext":
+        return torch.ops.dualrpo.head_partials, torch.ops.dualrpo.head_grad
+    return _torch_partials, _torch_grad
+
+
+# --- autograd ----------------------------------------------------------------------------------
+
+class _FusedHeadFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ref_h, ref_w, args):
+        vocab_start, n_real, vocab_size, inv_t, rows, group, backend = args
+        partials_op, grad_op = _ops(backend)
+        parts = partials_op(hidden, weight, labels, ref_h, ref_w, vocab_start, n_real, vocab_size, inv_t, rows)
+        (lp, h, sc, kl), stats = merge(_all_gather(parts, group), labels, vocab_size)
+        out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        ctx.save_for_backward(hidden, weight, labels, ref_h, ref_w, stats.to(_fallback.acc_dtype(hidden.dtype)))
+        ctx.args = args
+        ctx.grad_op = grad_op
+        ctx.mark_non_differentiable(labels)
+        kl_out = kl.to(out_dtype) if kl is not None else hidden.new_zeros(0, dtype=out_dtype)
+        return lp.to(out_dtype), h.to(out_dtype), sc.to(out_dtype), kl_out
+
+    @staticmethod
+    def backward(ctx, g_lp, g_h, g_sc, g_kl):
+        hidden, weight, labels, ref_h, ref_w, stats = ctx.saved_tensors
+        vocab_start, n_real, vocab_size, inv_t, rows, group, _ = ctx.args
+        acc, n = stats.dtype, hidden.shape[0]
+
+        def col(g):
+            return torch.zeros(n, dtype=acc, device=hidden.device) if g is None else g.to(acc)
+
+        c = torch.where(labels == IGNORE_INDEX, torch.zeros((), dtype=acc, device=hidden.device), col(g_lp))
+        g_kl = None if ref_h is None or g_kl is None or g_kl.numel() == 0 else g_kl
+        grads = torch.stack([c, col(g_h), col(g_sc), col(g_kl)], dim=1)
+        dh, dw = ctx.grad_op(hidden, weight, labels, ref_h, ref_w, stats, grads, vocab_start, n_real,
+                             vocab_size, inv_t, rows)
+        if group is not None and dist.get_world_size(group) > 1:
+            dist.all_reduce(dh, group=group)  # each shard saw only its part of the vocabulary
+        return (dh if ctx.needs_input_grad[0] else None, dw if ctx.needs_input_grad[1] else None,
+                None, None, None, None)
+
+
+def _check(hidden, weight, labels, mask, ref_hidden, ref_weight, temperature, vocab_start, vocab_size):
+    if hidden.dim() != 2 or weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"fused_head: need hidden [T, H] and weight [V_local, H], got {tuple(hidden.shape)} "
+                         f"and {tuple(weight.shape)}")
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"fused_head: hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
+    if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        raise ValueError(f"fused_head: dtype {hidden.dtype} not supported")
+    if labels.shape != hidden.shape[:1] or labels.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"fused_head: labels must be int64/int32 [T={hidden.shape[0]}], got "
+                         f"{labels.dtype} {tuple(labels.shape)}")
+    if mask is not None and mask.shape != hidden.shape[:1]:
+        raise ValueError(f"fused_head: mask must be [T={hidden.shape[0]}], got {tuple(mask.shape)}")
+    if (ref_hidden is None) != (ref_weight is None):
+        raise ValueError("fused_head: give both ref_hidden and ref_weight, or neither")
+    if ref_hidden is not None and (ref_hidden.shape[0] != hidden.shape[0] or ref_weight.shape[0] != weight.shape[0]
+                                   or ref_hidden.dtype != hidden.dtype or ref_weight.dtype != hidden.dtype):
+        raise ValueError(f"fused_head: the reference needs hidden [T={hidden.shape[0]}, H_ref] and weight "
+                         f"[V_local={weight.shape[0]}, H_ref] in {hidden.dtype}, got {tuple(ref_hidden.shape)} "
+                         f"{ref_hidden.dtype} and {tuple(ref_weight.shape)} {ref_weight.dtype}")
+    if not temperature > 0:
+        raise ValueError(f"fused_head: temperature must be > 0, got {temperature}")
+    if vocab_size <= 0 or vocab_start < 0:
+        raise ValueError(f"fused_head: need vocab_size > 0 and vocab_start >= 0, got {vocab_size}, {vocab_start}")
+    if labels.device.type == "cpu" and labels.numel():  # on a GPU this would be a host sync per call
+        bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))
+        if mask is not None:
+            bad &= mask.bool()
+        if bool(bad.any()):
+            row = int(torch.nonzero(bad)[0, 0])
+            raise ValueError(f"fused_head: label {int(labels[row])} at row {row} is outside "
+                             f"[0, vocab_size={vocab_size}) and is not {IGNORE_INDEX}")
+
+
+def fused_head(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+               mask: Optional[torch.Tensor] = None, temperature: float = 1.0, vocab_start: int = 0,
+               vocab_size: Optional[int] = None, group=None, ref_hidden: Optional[torch.Tensor] = None,
+               ref_weight: Optional[torch.Tensor] = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+               backend: Optional[str] = None) -> TokenStats:
+    """Token statistics of ``hidden @ weight.T`` without storing the logits (module doc).
+
+    ``weight [V_local, H]`` is this rank's vocabulary shard of the output layer (or of the tied
+    embedding) starting at global row ``vocab_start``; ``group``, ``vocab_size``, ``labels`` and
+    ``temperature`` mean what they mean for ``token_stats``. ``mask [T]`` limits the rows computed
+    (others return 0, no gradient). ``ref_hidden [T, H_ref]`` + ``ref_weight [V_local, H_ref]`` add
+    ``out.kl`` = KL(pi || pi_ref). Differentiable w.r.t. ``hidden`` (summed over ``group``) and
+    ``weight``. ``backend``: ``auto`` | ``ext`` | ``torch`` as for ``token_stats``.
+    """
+    world = 1 if group is None else dist.get_world_size(group)
+    if vocab_size is None:
+        vocab_size = vocab_start + weight.shape[0] if world == 1 else weight.shape[0] * world
+    _check(hidden, weight, labels, mask, ref_hidden, ref_weight, temperature, vocab_start, vocab_size)
+    labels = labels.long()
+    rows_total = hidden.shape[0]
+    idx = None
+    if mask is not None:
+        idx = torch.nonzero(mask.bool(), as_tuple=False)[:, 0]
+        hidden, labels = hidden.index_select(0, idx), labels.index_select(0, idx)
+        if ref_hidden is not None:
+            ref_hidden = ref_hidden.index_select(0, idx)
+    n_real = max(0, min(weight.shape[0], vocab_size - vocab_start))
+    with_ref = ref_hidden is not None
+    rows = min(max(1, hidden.shape[0]), chunk_rows(chunk_bytes, max(1, n_real), hidden.dtype, with_ref))
+    chosen = _choose(hidden.device, backend, hidden.dtype)
+    if with_ref:
+        ref_hidden, ref_weight = ref_hidden.detach(), ref_weight.detach()
+    args = (int(vocab_start), int(n_real), int(vocab_size), 1.0 / float(temperature), int(rows), group, chosen)
+    lp, h, sc, kl = _FusedHeadFn.apply(hidden, weight, labels, ref_hidden, ref_weight, args)
+    outs = [lp, h, sc] + ([kl] if with_ref else [])
+    if idx is not None:  # back to all T rows; the unmasked ones hold 0 and pass no gradient
+        outs = [o.new_zeros(rows_total).index_copy(0, idx, o) for o in outs]
+    return TokenStats(outs[0], outs[1], outs[2], outs[3] if with_ref else None)
