@@ -39,7 +39,9 @@ def main(argv=None) -> int:
                         extra_args=extra)
     opts = cli.slurm_options(args, args.nodes, args.gpus_per_node)
     job.check_world(opts.world, "--nodes x --gpus-per-node")
-    executor = nemo.slurm_executor(opts, exp_base_dir=args.exp_dir)
+    if opts.requeue:  # a requeued attempt reruns the command: it continues from its newest checkpoint
+        job.extra_args = cli.resume_auto(job.extra_args)
+    executor = nemo.slurm_executor(opts, exp_base_dir=args.exp_dir, run_dir=job.out)
     return cli.run_and_report("dualrpo-32b", [(RECIPE, nemo.train_task(job), executor)], args.exp_dir,
                               dryrun=args.dryrun, detach=args.detach)
 

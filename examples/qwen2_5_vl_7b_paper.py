@@ -53,7 +53,10 @@ def main(argv=None) -> int:
                             extra_args=["--steps", str(args.steps)] if args.steps else [])
         opts = cli.slurm_options(args, nodes, gpus)
         job.check_world(opts.world, "nodes x GPUs")
-        jobs.append((variant, nemo.train_task(job), nemo.slurm_executor(opts, exp_base_dir=args.exp_dir)))
+        if opts.requeue:  # a requeued attempt reruns the command: it continues from its newest checkpoint
+            job.extra_args = cli.resume_auto(job.extra_args)
+        jobs.append((variant, nemo.train_task(job), nemo.slurm_executor(opts, exp_base_dir=args.exp_dir,
+                                                                         run_dir=job.out)))
     return cli.run_and_report("dualrpo-7b-paper", jobs, args.exp_dir, dryrun=args.dryrun, detach=args.detach)
 
 

@@ -45,6 +45,8 @@ def cells(args):
             job = nemo.TrainJob(recipe=MODELS[model], data=args.data, out=os.path.join(args.out, name), init=init,
                                 extra_args=["--steps", str(args.steps)])
             opts = cli.slurm_options(args, nodes, args.gpus_per_node)
+            if opts.requeue:  # a requeued attempt reruns the command: it continues from its newest checkpoint
+                job.extra_args = cli.resume_auto(job.extra_args)
             try:
                 job.check_world(opts.world, name)
             except nemo.LaunchError as e:
@@ -63,7 +65,7 @@ def main(argv=None) -> int:
     if not runnable:
         print("scaling_study: no runnable cell", file=sys.stderr)
         return 2
-    jobs = [(name, nemo.train_task(job), nemo.slurm_executor(opts, exp_base_dir=args.exp_dir))
+    jobs = [(name, nemo.train_task(job), nemo.slurm_executor(opts, exp_base_dir=args.exp_dir, run_dir=job.out))
             for name, job, opts in runnable]
     return cli.run_and_report("dualrpo-scaling", jobs, args.exp_dir, dryrun=args.dryrun, detach=args.detach)
 

@@ -6,7 +6,7 @@
         --mount /lustre:/lustre --dryrun
 
 Arguments after ``--`` go to ``dualrpo train``. ``--nodes``/``--gpus-per-node`` default to the
-recipe's world (``trainer.recipes_paper.default_world``). The nemo-run experiment (metadata, logs,
+recipe's world (``trainer.recipes.default_world``). The nemo-run experiment (metadata, logs,
 sbatch scripts) lives in ``--exp-dir`` (default ``<out>/launch``). Paths are passed to the job
 as given: on Slurm they must be valid inside the container (mount them with ``--mount``).
 """
@@ -58,11 +58,15 @@ def add_slurm_arguments(group, time: str = "04:00:00") -> None:
                        help="container image with dualrpo-mcore installed (default: bare metal, this interpreter)")
     group.add_argument("--no-gpus", dest="gpus", action="store_false",
                        help="CPU nodes: request no GPUs; --gpus-per-node is then the processes per node (gloo)")
-    group.add_argument("--signal", default=None, metavar="[B:]SIG[@SECS]",
-                       help="sbatch --signal, e.g. TERM@120: warn the job before its time limit so it checkpoints")
+    group.add_argument("--signal", default=None, metavar="SIG[@SECS]",
+                       help="sbatch --signal, e.g. USR1@120: warn the job before its time limit so it checkpoints "
+                            "and exits 75 (B: is refused: the batch shell cannot pass it on)")
     group.add_argument("--rdzv-port", type=int, default=29500, help="torchrun c10d port on the first node")
     group.add_argument("--requeue", action="store_true",
-                       help="sbatch --requeue (pair with `-- --resume auto` so the requeued job continues)")
+                       help="sbatch --requeue, and the job requeues itself when the trainer stopped on a signal "
+                            "after a checkpoint; the train args get --resume auto")
+    group.add_argument("--max-requeues", type=int, default=10,
+                       help="with --requeue: requeue the job at most this many times (default 10)")
     group.add_argument("--mount", action="append", default=[], metavar="SRC:DST", help="container mount (repeat)")
     group.add_argument("--job-dir", default=None, help="sbatch scripts + logs on the shared FS (default: --exp-dir)")
     group.add_argument("--ssh-host", default=None, help="submit through SSH to this login node")
@@ -81,12 +85,13 @@ def slurm_options(args, nodes: int, gpus_per_node: int):
         nodes=nodes, gpus_per_node=gpus_per_node, container_mounts=args.mount, job_dir=args.job_dir,
         ssh_host=args.ssh_host, ssh_user=args.ssh_user, ib_hca=args.ib_hca or None,
         socket_ifname=args.socket_ifname or None, env=nemo.parse_env(args.env), packager=args.packager,
-        gpus=args.gpus, signal=args.signal, requeue=args.requeue,
+        gpus=args.gpus, signal=args.signal, requeue=args.requeue, max_requeues=args.max_requeues,
         rdzv_port=args.rdzv_port)
 
 
-def build_executor(args, recipe_world):
-    """``(executor, world size)`` from the parsed flags; bad flags raise ``LaunchError`` naming them."""
+def build_executor(args, recipe_world, run_dir=None):
+    """``(executor, world size)`` from the parsed flags; bad flags raise ``LaunchError`` naming them.
+    ``run_dir``: the job's ``--out``, where the Slurm job script looks for the preemption marker."""
     from . import nemo
 
     nodes, gpus = recipe_world
@@ -99,7 +104,7 @@ def build_executor(args, recipe_world):
     opts = slurm_options(args, args.nodes or nodes, args.gpus_per_node or gpus)
     if not args.dryrun:
         nemo.check_slurm(opts)
-    return nemo.slurm_executor(opts, exp_base_dir=args.exp_dir), opts.world
+    return nemo.slurm_executor(opts, exp_base_dir=args.exp_dir, run_dir=run_dir), opts.world
 
 
 def exp_dir(args) -> str:
@@ -122,12 +127,29 @@ def exp_dir(args) -> str:
 
 def _train_args(args) -> list:
     extra = list(args.train_args)
-    return extra[1:] if extra[:1] == ["--"] else extra
+    extra = extra[1:] if extra[:1] == ["--"] else extra
+    if args.executor == "slurm" and getattr(args, "requeue", False):
+        return resume_auto(extra)
+    return extra
+
+
+def resume_auto(extra: list) -> list:
+    """A requeued job reruns the same command: it must continue from its newest checkpoint."""
+    from .nemo import LaunchError
+
+    given = [extra[i + 1] if a == "--resume" and i + 1 < len(extra) else a.partition("=")[2]
+             for i, a in enumerate(extra) if a == "--resume" or a.startswith("--resume=")]
+    if not given:
+        return extra + ["--resume", "auto"]
+    if given[-1] != "auto":
+        raise LaunchError(f"--requeue with `-- --resume {given[-1]}`: every requeued attempt would restart "
+                          f"from that checkpoint; use --resume auto (the newest in the run dir)")
+    return extra
 
 
 def launch(args):
     """Build the job and run (or dry-run) it; returns the :class:`~.nemo.LaunchResult`."""
-    from dualrpo_mcore.trainer.recipes_paper import RECIPE_WORLD
+    from dualrpo_mcore.trainer.recipes import default_world
 
     from . import nemo
 
@@ -140,7 +162,7 @@ def launch(args):
                         init=fix(args.init) if args.init else None, tp=args.tp, pp=args.pp,
                         extra_args=_train_args(args))
     args.exp_dir = exp_dir(args)
-    executor, world = build_executor(args, RECIPE_WORLD.get(args.recipe, (1, 8)))
+    executor, world = build_executor(args, default_world(args.recipe), run_dir=job.out)
     job.check_world(world, "--nproc-per-node" if local else "--nodes x --gpus-per-node")
     title = args.name or f"dualrpo-{args.recipe}"
     return nemo.run_experiment(title, [(args.recipe, nemo.train_task(job), executor)],
@@ -154,6 +176,10 @@ def report(result, out=None) -> None:
         print(f"# ---- job {name}: generated by nemo-run (dry run, nothing launched) ----", file=out)
         print(script, file=out)
     for name, state in result.states.items():
+        if name in result.preempted:
+            print(f"launch: job {name}: {state} with exit status {result.exit_codes[name]}: stopped on a signal "
+                  f"after a checkpoint; resubmit with `-- --resume auto` (or launch with --requeue)", file=out)
+            continue
         print(f"launch: job {name}: {state}", file=out)
         if state not in ("SUCCEEDED", "SUBMITTED", "RUNNING", "PENDING"):
             for log in result.logs.get(name, []):
@@ -168,7 +194,18 @@ def run_and_report(title: str, jobs, exp_dir: str, *, dryrun: bool, detach: bool
 
     result = nemo.run_experiment(title, jobs, exp_dir, dryrun=dryrun, detach=detach)
     report(result)
-    return 0 if result.ok else 1
+    return status(result)
+
+
+def status(result) -> int:
+    """0 when every job succeeded (or was submitted), 75 when the only trouble is jobs stopped on a
+    signal after a checkpoint (resubmit them), else 1."""
+    from dualrpo_mcore.trainer.preempt import REQUEUE_EXIT
+
+    if result.ok:
+        return 0
+    troubled = [n for n, s in result.states.items() if s not in ("SUCCEEDED", "SUBMITTED", "RUNNING", "PENDING")]
+    return REQUEUE_EXIT if troubled and set(troubled) <= set(result.preempted) else 1
 
 
 def run(args) -> int:
@@ -180,4 +217,4 @@ def run(args) -> int:
         print(f"dualrpo launch: {e}", file=sys.stderr)
         return 2
     report(result)
-    return 0 if result.ok else 1
+    return status(result)

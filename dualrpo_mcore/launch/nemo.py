@@ -19,6 +19,7 @@ import glob
 import inspect
 import os
 import re
+import shlex
 import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -63,13 +64,18 @@ def require_nemo_run():
 
 
 def recipe_parallel(recipe: str) -> Tuple[int, int]:
-    """The ``(tp, pp)`` defaults of a recipe function's signature (no config is built, no file read)."""
+    """The ``(tp, pp)`` a recipe is registered with (its ``layout``), else its signature's defaults (no
+    config is built, no file read)."""
     from dualrpo_mcore.trainer.recipes import RECIPES
 
     try:
-        params = inspect.signature(RECIPES.get(recipe)).parameters
+        fn = RECIPES.get(recipe)
     except KeyError as e:
         raise LaunchError(f"--recipe: {e.args[0]}") from None
+    layout = getattr(fn, "layout", None)
+    if layout is not None:
+        return layout.tp, layout.pp
+    params = inspect.signature(fn).parameters
     return tuple(params[k].default if k in params and params[k].default is not inspect.Parameter.empty else 1
                  for k in ("tp", "pp"))
 
@@ -206,8 +212,12 @@ class SlurmOptions:
     """``sbatch --signal``: e.g. ``TERM@120`` has Slurm send SIGTERM 120 s before the time limit, so the
     trainer can checkpoint before the SIGKILL; None = Slurm's default (SIGTERM only at the limit)."""
     requeue: bool = False
-    """``sbatch --requeue``: a preempted or failed-node job goes back to the queue (run it with
-    ``--resume auto`` so the requeued job continues from its last checkpoint)."""
+    """``sbatch --requeue`` (Slurm may requeue the job on a node failure or a preemption), and the job
+    script requeues itself (``scontrol requeue``) when the trainer stopped on a signal after a checkpoint;
+    the train arguments must then resume with ``--resume auto``."""
+    max_requeues: int = 10
+    """With ``requeue``: the script requeues at most this many times (``SLURM_RESTART_COUNT``), so a time
+    limit too short for even one step cannot cycle forever."""
 
     def __post_init__(self) -> None:
         if not self.account:
@@ -215,7 +225,14 @@ class SlurmOptions:
         if self.container_mounts and not self.container_image:
             raise LaunchError("--mount needs --container (bare-metal jobs see the nodes' filesystems as they are)")
         if self.signal and not _SIGNAL.match(self.signal):
-            raise LaunchError(f"--signal {self.signal!r}: expected [B:]SIG[@SECONDS], e.g. TERM@120")
+            raise LaunchError(f"--signal {self.signal!r}: expected [R:]SIG[@SECONDS], e.g. TERM@120")
+        if self.signal and self.signal.split(":")[0] in ("B", "RB", "BR"):
+            # B: signals the batch shell, which is waiting on srun in the foreground: bash runs a trap
+            # only after srun returns, so it could not pass the warning on to the trainer in time.
+            raise LaunchError(f"--signal {self.signal!r}: B: signals only the batch shell, which cannot pass it on "
+                              f"to the trainer while srun runs; use {self.signal.split(':', 1)[1]} (all job steps)")
+        if self.max_requeues < 0:
+            raise LaunchError(f"--max-requeues must be >= 0, got {self.max_requeues}")
         if self.nodes < 1:
             raise LaunchError(f"--nodes must be >= 1, got {self.nodes}")
         if self.gpus_per_node < 1:
@@ -248,9 +265,12 @@ class SlurmOptions:
         return env
 
 
-def slurm_executor(opts: SlurmOptions, exp_base_dir: str):
+def slurm_executor(opts: SlurmOptions, exp_base_dir: str, run_dir: Optional[str] = None):
     """A ``run.SlurmExecutor``. Without ``opts.job_dir``, sbatch scripts and logs land in the experiment's
-    own folder (``<exp_base_dir>/experiments/<title>/<id>/<job>``), beside nemo-run's metadata."""
+    own folder (``<exp_base_dir>/experiments/<title>/<id>/<job>``), beside nemo-run's metadata.
+    ``run_dir``: the job's ``--out`` as the job sees it; with it the job script ends with status 75 (and
+    requeues itself with ``opts.requeue``) when the trainer stopped on a signal after a checkpoint
+    (:func:`exit_lines`); without it a preempted job ends as failed (1)."""
     run = require_nemo_run()
     job_dir = opts.job_dir or os.path.join(exp_base_dir, "experiments")
     if opts.ssh_host:
@@ -258,12 +278,21 @@ def slurm_executor(opts: SlurmOptions, exp_base_dir: str):
     else:
         tunnel = run.LocalTunnel(job_dir=job_dir)
     packager = run.GitArchivePackager() if opts.packager == "git" else run.Packager()
-    env = opts.nccl_env()
+    env = {**agent_env(opts), **opts.nccl_env()}  # the latter ends with opts.env: the user's word wins
     if not opts.container_image:
         # Bare metal: torchrun and python resolve through PATH on the node, so the launcher's own
         # environment (a venv on the shared filesystem) must come first there too.
         env = {"PATH": f"{os.path.dirname(sys.executable)}:{os.environ.get('PATH', '/usr/bin:/bin')}", **env}
     extra = {"requeue": True} if opts.requeue else None
+    setup = None
+    if run_dir is not None:
+        where = host_path(run_dir, opts)
+        if where is None and opts.requeue:
+            raise LaunchError(f"--requeue: the run dir {run_dir!r} is not under any --mount destination, so the job "
+                              f"script cannot read the trainer's preemption marker (nor would the checkpoints "
+                              f"outlive the container); mount a shared directory that holds --out")
+        if where is not None:
+            setup = exit_lines(where, requeue=opts.requeue, max_requeues=opts.max_requeues)
     return run.SlurmExecutor(
         account=opts.account, partition=opts.partition, time=opts.time, nodes=opts.nodes,
         job_name_prefix="dualrpo-",
@@ -272,9 +301,69 @@ def slurm_executor(opts: SlurmOptions, exp_base_dir: str):
         ntasks_per_node=opts.gpus_per_node, gpus_per_node=opts.gpus_per_node if opts.gpus else None,
         exclusive=opts.exclusive or None, container_image=opts.container_image or None,
         container_mounts=list(opts.container_mounts), env_vars=env, signal=opts.signal,
-        additional_parameters=extra,
+        additional_parameters=extra, setup_lines=setup,
         launcher=run.Torchrun(rdzv_backend="c10d", rdzv_port=opts.rdzv_port),
         tunnel=tunnel, packager=packager)
+
+
+def agent_env(opts: SlurmOptions) -> Dict[str, str]:
+    """Environment for torchrun's elastic agent, which Slurm signals along with the trainers.
+
+    By default it handles only TERM/INT/HUP/QUIT, so SIGUSR1 (the usual time-limit warning) kills the
+    agent, and srun then kills the step with the trainers mid-checkpoint: it must handle USR1 too. On a
+    signal it passes the signal on and SIGKILLs the trainers after its shutdown timeout (30 s by default),
+    which must cover the rest of a step plus a checkpoint: with ``--signal SIG@SECONDS`` it gets those
+    seconds (Slurm kills the job at the limit anyway). torch 2.13's torchrun reads both variables (read
+    in its source); a torchrun without them ignores them, and there only TERM reaches the trainers safely."""
+    env = {"PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"}
+    if opts.signal:  # sbatch's lead time is 60 s when --signal names none
+        env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = opts.signal.rpartition("@")[2] if "@" in opts.signal else "60"
+    return env
+
+
+def exit_lines(run_dir: str, requeue: bool = False, max_requeues: int = 10) -> str:
+    """Bash for the job script (nemo-run's ``setup_lines``): an EXIT trap that gives the job status 75
+    when the trainer stopped on a signal after a checkpoint, and with ``requeue`` puts the job back in the
+    queue. Why a trap: torchrun turns the trainer's 75 into 1, and the script nemo-run generates ends
+    with ``exit $exitcode`` after srun; an EXIT trap is the one place that runs after that and may change
+    the status. The evidence is the marker rank 0 wrote in ``run_dir`` (:mod:`dualrpo_mcore.trainer.preempt`)
+    naming this attempt; one left by an earlier attempt does not count. ``run_dir`` as the node sees it."""
+    from dualrpo_mcore.trainer.preempt import MARKER, REQUEUE_EXIT
+
+    marker = shlex.quote(os.path.join(run_dir, MARKER))
+    again = ""
+    if requeue:
+        again = (f'\n        if [ "${{SLURM_RESTART_COUNT:-0}}" -lt {int(max_requeues)} ]; then'
+                 '\n            scontrol requeue "$SLURM_JOB_ID" && echo "dualrpo: job $SLURM_JOB_ID requeued" ||'
+                 '\n                echo "dualrpo: scontrol requeue $SLURM_JOB_ID failed; resubmit with --resume auto"'
+                 '\n        else'
+                 f'\n            echo "dualrpo: not requeued: {int(max_requeues)} requeues done (--max-requeues)"'
+                 '\n        fi')
+    return (f'\n# dualrpo: status {REQUEUE_EXIT} = stopped on a signal after a checkpoint (docs/slurm.md)'
+            '\ndualrpo_on_exit() {'
+            '\n    local rc=$? attempt="$SLURM_JOB_ID.${SLURM_RESTART_COUNT:-0}"'
+            '\n    set +e'
+            f'\n    if [ "$rc" -ne 0 ] && grep -qxF "attempt=$attempt" {marker} 2>/dev/null; then'
+            f'\n        echo "dualrpo: attempt $attempt stopped after a checkpoint'
+            f' ($(grep -x \'step=[0-9]*\' {marker})): exit {REQUEUE_EXIT}"{again}'
+            f'\n        exit {REQUEUE_EXIT}'
+            '\n    fi'
+            '\n    exit "$rc"'
+            '\n}'
+            '\ntrap dualrpo_on_exit EXIT')
+
+
+def host_path(path: str, opts: SlurmOptions) -> Optional[str]:
+    """Where the job script (on the node, outside any container) finds ``path`` as the job sees it: the
+    same path on bare metal, else through the ``--mount`` whose destination holds it; None if no mount does
+    (the path then lives inside the container, out of the script's reach)."""
+    if not opts.container_image:
+        return path
+    for mount in opts.container_mounts:
+        src, dst = mount.split(":")[:2]
+        if path == dst or path.startswith(dst.rstrip("/") + "/"):
+            return src.rstrip("/") + path[len(dst.rstrip("/")):]
+    return None
 
 
 def check_slurm(opts: SlurmOptions, env: Optional[Dict[str, str]] = None) -> None:
@@ -314,11 +403,20 @@ class LaunchResult:
     states: Dict[str, str] = field(default_factory=dict)
     scripts: Dict[str, str] = field(default_factory=dict)
     logs: Dict[str, List[str]] = field(default_factory=dict)
+    exit_codes: Dict[str, str] = field(default_factory=dict)
+    """Slurm's ``ExitCode`` (``status:signal``) of each job that failed; nemo-run's state alone says FAILED."""
 
     @property
     def ok(self) -> bool:
         good = {"SUCCEEDED", "SUBMITTED", "RUNNING", "PENDING"}  # the last three: a detached launch
         return bool(self.scripts) or (bool(self.states) and all(s in good for s in self.states.values()))
+
+    @property
+    def preempted(self) -> List[str]:
+        """Jobs that ended with the requeue status: stopped on a signal after a checkpoint."""
+        from dualrpo_mcore.trainer.preempt import REQUEUE_EXIT
+
+        return [name for name, code in self.exit_codes.items() if code.split(":")[0] == str(REQUEUE_EXIT)]
 
 
 def run_experiment(title: str, jobs: Sequence[Tuple[str, object, object]], base_dir: str, *,
@@ -350,4 +448,20 @@ def run_experiment(title: str, jobs: Sequence[Tuple[str, object, object]], base_
         logs = sorted(glob.glob(os.path.join(job_dir, "**", "*.log"), recursive=True))
         # torchx writes one combined (stdout + stderr, all ranks) log per replica: that one is the story.
         result.logs[job.id] = [p for p in logs if p.endswith("combined.log")] or logs
+        if result.states[job.id] == "FAILED" and type(job.executor).__name__ == "SlurmExecutor":
+            result.exit_codes[job.id] = slurm_exit_code(job)
     return result
+
+
+def slurm_exit_code(job) -> str:
+    """``sacct``'s ExitCode of a finished nemo-run Slurm job (its handle ends with the job id), read
+    through the job's own tunnel; '' when Slurm does not say."""
+    job_id = str(getattr(job, "handle", "")).rstrip("/").rsplit("/", 1)[-1]
+    if not job_id.isdigit():
+        return ""
+    try:
+        out = job.executor.tunnel.run(f"sacct -X -n -P -j {job_id} -o ExitCode", warn=True).stdout
+    except Exception:  # noqa: BLE001 - the state is already known; the code only refines the report
+        return ""
+    codes = out.split()
+    return codes[-1] if codes else ""

@@ -9,14 +9,22 @@ already, and :class:`Preempted` ends the run. ``dualrpo train`` turns it into ex
 :data:`REQUEUE_EXIT` (75, EX_TEMPFAIL: "try again"), which a job script or a requeue policy can tell
 from a failure (1) and from a finished run (0); ``--resume auto`` then continues from that step.
 
+Under torchrun that status does not survive: the elastic agent reports any non-zero worker exit as
+its own failure (1). So rank 0 also leaves :data:`MARKER` in the run dir, written atomically once the
+step is checkpointed, naming the step and the job attempt (``SLURM_JOB_ID.SLURM_RESTART_COUNT``); the
+Slurm job script reads it after torchrun ends and exits 75, or requeues the job, only for its own
+attempt (``launch.nemo.exit_lines``, docs/slurm.md).
+
 Steps lost: none when the grace time covers the rest of the step plus one checkpoint; otherwise the
 hard kill that follows costs what any kill costs (the steps since the last checkpoint).
 """
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
+import time
 from typing import Dict, List, Optional
 
 import torch
@@ -25,6 +33,34 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 REQUEUE_EXIT = 75
 SIGNALS = ("SIGTERM", "SIGUSR1")
+MARKER = "preempted"
+"""File in the run dir: ``key=value`` lines (``step``, ``signal``, ``attempt``, ``time``), read by a
+shell script with ``grep``, so no JSON."""
+
+
+def attempt() -> str:
+    """This job attempt: ``<SLURM_JOB_ID>.<SLURM_RESTART_COUNT>`` (a requeued job keeps its id and counts
+    up), or ``local`` outside Slurm. A marker left by an earlier attempt never matches a later one."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return f"{job}.{os.environ.get('SLURM_RESTART_COUNT') or 0}" if job else "local"
+
+
+def write_marker(run_dir: str, step: int, signame: str) -> str:
+    """Write ``<run_dir>/preempted`` atomically (a reader sees the old marker or the new one)."""
+    from dualrpo_mcore.atomic import atomic_write
+
+    path = os.path.join(run_dir, MARKER)
+    atomic_write(path, f"step={step}\nsignal={signame}\nattempt={attempt()}\ntime={time.time():.3f}\n")
+    return path
+
+
+def read_marker(run_dir: str) -> Optional[Dict[str, str]]:
+    """The marker's fields, or None when there is none."""
+    try:
+        with open(os.path.join(run_dir, MARKER), encoding="utf-8") as f:
+            return dict(line.rstrip("\n").partition("=")[::2] for line in f if "=" in line)
+    except FileNotFoundError:
+        return None
 
 
 class Preempted(Exception):
@@ -39,7 +75,8 @@ class Preempted(Exception):
 class Watch:
     """Handlers installed for the run's duration (previous ones restored on ``close``)."""
 
-    def __init__(self):
+    def __init__(self, run_dir: Optional[str] = None):
+        self.run_dir = run_dir
         self.received: Optional[str] = None
         self._previous: Dict[int, object] = {}
         if threading.current_thread() is not threading.main_thread():
@@ -63,6 +100,19 @@ class Watch:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             mine = float(t[0])
         return codes[int(mine) - 1] if mine else None
+
+    def stopped(self, step: int, signame: str) -> Preempted:
+        """Call once ``step`` is checkpointed: rank 0 leaves the marker; returns the exception to raise.
+        A marker that cannot be written costs only the exit status (the job shows a failure, 1), not
+        the checkpoint, so it is reported and the run still stops."""
+        rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+        if self.run_dir and rank0:
+            try:
+                write_marker(self.run_dir, step, signame)
+            except OSError as e:
+                print(f"dualrpo: could not write the preemption marker in {self.run_dir} ({e}); the job will "
+                      f"end as failed although step {step} is checkpointed", flush=True)
+        return Preempted(step, signame)
 
     def close(self) -> None:
         for sig, handler in self._previous.items():

@@ -26,6 +26,7 @@ BINARIES = ("munged", "mariadbd", "mariadb-install-db", "mariadb", "slurmdbd", "
             "sbatch", "sacct", "scontrol", "sinfo", "scancel", "squeue")
 CLUSTER = "dualrpo"
 PARTITION = "debug"
+CRED_EXPIRE = 5
 
 
 def missing_binaries() -> List[str]:
@@ -153,6 +154,9 @@ class Cluster:
         self.ctld_port, *slurmd_ports = free_ports(1 + self.nodes)
         self.node_names = [f"n{i}" for i in range(1, self.nodes + 1)]
         auth = f"AuthType=auth/munge\nAuthInfo=socket={self.munge_socket}\n"
+        # A requeued job waits cred_expire + 1 s before it may start again (default 120 s, so that the
+        # old attempt's step credentials are dead); the tests requeue jobs and cannot wait that long.
+        ctld_auth = f"AuthType=auth/munge\nAuthInfo=socket={self.munge_socket},cred_expire={CRED_EXPIRE}\n"
         dbd = (f"{auth}DbdHost=localhost\nDbdPort={self.dbd_port}\nSlurmUser={me}\n"
                f"StorageType=accounting_storage/mysql\nStorageHost=127.0.0.1\nStoragePort={self.db_port}\n"
                f"StorageUser=slurm\nStorageLoc=slurm_acct_db\nPidFile={self._p('run', 'slurmdbd.pid')}\n"
@@ -160,7 +164,7 @@ class Cluster:
         nodes = "".join(f"NodeName={n} NodeHostname=localhost NodeAddr=127.0.0.1 Port={p} CPUs={self.cpus} "
                         f"State=UNKNOWN\n" for n, p in zip(self.node_names, slurmd_ports))
         conf = (f"ClusterName={CLUSTER}\nSlurmctldHost=localhost(127.0.0.1)\nSlurmctldPort={self.ctld_port}\n"
-                f"SlurmUser={me}\nSlurmdUser={me}\n{auth}CredType=cred/munge\n"
+                f"SlurmUser={me}\nSlurmdUser={me}\n{ctld_auth}CredType=cred/munge\n"
                 f"StateSaveLocation={self._p('state')}\nSlurmdSpoolDir={self._p('spool', '%n')}\n"
                 f"SlurmctldPidFile={self._p('run', 'slurmctld.pid')}\nSlurmdPidFile={self._p('run', 'slurmd.%n.pid')}\n"
                 f"SlurmctldLogFile={self._p('log', 'slurmctld.log')}\nSlurmdLogFile={self._p('log', 'slurmd.%n.log')}\n"
@@ -172,6 +176,9 @@ class Cluster:
                 f"AccountingStoragePass={self.munge_socket}\nMailProg=/bin/true\n"
                 # Short grace between SIGTERM and SIGKILL, and quick state changes: tests wait on them.
                 "KillWait=10\nMinJobAge=2\nInactiveLimit=0\nSlurmctldTimeout=10\nSlurmdTimeout=30\n"
+                # A requeued job becomes eligible with no event to wake the scheduler: it starts at the
+                # next periodic pass (60 s main, 30 s backfill by default), so passes come often here.
+                "SchedulerParameters=sched_interval=2,bf_interval=1\n"
                 f"{nodes}PartitionName={PARTITION} Nodes=ALL Default=YES MaxTime=INFINITE State=UP\n")
         with open(self.conf, "w") as f:
             f.write(conf)

@@ -1,24 +1,16 @@
 """The private Slurm cluster the tests in this folder submit to (see ``cluster.py``).
 
 One two-node cluster per session (two slurmd on this host: Debian's build allows it), stopped by the
-PIDs it started, also when a test fails. Without the binaries every test here skips, naming what is
-missing and how to install it. Jobs run one at a time: each test waits for its own job to end.
+PIDs it started, also when a test fails. Without the binaries every test that needs it skips, naming
+what is missing and how to install it. Jobs run one at a time: each test waits for its own job to end.
 """
-import os
 import subprocess
 import sys
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, HERE)
-
-from cluster import Cluster, ClusterError, missing_binaries  # noqa: E402
-
-# The smallest job that still exercises everything: TP=2 over 2 ranks, 2 prompts x G=2, 8 new tokens.
-SMALL = ["--reward-mode", "grpo", "--set", "rollout.group_size=2", "--set", "schedule.prompts_per_step=2",
-         "--set", "rollout.sampling.max_new_tokens=8", "--set", "checkpoint.every=1"]
+from slurm.cluster import Cluster, ClusterError, missing_binaries
+from slurm.jobs import ROOT, job_ids, launch, new_job
 
 
 def pytest_configure(config):
@@ -53,15 +45,13 @@ def slurm_data(tmp_path_factory):
     return out
 
 
-def launch_env(slurm, tmp_path, **extra):
-    """Environment of a ``dualrpo launch`` that submits to ``slurm``: its own nemo-run home."""
-    return dict(slurm.env, NEMORUN_HOME=str(tmp_path / "nemorun"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-                TRANSFORMERS_OFFLINE="1", **extra)
-
-
-def launch(slurm, tmp_path, data, out, *flags, train=(), env=None, timeout=240):
-    argv = [sys.executable, "-m", "dualrpo_mcore", "launch", "--recipe", "tiny_cpu", "--data", data, "--out", out,
-            "--executor", "slurm", "--account", "root", "--no-gpus", "--time", "00:10:00",
-            "--env", "OMP_NUM_THREADS=1", *flags, "--", *SMALL, *train]
-    return subprocess.run(argv, cwd=ROOT, env=env or launch_env(slurm, tmp_path), capture_output=True, text=True,
-                          timeout=timeout)
+@pytest.fixture(scope="session")
+def baseline(slurm, slurm_data, tmp_path_factory):
+    """The uninterrupted run every other check compares with: 1 node, 2 ranks, TP=2, 4 steps.
+    Returns ``(run dir, launch stdout, job id)``."""
+    tmp = tmp_path_factory.mktemp("baseline")
+    out = str(tmp / "run")
+    before = job_ids(slurm)
+    p = launch(slurm, tmp, slurm_data, out, "--tp", "2", train=["--steps", "4"])
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return out, p.stdout, new_job(slurm, before)
