@@ -43,8 +43,9 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     # nemo-run + leptonai (the launch extra) are here so CI runs the launch tests: they install in
     # under a minute and never touch torch (torchx does not depend on it); note torchx pins urllib3<1.27.
+    # wandb (the wandb extra) likewise, so CI reads back the offline runs of tests/unit/test_trainer_wandb.py.
     "test": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100", "pycocotools>=2.0.7",
-             "nemo-run==0.11.1", "leptonai==0.27.3"],
+             "nemo-run==0.11.1", "leptonai==0.27.3", "wandb>=0.31,<0.32"],
     # 0.5.3-0.5.9 pin transformers 4.57 (we need >=5); 0.5.10 does not hand mm_process_config to the
     # image processor. rollout/sglang_engine.py was read against 0.5.10-0.5.23 (0.5.23 pins torch 2.14.1).
     "sglang": ["sglang>=0.5.11,<0.6"],
@@ -55,6 +56,8 @@ EXTRAS = {
     "te": ['transformer-engine[pytorch]>=2.9,<2.12; python_version < "3.12"',
            'transformer-engine[pytorch]>=2.9,<3; python_version >= "3.12"'],
     "launch": ["nemo-run==0.11.1", "leptonai==0.27.3"],  # nemo-run 0.11.1 imports only with this leptonai
+    # W&B beside TensorBoard (logging.wandb); 0.31 is the release its offline run files were read back with.
+    "wandb": ["wandb>=0.31,<0.32"],
 }
 
 

@@ -10,7 +10,9 @@ Stages, each a subprocess so every one runs exactly as a user would run it by ha
    DualRPO (or GRPO with ``--reward-mode grpo``) steps until ``--steps`` or the time budget (a clean
    stop at a step boundary, checkpointed), held-out eval after, export as a Hugging Face directory;
 4. ``dualrpo plot``: training curves (every run under ``--out``, so a GRPO run is drawn next to DualRPO);
-5. the before/after per-task table, printed and written to ``<out>/results_<mode>.json``.
+5. the before/after per-task table with 95% paired bootstrap intervals (:mod:`.bootstrap`: this run's
+   change, and DualRPO - GRPO when both modes ran in ``--out``), printed and written to
+   ``<out>/results_<mode>.json``.
 
 ``--resume`` skips the stages whose outputs exist (and continues an interrupted RL stage from its
 newest checkpoint). Data and warm start are shared by the reward modes of one ``--out``.
@@ -37,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="wall-clock budget of the whole demo in minutes; the RL steps stop in time for it")
     parser.add_argument("--resume", action="store_true", help="skip stages whose outputs exist")
     parser.add_argument("--seed", type=int, default=0)
+    # The defaults below were chosen by measurement: docs/demo.md, "Why the demo's defaults are what they are".
     g = parser.add_argument_group("data and warm start")
     # grid: on the free layout the tiny policy's answers never come to depend on the image in the time
     # a CPU demo has, so RL has no perception to sharpen (see dualrpo_mcore/data/synth/grid.py).
@@ -45,10 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--layout", default="grid", choices=tuple(LAYOUTS),
                    help="synthetic layout: grid (objects on the tiny policy's token grid) or free")
     g.add_argument("--num-per-task", type=int, default=2000, help="synthetic train samples per task")
-    # 256: the standard error of the 8-task mean is about 1 point (at 64 it was 2-3, as large as the effect).
     g.add_argument("--heldout-per-task", type=int, default=256, help="held-out samples per task")
-    # 2000 x 8 rows x 2 ranks = two passes over the 16,000 rows; with the rate decayed over the last 10%
-    # (dualrpo sft's default) the warm start scores 25.7% held-out. RL sharpens what SFT has begun to see.
     g.add_argument("--sft-steps", type=int, default=2000)
     g.add_argument("--sft-lr", type=float, default=2e-3)
     g.add_argument("--sft-batch-size", type=int, default=8, help="rows per update per process")
@@ -57,16 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="upper bound on RL steps (the time budget usually ends first)")
     g.add_argument("--nproc", type=int, default=2, help="torchrun processes")
     g.add_argument("--tp", type=int, default=2, help="tensor-parallel size")
-    # 2e-4: at 1e-4 a constant answer takes hundreds of steps to learn on this tiny model; at 1e-3 GRPO
-    # and DualRPO both diverge (length and entropy run away) within ~100 steps. From the decayed warm
-    # start a 9-minute TP=1 run at 4e-4 gained +0.3 (unparsable answers rose to 9%); the demo at 2e-4
-    # gains +2.1 to +2.3 (one seed each).
     g.add_argument("--lr", type=float, default=2e-4, help="RL learning rate")
-    # G 4 x 16 prompts: +4.5 points in 8 minutes from the first (un-decayed) warm start where 8 x 8 gave
-    # +3.3 and 8 x 16 at lr 5e-4 +3.6 (2,048 held-out prompts each, TP=1); all near the ~1-point noise.
     g.add_argument("--group-size", type=int, default=4, help="G: samples per prompt")
     g.add_argument("--prompts-per-step", type=int, default=16)
-    # 64: detection answers (box lists) take up to ~80 tokens, grounding ~27; shorter always truncates them.
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
     g.add_argument("--no-dynamic-sampling", dest="dynamic_sampling", action="store_false",
@@ -118,17 +111,28 @@ def _sft_command(args, data: str) -> List[str]:
             "--seed", str(args.seed), "--no-progress"]
 
 
+def rl_overrides(args) -> List[str]:
+    """The driver's RL flags as ``--set`` items on the ``tiny_cpu`` recipe (the demo's defaults differ
+    from the recipe's: a longer budget, more prompts per step); the user's ``--set`` items come last."""
+    seed = args.seed
+    items = [f"reward.mode={args.reward_mode}", f"schedule.steps={args.steps}", f"actor.parallel.tp={args.tp}",
+             f"actor.optim.lr={args.lr}", f"rollout.group_size={args.group_size}",
+             f"schedule.prompts_per_step={args.prompts_per_step}",
+             f"rollout.sampling.max_new_tokens={args.max_new_tokens}",
+             f"rollout.sampling.temperature={args.temperature}",
+             f"eval.every={args.eval_every or args.steps}", f"eval.max_samples={8 * args.heldout_per_task}",
+             f"schedule.dynamic_sampling={args.dynamic_sampling}",
+             f"rollout.engine_on_every_rank={args.engine_on_every_rank}",
+             # The recipe derives its seeds from one number; the demo's --seed sets the same three.
+             f"data.seed={seed}", f"rollout.seed={seed}", f"actor.seed={seed + 1234}"]
+    return items + list(args.set)
+
+
 def _rl_command(args, data: str, run_dir: str, hf_dir: str, deadline: float) -> List[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
            "-m", "dualrpo_mcore.trainer.demo_rl", "--data", data, "--init", os.path.join(data, "sft"),
-           "--out", run_dir, "--hf-out", hf_dir, "--reward-mode", args.reward_mode, "--steps", str(args.steps),
-           "--deadline", f"{deadline:.1f}", "--tp", str(args.tp), "--lr", str(args.lr),
-           "--group-size", str(args.group_size), "--prompts-per-step", str(args.prompts_per_step),
-           "--max-new-tokens", str(args.max_new_tokens), "--temperature", str(args.temperature),
-           "--eval-every", str(args.eval_every), *(["--dynamic-sampling"] if args.dynamic_sampling else []),
-           *(["--engine-on-every-rank"] if args.engine_on_every_rank else []),
-           "--eval-samples", str(8 * args.heldout_per_task), "--seed", str(args.seed), "--no-progress",
-           *[a for item in args.set for a in ("--set", item)]]
+           "--out", run_dir, "--hf-out", hf_dir, "--deadline", f"{deadline:.1f}", "--no-progress",
+           *[a for item in rl_overrides(args) for a in ("--set", item)]]
     if args.resume:
         cmd.append("--resume")
     return cmd
@@ -156,12 +160,73 @@ def difficulty_table(before: Dict[str, float], after: Dict[str, float]) -> Dict[
     return {k: dict(before=100 * before[k], after=100 * after[k]) for k in sorted(set(before) & set(after), key=key)}
 
 
+def intervals_table(out: str, mode: str) -> Dict:
+    """95% paired bootstrap intervals (percentage points) of this run's before -> after change and, when
+    the other reward mode's run sits beside it, of DualRPO's "after" minus GRPO's on the same prompts.
+    ``{"available": False, "reason": ...}`` when the eval files carry no per-prompt results or do not pair:
+    the table is still worth printing without them."""
+    from .bootstrap import run_intervals
+
+    # DualRPO first, so a comparison reads DualRPO - GRPO whichever mode this invocation ran.
+    runs = {m: os.path.join(out, f"run_{m}") for m in ("dualrpo", "grpo") if m == mode or
+            os.path.isfile(os.path.join(out, f"run_{m}", "eval_after.json"))}
+    try:
+        found = run_intervals(runs)
+    except (OSError, ValueError) as e:
+        return dict(available=False, reason=str(e))
+    if mode not in found["rl"]:
+        return dict(available=False, reason=f"{runs[mode]}: eval_before.json / eval_after.json have no per-prompt "
+                                            "results")
+    rl = found["rl"][mode]
+    return dict(available=True, level=rl["level"], resamples=rl["resamples"], seed=rl["seed"], method=rl["method"],
+                rl={m: _points(r, "before", "after") for m, r in found["rl"].items()},
+                runs={k: _points(r, *reversed(k.split(" - "))) for k, r in found["runs"].items()})
+
+
+def _points(interval: Dict, base: str, new: str) -> Dict:
+    """A bootstrap result in percentage points, as the before/after table is, its two accuracies named
+    (``before``/``after``, or the two reward modes); ``delta`` = new - base, bounded by ``low``/``high``."""
+    names = dict(base=base, new=new)
+
+    def scale(row: Dict) -> Dict:
+        return {names.get(k, k): (v if k == "n" else 100 * v) for k, v in row.items()}
+
+    return dict(tasks={t: scale(r) for t, r in interval["tasks"].items()}, mean=scale(interval["mean"]))
+
+
+def _ci(row: Dict) -> str:
+    return f"[{row['low']:+5.1f}, {row['high']:+5.1f}]"
+
+
+def print_intervals(table: Dict, mode: str) -> None:
+    """Under the table (which shows this run's intervals per task): how they were made, then the
+    difference between the reward modes when both ran."""
+    iv = table.get("intervals") or {}
+    if not iv.get("available"):
+        print(f"(no interval: {iv.get('reason', 'not computed')})", flush=True)
+        return
+    level = f"{100 * iv['level']:g}%"
+    print(f"{level} intervals: {iv['method']} ({iv['resamples']} resamples, seed {iv['seed']}); "
+          "one that holds 0 did not separate the change from the noise")
+    for name, r in iv["runs"].items():
+        separated = r["mean"]["low"] > 0 or r["mean"]["high"] < 0
+        print(f"{name.upper()} after RL, same prompts (points): mean {r['mean']['delta']:+.1f} {_ci(r['mean'])}, "
+              f"{'separated' if separated else 'not separated'} at {level}")
+        print("  " + "  ".join(f"{t} {x['delta']:+.1f} {_ci(x)}" for t, x in r["tasks"].items()))
+    sys.stdout.flush()
+
+
 def print_table(table: Dict, mode: str) -> None:
     print(f"\nHeld-out accuracy (%), warm start -> after {mode.upper()}:")
-    print(f"  {'task':<10} {'before':>7} {'after':>7} {'delta':>7}")
+    iv = table.get("intervals") or {}
+    rl = iv["rl"][mode] if iv.get("available") else None
+    ci = f"  {100 * iv['level']:g}% interval" if rl else ""
+    print(f"  {'task':<10} {'before':>7} {'after':>7} {'delta':>7}{ci}")
     for t, r in table["tasks"].items():
-        print(f"  {t:<10} {r['before']:7.1f} {r['after']:7.1f} {r['delta']:+7.1f}")
-    print(f"  {'mean':<10} {table['mean_before']:7.1f} {table['mean_after']:7.1f} {table['mean_delta']:+7.1f}",
+        cell = f"  {_ci(rl['tasks'][t])}" if rl and t in rl["tasks"] else ""
+        print(f"  {t:<10} {r['before']:7.1f} {r['after']:7.1f} {r['delta']:+7.1f}{cell}")
+    cell = f"  {_ci(rl['mean'])}" if rl else ""
+    print(f"  {'mean':<10} {table['mean_before']:7.1f} {table['mean_after']:7.1f} {table['mean_delta']:+7.1f}{cell}",
           flush=True)
     split: Dict[str, Dict[str, Dict[str, float]]] = {}
     for name, r in table.get("by_difficulty", {}).items():
@@ -227,6 +292,7 @@ def run_stages(args, t_start: float) -> Dict:
     table["by_difficulty"] = difficulty_table(before_json.get("by_difficulty", {}), after_json.get("by_difficulty", {}))
     table.update(reward_mode=args.reward_mode, rl_steps=after_json["step"], stage_seconds=timings,
                  total_seconds=time.time() - t_start, hf_dir=hf_dir, run_dir=run_dir, plots=os.path.join(out, "plots"))
+    table["intervals"] = intervals_table(out, args.reward_mode)
     with open(os.path.join(out, f"results_{args.reward_mode}.json"), "w") as f:
         json.dump(table, f, indent=2)
     return table
@@ -246,8 +312,14 @@ def run(args) -> int:
         print(f"dualrpo demo: {e}", file=sys.stderr)
         return 1
     print_table(table, args.reward_mode)
+    print_intervals(table, args.reward_mode)
     stages = ", ".join(f"{k} {v:.0f}s" for k, v in table["stage_seconds"].items())
     print(f"\n[demo] {table['rl_steps']} RL steps; total {table['total_seconds']:.0f}s ({stages})")
     print(f"[demo] policy: {table['hf_dir']}  plots: {table['plots']}  "
           f"results: {os.path.join(args.out, 'results_' + args.reward_mode + '.json')}", flush=True)
+    from .plot import INTERVAL_FIGURE
+
+    figure = os.path.join(table["plots"], INTERVAL_FIGURE)
+    if os.path.isfile(figure):
+        print(f"[demo] the intervals drawn: {figure}", flush=True)
     return 0

@@ -5,7 +5,8 @@ most the step being written), to TensorBoard, and to a tqdm progress bar. Only t
 writes anything; other ranks hold a logger that silently drops records, so the loop calls it
 unconditionally. ``log(..., durable=True)`` also fsyncs every file sink: the loop asks for it before
 each checkpoint, so no checkpoint ever exists whose step has no record (:mod:`.recovery`).
-W&B is not a sink here (no W&B client in this package); one would join the same flush/purge contract.
+Each backend is a :class:`MetricSink` (JSONL, TensorBoard, console; W&B in :mod:`.sink_wandb` when
+``logging.wandb.mode`` turns it on) under that same flush/purge/fsync contract.
 
 Resuming: ``MetricsLogger(..., resume_step=k)`` keeps the lines with ``step <= k`` and drops the
 rest (they came from steps the resumed run will redo), so a curve never has two points per step;
@@ -19,7 +20,7 @@ import os
 import time
 from collections import defaultdict
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -124,7 +125,7 @@ def truncate_jsonl(path: str, keep_through_step: int) -> int:
 
     Returns the number of lines kept. The rewrite goes through a temp file + rename (both fsynced), so
     a crash here leaves either the old file or the new one."""
-    from .checkpoint import _atomic_write_text
+    from dualrpo_mcore.atomic import atomic_write
 
     if not os.path.exists(path):
         return 0
@@ -137,7 +138,7 @@ def truncate_jsonl(path: str, keep_through_step: int) -> int:
                 continue  # a line torn by a crash mid-write
             if isinstance(rec, dict) and rec.get("step", -1) <= keep_through_step:
                 kept.append(json.dumps(rec, allow_nan=False) + "\n")
-    _atomic_write_text(path, "".join(kept))
+    atomic_write(path, "".join(kept))
     return len(kept)
 
 
@@ -149,90 +150,187 @@ def _fsync_path(path: str) -> None:
         os.close(fd)
 
 
-class MetricsLogger:
-    """JSONL + TensorBoard + progress bar for one run directory (rank 0 only).
+class MetricSink:
+    """One backend of :class:`MetricsLogger`. A new backend is one subclass in one file; a backend that
+    the run's config turns on also gets a line in :data:`CONFIG_SINKS`.
 
-    ``log(step, metrics)`` writes one record; ``log_config(cfg)`` writes ``config.json`` once (the
-    plotter reads ``reward_mode`` from it). ``tensorboard=False`` / ``progress=False`` turn sinks
-    off (tests, non-interactive jobs).
-    """
+    The contract every sink keeps (the loop's crash guarantees rest on it): ``write`` has the record
+    on its way before returning (flushed, for a file); ``sync`` makes what was written survive a power
+    loss, when the backend can (the logger calls it before each checkpoint); a sink opened with
+    ``resume_step=k`` hides every record of a step after ``k`` that an earlier run wrote, so a curve
+    never holds two points for one step."""
 
-    def __init__(self, run_dir: str, total_steps: Optional[int] = None, resume_step: Optional[int] = None,
-                 tensorboard: bool = True, progress: bool = True, enabled: Optional[bool] = None):
+    def log_config(self, config: Mapping[str, Any]) -> None:
+        """The resolved run config, once per start (default: not kept)."""
+
+    def write(self, step: int, record: Mapping[str, Any]) -> None:
+        raise NotImplementedError
+
+    def sync(self) -> None:
+        """Durable, where the backend allows (default: nothing more to do)."""
+
+    def close(self) -> None:
+        """Release the backend (default: nothing held)."""
+
+
+def _scalars(record: Mapping[str, Any]) -> Dict[str, float]:
+    """The numeric metrics of a record: what TensorBoard and W&B plot (strings and None are left out)."""
+    return {k: v for k, v in record.items() if k not in ("step", "time") and isinstance(v, float)}
+
+
+class JsonlSink(MetricSink):
+    """``metrics.jsonl``: one flushed line per step, the run's authoritative record."""
+
+    def __init__(self, run_dir: str, resume_step: Optional[int] = None):
         self.run_dir = run_dir
-        self.enabled = _is_rank0() if enabled is None else enabled
-        self._jsonl = self._tb = self._bar = None
-        if not self.enabled:
-            return
-        os.makedirs(run_dir, exist_ok=True)
         self.path = os.path.join(run_dir, JSONL_NAME)
         if resume_step is not None:
             truncate_jsonl(self.path, resume_step)
         elif os.path.exists(self.path):
             # A fresh run in a used directory starts a fresh file rather than interleaving curves.
             os.replace(self.path, self.path + f".old-{int(time.time())}")
-        self._jsonl = open(self.path, "a", encoding="utf-8")
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def write(self, step: int, record: Mapping[str, Any]) -> None:
+        self._file.write(json.dumps(record, allow_nan=False) + "\n")
+        self._file.flush()
+
+    def sync(self) -> None:
+        os.fsync(self._file.fileno())
+        _fsync_path(self.run_dir)  # the file's own name, for a run whose file was just created
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class TensorBoardSink(MetricSink):
+    """TensorBoard events under ``<run_dir>/tb``, one scalar per numeric metric."""
+
+    def __init__(self, run_dir: str, resume_step: Optional[int] = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step drops events past the resume point the same way the JSONL is truncated.
+        self._tb = SummaryWriter(os.path.join(run_dir, "tb"),
+                                 purge_step=None if resume_step is None else resume_step + 1)
+
+    def write(self, step: int, record: Mapping[str, Any]) -> None:
+        for k, v in _scalars(record).items():
+            self._tb.add_scalar(k, v, step)
+        self._tb.flush()
+
+    def sync(self) -> None:
+        for writer in self._tb.all_writers.values():
+            name = getattr(writer.event_writer, "_file_name", None)  # tensorboard's EventFileWriter
+            logdir = writer.get_logdir()
+            files = [name] if name else [os.path.join(logdir, n) for n in os.listdir(logdir)
+                                         if n.startswith("events.")]
+            for path in files + [logdir]:
+                _fsync_path(path)
+
+    def close(self) -> None:
+        self._tb.close()
+
+
+class ProgressSink(MetricSink):
+    """The console: a tqdm bar at the step, with a few headline metrics."""
+
+    def __init__(self, total_steps: Optional[int], resume_step: Optional[int] = None):
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total_steps, initial=max(0, resume_step or 0), desc="train", dynamic_ncols=True)
+
+    def write(self, step: int, record: Mapping[str, Any]) -> None:
+        shown = {lab: f"{record[key]:.3g}" for lab, key in _BAR_KEYS if isinstance(record.get(key), float)}
+        self._bar.set_postfix(shown, refresh=False)
+        self._bar.update(max(0, int(step) - self._bar.n))
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+# Sinks the run's config turns on: name -> "module:function(config, run_dir, resume_step)", which
+# returns the sink or None when the config leaves it off. Imported only when a config is logged, so
+# an optional backend costs nothing when unused.
+CONFIG_SINKS: Dict[str, str] = {"wandb": "dualrpo_mcore.trainer.sink_wandb:from_config"}
+
+
+def _config_sinks(config: Mapping[str, Any], run_dir: str, resume_step: Optional[int]) -> List[MetricSink]:
+    import importlib
+
+    out = []
+    for target in CONFIG_SINKS.values():
+        module, _, fn = target.partition(":")
+        sink = getattr(importlib.import_module(module), fn)(config, run_dir, resume_step)
+        if sink is not None:
+            out.append(sink)
+    return out
+
+
+class MetricsLogger:
+    """Every sink of one run directory (rank 0 only): ``metrics.jsonl``, TensorBoard, the progress
+    bar, and the sinks the run's config turns on (W&B), all with the same names at the same steps.
+
+    ``log(step, metrics)`` writes one record to each; ``log_config(cfg)`` writes ``config.json`` once
+    (the plotter reads ``reward_mode`` from it) and opens the config's sinks (:data:`CONFIG_SINKS`)
+    with it, so call it before the first ``log``. ``tensorboard=False`` / ``progress=False`` turn
+    sinks off (tests, non-interactive jobs); ``sinks`` adds ready ones.
+    """
+
+    def __init__(self, run_dir: str, total_steps: Optional[int] = None, resume_step: Optional[int] = None,
+                 tensorboard: bool = True, progress: bool = True, enabled: Optional[bool] = None,
+                 sinks: Sequence[MetricSink] = ()):
+        self.run_dir = run_dir
+        self.enabled = _is_rank0() if enabled is None else enabled
+        self._resume_step = resume_step
+        self._config_sinks_open = False
+        self.sinks: List[MetricSink] = []
+        if not self.enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        jsonl = JsonlSink(run_dir, resume_step)
+        self.path = jsonl.path
+        self.sinks.append(jsonl)
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # purge_step drops events past the resume point the same way the JSONL is truncated.
-            self._tb = SummaryWriter(os.path.join(run_dir, "tb"),
-                                     purge_step=None if resume_step is None else resume_step + 1)
+            self.sinks.append(TensorBoardSink(run_dir, resume_step))
         if progress:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total_steps, initial=max(0, resume_step or 0), desc="train", dynamic_ncols=True)
+            self.sinks.append(ProgressSink(total_steps, resume_step))
+        self.sinks.extend(sinks)
 
     def log_config(self, config: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
-        tmp = os.path.join(self.run_dir, "config.json.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2, sort_keys=True, default=str)
-        os.replace(tmp, os.path.join(self.run_dir, "config.json"))
+        from dualrpo_mcore.atomic import atomic_write_json
+
+        atomic_write_json(os.path.join(self.run_dir, "config.json"), config, indent=2, sort_keys=True, default=str)
+        if not self._config_sinks_open:  # a config's sinks open once per start
+            self._config_sinks_open = True
+            self.sinks.extend(_config_sinks(config, self.run_dir, self._resume_step))
+        for sink in self.sinks:
+            sink.log_config(config)
 
     def log(self, step: int, metrics: Mapping[str, Any], durable: bool = False) -> Dict[str, Any]:
-        """Write one step's record; returns it (non-finite values as None). ``durable``: fsync every
-        file sink before returning (the record then survives a power loss, not only a kill)."""
+        """Write one step's record to every sink; returns it (non-finite values as None). ``durable``:
+        fsync every file sink before returning (the record then survives a power loss, not only a kill)."""
         record: Dict[str, Any] = {"step": int(step), "time": time.time()}
         for k, v in metrics.items():
             record[k] = v if isinstance(v, str) else to_float(v)
         if not self.enabled:
             return record
-        self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
-        self._jsonl.flush()
-        if self._tb is not None:
-            for k, v in record.items():
-                if k not in ("step", "time") and isinstance(v, float):
-                    self._tb.add_scalar(k, v, step)
-            self._tb.flush()
+        for sink in self.sinks:
+            sink.write(int(step), record)
         if durable:
             self.sync()
-        if self._bar is not None:
-            shown = {lab: f"{record[key]:.3g}" for lab, key in _BAR_KEYS if isinstance(record.get(key), float)}
-            self._bar.set_postfix(shown, refresh=False)
-            self._bar.update(max(0, int(step) - self._bar.n))
         return record
 
     def sync(self) -> None:
-        """fsync the JSONL file and the TensorBoard event file (after their flush)."""
-        if self._jsonl is not None:
-            os.fsync(self._jsonl.fileno())
-            _fsync_path(self.run_dir)  # the file's own name, for a run whose file was just created
-        if self._tb is not None:
-            for writer in self._tb.all_writers.values():
-                name = getattr(writer.event_writer, "_file_name", None)  # tensorboard's EventFileWriter
-                logdir = writer.get_logdir()
-                files = [name] if name else [os.path.join(logdir, n) for n in os.listdir(logdir)
-                                             if n.startswith("events.")]
-                for path in files + [logdir]:
-                    _fsync_path(path)
+        """Make every sink's records durable (fsync of the JSONL and TensorBoard files, after their flush)."""
+        for sink in self.sinks:
+            sink.sync()
 
     def close(self) -> None:
-        for sink in (self._jsonl, self._tb, self._bar):
-            if sink is not None:
-                sink.close()
-        self._jsonl = self._tb = self._bar = None
+        sinks, self.sinks = self.sinks, []
+        for sink in sinks:
+            sink.close()
 
     def __enter__(self) -> "MetricsLogger":
         return self

@@ -3,7 +3,9 @@
 Draws the paper's figures for any run: accuracy reward per task over steps (smoothed; one panel
 per task plus the overall mean) and self-certainty / entropy over steps, with every run overlaid
 (GRPO vs DualRPO when given one of each); and, when the runs evaluated on held-out data, the
-held-out accuracy per task and per task and difficulty at the steps evaluated. A run is labelled by
+held-out accuracy per task and per task and difficulty at the steps evaluated; and, when the runs'
+eval_before/eval_after.json carry per-prompt results, the change after RL with its 95% paired
+bootstrap interval (:mod:`.bootstrap`) and the difference between two runs. A run is labelled by
 ``--labels``, else by the ``reward_mode`` in its ``config.json`` or first metrics record, else by its
 directory name.
 matplotlib is imported only when plotting, so ``dualrpo --help`` stays fast.
@@ -28,6 +30,7 @@ ACC_FIGURE = "accuracy_per_task.png"
 CERTAINTY_FIGURE = "certainty_entropy.png"
 HELDOUT_FIGURE = "heldout_per_task.png"
 LEVELS_FIGURE = "heldout_by_difficulty.png"
+INTERVAL_FIGURE = "heldout_interval.png"
 
 
 @dataclass
@@ -193,6 +196,54 @@ def plot_heldout(runs: Sequence[Run], out: str) -> List[str]:
     return written
 
 
+def _interval_panel(ax, results: Dict[str, Dict], title: str) -> None:
+    """One point per task and the mean (last) per result, with its interval as an error bar."""
+    tasks = sorted({t for r in results.values() for t in r["tasks"]})
+    names = tasks + ["mean"]
+    width = 0.8 / max(1, len(results))
+    for i, (label, r) in enumerate(results.items()):
+        rows = [r["tasks"].get(t) for t in tasks] + [r["mean"]]
+        xs = [k + (i - (len(results) - 1) / 2) * width for k, row in enumerate(rows) if row]
+        shown = [row for row in rows if row]
+        delta = [100 * row["delta"] for row in shown]
+        err = [[100 * (row["delta"] - row["low"]) for row in shown],
+               [100 * (row["high"] - row["delta"]) for row in shown]]
+        ax.errorbar(xs, delta, yerr=err, fmt="o", color=f"C{i % 10}", capsize=3, label=label)
+    ax.axhline(0.0, color="0.4", linewidth=0.8)
+    ax.axvline(len(tasks) - 0.5, color="0.8", linewidth=0.8)  # the mean stands apart from the tasks
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=30, ha="right")
+    ax.set_ylabel("points")
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize="small")
+
+
+def plot_intervals(runs: Sequence[Run], out: str) -> Optional[str]:
+    """Held-out change after RL per task and mean with its 95% paired bootstrap interval (per run), and
+    the difference between two runs on the same prompts; from each run's eval_before/eval_after.json
+    (the numbers the demo writes to results_*.json: same draws, same seed). None when no run wrote
+    per-prompt results."""
+    import matplotlib.pyplot as plt
+
+    from .bootstrap import LEVEL, run_intervals
+
+    found = run_intervals({r.label: r.path for r in runs})
+    if not found["rl"]:
+        return None
+    panels = [(found["rl"], f"held-out change after RL, {100 * LEVEL:g}% paired bootstrap interval")]
+    if found["runs"]:
+        panels.append((found["runs"], "difference after RL between runs (same prompts)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4), squeeze=False)
+    for ax, (results, title) in zip(axes.flat, panels):
+        _interval_panel(ax, results, title)
+    fig.tight_layout()
+    path = os.path.join(out, INTERVAL_FIGURE)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_certainty_entropy(runs: Sequence[Run], out: str, window: int) -> str:
     import matplotlib.pyplot as plt
 
@@ -230,6 +281,9 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as e:  # e.g. a GRPO run logged without certainty: accuracy still useful
             print(f"dualrpo plot: skipped {CERTAINTY_FIGURE}: {e}", file=sys.stderr)
         written += plot_heldout(runs, args.out)
+        interval = plot_intervals(runs, args.out)
+        if interval:
+            written.append(interval)
     except (OSError, ValueError) as e:
         print(f"dualrpo plot: error: {e}", file=sys.stderr)
         return 2

@@ -3,20 +3,16 @@ RL under torchrun (2 processes, TP=2) with held-out eval before/after -> plots -
 ``--resume`` skips every finished stage."""
 import json
 import os
-import subprocess
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from helpers.cli import run_dualrpo
+
 TINY = ["--num-per-task", "2", "--heldout-per-task", "1", "--sft-steps", "2", "--sft-batch-size", "4",
         "--steps", "2", "--group-size", "2", "--prompts-per-step", "2", "--max-new-tokens", "8",
         "--eval-every", "1", "--time-budget-min", "10", "--set", "verifier.timeout_s=6"]
 
 
 def _demo(out, *extra, timeout=240):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "dualrpo_mcore", "demo", "--out", out, *TINY, *extra], cwd=ROOT,
-                          env=env, timeout=timeout, capture_output=True, text=True)
-    return proc
+    return run_dualrpo("demo", "--out", out, *TINY, *extra, timeout=timeout, check=False)
 
 
 def test_demo_end_to_end_and_resume(tmp_path):
@@ -33,6 +29,12 @@ def test_demo_end_to_end_and_resume(tmp_path):
     levels = res["by_difficulty"]  # the synthetic rows carry a difficulty, so the split is there
     assert levels and all(k.rpartition("/")[0] in res["tasks"] and k.rpartition("/")[2][0] == "d" for k in levels)
     assert "By difficulty" in proc.stdout
+    # The per-prompt evaluations reached the driver: the change has its paired bootstrap interval.
+    iv = res["intervals"]
+    assert iv["available"], iv
+    mean = iv["rl"]["dualrpo"]["mean"]
+    assert mean["low"] <= mean["delta"] <= mean["high"] and set(iv["rl"]["dualrpo"]["tasks"]) <= set(res["tasks"])
+    assert os.path.isfile(os.path.join(out, "run_dualrpo", "eval", "step_000000.json"))
     with open(os.path.join(out, "data", "manifest.json")) as f:
         assert json.load(f)["layout"] == "grid", "the demo's data must be the grid layout"
     pngs = [f for f in os.listdir(os.path.join(out, "plots")) if f.endswith(".png")]
