@@ -18,7 +18,7 @@ def main(data: str, policies) -> None:
     from dualrpo_mcore.rollout.hf_engine import HFEngine
     from dualrpo_mcore.trainer.metrics import HELDOUT_LEVELS
     from dualrpo_mcore.trainer.recipes import _data_config
-    from dualrpo_mcore.trainer.steps import by_difficulty
+    from dualrpo_mcore.trainer.evaluation import by_difficulty
     from dualrpo_mcore.verifiers.scoring import score
 
     torch.set_num_threads(1)

@@ -25,12 +25,13 @@ import torch
 import torch.distributed as dist
 
 from dualrpo_mcore.algo import aggregation_count, kl_coefficient, make_normalizer, masked_mean, policy_loss
-from dualrpo_mcore.ops import IGNORE_INDEX, token_stats
+from dualrpo_mcore.ops import IGNORE_INDEX, fused_head, token_stats
 
 from . import batching, megatron_setup
 from .badsteps import BadStepGuard
 from .config import ActorConfig
 from .microbatch import pad_tokens, partition
+from .reduction import reduce_metric
 from .schedule import lr_factor
 
 log = logging.getLogger(__name__)
@@ -58,20 +59,25 @@ class Actor:
         from dualrpo_mcore.parallel import initialize
 
         self.config = config
+        # Both are derived by the run's config (RLConfig.resolved_actor, SFTConfig); an actor built alone
+        # (tests, benchmarks) samples the model's own distribution and has a one-update schedule.
+        self.temperature = 1.0 if config.temperature is None else config.temperature
+        self.total_updates = 1 if config.optim.total_steps is None else config.optim.total_steps
         # Dr. GRPO's divisor must be a constant of the run, known before the first micro-batch.
         config.loss.check_complete("actor.loss")
         # Before any process group: FP8 without Transformer Engine stops here, naming the extra.
         self.backend = config.model.resolve_backend()
         self.token_multiple = config.model.token_multiple
         self.info = initialize(config.parallel.tp, config.parallel.pp, config.parallel.backend, seed=config.seed)
-        self.cfg = megatron_setup.resolve_model_config(config.model)
-        self.module = megatron_setup.build_and_load(self.cfg, config.model, self.info, hf_state_dict,
+        # The model's architecture (shapes, token ids), resolved from its source; ``config`` is the actor's.
+        self.arch = megatron_setup.resolve_model_config(config.model)
+        self.module = megatron_setup.build_and_load(self.arch, config.model, self.info, hf_state_dict,
                                                     backend=self.backend)
         self.model, self.optimizer, self.distributed_optimizer = megatron_setup.wrap_and_optimizer(
             self.module, config)
         self.reference = None
         if config.kl.enabled:
-            self.reference = megatron_setup.ReferencePolicy(self.cfg, config.model, self.module,
+            self.reference = megatron_setup.ReferencePolicy(self.arch, config.model, self.module,
                                                             offload=config.kl.offload_reference)
         self.normalizer = make_normalizer(config.kl.normalizer, **config.kl.normalizer_options)
         self.guard = BadStepGuard(config.bad_steps.max_consecutive)
@@ -100,7 +106,7 @@ class Actor:
         all micro-batches."""
         batching.check_batch(batch)
         lengths = batch["attention_mask"].sum(-1).tolist()
-        spans = batching.image_spans(batch, self.cfg.image_token_id, self.cfg.spatial_merge_size)
+        spans = batching.image_spans(batch, self.arch.image_token_id, self.arch.spatial_merge_size)
         # Rows showing one image stay together, so the micro-batch encodes it once.
         units = batching.shared_image_units(batch, spans) if self.config.model.dedup_images else None
         groups = partition(lengths, self.config.micro.max_tokens, units=units)
@@ -119,20 +125,40 @@ class Actor:
         return groups, [pad_tokens(mb, self.token_multiple) for mb in micro]
 
     def _stats(self, logits: torch.Tensor, mb: Dict[str, Any],
-               temperature: Optional[float] = None) -> Dict[str, torch.Tensor]:
+               temperature: Optional[float] = None, head=None) -> Dict[str, torch.Tensor]:
         """Per-token stats ``[b, s]`` of the micro-batch from this rank's vocab shard of the logits
-        (at the actor's temperature unless ``temperature`` is given)."""
+        (at the actor's temperature unless ``temperature`` is given). With ``head`` (the model stage,
+        ``actor.model.fused_head``) ``logits`` are the final hidden states [s, b, H] instead."""
+        if head is not None:
+            return self._fused_stats(logits, mb, temperature, head)
         b, s, v_local = logits.shape
         labels = mb["input_ids"][:, 1:].clone()
         labels[~mb["response_mask"][:, 1:].bool()] = IGNORE_INDEX
         tp = self.info.tp_size
         ts = token_stats(logits[:, :-1].reshape(-1, v_local), labels.reshape(-1),
-                         vocab_start=self.info.tp_rank * v_local, vocab_size=self.cfg.vocab_size,
+                         vocab_start=self.info.tp_rank * v_local, vocab_size=self.arch.vocab_size,
                          group=self._groups()["tp"] if tp > 1 else None,
-                         temperature=self.config.temperature if temperature is None else temperature)
+                         temperature=self.temperature if temperature is None else temperature)
         pad = logits.new_zeros(b, 1, dtype=torch.float32)
         resp = mb["response_mask"].to(torch.float32)
         # Column 0 has no prediction; off-response positions are zeroed so they can never leak.
+        return {k: torch.cat([pad, getattr(ts, k).reshape(b, s - 1)], 1) * resp for k in STATS}
+
+    def _fused_stats(self, hidden: torch.Tensor, mb: Dict[str, Any], temperature: Optional[float],
+                     head) -> Dict[str, torch.Tensor]:
+        """As :meth:`_stats`, from the hidden states through ``ops.fused_head``: only response tokens
+        are projected onto the vocabulary, chunk by chunk, and no logits tensor is kept."""
+        s, b, _ = hidden.shape
+        weight = head.output_weight()
+        resp = mb["response_mask"].to(torch.float32)
+        keep = mb["response_mask"][:, 1:].bool().reshape(-1)
+        rows = hidden.transpose(0, 1)[:, :-1].reshape(b * (s - 1), -1).to(weight.dtype)
+        ts = fused_head(rows, weight,
+                        mb["input_ids"][:, 1:].reshape(-1), mask=keep,
+                        vocab_start=self.info.tp_rank * weight.shape[0], vocab_size=self.arch.vocab_size,
+                        group=self._groups()["tp"] if self.info.tp_size > 1 else None,
+                        temperature=self.temperature if temperature is None else temperature)
+        pad = hidden.new_zeros(b, 1, dtype=torch.float32)
         return {k: torch.cat([pad, getattr(ts, k).reshape(b, s - 1)], 1) * resp for k in STATS}
 
     def _run(self, model, micro: List[Dict[str, Any]], loss_fn: Optional[LossFn], forward_only: bool,
@@ -145,9 +171,11 @@ class Actor:
         # The schedule divides each micro-batch loss by n, and DDP averages over data-parallel ranks;
         # our losses are already sums over the global denominator, so both are undone here.
         scale = float(n * self.info.dp_size)
+        # Fused head: the last stage hands over hidden states, and the stage module supplies the weight.
+        head = _stage_module(model) if self.config.model.fused_head and self.info.is_last_stage else None
 
         def loss_func(mb, logits):
-            stats = self._stats(logits, mb, temperature)
+            stats = self._stats(logits, mb, temperature, head)
             if forward_only:
                 return logits.new_zeros(()), {k: v.detach() for k, v in stats.items()}
             loss, metrics = loss_fn(stats, mb, denominator)
@@ -156,7 +184,7 @@ class Actor:
         def forward_step(data_iterator, m):
             mb = next(data_iterator)
             out = m(mb["input_ids"], mb["attention_mask"], pixel_values=mb.get("pixel_values"),
-                    image_grid_thw=mb.get("image_grid_thw"))
+                    image_grid_thw=mb.get("image_grid_thw"), return_hidden=head is not None)
             return out, partial(loss_func, mb)
 
         bsz = max(x["input_ids"].shape[0] for x in micro)
@@ -254,11 +282,23 @@ class Actor:
             dist.all_reduce(count, group=self._groups()["dp"])
         return count[0].to(torch.float32)
 
+    def global_loss(self, metrics: Dict[str, float]) -> float:
+        """The update's loss: each data-parallel rank's ``metrics['loss']`` is its share of the global
+        aggregate (divided by the all-rank count), so the loss is their sum. Collective over DP."""
+        loss = torch.tensor([metrics.get("loss", float("nan"))], dtype=torch.float64)
+        if self.info.dp_size > 1:
+            dist.all_reduce(loss, group=self._groups()["dp"])
+        return float(loss[0])
+
     def _kl_coef(self, batch: Dict[str, Any]) -> torch.Tensor:
         """beta(c) per row (eq. 4), c = the normaliser applied to the old policy's u over all DP ranks."""
         if "self_certainty" not in batch:
             raise KeyError("Actor.update with the KL on needs batch['self_certainty'] (u per row) or 'kl_coef'")
-        u = batch["self_certainty"].to(torch.float32).reshape(-1)
+        u_all = batch["self_certainty"].to(torch.float32).reshape(-1)
+        # A filler share (batching.dp_slice) is a copy of rows another rank trains on: its u must not
+        # count twice in the normaliser (whose running statistics persist across steps).
+        real = ~batch["filler"].bool() if "filler" in batch else torch.ones_like(u_all, dtype=torch.bool)
+        u = u_all[real]
         if self.info.dp_size > 1:
             parts: List[Any] = [None] * self.info.dp_size
             dist.all_gather_object(parts, u, group=self._groups()["dp"])
@@ -267,7 +307,9 @@ class Actor:
             c = c_all[start:start + u.numel()]
         else:
             c = self.normalizer(u)
-        return kl_coefficient(c, self.config.kl.beta0, self.config.kl.beta_min)
+        full = torch.zeros_like(u_all)
+        full[real] = c.to(full.dtype)
+        return kl_coefficient(full, self.config.kl.beta0, self.config.kl.beta_min)
 
     def _train_step(self, batch: Dict[str, Any], loss_fn: LossFn, denominator: torch.Tensor) -> Dict[str, float]:
         step = self.updates_tried
@@ -299,7 +341,7 @@ class Actor:
     def _set_lr(self) -> float:
         """Schedule factor on every parameter group's peak (per-module multipliers kept via ``max_lr``)."""
         o = self.config.optim
-        factor = lr_factor(self.steps_taken, o.total_steps, o.warmup_fraction, o.decay_fraction)
+        factor = lr_factor(self.steps_taken, self.total_updates, o.warmup_fraction, o.decay_fraction)
         for group in self.optimizer.param_groups:
             group["lr"] = factor * group.get("max_lr", o.lr)
         return factor * o.lr
@@ -330,23 +372,20 @@ class Actor:
         self.normalizer.load_state_dict(state["normalizer"])
 
 
+def _stage_module(model):
+    """The model stage (``QwenVLModel``) inside Megatron's DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 def _reduce_metrics(outs: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
-    """Micro-batch metrics -> batch metrics: losses summed (each is already over the global count),
-    extremes by min/max, the rest token-weighted means."""
+    """Micro-batch metrics -> batch metrics: losses summed (each is already over the global count), the
+    rest by :func:`.reduction.reduce_metric` weighted by response tokens."""
     sums = {key: torch.stack([o[key].to(torch.float64) for o in outs]).sum() for key in outs[0] if key in SUMMED}
     # Micro-batches without response tokens (fillers) report 0 for means and extremes: leave them out.
     outs = [o for o in outs if o["tokens"] > 0] or outs[:1]
-    tokens = torch.stack([o["tokens"].to(torch.float64) for o in outs])
-    total = tokens.sum().clamp(min=1)
-    out: Dict[str, torch.Tensor] = {}
-    for key in outs[0]:
-        vals = torch.stack([o[key].to(torch.float64) for o in outs])
-        if key in SUMMED:
-            out[key] = sums[key]
-        elif key.endswith("_max"):
-            out[key] = vals.max()
-        elif key.endswith("_min"):
-            out[key] = vals.min()
-        else:
-            out[key] = (vals * tokens).sum() / total
-    return out
+    tokens = [float(o["tokens"]) for o in outs]
+    return {key: sums[key] if key in SUMMED else
+            torch.tensor(reduce_metric(key, [float(o[key]) for o in outs], tokens), dtype=torch.float64)
+            for key in outs[0]}

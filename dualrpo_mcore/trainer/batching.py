@@ -10,6 +10,11 @@ An actor batch is a dict of right-padded ``[B, S]`` tensors sharing one token ax
   (``advantages``, ``self_certainty``, ``kl_coef``);
 * optional images: ``pixel_values [P, D]`` and ``image_grid_thw [N, 3]`` of every image of every
   row, in row-major order of their ``image_token_id`` runs (as the processor emits them).
+
+This module is the one place that cuts, joins and shares such batches: :func:`collate` builds one,
+:func:`select` / :func:`concat` take rows out and put batches together, :func:`group_rows` maps GRPO
+groups to rows, :func:`dp_bounds` is the one rule for a data-parallel rank's share of the groups
+(:func:`dp_slice` applies it), :func:`mini_batches` cuts a step's batch for several optimizer updates.
 """
 from __future__ import annotations
 
@@ -109,3 +114,113 @@ def scatter_rows(parts: Sequence[torch.Tensor], row_groups: Sequence[Sequence[in
     for part, rows in zip(parts, row_groups):
         out[torch.as_tensor(list(rows)), : part.shape[1]] = part.detach().to("cpu")
     return out
+
+
+def collate(rows: List[Dict[str, Any]], pad_id: int) -> Batch:
+    """Right-padded actor batch from ``{"prompt": ids, "response": ids, pixel_values, image_grid_thw}``.
+
+    Padded to its longest row only: the actor cuts it into micro-batches trimmed to their own rows,
+    and pads each of those for FP8 (``microbatch.pad_tokens``), so a multiple set here would not survive."""
+    if not rows:
+        raise ValueError("collate: no rows")
+    seqs = [torch.cat([r["prompt"], r["response"]]) for r in rows]
+    s = max(len(x) for x in seqs)
+    b = len(rows)
+    ids = torch.full((b, s), pad_id, dtype=torch.long)
+    attn = torch.zeros(b, s, dtype=torch.long)
+    resp = torch.zeros(b, s, dtype=torch.long)
+    for i, (r, x) in enumerate(zip(rows, seqs)):
+        ids[i, : len(x)] = x
+        attn[i, : len(x)] = 1
+        resp[i, len(r["prompt"]): len(x)] = 1
+    batch: Batch = dict(input_ids=ids, attention_mask=attn, response_mask=resp)
+    imgs = [r for r in rows if r.get("image_grid_thw") is not None]
+    if imgs:
+        batch["pixel_values"] = torch.cat([r["pixel_values"] for r in imgs])
+        batch["image_grid_thw"] = torch.cat([r["image_grid_thw"] for r in imgs])
+    return batch
+
+
+def select(batch: Batch, rows: Sequence[int], image_token_id: int, merge: int) -> Batch:
+    """Rows of ``batch`` (with their images), trimmed to their longest row."""
+    return select_rows(batch, list(rows), image_spans(batch, image_token_id, merge))
+
+
+def concat(batches: Sequence[Batch]) -> Batch:
+    """Stack batches along rows, right-padding the token axis (pad id 0 is never attended)."""
+    if len(batches) == 1:
+        return batches[0]
+    s = max(b["input_ids"].shape[1] for b in batches)
+    out: Batch = {}
+    for key, val in batches[0].items():
+        if key in IMAGE_KEYS:
+            continue
+        parts = [b[key] if b[key].dim() == 1 else torch.nn.functional.pad(b[key], (0, s - b[key].shape[1]))
+                 for b in batches]
+        out[key] = torch.cat(parts)
+    imgs = [b for b in batches if b.get("image_grid_thw") is not None]
+    if imgs:
+        for key in IMAGE_KEYS:
+            out[key] = torch.cat([b[key] for b in imgs])
+    return out
+
+
+def flat_groups(reward: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``[num_groups]`` bool: all of the group's values are equal (its advantage is 0)."""
+    r = reward.view(-1, group_size)
+    return (r == r[:, :1]).all(dim=1)
+
+
+def group_rows(groups: Sequence[int], group_size: int) -> List[int]:
+    """The rows of ``groups`` (a GRPO group's rows are contiguous)."""
+    return [g * group_size + j for g in groups for j in range(group_size)]
+
+
+def num_groups(batch: Batch, group_size: int) -> int:
+    b = batch["input_ids"].shape[0]
+    if b % group_size:
+        raise ValueError(f"actor batch has {b} rows, not a multiple of rollout.group_size={group_size}")
+    return b // group_size
+
+
+def dp_bounds(n: int, dp: int) -> List[int]:
+    """The one rule for sharing ``n`` groups among ``dp`` ranks: rank r takes groups
+    ``[bounds[r], bounds[r + 1])``. Shares differ by at most one group and every group is taken; a rank
+    gets none only when there are fewer groups than ranks."""
+    if dp < 1 or n < 0:
+        raise ValueError(f"dp_bounds: need dp >= 1 and n >= 0, got n={n}, dp={dp}")
+    return [n * r // dp for r in range(dp + 1)]
+
+
+def dp_slice(batch: Batch, group_size: int, image_token_id: int, merge: int,
+             dp: int, rank: int) -> Batch:
+    """Data-parallel rank ``rank``'s share of the groups (:func:`dp_bounds`).
+
+    A rank whose share is empty (fewer groups than ranks) gets a *filler*: the first group with its
+    response mask cleared and ``filler`` set, so that it takes part in the update's collectives and adds
+    nothing to the loss, the gradient or the counts. Uneven shares are exact because the actor divides by
+    counts summed over all ranks, never by a rank's own."""
+    n = num_groups(batch, group_size)
+    if n == 0:
+        raise ValueError("dp_slice: the batch has no groups")
+    bounds = dp_bounds(n, dp)
+    lo, hi = bounds[rank], bounds[rank + 1]
+    if lo == hi:
+        mine = select(batch, group_rows([0], group_size), image_token_id, merge)
+        mine["response_mask"] = torch.zeros_like(mine["response_mask"])
+        mine["filler"] = torch.ones(group_size, dtype=torch.bool)
+        return mine
+    if dp == 1:
+        return batch
+    return select(batch, group_rows(range(lo, hi), group_size), image_token_id, merge)
+
+
+def mini_batches(batch: Batch, group_size: int, k: int, image_token_id: int, merge: int):
+    """``batch`` in ``k`` contiguous group-aligned parts (fewer if it has fewer groups)."""
+    n = num_groups(batch, group_size)
+    k = max(1, min(k, n))
+    if k == 1:
+        yield batch
+        return
+    for i in range(k):
+        yield select(batch, group_rows(range(n * i // k, n * (i + 1) // k), group_size), image_token_id, merge)

@@ -1,20 +1,19 @@
 """The RL stage of ``dualrpo demo``, run on every rank under ``torchrun`` (``python -m
 dualrpo_mcore.trainer.demo_rl ...``).
 
-It is :func:`.loop.train` with what the demo needs around it: a held-out evaluation of the
-warm-started policy before the first update (the loop only evaluates after steps), a wall-clock
-deadline (rank 0 decides, every rank stops at the same step boundary and the stop step is
-checkpointed), the evaluation after the last step, and the policy exported as a Hugging Face
-directory. Results go to JSON files the driver (:mod:`.demo`) reads.
+It is :func:`.loop.train` on the ``tiny_cpu`` recipe plus the driver's ``--set`` overrides, with two
+hooks: a wall-clock deadline (``should_stop``; rank 0's clock decides, every rank stops at the same
+step boundary and the stop step is evaluated and checkpointed) and ``after_run``, which makes sure the
+last step was evaluated, copies the first and last held-out evaluations to ``eval_before.json`` /
+``eval_after.json`` for the driver (:mod:`.demo`), and exports the policy as a Hugging Face directory.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import shutil
 import sys
 import time
-from typing import Dict
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -23,139 +22,90 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--init", required=True)
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--hf-out", required=True, help="HF directory for the final policy (must not exist)")
-    p.add_argument("--reward-mode", default="dualrpo")
-    p.add_argument("--steps", type=int, required=True, help="upper bound on RL steps")
     p.add_argument("--deadline", type=float, required=True, help="unix time by which the RL steps must stop")
-    p.add_argument("--tp", type=int, default=2)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--group-size", type=int, default=4)
-    p.add_argument("--prompts-per-step", type=int, default=4)
-    p.add_argument("--max-new-tokens", type=int, default=24)
-    p.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
-    p.add_argument("--dynamic-sampling", action="store_true",
-                   help="drop groups whose verifier rewards are all equal and refill (schedule.dynamic_sampling)")
-    p.add_argument("--max-refill-rounds", type=int, default=2)
-    p.add_argument("--engine-on-every-rank", action="store_true",
-                   help="a rollout engine replica per process, each generating a share (rollout.engine_on_every_rank)")
-    p.add_argument("--mini-batches", type=int, default=1, help="optimizer updates per pass over a step's batch")
-    p.add_argument("--epochs", type=int, default=1, help="passes over the mini-batches per step")
-    p.add_argument("--eval-samples", type=int, default=64)
-    p.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (0: before/after only)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the run dir's newest checkpoint")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config field by its dotted path (after the flags above), e.g. "
-                        "--set actor.loss.agg=seq-mean; repeatable")
+                   help="override any config field by its dotted path, e.g. schedule.steps=200; repeatable")
     return p.parse_args(argv)
 
 
 def build_config(args):
+    """``tiny_cpu`` on the demo's data, the held-out split evaluated before the first update and after
+    the last, then the driver's overrides (through the validated override path)."""
     from .overrides import apply_overrides
     from .recipes import build_recipe
 
-    cfg = build_recipe("tiny_cpu", args.data, args.init, args.out, steps=args.steps, reward_mode=args.reward_mode,
-                       tp=args.tp, group_size=args.group_size, prompts_per_step=args.prompts_per_step,
-                       max_new_tokens=args.max_new_tokens, lr=args.lr, seed=args.seed)
-    # The recipe samples at 1.0; the actor's log-probs must use the same temperature as the engine.
-    cfg.actor.temperature = cfg.rollout.sampling.temperature = args.temperature
     heldout = os.path.join(args.data, "heldout.parquet")
     if not os.path.exists(heldout):
         raise FileNotFoundError(f"{heldout} missing: the demo needs a held-out split")
-    # eval.every > 0 makes rank 0 load the held-out prompts; this module decides when to evaluate.
-    cfg.eval.every, cfg.eval.heldout, cfg.eval.max_samples = max(1, args.steps), heldout, args.eval_samples
-    cfg.schedule.dynamic_sampling, cfg.schedule.max_refill_rounds = args.dynamic_sampling, args.max_refill_rounds
-    # Through the override path, so the checks and the warm-up length derived from them run again.
-    apply_overrides(cfg, [f"schedule.mini_batches={args.mini_batches}", f"schedule.epochs={args.epochs}",
-                          f"rollout.engine_on_every_rank={args.engine_on_every_rank}", *args.set])
-    cfg.checkpoint.every = max(1, args.steps // 4)
-    cfg.checkpoint.resume = "auto" if args.resume else None
-    cfg.logging.progress = not args.no_progress
-    return cfg
+    cfg = build_recipe("tiny_cpu", args.data, args.init, args.out)
+    fixed = [f"eval.heldout={heldout}", "eval.before_train=true", f"logging.progress={not args.no_progress}",
+             f"checkpoint.resume={'auto' if args.resume else 'none'}"]
+    cfg = apply_overrides(cfg, fixed + list(args.set))
+    steps = cfg.schedule.steps
+    # Unless the driver asked for a curve, evaluate only before and after (the last step always is).
+    derived = [] if cfg.eval.every else [f"eval.every={steps}"]
+    if not any(item.startswith("checkpoint.every=") for item in args.set):
+        derived.append(f"checkpoint.every={max(1, steps // 4)}")
+    return apply_overrides(cfg, derived)
 
 
-def _write_json(path: str, obj: Dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+class DemoHooks:
+    """The deadline and the demo's outputs (see the module docstring)."""
 
+    def __init__(self, args):
+        self.args = args
 
-def _eval(ctx, step: int, path: str, label: str) -> Dict[str, float]:
-    """Held-out accuracy (computed on rank 0; with an engine per rank, every rank generates a share)."""
-    from . import steps
-    from .metrics import HELDOUT, HELDOUT_LEVELS
+    def should_stop(self, step: int, seconds: float) -> bool:
+        # A step like the last one must still fit before the deadline (with a margin for its eval).
+        if time.time() + 1.2 * seconds <= self.args.deadline:
+            return False
+        print(f"demo rl: time budget reached after step {step} ({seconds:.1f}s/step); stopping", flush=True)
+        return True
 
-    t0 = time.time()
-    acc = steps.evaluate(ctx, step)
-    if ctx.rank0:
-        tasks, levels = HELDOUT + "acc/", HELDOUT_LEVELS + "acc/"
-        _write_json(path, dict(step=step, seconds=time.time() - t0,
-                               acc={k[len(tasks):]: v for k, v in acc.items() if k.startswith(tasks)},
-                               by_difficulty={k[len(levels):]: v for k, v in acc.items() if k.startswith(levels)}))
-        print(f"demo rl: held-out eval {label} (step {step}): acc/all {acc.get('eval/acc/all', float('nan')):.3f} "
-              f"in {time.time() - t0:.1f}s", flush=True)
-    return acc
+    def after_run(self, ctx, last: int) -> None:
+        from .context import _hf_config, broadcast
+        from .evaluation import eval_path, evaluate
+        from .sft_cli import save_hf
 
-
-def run_steps(ctx, args, start: int) -> int:
-    """RL steps until ``--steps`` or the deadline; returns the last step run (``start`` if none)."""
-    from . import loop, recovery, steps
-
-    cfg, step, last_dt = ctx.cfg, start, 0.0
-    for step in range(start + 1, cfg.schedule.steps + 1):
-        t0 = time.time()
-        metrics = loop.train_step(ctx, step, steps.Hooks())
-        last_dt = time.time() - t0
-        # Rank 0's clock decides for everyone, so all ranks leave at the same step boundary.
-        stop = steps.broadcast(time.time() + 1.2 * last_dt > args.deadline)
-        last = stop or step == cfg.schedule.steps
-        if args.eval_every and step % args.eval_every == 0 and not last:
-            metrics.update(steps.evaluate(ctx, step))
-        if last:
-            metrics.update(_eval(ctx, step, os.path.join(args.out, "eval_after.json"), "after RL"))
-        recovery.commit(ctx, step, metrics, checkpoint=last or step % cfg.checkpoint.every == 0)
-        if stop:
+        run_dir, args = ctx.cfg.logging.run_dir, self.args
+        if not broadcast(os.path.exists(eval_path(run_dir, last))):  # a resumed run that had no step left
+            evaluate(ctx, last)
+        if ctx.rank0:
+            for step, name, label in ((0, "eval_before.json", "before RL (warm start)"),
+                                      (last, "eval_after.json", f"after RL (step {last})")):
+                _copy(eval_path(run_dir, step), os.path.join(args.out, name), label)
+        # Rank 0's view decides, so no rank skips the export's collectives while another runs them.
+        if broadcast(not os.path.exists(args.hf_out)):
+            save_hf(ctx.actor, _hf_config(ctx.cfg), args.hf_out, os.path.join(args.data, "model"))
             if ctx.rank0:
-                print(f"demo rl: time budget reached after step {step} ({last_dt:.1f}s/step); stopping", flush=True)
-            break
-    return step
+                print(f"demo rl: exported the policy to {args.hf_out}", flush=True)
+
+
+def _copy(src: str, dst: str, label: str) -> None:
+    import json
+
+    from dualrpo_mcore.atomic import atomic_path
+
+    with open(src) as f:
+        acc = json.load(f)["acc"].get("all", float("nan"))
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+    print(f"demo rl: held-out eval {label}: acc/all {acc:.3f}", flush=True)
 
 
 def main(argv=None) -> int:
     import torch.distributed as dist
 
-    from . import faults, probe, recovery, steps
-    from .sft_cli import save_hf
-
-    args = parse_args(argv)
-    cfg = build_config(args)
-    faults.arm()
-    recovery.preflight(cfg)
-    resolved = steps.write_config(cfg, cfg.logging.run_dir)
-    ctx = steps.setup(cfg)
-    try:
-        start = steps.resume(ctx)
-        recovery.open_logger(ctx, resolved, start)
-        steps.sync(ctx)
-        probe.check(ctx, start)
-        before = os.path.join(args.out, "eval_before.json")
-        if start == 0 or not os.path.exists(before):
-            acc = _eval(ctx, 0, before, "before RL (warm start)")
-            if start == 0:  # step 0 of the curves; a resumed run's file has it already
-                recovery.record(ctx, 0, acc)
-        last = run_steps(ctx, args, start)
-        if last == start and ctx.rank0 and not os.path.exists(os.path.join(args.out, "eval_after.json")):
-            _eval(ctx, last, os.path.join(args.out, "eval_after.json"), "after RL")
-    finally:
-        steps.close(ctx)
-    # Rank 0's view decides, so no rank skips the export's collectives while another runs them.
-    if steps.broadcast(not os.path.exists(args.hf_out)):
-        save_hf(ctx.actor, steps._hf_config(cfg), args.hf_out, os.path.join(args.data, "model"))
-        if ctx.rank0:
-            print(f"demo rl: exported the policy to {args.hf_out}", flush=True)
     from dualrpo_mcore.parallel import teardown
 
+    from .context import Hooks
+    from .loop import train
+
+    args = parse_args(argv)
+    demo = DemoHooks(args)
+    train(build_config(args), Hooks(should_stop=demo.should_stop, after_run=demo.after_run))
     teardown()
     dist.destroy_process_group()
     return 0

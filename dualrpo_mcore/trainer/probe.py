@@ -88,7 +88,7 @@ def build(ctx) -> Optional[Probe]:
     """The run's probe (None when ``rollout.probe.prompts`` is 0)."""
     from dualrpo_mcore.rollout.engine import RolloutRequest
 
-    from .steps import make_batch
+    from .rollouts import make_batch
 
     pcfg = ctx.cfg.rollout.probe
     if not pcfg.prompts:

@@ -26,12 +26,12 @@ SHAPE_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_he
 # ------------------------------------------------------------------------------------ one step
 def commit(ctx, step: int, metrics: Dict[str, Any], checkpoint: bool) -> None:
     """Record ``step`` in every sink, durably if a checkpoint follows, then checkpoint it."""
-    from . import steps
+    from .context import save
 
     record(ctx, step, metrics, durable=checkpoint)
     faults.at("after_log", step)
     if checkpoint:
-        steps.save(ctx, step, poisoned=metrics.get("skipped", 0.0) > 0)
+        save(ctx, step, poisoned=metrics.get("skipped", 0.0) > 0)
     faults.at("after_checkpoint", step)
 
 
@@ -108,7 +108,7 @@ def resume(ctx) -> int:
     :class:`~.storage.CheckpointLoadError` on every rank with one line naming the file and the cause.
     A checkpoint of another configuration raises :class:`~.storage.CheckpointMismatchError` (older
     ones are of the same configuration, so there is no fallback)."""
-    from . import steps
+    from .context import broadcast
 
     mgr, spec = ctx.manager, ctx.cfg.checkpoint.resume
     if ctx.rank0:
@@ -124,7 +124,7 @@ def resume(ctx) -> int:
             candidates = [p for _, p in reversed(mgr.complete())] if auto else [p for p in named if p]
         except OSError as e:
             error = f"--resume {spec}: {e if isinstance(e, FileNotFoundError) else storage.cause(e)}"
-    candidates, error = steps.broadcast((candidates, error))
+    candidates, error = broadcast((candidates, error))
     if error:
         raise storage.CheckpointLoadError(error)
     if not candidates:
@@ -184,7 +184,7 @@ def layout(ctx) -> Dict[str, Any]:
     info = ctx.actor.info
     return {"tp": info.tp_size, "pp": info.pp_size, "world_size": _world(),
             "distributed_optimizer": bool(ctx.actor.distributed_optimizer),
-            "model": {k: getattr(ctx.actor.cfg, k, None) for k in SHAPE_KEYS}}
+            "model": {k: getattr(ctx.actor.arch, k, None) for k in SHAPE_KEYS}}
 
 
 def layout_differences(saved: Optional[Dict[str, Any]], here: Optional[Dict[str, Any]]) -> Tuple[List[str], bool]:

@@ -6,7 +6,7 @@ setting). Also: a failed write on one rank (injected EIO), unreadable checkpoint
 ``auto``, one line for an explicit path), checkpoints of another layout, and a real full disk (a small
 tmpfs, where this test may mount one).
 
-Launches go through :mod:`_killable` (ranks forked from a fork server that imported everything once:
+Launches go through :mod:`helpers.killable` (ranks forked from a fork server that imported everything once:
 ~3 s a launch instead of ~15 s under torchrun). Tiny everything: 3 steps, G=2, 2 prompts, 8 new tokens,
 checkpoints at steps 2 and 3.
 """
@@ -16,7 +16,8 @@ import shutil
 import subprocess
 
 import pytest
-from _killable import launch
+
+from helpers.killable import launch
 
 STEPS = 3
 # setting -> (tp, processes, held-out eval: its step-0 record must also survive a resume from nothing)
@@ -32,15 +33,6 @@ KILLS = {
 CKPT_STEPS = (2, 3)
 # Wall-clock fields differ between any two runs; everything else must be bitwise equal.
 VOLATILE = ("time",)
-
-
-@pytest.fixture(scope="module")
-def synth_dir(tmp_path_factory):
-    from dualrpo_mcore.cli import main
-
-    out = tmp_path_factory.mktemp("synth")
-    assert main(["data", "synth", "--out", str(out), "--num-per-task", "2", "--heldout-per-task", "1"]) == 0
-    return str(out)
 
 
 def train_argv(data, run_dir, setting, *extra):
@@ -63,13 +55,13 @@ def run(data, run_dir, setting, name, *extra, env=None, log_dir=None):
 
 
 @pytest.fixture(scope="module")
-def reference(synth_dir, tmp_path_factory):
+def reference(synth_dir2, tmp_path_factory):
     """One uninterrupted run per setting: run dir and records by step."""
     root = tmp_path_factory.mktemp("ref")
     out = {}
     for setting in SETTINGS:
         run_dir = str(root / setting)
-        done = run(synth_dir, run_dir, setting, f"ref_{setting}")
+        done = run(synth_dir2, run_dir, setting, f"ref_{setting}")
         assert done.codes == [0] * len(done.codes), done
         out[setting] = (run_dir, by_step(records(run_dir)))
     return out
@@ -126,10 +118,10 @@ def _cases():
 
 
 @pytest.mark.parametrize("setting,point,step", _cases())
-def test_a_kill_at_each_fault_point_loses_no_record(synth_dir, reference, tmp_path, setting, point, step):
+def test_a_kill_at_each_fault_point_loses_no_record(synth_dir2, reference, tmp_path, setting, point, step):
     ref_dir, ref = reference[setting]
     run_dir = str(tmp_path / "run")
-    killed = run(synth_dir, run_dir, setting, "killed", env={"DUALRPO_FAULT": f"{point}@{step}"})
+    killed = run(synth_dir2, run_dir, setting, "killed", env={"DUALRPO_FAULT": f"{point}@{step}"})
     assert killed.killed and f"fault injection: kill at {point}@{step}" in killed.log(0), killed
 
     logged = step if point in ("after_log", "mid_checkpoint", "after_checkpoint") else step - 1
@@ -141,7 +133,7 @@ def test_a_kill_at_each_fault_point_loses_no_record(synth_dir, reference, tmp_pa
     tmp = os.path.join(run_dir, "checkpoints", f"step_{step:08d}.tmp")
     assert os.path.isdir(tmp) == (point == "mid_checkpoint")
 
-    resumed = run(synth_dir, run_dir, setting, "resumed", "--resume", "auto")
+    resumed = run(synth_dir2, run_dir, setting, "resumed", "--resume", "auto")
     assert resumed.codes == [0] * len(resumed.codes), resumed
     assert_same_as_reference(run_dir, ref)
     assert complete(run_dir) == list(CKPT_STEPS)
@@ -150,12 +142,12 @@ def test_a_kill_at_each_fault_point_loses_no_record(synth_dir, reference, tmp_pa
         assert f"removed step_{step:08d}.tmp" in resumed.log(0), resumed
 
 
-def test_a_failed_write_on_one_rank_stops_every_rank_with_one_line(synth_dir, reference, tmp_path):
+def test_a_failed_write_on_one_rank_stops_every_rank_with_one_line(synth_dir2, reference, tmp_path):
     """EIO on rank 1 alone, in the middle of checkpoint 2: both ranks stop with the same line (the file,
     the cause, the free space, no good checkpoint yet, how to resume), no traceback, and no hang."""
     ref_dir, ref = reference["tp2"]
     run_dir = str(tmp_path / "run")
-    failed = run(synth_dir, run_dir, "tp2", "failed", env={"DUALRPO_FAULT": "mid_checkpoint@2,EIO,rank=1"})
+    failed = run(synth_dir2, run_dir, "tp2", "failed", env={"DUALRPO_FAULT": "mid_checkpoint@2,EIO,rank=1"})
     assert failed.codes == [1, 1], failed
     lines = [last_line(failed.log(r)) for r in (0, 1)]
     assert lines[0] == lines[1], lines
@@ -166,7 +158,7 @@ def test_a_failed_write_on_one_rank_stops_every_rank_with_one_line(synth_dir, re
     assert "Traceback" not in failed.log(0) + failed.log(1)
     assert complete(run_dir) == []
 
-    resumed = run(synth_dir, run_dir, "tp2", "resumed", "--resume", "auto")
+    resumed = run(synth_dir2, run_dir, "tp2", "resumed", "--resume", "auto")
     assert resumed.codes == [0, 0], resumed
     assert_same_as_reference(run_dir, ref)
 
@@ -188,13 +180,13 @@ def _shard(run_dir, step=3):
     return os.path.join("dist", sorted(n for n in os.listdir(dist_dir) if n.endswith(".distcp"))[-1])
 
 
-def test_an_unreadable_newest_checkpoint_falls_back_under_auto(synth_dir, reference, tmp_path):
+def test_an_unreadable_newest_checkpoint_falls_back_under_auto(synth_dir2, reference, tmp_path):
     """A truncated shard of checkpoint 3 (read inside Megatron's collective load): every rank falls back
     to checkpoint 2, a warning names the file, and step 3 is trained and logged again, bitwise."""
     ref_dir, ref = reference["tp2"]
     run_dir = str(tmp_path / "run")
     bad = _copy_with_truncated(ref_dir, run_dir, _shard(ref_dir))
-    resumed = run(synth_dir, run_dir, "tp2", "resumed", "--resume", "auto")
+    resumed = run(synth_dir2, run_dir, "tp2", "resumed", "--resume", "auto")
     assert resumed.codes == [0, 0], resumed
     warning = [ln for ln in resumed.log(0).splitlines() if "falling back to" in ln]
     # The cause as the checkpoint reader words it: a zip error on megatron-core 0.16, EOFError on 0.19.
@@ -204,13 +196,13 @@ def test_an_unreadable_newest_checkpoint_falls_back_under_auto(synth_dir, refere
     assert_same_as_reference(run_dir, ref)
 
 
-def test_an_unreadable_explicit_checkpoint_is_one_line_on_every_rank(synth_dir, reference, tmp_path):
+def test_an_unreadable_explicit_checkpoint_is_one_line_on_every_rank(synth_dir2, reference, tmp_path):
     """Rank 1's own file truncated (rank 0 reads fine): no fallback for an explicit path; both ranks
     stop with one line naming the file and the cause, without a traceback from the peer."""
     ref_dir, _ = reference["tp2"]
     run_dir = str(tmp_path / "run")
     bad = _copy_with_truncated(ref_dir, run_dir, "rank_00001.pt")
-    failed = run(synth_dir, run_dir, "tp2", "failed", "--resume", os.path.dirname(bad))
+    failed = run(synth_dir2, run_dir, "tp2", "failed", "--resume", os.path.dirname(bad))
     assert failed.codes == [1, 1], failed
     for r in (0, 1):
         line = last_line(failed.log(r))
@@ -219,21 +211,21 @@ def test_an_unreadable_explicit_checkpoint_is_one_line_on_every_rank(synth_dir, 
         assert "Traceback" not in failed.log(r) and "Connection closed" not in failed.log(r)
 
 
-def test_a_checkpoint_of_another_layout_is_refused_or_resharded(synth_dir, reference, tmp_path):
+def test_a_checkpoint_of_another_layout_is_refused_or_resharded(synth_dir2, reference, tmp_path):
     """TP=2 on 2 processes -> one process: the per-rank files cannot follow; refused, differences named.
     TP=2 -> TP=1 x DP=2 (same world, plain optimizer): torch_dist reshards; a warning, and step 3 comes
     out as the TP=2 run's up to summation order."""
     ref_dir, ref = reference["tp2"]
     one = str(tmp_path / "one")
     shutil.copytree(ref_dir, one)
-    refused = launch(train_argv(synth_dir, one, "tp1", "--resume", "auto"), 1, str(tmp_path), "refused")
+    refused = launch(train_argv(synth_dir2, one, "tp1", "--resume", "auto"), 1, str(tmp_path), "refused")
     assert refused.codes == [1], refused
     line = last_line(refused.log(0))
     assert "tp 2 vs 1" in line and "world_size 2 vs 1" in line and "cannot be resharded" in line, line
 
     dp = str(tmp_path / "dp")
     shutil.copytree(ref_dir, dp)
-    argv = train_argv(synth_dir, dp, "tp1", "--resume", os.path.join(dp, "checkpoints", "step_00000002"))
+    argv = train_argv(synth_dir2, dp, "tp1", "--resume", os.path.join(dp, "checkpoints", "step_00000002"))
     resharded = launch(argv, 2, str(tmp_path), "resharded")
     assert resharded.codes == [0, 0], resharded
     assert "tp 2 vs 1; resharding on load" in resharded.log(0)
@@ -265,13 +257,13 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", where], check=False)
 
 
-def test_a_full_disk_stops_with_a_clear_error_and_loses_nothing(synth_dir, reference, small_disk, tmp_path):
+def test_a_full_disk_stops_with_a_clear_error_and_loses_nothing(synth_dir2, reference, small_disk, tmp_path):
     """9 MiB: checkpoints 1 and 2 (3.7 MiB each) fit, checkpoint 3 does not: refused before writing, with
     the path, the free space and the last good checkpoint. Moved to a larger disk, ``--resume auto``
     finishes, with step 3 logged once and every step bitwise the reference's."""
     _, ref = reference["tp1"]
     run_dir = os.path.join(small_disk("9M"), "run")
-    full = run(synth_dir, run_dir, "tp1", "full", "--set", "checkpoint.every=1", "--set", "checkpoint.keep_last=3",
+    full = run(synth_dir2, run_dir, "tp1", "full", "--set", "checkpoint.every=1", "--set", "checkpoint.keep_last=3",
                log_dir=str(tmp_path))
     assert full.codes == [1], full
     line = last_line(full.log(0))
@@ -284,16 +276,16 @@ def test_a_full_disk_stops_with_a_clear_error_and_loses_nothing(synth_dir, refer
 
     bigger = str(tmp_path / "bigger")
     shutil.copytree(run_dir, bigger)
-    resumed = run(synth_dir, bigger, "tp1", "resumed", "--resume", "auto", "--set", "checkpoint.every=1")
+    resumed = run(synth_dir2, bigger, "tp1", "resumed", "--resume", "auto", "--set", "checkpoint.every=1")
     assert resumed.codes == [0], resumed
     assert_same_as_reference(bigger, ref)
 
 
-def test_a_disk_that_fills_mid_write_leaves_no_checkpoint(synth_dir, small_disk, tmp_path):
+def test_a_disk_that_fills_mid_write_leaves_no_checkpoint(synth_dir2, small_disk, tmp_path):
     """2 MiB: the first checkpoint (no earlier one to size it by) runs out of space inside torch's
     writers; the error still says disk full, names the path and that nothing was kept."""
     run_dir = os.path.join(small_disk("2M"), "run")
-    full = run(synth_dir, run_dir, "tp1", "full", "--set", "checkpoint.every=1", log_dir=str(tmp_path))
+    full = run(synth_dir2, run_dir, "tp1", "full", "--set", "checkpoint.every=1", log_dir=str(tmp_path))
     assert full.codes == [1], full
     line = last_line(full.log(0))
     for part in ("checkpoint of step 1 failed writing", "disk full", "free of 2.0 MiB",

@@ -89,7 +89,7 @@ def _inputs(batch, lp, emptied):
     g = torch.Generator().manual_seed(13)
     m = batch["response_mask"].clone()
     if emptied:
-        m[list(EMPTIED)] = 0  # what steps.mask_overlong does to rows that hit the budget
+        m[list(EMPTIED)] = 0  # what rollouts.mask_overlong does to rows that hit the budget
     old = (lp.float() + 0.3 * torch.randn(lp.shape, generator=g)) * batch["response_mask"]
     return dict(batch, response_mask=m, old_logprob=old, advantages=torch.tensor(ADVANTAGES))
 
@@ -114,17 +114,19 @@ def _actor(hf, tp):
     from dualrpo_mcore.trainer.actor import Actor
     from dualrpo_mcore.trainer.config import (ActorConfig, MicroBatchConfig, ModelSourceConfig, OptimConfig,
                                               ParallelConfig)
-    from dualrpo_mcore.trainer.rl_config import RLConfig, RolloutConfig
+    from dualrpo_mcore.trainer.rl_config import RLConfig, RolloutConfig, ScheduleConfig
 
     actor = ActorConfig(model=ModelSourceConfig(tiny=True, hf_config=hf.config),
                         parallel=ParallelConfig(tp=tp, pp=1, backend="gloo"),
                         # Not sharded: after the data-parallel all-reduce every rank holds every gradient.
-                        optim=OptimConfig(lr=1e-3, total_steps=10, distributed_optimizer=False),
+                        optim=OptimConfig(lr=1e-3, distributed_optimizer=False),
                         micro=MicroBatchConfig(max_tokens=10 ** 6), seed=7)
-    # The RL root derives Dr. GRPO's divisor from the rollout's budget, as in a run.
+    # The RL root derives Dr. GRPO's divisor from the rollout's budget (and the warm-up length from the
+    # schedule: 10 updates), as in a run.
     cfg = RLConfig(actor=actor, data=DataConfig(sources=[SourceConfig(path="unused.jsonl")], processor_dir="unused"),
-                   rollout=RolloutConfig(sampling=SamplingParams(max_new_tokens=BUDGET)))
-    return Actor(cfg.actor, hf_state_dict=hf.state_dict())
+                   rollout=RolloutConfig(sampling=SamplingParams(max_new_tokens=BUDGET)),
+                   schedule=ScheduleConfig(steps=10))
+    return Actor(cfg.resolved_actor(), hf_state_dict=hf.state_dict())
 
 
 def _hf_named_grads(actor):
@@ -207,6 +209,35 @@ def _all(rank, world_size):
                 out.append(dict(dp=dp, agg=agg, emptied=emptied, k=k, n_micro=n_micro, loss=loss, ref_loss=want_loss,
                                 loss_rel=abs(loss - want_loss) / abs(want_loss), grad_rel_ref=_rel(grads, want_grads),
                                 grad_rel_split=_rel(grads, base)))
+    out += _uneven_shares(actor, hf64, batch, spans, rank)  # the DP=2 actor of the last setting
+    return out
+
+
+def _uneven_shares(actor, hf64, batch, spans, rank):
+    """3 groups and 1 group over 2 data-parallel ranks, each rank's share cut by the loop's own rule
+    (``batching.dp_slice``): every group must be trained on exactly once (3 = 1 + 2; 1 = a filler that
+    adds nothing + 1), so the loss and gradients equal the float64 reference over all of the rows."""
+    from dualrpo_mcore.models.qwen2_5_vl import testing
+    from dualrpo_mcore.trainer import batching
+
+    out = []
+    for groups in (3, 1):
+        rows = list(range(2 * groups))
+        sub = batching.select_rows(batch, rows, spans)
+        with torch.no_grad():
+            lp0 = _token_logprobs(hf64, sub)
+        settings = {(agg, False): _inputs(sub, lp0, False) for agg in AGGS}
+        for key in settings:
+            settings[key]["advantages"] = settings[key]["advantages"][: len(rows)]
+        ref = _references(hf64, sub, _token_logprobs(hf64, sub), settings) if rank == 0 else None
+        for (agg, _), inputs in settings.items():
+            mine = batching.dp_slice(inputs, 2, testing.IMAGE, 2, dp=2, rank=rank)
+            loss, grads, n_micro = _one_update(actor, mine, agg, 1)
+            if rank == 0:
+                want_loss, want_grads = ref[(agg, False)]
+                out.append(dict(dp=2, agg=agg, emptied=False, k=f"{groups} groups", n_micro=n_micro, loss=loss,
+                                ref_loss=want_loss, loss_rel=abs(loss - want_loss) / abs(want_loss),
+                                grad_rel_ref=_rel(grads, want_grads), grad_rel_split=0.0, uneven=True))
     return out
 
 
@@ -216,14 +247,16 @@ def results():
 
 
 def _table(rows):
-    return "\n".join(f"dp={r['dp']} {r['agg']:<24} emptied={r['emptied']!s:<5} k={r['k']}: loss {r['loss']:.8g} "
+    return "\n".join(f"dp={r['dp']} {r['agg']:<24} emptied={r['emptied']!s:<5} k={r['k']!s}: loss {r['loss']:.8g} "
                      f"(ref {r['ref_loss']:.8g}, rel {r['loss_rel']:.2e}) grad rel ref {r['grad_rel_ref']:.2e} "
                      f"split {r['grad_rel_split']:.2e}" for r in rows)
 
 
 def test_every_setting_ran_in_its_layout(results):
-    assert len(results) == 2 * len(AGGS) * 2 * len(LAYOUTS)
-    assert all(r["n_micro"] == r["k"] for r in results), _table(results)
+    even = [r for r in results if not r.get("uneven")]
+    assert len(even) == 2 * len(AGGS) * 2 * len(LAYOUTS)
+    assert all(r["n_micro"] == r["k"] for r in even), _table(even)
+    assert len(results) - len(even) == 2 * len(AGGS)
 
 
 @pytest.mark.parametrize("agg", AGGS)

@@ -31,26 +31,15 @@ from dualrpo_mcore.parallel.spawn import run_distributed
 STEPS = 4
 
 
-@pytest.fixture(scope="module")
-def synth_dir(tmp_path_factory):
-    from dualrpo_mcore.cli import main
-
-    out = tmp_path_factory.mktemp("synth")
-    assert main(["data", "synth", "--out", str(out), "--num-per-task", "2", "--heldout-per-task", "1"]) == 0
-    return str(out)
-
-
 def _config(data, run_dir, tp, pp, steps=STEPS, resume=None, eval_every=0):
-    from dualrpo_mcore.trainer.recipes import tiny_cpu
+    from dualrpo_mcore.trainer.recipes import build_recipe
 
-    cfg = tiny_cpu(data, None, run_dir, steps=steps, tp=tp, pp=pp, group_size=2, prompts_per_step=2,
-                   max_new_tokens=8, lr=1e-3, reward_mode="dualrpo")
-    # A generous budget: a verifier timeout under CI load would change a reward and break the bitwise check.
-    cfg.verifier.workers, cfg.verifier.timeout_s = 1, 30.0
-    cfg.checkpoint.every, cfg.checkpoint.keep_last, cfg.checkpoint.resume = 1, 10, resume
-    cfg.eval.every, cfg.eval.max_samples = eval_every, 4
-    cfg.logging.tensorboard = cfg.logging.progress = False
-    return cfg
+    # A generous verifier budget: a timeout under CI load would change a reward and break the bitwise check.
+    sets = ["verifier.workers=1", "verifier.timeout_s=30", "checkpoint.every=1", "checkpoint.keep_last=10",
+            f"eval.every={eval_every}", "eval.max_samples=4", "logging.tensorboard=false"]
+    return build_recipe("tiny_cpu", data, None, run_dir, sets, steps=steps, tp=tp, pp=pp, group_size=2,
+                        prompts_per_step=2, max_new_tokens=8, lr=1e-3, reward_mode="dualrpo", resume=resume,
+                        progress=False)
 
 
 def _poison(step, batch):
@@ -63,7 +52,7 @@ def _poison(step, batch):
 def _run_all(rank, world_size, data, root):
     from dualrpo_mcore.trainer.loop import train
     from dualrpo_mcore.trainer.overrides import apply_overrides
-    from dualrpo_mcore.trainer.steps import Hooks
+    from dualrpo_mcore.trainer.context import Hooks
 
     out = {}
     out["full"] = train(_config(data, os.path.join(root, "full"), tp=2, pp=1, eval_every=2))
@@ -102,7 +91,7 @@ def _preempted_run(data, run_dir):
     step 2 with it checkpointed, and the resumed run must give what the uninterrupted one gives."""
     from dualrpo_mcore.trainer.loop import train
     from dualrpo_mcore.trainer.preempt import Preempted
-    from dualrpo_mcore.trainer.steps import Hooks
+    from dualrpo_mcore.trainer.context import Hooks
 
     cfg = _config(data, run_dir, tp=2, pp=1, eval_every=2)
     cfg.checkpoint.every = 3
@@ -145,9 +134,9 @@ def _stale_run(data, run_dir):
 
 
 @pytest.fixture(scope="module")
-def runs(synth_dir, tmp_path_factory):
+def runs(synth_dir2, tmp_path_factory):
     root = str(tmp_path_factory.mktemp("rl"))
-    results = run_distributed(_run_all, 2, synth_dir, root, timeout=600)
+    results = run_distributed(_run_all, 2, synth_dir2, root, timeout=600)
     return root, results
 
 

@@ -1,6 +1,6 @@
 """The Megatron actor on 2 gloo processes, against independent references:
 
-* token log-probs (TP=2, TP=1/DP=2, PP=2, and the loop's DP-split ``steps.token_stats``) equal
+* token log-probs (TP=2, TP=1/DP=2, PP=2, and the loop's DP-split ``rollouts.token_stats``) equal
   transformers' Qwen2_5_VLForConditionalGeneration
   ``log_softmax``-gathered log-probs on the same weights (<= 1e-4), entropy and self-certainty too;
 * one update's loss equals a float64 hand computation of the clipped surrogate (+ certainty-weighted
@@ -129,17 +129,17 @@ def _uneven_dp_run(rank, hf, batch, ref):
 
 
 def _dp_split_run(hf, batch, ref):
-    """The loop's ``steps.token_stats`` at DP=2: each rank computes its share of the groups and the
+    """The loop's ``rollouts.token_stats`` at DP=2: each rank computes its share of the groups and the
     whole batch's stats come back on every rank; even (2 + 2 groups) and uneven (1 + 2) shares."""
     from types import SimpleNamespace
 
-    from dualrpo_mcore.trainer import steps
+    from dualrpo_mcore.trainer import rollouts
 
     ctx = SimpleNamespace(actor=_actor(1, 1, hf), cfg=SimpleNamespace(rollout=SimpleNamespace(group_size=1)))
     diffs = {}
     for name, rows in (("even", [0, 1, 2, 3]), ("uneven", [0, 1, 2])):
         part = _rows(batch, rows)
-        got = steps.token_stats(ctx, part)
+        got = rollouts.token_stats(ctx, part)
         mask = part["response_mask"].double()
         want = {k: _rows(dict(batch, x=v), rows)["x"] for k, v in ref.items()}
         for k in want:

@@ -2,13 +2,13 @@
 batch concatenation, overlong masking, dynamic sampling's drop-and-refill (``loop.collect``
 with a stub rollout round and a stub shaping that records what it was given), and the split of a
 step's batch into mini-batch updates (``loop.update`` with a stub actor), and the held-out eval's
-pairing of answers with prompts (``steps.evaluate`` with a stub rollout and pool)."""
+pairing of answers with prompts (``evaluation.evaluate`` with a stub rollout and pool)."""
 import types
 
 import pytest
 import torch
 
-from dualrpo_mcore.trainer import loop, steps
+from dualrpo_mcore.trainer import batching, evaluation, loop, rollouts
 
 G = 2
 
@@ -29,14 +29,14 @@ def _batch(rewards, lengths, overlong=None):
 
 
 def test_flat_groups_and_rows():
-    flat = steps.flat_groups(torch.tensor([1.0, 1.0, 0.0, 1.0, 0.5, 0.5]), G)
+    flat = batching.flat_groups(torch.tensor([1.0, 1.0, 0.0, 1.0, 0.5, 0.5]), G)
     assert flat.tolist() == [True, False, True]
-    assert steps.group_rows([1, 2], G) == [2, 3, 4, 5]
+    assert batching.group_rows([1, 2], G) == [2, 3, 4, 5]
 
 
 def test_concat_pads_token_axis_and_keeps_row_fields():
     a, b = _batch([1.0, 0.0], [2, 4]), _batch([0.5, 0.2], [6, 1])
-    out = steps.concat([a, b])
+    out = batching.concat([a, b])
     assert out["input_ids"].shape == (4, 9)
     assert out["reward"].tolist() == pytest.approx([1.0, 0.0, 0.5, 0.2])
     assert out["response_mask"].sum(-1).tolist() == [2, 4, 6, 1]
@@ -45,7 +45,7 @@ def test_concat_pads_token_axis_and_keeps_row_fields():
 
 def test_mask_overlong_clears_only_truncated_rows():
     batch = _batch([1.0, 0.0], [2, 4], overlong=[False, True])
-    assert steps.mask_overlong(batch) == 1
+    assert rollouts.mask_overlong(batch) == 1
     assert batch["response_mask"].sum(-1).tolist() == [2, 0]
 
 
@@ -53,7 +53,9 @@ def _fake_ctx(dynamic, rounds, want, on="reward"):
     cfg = types.SimpleNamespace(rollout=types.SimpleNamespace(group_size=G),
                                 schedule=types.SimpleNamespace(prompts_per_step=want, dynamic_sampling=dynamic,
                                                                max_refill_rounds=rounds, dynamic_sampling_on=on))
-    actor = types.SimpleNamespace(cfg=types.SimpleNamespace(image_token_id=999, spatial_merge_size=2))
+    actor = types.SimpleNamespace(cfg=types.SimpleNamespace(image_token_id=999, spatial_merge_size=2),
+                                  info=types.SimpleNamespace(dp_size=1, dp_rank=0),
+                                  global_loss=lambda out: out["loss"])
     return types.SimpleNamespace(cfg=cfg, actor=actor, rounds=0)
 
 
@@ -134,17 +136,9 @@ def test_rl_config_checks_name_the_field(tmp_path):
         ScheduleConfig(epochs=0)
 
 
-@pytest.fixture(scope="module")
-def synth_dir(tmp_path_factory):
-    from dualrpo_mcore.cli import main
-
-    out = tmp_path_factory.mktemp("synth")
-    assert main(["data", "synth", "--out", str(out), "--num-per-task", "1", "--heldout-per-task", "1"]) == 0
-    return str(out)
-
-
 def test_tiny_cpu_recipe_and_cli_overrides(synth_dir, tmp_path):
     import argparse
+    import dataclasses
     import json
 
     from dualrpo_mcore.trainer import cli
@@ -156,20 +150,19 @@ def test_tiny_cpu_recipe_and_cli_overrides(synth_dir, tmp_path):
     args = parser.parse_args(["--data", synth_dir, "--out", str(tmp_path / "run"), "--steps", "7",
                               "--reward-mode", "grpo", "--resume", "auto", "--tp", "2"])
     cfg = cli.config_from_args(args)
-    assert cfg.schedule.steps == 7 == cfg.actor.optim.total_steps
+    assert cfg.schedule.steps == 7 == cfg.resolved_actor().optim.total_steps
     assert cfg.reward.mode == "grpo" and cfg.actor.parallel.tp == 2 and cfg.checkpoint.resume == "auto"
-    assert cfg.actor.temperature == cfg.rollout.sampling.temperature
+    assert cfg.resolved_actor().temperature == cfg.rollout.sampling.temperature
     resolved = json.loads(json.dumps(cfg.to_dict()))
     assert resolved["reward_mode"] == "grpo" and resolved["schedule"]["steps"] == 7
-    with pytest.raises(ValueError, match="temperature"):
-        cfg.actor.temperature = 0.5
-        type(cfg).__post_init__(cfg)
+    with pytest.raises(ValueError, match="actor.temperature=0.5 conflicts"):
+        dataclasses.replace(cfg, actor=dataclasses.replace(cfg.actor, temperature=0.5))
 
 
 def test_responses_end_before_a_sampled_image_placeholder():
-    ids, lps, finish = steps.cut_at_media([5, 6, 877, 7], [-1.0, -2.0, -3.0, -4.0], "length", {877, 878})
+    ids, lps, finish = rollouts.cut_at_media([5, 6, 877, 7], [-1.0, -2.0, -3.0, -4.0], "length", {877, 878})
     assert (ids, lps, finish) == ([5, 6], [-1.0, -2.0], "stop")
-    assert steps.cut_at_media([5, 6], [-1.0, -2.0], "length", {877}) == ([5, 6], [-1.0, -2.0], "length")
+    assert rollouts.cut_at_media([5, 6], [-1.0, -2.0], "length", {877}) == ([5, 6], [-1.0, -2.0], "length")
 
 
 class _RecordingEngine:
@@ -195,7 +188,7 @@ class _RecordingEngine:
 def test_engine_memory_is_held_only_around_generation_and_weights_load_on_resume(monkeypatch):
     from dualrpo_mcore.rollout import SamplingParams
 
-    monkeypatch.setattr(steps, "broadcast", lambda obj: obj)
+    monkeypatch.setattr(rollouts, "broadcast", lambda obj: obj)
     t = torch.zeros(2)
     exporter = types.SimpleNamespace(buckets=lambda model: iter([[("a", t), ("b", t)], [("c", t)]]))
     engine = _RecordingEngine()
@@ -204,15 +197,15 @@ def test_engine_memory_is_held_only_around_generation_and_weights_load_on_resume
                                 actor=types.SimpleNamespace(model=None, cfg=types.SimpleNamespace(
                                     image_token_id=999, video_token_id=998)))
     prompt = types.SimpleNamespace(input_ids=[1, 2, 3], pixel_values=None, image_grid_thw=None, images=[], uid="p")
-    out = steps.rollout(ctx, [prompt], SamplingParams(n=2, max_new_tokens=4))
+    out = rollouts.rollout(ctx, [prompt], SamplingParams(n=2, max_new_tokens=4))
     assert len(out[0]) == 2
-    steps.sync(ctx)
+    rollouts.sync(ctx)
     assert engine.calls == [("resume", None), ("generate", 1), ("release",), ("resume", ["a", "b", "c"])]
     # A rank without the engine still walks every bucket (the export is collective).
     walked = []
     ctx_other = types.SimpleNamespace(rank0=False, engine=None, actor=ctx.actor, exporter=types.SimpleNamespace(
         buckets=lambda model: (walked.append(i) or [] for i in range(3))))
-    steps.sync(ctx_other)
+    rollouts.sync(ctx_other)
     assert walked == [0, 1, 2]
 
 
@@ -231,8 +224,6 @@ def test_update_splits_the_step_into_group_aligned_mini_batches(monkeypatch, min
     ctx = _fake_ctx(False, rounds=0, want=3)
     ctx.cfg.schedule.mini_batches, ctx.cfg.schedule.epochs = mini, epochs
     ctx.actor.update = fake_update
-    monkeypatch.setattr(steps, "dp_slice", lambda part, g, img, merge: part)
-    monkeypatch.setattr(steps, "global_loss", lambda actor, out: out["loss"])
     metrics = loop.update(ctx, batch)
     rows = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
     parts = {1: [rows], 2: [rows[:2], rows[2:]], 5: [rows[:2], rows[2:4], rows[4:]]}[mini]
@@ -251,18 +242,17 @@ def test_update_with_nothing_to_train_reports_no_update(monkeypatch):
     ctx = _fake_ctx(False, rounds=0, want=1)
     ctx.cfg.schedule.mini_batches, ctx.cfg.schedule.epochs = 1, 1
     ctx.actor.update = lambda mb: pytest.fail("an update without response tokens")
-    monkeypatch.setattr(steps, "dp_slice", lambda part, g, img, merge: part)
     assert loop.update(ctx, batch) == {"no_update": 1.0}
 
 
-def test_evaluate_scores_each_prompt_against_its_own_answer_greedily(monkeypatch):
-    """``steps.evaluate`` with a stub rollout (prompt i answers i on even i, 'no' on odd) and a stub
+def test_evaluate_scores_each_prompt_against_its_own_answer_greedily(monkeypatch, tmp_path):
+    """``evaluation.evaluate`` with a stub rollout (prompt i answers i on even i, 'no' on odd) and a stub
     pool that checks text against the prompt's answer: per-task accuracy by hand."""
     from dualrpo_mcore.rollout.engine import SamplingParams
 
     levels = [1, 1, 1, None, 2, 2]  # prompt 3 has no difficulty: left out of the split only
     prompts = [types.SimpleNamespace(task=("math", "ocr")[i % 2 if i < 4 else 0], reward={"answer": str(i)},
-                                     difficulty=levels[i])
+                                     difficulty=levels[i], uid=f"p{i}")
                for i in range(6)]  # math: 0, 2, 4, 5 -> right on 0, 2, 4; ocr: 1, 3 -> none right
     seen = {}
 
@@ -270,16 +260,17 @@ def test_evaluate_scores_each_prompt_against_its_own_answer_greedily(monkeypatch
         seen["params"] = params
         return [[([i if i % 2 == 0 else 100], [0.0], "stop")] for i in range(len(ps))]
 
-    monkeypatch.setattr(steps, "rollout", fake_rollout)
+    monkeypatch.setattr(evaluation, "rollout", fake_rollout)
     pool = types.SimpleNamespace(verify_batch=lambda specs, texts, progress: [
         types.SimpleNamespace(reward=float(t == s["answer"])) for s, t in zip(specs, texts)])
     tokenizer = types.SimpleNamespace(decode=lambda ids, skip_special_tokens: "no" if ids == [100] else str(ids[0]))
     cfg = types.SimpleNamespace(eval=types.SimpleNamespace(every=5, heldout="h.parquet", greedy=True),
                                 rollout=types.SimpleNamespace(sampling=SamplingParams(temperature=1.0), seed=7,
                                                               engine_on_every_rank=True),
-                                schedule=types.SimpleNamespace(steps=10))
+                                schedule=types.SimpleNamespace(steps=10),
+                                logging=types.SimpleNamespace(run_dir=str(tmp_path)))
     ctx = types.SimpleNamespace(cfg=cfg, rank0=True, heldout=prompts, pool=pool, tokenizer=tokenizer)
-    out = steps.evaluate(ctx, 5)
+    out = evaluation.evaluate(ctx, 5)
     assert out["eval/acc/math"] == pytest.approx(3 / 4) and out["eval/acc/ocr"] == 0.0
     assert out["eval/acc/all"] == pytest.approx(3 / 6)
     split = {k: v for k, v in out.items() if k.startswith("eval/by_difficulty/")}
@@ -288,5 +279,12 @@ def test_evaluate_scores_each_prompt_against_its_own_answer_greedily(monkeypatch
                      "eval/by_difficulty/acc/ocr/d1": 0.0, "eval/by_difficulty/count/math/d1": 2.0,
                      "eval/by_difficulty/count/math/d2": 2.0, "eval/by_difficulty/count/ocr/d1": 1.0}
     assert seen["params"].temperature == 0.0 and seen["params"].n == 1 and seen["params"].seed == 7
+    # The record on disk pairs each prompt with its own reward (a paired comparison needs exactly that).
+    record = evaluation.read_eval(str(tmp_path), 5)
+    assert [(r["uid"], r["task"], r["reward"]) for r in record["per_prompt"]] == [
+        ("p0", "math", 1.0), ("p1", "ocr", 0.0), ("p2", "math", 1.0), ("p3", "ocr", 0.0), ("p4", "math", 1.0),
+        ("p5", "math", 0.0)]
+    assert record["acc"]["math"] == pytest.approx(3 / 4) and record["step"] == 5
+    assert evaluation.read_eval(str(tmp_path), 6) is None
     ctx.rank0 = False  # the other ranks generate their share and report nothing
-    assert steps.evaluate(ctx, 5) == {}
+    assert evaluation.evaluate(ctx, 5) == {}

@@ -192,10 +192,10 @@ def _ctx(tmp_path, calls, fail=None):
 
 
 def test_a_step_is_recorded_durably_before_its_checkpoint(tmp_path, monkeypatch):
-    from dualrpo_mcore.trainer import steps
+    from dualrpo_mcore.trainer import context
 
     calls = []
-    monkeypatch.setattr(steps, "save", lambda ctx, step, poisoned: calls.append(("save", step, poisoned)))
+    monkeypatch.setattr(context, "save", lambda ctx, step, poisoned: calls.append(("save", step, poisoned)))
     ctx = _ctx(tmp_path, calls)
     recovery.commit(ctx, 1, {"loss": 0.5}, checkpoint=False)
     recovery.commit(ctx, 2, {"loss": 0.5, "skipped": 1.0}, checkpoint=True)
@@ -203,9 +203,9 @@ def test_a_step_is_recorded_durably_before_its_checkpoint(tmp_path, monkeypatch)
 
 
 def test_a_record_that_cannot_be_written_stops_the_run_with_the_path(tmp_path, monkeypatch):
-    from dualrpo_mcore.trainer import steps
+    from dualrpo_mcore.trainer import context
 
-    monkeypatch.setattr(steps, "save", lambda *a, **k: pytest.fail("checkpointed a step without its record"))
+    monkeypatch.setattr(context, "save", lambda *a, **k: pytest.fail("checkpointed a step without its record"))
     full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "metrics.jsonl"))
     with pytest.raises(storage.StorageError, match=r"^the record of step 4 failed writing .*metrics.jsonl: No space"):
         recovery.commit(_ctx(tmp_path, [], fail=full), 4, {}, checkpoint=True)
@@ -234,15 +234,6 @@ def test_records_after_the_resumed_checkpoint_are_dropped_in_every_sink(tmp_path
 
 
 # ------------------------------------------------------------------------------------ the CLI
-@pytest.fixture(scope="module")
-def synth_dir(tmp_path_factory):
-    from dualrpo_mcore.cli import main
-
-    out = tmp_path_factory.mktemp("synth")
-    assert main(["data", "synth", "--out", str(out), "--num-per-task", "1", "--heldout-per-task", "1"]) == 0
-    return str(out)
-
-
 def test_train_with_tp2_as_one_process_prints_the_commands_that_start_two(synth_dir, tmp_path, monkeypatch,
                                                                            capsys):
     from dualrpo_mcore.cli import build_parser, main
@@ -259,12 +250,12 @@ def test_train_with_tp2_as_one_process_prints_the_commands_that_start_two(synth_
     torchrun, launch = shlex.split(err.split("`")[1]), shlex.split(err.split("`")[3])
     assert torchrun[:6] == ["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "dualrpo_mcore"]
     again = build_parser().parse_args(torchrun[6:])
-    assert (again.tp, again.pp, again.steps, again.out, again.overrides, again.no_progress) == (
-        2, 1, 3, out, ["reward.lam=0.5"], True)
+    assert (again.out, again.overrides) == (out, ["actor.parallel.tp=2", "actor.parallel.pp=1", "schedule.steps=3",
+                                                  "reward.lam=0.5", "logging.progress=false"])
     assert launch[0] == "dualrpo"
     job = build_parser().parse_args(launch[1:])
     assert (job.tp, job.nproc_per_node, job.executor, job.out) == (2, 2, "local", out)
-    assert job.train_args == ["--steps", "3", "--set", "reward.lam=0.5"]
+    assert job.train_args == ["--set", "schedule.steps=3", "--set", "reward.lam=0.5"]
     assert not os.path.exists(out), "nothing may be written before the layout is known to fit"
 
 
