@@ -1,6 +1,6 @@
 """dualrpo-mcore: DualRPO (certainty-modulated GRPO) for vision-language models on Megatron-Core.
 
-Public entry points (stable, see DESIGN.md section 3)::
+Public entry points (stable, see docs/design.md section 3.1)::
 
     from dualrpo_mcore.algo import self_certainty, shape_rewards, group_advantages, kl_coefficient
     from dualrpo_mcore.ops import token_stats

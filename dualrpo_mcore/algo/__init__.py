@@ -1,4 +1,4 @@
-"""The DualRPO equations (DESIGN.md section 1), pure torch: no process groups, no distributed state.
+"""The DualRPO equations (docs/design.md section 1), pure torch: no process groups, no distributed state.
 
 * ``certainty``  self-certainty u (eq. 1), per token and per sequence; masked means.
 * ``rewards``    reward modes grpo / dualrpo / internal (eq. 2), registry ``REWARD_MODES``.

@@ -1,4 +1,4 @@
-"""Group-relative advantages (DESIGN.md eq. 3) and their broadcast to response tokens.
+"""Group-relative advantages (docs/design.md eq. 3) and their broadcast to response tokens.
 
 ``rewards`` is ``[num_groups * group_size]`` with each prompt's G responses contiguous. The
 estimators, chosen through ``ADVANTAGE_ESTIMATORS``, map a ``[num_groups, G]`` view to advantages:

@@ -1,4 +1,4 @@
-"""Self-certainty (DESIGN.md eq. 1) and the masked-mean helper the rest of ``algo`` shares.
+"""Self-certainty (docs/design.md eq. 1) and the masked-mean helper the rest of ``algo`` shares.
 
 ``sc_t = KL(U || p_t) = logsumexp(z_t) - mean_j z_tj - log V`` for a row of logits ``z_t`` over
 ``V`` real tokens. It is evaluated here in the algebraically equal, shift-invariant form
@@ -65,7 +65,7 @@ def token_self_certainty(logits: Tensor, *, temperature: float = 1.0,
                          vocab_size: Optional[int] = None) -> Tensor:
     """Per-token self-certainty ``sc_t`` for logits ``[..., V]``; returns ``[...]`` (fp32 or fp64).
 
-    ``temperature`` divides the logits first (p = softmax(z / T), DESIGN.md section 1);
+    ``temperature`` divides the logits first (p = softmax(z / T), docs/design.md section 1);
     ``vocab_size`` keeps only the first ``vocab_size`` columns (the real tokens) when the logits
     carry padding columns. Differentiable w.r.t. ``logits``.
     """

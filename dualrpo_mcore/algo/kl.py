@@ -5,7 +5,7 @@ from the policy (``r = pi_ref / pi = exp(d)``), each a function ``(logp, ref_log
 
 * ``k1``          -d                       unbiased, high variance, can be negative.
 * ``k2``          d**2 / 2                 biased, low variance, >= 0.
-* ``k3``          exp(d) - d - 1           unbiased, low variance, >= 0 (DESIGN.md eq. 5 exactly).
+* ``k3``          exp(d) - d - 1           unbiased, low variance, >= 0 (docs/design.md eq. 5 exactly).
 * ``k3_clamped``  k3 of clamp(d, lo, hi)   default (lo, hi) = (-10, 10), option ``clamp``.
 
 Why clamp the *log-ratio* and not the value: exp(d) overflows float32 at d ~ 88, and clamping the
@@ -14,7 +14,7 @@ forward and backward finite (the value is then at most e^10 - 11 ~ 2.2e4, and to
 range get zero gradient from the KL term, as a PPO clip does). Plain ``k3`` is left unclamped on
 purpose, so that it is eq. 5 verbatim.
 
-``kl_coefficient`` is DESIGN.md eq. 4: ``beta(c) = beta0 * (beta_min + (1 - beta_min) * (1 - c))``
+``kl_coefficient`` is docs/design.md eq. 4: ``beta(c) = beta0 * (beta_min + (1 - beta_min) * (1 - c))``
 for c in [0, 1] (c = normalised self-certainty, see ``normalize.py``): confident samples (c -> 1)
 keep only ``beta0 * beta_min`` of the penalty, uncertain ones the full ``beta0``.
 """
@@ -53,7 +53,7 @@ def kl_k2(logp: Tensor, ref_logp: Tensor) -> Tensor:
 
 @KL_ESTIMATORS.register("k3")
 def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
-    """k3 = exp(ref_logp - logp) - (ref_logp - logp) - 1 (DESIGN.md eq. 5)."""
+    """k3 = exp(ref_logp - logp) - (ref_logp - logp) - 1 (docs/design.md eq. 5)."""
     d = _log_ratio(logp, ref_logp)
     return torch.expm1(d) - d
 

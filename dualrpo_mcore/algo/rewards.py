@@ -1,6 +1,6 @@
 """Reward shaping: how the verifier reward v and the self-certainty u become the scalar reward r.
 
-Modes (DESIGN.md eq. 2 and section 1.6), chosen by name through ``REWARD_MODES``:
+Modes (docs/design.md eqs. 2 and 6), chosen by name through ``REWARD_MODES``:
 
 * ``grpo``     r = v                                   (external reward only)
 * ``dualrpo``  r = v * (1 + mu * u) - lam * (1 - v) * u (certainty-modulated reward)
@@ -63,8 +63,8 @@ def shape_rewards(v: Union[Tensor, float], u: Union[Tensor, float], mu: float = 
     Args:
         v: verifier rewards in [0, 1], any shape (usually ``[num_samples]``).
         u: self-certainty of the same samples, same shape as ``v`` (>= 0 by construction).
-        mu: bonus weight for certainty on correct answers (DESIGN default 0.01).
-        lam: penalty weight for certainty on wrong answers (DESIGN default 0.005).
+        mu: bonus weight for certainty on correct answers (the paper's 0.01).
+        lam: penalty weight for certainty on wrong answers (the paper's 0.005).
         mode: a name in ``REWARD_MODES`` (``grpo``, ``dualrpo``, ``internal``).
 
     Returns:

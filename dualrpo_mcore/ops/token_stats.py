@@ -1,6 +1,6 @@
 r"""Fused, vocab-parallel token statistics: log-prob, entropy, self-certainty (and full KL).
 
-Definitions (DESIGN.md section 1, eq. 1), per token, over the V *real* columns only
+Definitions (docs/design.md section 1, eq. 1), per token, over the V *real* columns only
 (columns at or past ``vocab_size`` are padding and ignored), with temperature T:
 
     x = z / T,   log Z = logsumexp_j x_j,   p = softmax(x)

@@ -1,6 +1,6 @@
 """Verifiers: per-sample rewards in [0, 1] for the eight tasks, scored in a sandbox.
 
-The public front door (DESIGN.md section 3)::
+The public front door (docs/design.md section 3.5)::
 
     from dualrpo_mcore.verifiers import verify
     reward = verify({"verifier": "math", "answer": "\\frac{1}{2}"}, response)

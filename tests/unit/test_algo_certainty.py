@@ -147,7 +147,7 @@ def test_extreme_logits_stay_finite():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_uniform_rows_are_zero_at_large_offsets(dtype, temperature):
-    # Shifted by the row max (DESIGN.md eq. 1): the offset cancels exactly, wherever it is finite.
+    # Shifted by the row max (docs/design.md eq. 1): the offset cancels exactly, wherever it is finite.
     for value in (1.4e4, -3e4, 1e6):
         z = torch.full((2, 1001), value).to(dtype)
         if not torch.isfinite(z).all():
