@@ -19,6 +19,7 @@ import torch
 
 from dualrpo_mcore.cli import main
 from dualrpo_mcore.launch import memory as M
+from helpers.synth import synth
 
 GB = 1e9
 
@@ -193,9 +194,7 @@ def test_layout_rejects_bad_fields():
 
 
 def test_tiny_cpu_recipe_with_a_synthetic_data_dir(capsys, tmp_path):
-    from dualrpo_mcore.cli import main as cli
-
-    assert cli(["data", "synth", "--out", str(tmp_path / "data"), "--num-per-task", "2"]) == 0
+    synth(tmp_path / "data", per_task=2, heldout_per_task=None)
     capsys.readouterr()
     code, p = _json(capsys, "--recipe", "tiny_cpu", "--data", str(tmp_path / "data"))
     assert code == 0 and p["fits"]
