@@ -14,14 +14,14 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS = {
-    "train": ("dualrpo_mcore.trainer.cli", "run DualRPO / GRPO training"),
-    "sft": ("dualrpo_mcore.trainer.sft_cli", "supervised warm-start on the Megatron actor"),
-    "demo": ("dualrpo_mcore.trainer.demo", "the tiny CPU demo end to end"),
+    "train": ("dualrpo_mcore.commands.train", "run DualRPO / GRPO training"),
+    "sft": ("dualrpo_mcore.commands.sft", "supervised warm-start on the Megatron actor"),
+    "demo": ("dualrpo_mcore.commands.demo", "the tiny CPU demo end to end"),
     "convert": ("dualrpo_mcore.models.qwen2_5_vl.convert_cli", "HF <-> Megatron checkpoint conversion"),
     "data": ("dualrpo_mcore.data.cli", "dataset tools (synthetic eight-task set, V-Triune conversion)"),
     "bench": ("dualrpo_mcore.bench.cli", "benchmarks that print ratios against baselines"),
-    "plot": ("dualrpo_mcore.trainer.plot", "training curves from one or more runs"),
-    "plan": ("dualrpo_mcore.launch.plan", "per-GPU memory plan for a recipe"),
+    "plot": ("dualrpo_mcore.commands.plot", "training curves from one or more runs"),
+    "plan": ("dualrpo_mcore.planner.plan", "per-GPU memory plan for a recipe"),
     "launch": ("dualrpo_mcore.launch.cli", "launch a recipe through nemo-run"),
     "env": ("dualrpo_mcore.env", "versions, GPUs and kernel paths, for bug reports; non-zero if unsupported"),
 }

@@ -148,9 +148,8 @@ def _peak(args) -> Dict[str, Any]:
 
 
 def _actor(args, hf_cfg, tokens: int):
-    from dualrpo_mcore.trainer.actor import Actor
-    from dualrpo_mcore.trainer.config import (ActorConfig, MicroBatchConfig, ModelSourceConfig, OptimConfig,
-                                              ParallelConfig)
+    from dualrpo_mcore.actor.actor import Actor
+    from dualrpo_mcore.actor.config import ActorConfig, MicroBatchConfig, ModelSourceConfig, OptimConfig, ParallelConfig
 
     precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
     spec = args.spec or ("auto" if torch.cuda.is_available() else "local")

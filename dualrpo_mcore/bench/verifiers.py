@@ -6,7 +6,7 @@ Three batches go through the same run:
   numeric, counting, ocr, grounding, detection, format). Baselines measured in the same run:
   in-process serial ``score_with_info`` (what a trainer without a sandbox would do) and the pool
   with one worker; the table gives each runner's ratio against the serial baseline.
-* **adversarial**: the corpus of :mod:`dualrpo_mcore.verifiers.adversarial` through the pool
+* **adversarial**: the corpus of :mod:`dualrpo_mcore.verifiers.sandbox.adversarial` through the pool
   only (in-process it could hang forever, which is the point). The number to read is the
   worst-case per-sample latency against the budget.
 * **math-suite**: math-verify's own regression cases (``tests/data/math_verify_cases.json`` in a
@@ -33,8 +33,8 @@ import time
 import uuid
 from typing import List, Tuple
 
-from dualrpo_mcore.verifiers.adversarial import adversarial_corpus, markers_left
-from dualrpo_mcore.verifiers.pool import VerifierPool
+from dualrpo_mcore.verifiers.sandbox.adversarial import adversarial_corpus, markers_left
+from dualrpo_mcore.verifiers.sandbox.pool import VerifierPool
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _MATH_CASES = os.path.join(_REPO, "tests", "data", "math_verify_cases.json")

@@ -1,12 +1,14 @@
-"""The DualRPO training loop: actor, rollout orchestration, checkpoints, metrics.
+"""The DualRPO RL loop and what a run needs around it; the actor lives in :mod:`dualrpo_mcore.actor`
+and the commands in :mod:`dualrpo_mcore.commands`.
 
-Nothing heavy is imported here (Megatron, transformers load on first use). Actor side:
+Nothing heavy is imported here (Megatron, transformers load on first use):
 
-* ``config``      ``ActorConfig`` tree (model source, parallel, optim, micro, loss, kl, bad steps)
-* ``actor``       ``Actor``: ``compute_token_stats``, ``compute_ref_logprobs``, ``update``, ``sft_step``
-* ``schedule``    warm-up (``ceil(5%)`` of updates) then constant learning rate
-* ``microbatch``  token-balanced micro-batch partition; ``batching`` slices rows and their images
-* ``badsteps``    poisoned-step guard (skip, count, ``PoisonedStepError``)
-* ``megatron_setup`` model build/load, DDP + (distributed) optimizer, offloadable reference policy
-* ``sft_cli``     ``dualrpo sft``: supervised warm start, saved as a Hugging Face directory
+* ``loop``        the algorithm: rollout -> verify -> token stats -> shape -> advantages -> update -> sync
+* ``context``     what one rank holds (``Context``), set-up, checkpoint save/resume, ``Hooks``
+* ``rollouts``    rollout on the engine's ranks, verification, the actor batch, weight sync
+* ``evaluation``  held-out evaluation, written per prompt; ``bootstrap`` paired intervals over it
+* ``probe``       the weight-sync probe (the engine must score as the trainer does)
+* ``checkpoint``, ``storage``, ``recovery``, ``faults``, ``preempt``  durable state and every way a run ends
+* ``metrics``, ``sink_wandb``  records and their sinks (JSONL, TensorBoard, console, W&B)
+* ``rl_config``, ``recipes``, ``recipes_paper``, ``overrides``  the typed config, recipes and ``--set``
 """

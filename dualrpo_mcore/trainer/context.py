@@ -20,9 +20,9 @@ if TYPE_CHECKING:  # the heavy modules load only when a run is set up
     from dualrpo_mcore.data import Prompt, PromptLoader
     from dualrpo_mcore.rollout.engine import RolloutEngine
     from dualrpo_mcore.rollout.sync import BucketedExporter
-    from dualrpo_mcore.verifiers.pool import VerifierPool
+    from dualrpo_mcore.verifiers.sandbox.pool import VerifierPool
 
-    from .actor import Actor
+    from dualrpo_mcore.actor.actor import Actor
     from .checkpoint import CheckpointManager
     from .metrics import MetricsLogger
     from .probe import Probe
@@ -86,7 +86,7 @@ def broadcast(obj: Any) -> Any:
 
 
 def _hf_config(cfg):
-    from .model_source import hf_config  # every source kind, megatron_ckpt included
+    from dualrpo_mcore.actor.model_source import hf_config
 
     return hf_config(cfg.actor.model)
 
@@ -110,7 +110,7 @@ def build_engine(cfg, tokenizer):
 
 
 def _image_token_id(cfg) -> int:
-    from .megatron_setup import resolve_model_config
+    from dualrpo_mcore.actor.megatron_setup import resolve_model_config
 
     return resolve_model_config(cfg.actor.model).image_token_id
 
@@ -122,9 +122,9 @@ def setup(cfg, resume_step: Optional[int] = None) -> Context:
 
     from dualrpo_mcore.data import PromptLoader
     from dualrpo_mcore.rollout.sync import BucketedExporter, check_exporter_engine
-    from dualrpo_mcore.verifiers.pool import VerifierPool
+    from dualrpo_mcore.verifiers.sandbox.pool import VerifierPool
 
-    from .actor import Actor
+    from dualrpo_mcore.actor.actor import Actor
     from .checkpoint import CheckpointManager
 
     actor = Actor(cfg.resolved_actor())  # with the values derived from the rollout and the schedule

@@ -15,10 +15,11 @@ import torch
 
 from dualrpo_mcore.algo import group_advantages, shape_rewards
 
-from . import batching, faults, preempt, probe, recovery, rollouts
+from dualrpo_mcore.actor import batching
+from dualrpo_mcore.trainer import faults, preempt, probe, recovery, rollouts
 from .context import Context, Hooks, broadcast, close, resume, setup, show_config
 from .evaluation import evaluate
-from .reduction import reduce_metric
+from dualrpo_mcore.actor.reduction import reduce_metric
 
 
 def generate(ctx: Context, step: int, round_: int, num_prompts: int) -> Dict[str, Any]:

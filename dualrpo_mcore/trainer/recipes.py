@@ -18,7 +18,7 @@ from dualrpo_mcore.data import DataConfig, SourceConfig
 from dualrpo_mcore.registry import Registry
 from dualrpo_mcore.rollout.engine import SamplingParams
 
-from .config import ActorConfig, MicroBatchConfig, ModelSourceConfig, OptimConfig, ParallelConfig
+from dualrpo_mcore.actor.config import ActorConfig, MicroBatchConfig, ModelSourceConfig, OptimConfig, ParallelConfig
 from .overrides import alias_items, apply_overrides
 from .rl_config import (CheckpointConfig, EvalConfig, LoggingConfig, RewardConfig, RLConfig, RolloutConfig,
                         ScheduleConfig, VerifierConfig)
@@ -103,9 +103,9 @@ def tiny_cpu(data_dir: str, init: Optional[str] = None, run_dir: str = "runs/tin
     if init:
         model = ModelSourceConfig(hf_dir=init)
     else:
-        from .sft_cli import tiny_config_for_tokenizer
+        from dualrpo_mcore.models.qwen2_5_vl.presets import for_tokenizer
 
-        model = ModelSourceConfig(tiny=True, hf_config=tiny_config_for_tokenizer(os.path.join(data_dir, "model")))
+        model = ModelSourceConfig(tiny=True, hf_config=for_tokenizer(os.path.join(data_dir, "model")))
     steps = 20
     actor = ActorConfig(model=model, parallel=tiny_cpu.layout.parallel(),
                         # Distributed optimizer off: the tiny model gains nothing from sharding Adam state.

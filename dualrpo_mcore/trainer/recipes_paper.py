@@ -28,7 +28,7 @@ from dualrpo_mcore.data.vtriune_prompts import VTRIUNE_IMAGE_RESIZE, VTRIUNE_INS
 from dualrpo_mcore.models.qwen2_5_vl.training import ModuleTraining
 from dualrpo_mcore.rollout.engine import SamplingParams
 
-from .config import ActorConfig, KLConfig, MicroBatchConfig, ModelSourceConfig, OptimConfig
+from dualrpo_mcore.actor.config import ActorConfig, KLConfig, MicroBatchConfig, ModelSourceConfig, OptimConfig
 from .overrides import apply_overrides
 from .recipes import Layout, default_world, recipe  # noqa: F401 (default_world: launch.plan imports it here)
 from .rl_config import (CheckpointConfig, EvalConfig, LoggingConfig, RewardConfig, RLConfig, RolloutConfig,

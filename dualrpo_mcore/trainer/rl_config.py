@@ -16,7 +16,7 @@ from dualrpo_mcore.algo import ADVANTAGE_ESTIMATORS, REWARD_MODES
 from dualrpo_mcore.data import DataConfig
 from dualrpo_mcore.rollout.engine import SamplingParams
 
-from .config import ActorConfig
+from dualrpo_mcore.actor.config import ActorConfig
 
 
 @dataclass

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from dualrpo_mcore.algo import masked_mean
 from dualrpo_mcore.data.schema import TASKS
 
-from . import batching
+from dualrpo_mcore.actor import batching
 from .context import Context, broadcast
 from .metrics import per_task_means
 
@@ -114,7 +114,7 @@ def token_stats(ctx: Context, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     Fewer groups than ranks: every rank computes everything."""
     from megatron.core import parallel_state as ps
 
-    from .actor import STATS, with_sequence_certainty
+    from dualrpo_mcore.actor.actor import STATS, with_sequence_certainty
 
     dp, g = ps.get_data_parallel_world_size(), ctx.cfg.rollout.group_size
     b, s = batch["input_ids"].shape

@@ -16,11 +16,20 @@ gives it statuses and counters for its metrics.
 The in-process scorers (``score``, ``score_with_info``, ``validate_spec``, ``register_verifier``,
 ``VERIFIERS``) live in ``scoring`` and ``base`` and are re-exported here on first access (PEP 562),
 not at import: the pool's parent side (the trainer) never needs sympy, and a worker
-(``python -m dualrpo_mcore.verifiers.worker``, which imports this package first) must be able to
+(``python -m dualrpo_mcore.verifiers.sandbox.worker``, which imports this package first) must be able to
 set its limits before the heavy imports happen. In-process ``score`` has no time or memory limit:
 use it on trusted strings only (data validation, tests, the serial baseline of the benchmark).
 A verifier registered with ``register_verifier`` in the trainer is not visible to pool workers
 (separate interpreters): name its module in ``VerifierPool(imports=[...])``.
+
+Layout: ``sandbox/`` is where scoring runs (the pool, its worker, the hostile inputs it is tested
+with); every other module here scores. A scorer module is named by the verifier it registers
+(``choice``, ``counting``, ``detection``, ``grounding``, ``numeric``, ``ocr``, ``vtriune_detection``,
+``vtriune_math``), except the two whose names would shadow the standard library's ``math`` module and
+the ``format`` builtin wherever they are imported: ``math_verifier`` registers ``math`` and
+``format_reward`` registers ``format``. The rest are their shared parts (``base``, ``scoring``,
+``extract``, ``boxes``, ``geometry_params``, ``math_parse``, ``math_extract``, ``vtriune_common``,
+``vtriune_map``).
 """
 from __future__ import annotations
 
@@ -30,7 +39,7 @@ import threading
 import time
 from typing import Any, Optional, Sequence
 
-from dualrpo_mcore.verifiers.pool import VerifierPool, VerifierPoolError, VerifyResult
+from dualrpo_mcore.verifiers.sandbox.pool import VerifierPool, VerifierPoolError, VerifyResult
 
 __all__ = [
     "verify", "verify_batch", "default_pool", "shutdown_default_pool", "VerifierPool", "VerifierPoolError", "VerifyResult",

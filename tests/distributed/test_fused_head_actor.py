@@ -16,9 +16,8 @@ TOL = 1e-5
 
 
 def _actor(tp, hf, fused, max_tokens):
-    from dualrpo_mcore.trainer.actor import Actor
-    from dualrpo_mcore.trainer.config import (ActorConfig, MicroBatchConfig, ModelSourceConfig, OptimConfig,
-                                              ParallelConfig)
+    from dualrpo_mcore.actor.actor import Actor
+    from dualrpo_mcore.actor.config import ActorConfig, MicroBatchConfig, ModelSourceConfig, OptimConfig, ParallelConfig
 
     cfg = ActorConfig(model=ModelSourceConfig(tiny=True, hf_config=hf.config, fused_head=fused),
                       parallel=ParallelConfig(tp=tp, pp=1, backend="gloo"),
@@ -72,7 +71,7 @@ def _one(tp, hf, batch, fused, max_tokens=45):
 
 def _all(rank, world_size):
     from dualrpo_mcore.models.qwen2_5_vl import from_hf, testing
-    from dualrpo_mcore.trainer import batching
+    from dualrpo_mcore.actor import batching
 
     hf = testing.tiny_hf_model(seed=0)
     batch = _batch(from_hf(hf.config))

@@ -111,9 +111,8 @@ def _references(hf64, batch, lp, settings):
 def _actor(hf, tp):
     from dualrpo_mcore.data import DataConfig, SourceConfig
     from dualrpo_mcore.rollout.engine import SamplingParams
-    from dualrpo_mcore.trainer.actor import Actor
-    from dualrpo_mcore.trainer.config import (ActorConfig, MicroBatchConfig, ModelSourceConfig, OptimConfig,
-                                              ParallelConfig)
+    from dualrpo_mcore.actor.actor import Actor
+    from dualrpo_mcore.actor.config import ActorConfig, MicroBatchConfig, ModelSourceConfig, OptimConfig, ParallelConfig
     from dualrpo_mcore.trainer.rl_config import RLConfig, RolloutConfig, ScheduleConfig
 
     actor = ActorConfig(model=ModelSourceConfig(tiny=True, hf_config=hf.config),
@@ -145,7 +144,7 @@ def _hf_named_grads(actor):
 
 def _cap_for(batch, k):
     """A micro-batch token cap that cuts ``batch`` into exactly ``k`` micro-batches."""
-    from dualrpo_mcore.trainer.microbatch import partition
+    from dualrpo_mcore.actor.microbatch import partition
 
     lengths = batch["attention_mask"].sum(-1).tolist()
     for cap in range(int(sum(lengths)), 0, -1):
@@ -182,7 +181,7 @@ def _one_update(actor, inputs, agg, k):
 
 def _all(rank, world_size):
     from dualrpo_mcore.models.qwen2_5_vl import testing
-    from dualrpo_mcore.trainer import batching
+    from dualrpo_mcore.actor import batching
 
     hf = testing.tiny_hf_model(seed=0)
     hf64 = testing.tiny_hf_model(seed=0).double()
@@ -218,7 +217,7 @@ def _uneven_shares(actor, hf64, batch, spans, rank):
     (``batching.dp_slice``): every group must be trained on exactly once (3 = 1 + 2; 1 = a filler that
     adds nothing + 1), so the loss and gradients equal the float64 reference over all of the rows."""
     from dualrpo_mcore.models.qwen2_5_vl import testing
-    from dualrpo_mcore.trainer import batching
+    from dualrpo_mcore.actor import batching
 
     out = []
     for groups in (3, 1):

@@ -1,4 +1,4 @@
-"""The memory planner (``dualrpo_mcore.launch.memory``) against bytes MEASURED on tiny Qwen2.5-VL
+"""The memory planner (``dualrpo_mcore.planner.memory``) against bytes MEASURED on tiny Qwen2.5-VL
 actors on 2 gloo processes (CPU, Megatron's local spec, fp32 and bf16):
 
 * parameters: the unique storages behind the rank's parameters (the distributed optimizer's padded
@@ -138,9 +138,8 @@ def _optimizer_bytes(actor) -> int:
 
 
 def _measure(rank, world, setting):
-    from dualrpo_mcore.trainer.actor import Actor
-    from dualrpo_mcore.trainer.config import (ActorConfig, MicroBatchConfig, ModelSourceConfig, OptimConfig,
-                                              ParallelConfig)
+    from dualrpo_mcore.actor.actor import Actor
+    from dualrpo_mcore.actor.config import ActorConfig, MicroBatchConfig, ModelSourceConfig, OptimConfig, ParallelConfig
     from dualrpo_mcore.models.qwen2_5_vl.training import ModuleTraining
 
     name, tp, pp, dist_opt, recompute, images, freeze_vit, dtype = setting
@@ -160,7 +159,7 @@ def _measure(rank, world, setting):
 
 
 def predict(setting, stage: int, dp: int) -> dict:
-    from dualrpo_mcore.launch import memory as M
+    from dualrpo_mcore.planner import memory as M
     from dualrpo_mcore.models.qwen2_5_vl import from_hf
 
     name, tp, pp, dist_opt, recompute, images, freeze_vit, dtype = setting

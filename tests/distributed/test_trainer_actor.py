@@ -50,9 +50,8 @@ def _hf_stats(hf, batch):
 
 
 def _actor(tp, pp, hf, source=None, **kw):
-    from dualrpo_mcore.trainer.actor import Actor
-    from dualrpo_mcore.trainer.config import (ActorConfig, BadStepConfig, KLConfig, MicroBatchConfig,
-                                              ModelSourceConfig, OptimConfig, ParallelConfig)
+    from dualrpo_mcore.actor.actor import Actor
+    from dualrpo_mcore.actor.config import ActorConfig, BadStepConfig, KLConfig, MicroBatchConfig, ModelSourceConfig, OptimConfig, ParallelConfig
 
     src = ModelSourceConfig(**source) if source else ModelSourceConfig(tiny=True, hf_config=hf.config)
     cfg = ActorConfig(model=src,
@@ -71,7 +70,7 @@ def _weights(actor):
 
 
 def _rows(batch, rows):
-    from dualrpo_mcore.trainer import batching
+    from dualrpo_mcore.actor import batching
 
     spans = batching.image_spans(batch, 200, 2)
     return batching.select_rows(batch, rows, spans)
@@ -180,7 +179,7 @@ def _pad_stats(stats, rows, batch):
 
 
 def _poison_run(hf, batch, hf_dir):
-    from dualrpo_mcore.trainer.badsteps import PoisonedStepError
+    from dualrpo_mcore.actor.badsteps import PoisonedStepError
 
     actor = _actor(2, 1, hf, source=dict(hf_dir=hf_dir))  # weights read from a HF directory this time
     stats = actor.compute_token_stats(batch)

@@ -57,7 +57,7 @@ def _forward_backward(hf, prec, batch):
 def test_fp8_hybrid_forward_backward_tracks_bf16(hf, recipe, fp8_vision):
     from dualrpo_mcore.models.qwen2_5_vl import from_hf, testing
     from dualrpo_mcore.models.qwen2_5_vl.precision import Precision
-    from dualrpo_mcore.trainer.microbatch import pad_tokens
+    from dualrpo_mcore.actor.microbatch import pad_tokens
 
     batch = testing.make_batch(patch_dim=from_hf(hf.config).patch_dim)
     b, s = batch["input_ids"].shape
@@ -84,8 +84,8 @@ def test_unpadded_fp8_batch_is_refused_with_the_fix_named(hf):
 def test_actor_fp8_token_stats_on_an_awkward_batch(hf):
     """The actor's own micro-batching pads for FP8: 3 x 36 in one micro-batch, and single rows."""
     from dualrpo_mcore.models.qwen2_5_vl import from_hf, testing
-    from dualrpo_mcore.trainer.actor import Actor
-    from dualrpo_mcore.trainer.config import ActorConfig, MicroBatchConfig, ModelSourceConfig, ParallelConfig
+    from dualrpo_mcore.actor.actor import Actor
+    from dualrpo_mcore.actor.config import ActorConfig, MicroBatchConfig, ModelSourceConfig, ParallelConfig
 
     batch = testing.make_batch(patch_dim=from_hf(hf.config).patch_dim)
     batch["response_mask"] = batch["attention_mask"].clone()

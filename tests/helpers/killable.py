@@ -20,9 +20,9 @@ from typing import Dict, List, Optional, Sequence
 
 # What every rank imports anyway, imported once in the fork server.
 PRELOAD = ["torch", "torch.distributed", "numpy", "transformers", "megatron.core", "dualrpo_mcore.cli",
-           "dualrpo_mcore.trainer.cli", "dualrpo_mcore.trainer.loop", "dualrpo_mcore.trainer.actor",
-           "dualrpo_mcore.trainer.megatron_setup", "dualrpo_mcore.trainer.checkpoint", "dualrpo_mcore.trainer.recipes",
-           "dualrpo_mcore.rollout.hf_engine", "dualrpo_mcore.rollout.sync", "dualrpo_mcore.verifiers.pool",
+           "dualrpo_mcore.commands.train", "dualrpo_mcore.trainer.loop", "dualrpo_mcore.actor.actor",
+           "dualrpo_mcore.actor.megatron_setup", "dualrpo_mcore.trainer.checkpoint", "dualrpo_mcore.trainer.recipes",
+           "dualrpo_mcore.rollout.hf_engine", "dualrpo_mcore.rollout.sync", "dualrpo_mcore.verifiers.sandbox.pool",
            "dualrpo_mcore.data", "megatron.core.dist_checkpointing", "torch.utils.tensorboard"]
 
 

@@ -35,9 +35,8 @@ def _batch():
 
 
 def _actor(hf, pad_tokens_to, max_tokens):
-    from dualrpo_mcore.trainer.actor import Actor
-    from dualrpo_mcore.trainer.config import (ActorConfig, KLConfig, MicroBatchConfig, ModelSourceConfig,
-                                              OptimConfig, ParallelConfig)
+    from dualrpo_mcore.actor.actor import Actor
+    from dualrpo_mcore.actor.config import ActorConfig, KLConfig, MicroBatchConfig, ModelSourceConfig, OptimConfig, ParallelConfig
 
     cfg = ActorConfig(model=ModelSourceConfig(tiny=True, hf_config=hf.config, pad_tokens_to=pad_tokens_to),
                       parallel=ParallelConfig(backend="gloo"),
@@ -92,8 +91,8 @@ def _te_named_export(actor_backend_requested):
     from types import SimpleNamespace
 
     from dualrpo_mcore.models.qwen2_5_vl import from_hf, mapping, testing
-    from dualrpo_mcore.trainer.actor import Actor
-    from dualrpo_mcore.trainer.config import ModelSourceConfig
+    from dualrpo_mcore.actor.actor import Actor
+    from dualrpo_mcore.actor.config import ModelSourceConfig
 
     hf = testing.tiny_hf_model()
     cfg = from_hf(hf.config)

@@ -5,7 +5,7 @@ rank receives against the plain set of rows, not against the rule's own arithmet
 import pytest
 import torch
 
-from dualrpo_mcore.trainer import batching
+from dualrpo_mcore.actor import batching
 
 G = 2
 

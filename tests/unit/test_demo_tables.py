@@ -1,7 +1,7 @@
 """The demo's before/after tables, from hand-made eval dicts."""
 import pytest
 
-from dualrpo_mcore.trainer.demo import difficulty_table, print_table, results_table
+from dualrpo_mcore.commands.demo import difficulty_table, print_table, results_table
 
 
 def test_results_table_means_over_tasks_in_both_evals():

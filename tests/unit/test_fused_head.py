@@ -234,9 +234,9 @@ def test_compiled_operator_refuses_bad_calls():
 
 
 def test_memory_planner_drops_the_logits_with_fused_head():
-    """launch/memory.py: with Layout.fused_head the log-prob buffers hold hidden-sized copies, not
+    """planner/memory.py: with Layout.fused_head the log-prob buffers hold hidden-sized copies, not
     [tokens, V/TP] logits, and the transient is one chunk budget plus the fp32 dW buffer (bf16)."""
-    from dualrpo_mcore.launch import memory as M
+    from dualrpo_mcore.planner import memory as M
     from dualrpo_mcore.models.qwen2_5_vl import presets
     from dualrpo_mcore.models.qwen2_5_vl.config import from_hf
     from dualrpo_mcore.ops.fused_head import DEFAULT_CHUNK_BYTES

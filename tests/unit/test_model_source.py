@@ -7,9 +7,9 @@ import pytest
 from transformers import AutoConfig
 
 from dualrpo_mcore.models.qwen2_5_vl import convert, from_hf, presets, testing
-from dualrpo_mcore.trainer.config import ModelSourceConfig
-from dualrpo_mcore.trainer.megatron_setup import resolve_model_config
-from dualrpo_mcore.trainer.model_source import hf_config
+from dualrpo_mcore.actor.config import ModelSourceConfig
+from dualrpo_mcore.actor.megatron_setup import resolve_model_config
+from dualrpo_mcore.actor.model_source import hf_config
 
 
 def _norm(cfg):

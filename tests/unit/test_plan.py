@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from dualrpo_mcore.cli import main
-from dualrpo_mcore.launch import memory as M
+from dualrpo_mcore.planner import memory as M
 from helpers.synth import synth
 
 GB = 1e9

@@ -12,8 +12,8 @@ import torch
 from dualrpo_mcore.models.qwen2_5_vl import from_hf, testing
 from dualrpo_mcore.models.qwen2_5_vl.precision import FP8_RECIPES, Precision, fp8_context, te_available
 from dualrpo_mcore.models.qwen2_5_vl.specs import BACKENDS, RESOLVED_BACKENDS, resolve_backend
-from dualrpo_mcore.trainer.config import ActorConfig, ModelSourceConfig
-from dualrpo_mcore.trainer.microbatch import pad_tokens, padded_length
+from dualrpo_mcore.actor.config import ActorConfig, ModelSourceConfig
+from dualrpo_mcore.actor.microbatch import pad_tokens, padded_length
 
 HINT = r"pip install dualrpo-mcore\[te\]"
 
@@ -78,7 +78,7 @@ def test_without_fp8_the_micro_batch_is_untouched():
 # ------------------------------------------------------------------------------ precision fields reach the model
 def _configs(src, backend="te"):
     from dualrpo_mcore.models.qwen2_5_vl.model import transformer_configs
-    from dualrpo_mcore.trainer.megatron_setup import model_options
+    from dualrpo_mcore.actor.megatron_setup import model_options
 
     return transformer_configs(from_hf(testing.tiny_hf_config()), model_options(src, backend))
 
@@ -171,7 +171,7 @@ def test_backend_names_and_model_options_are_defined_once():
     """One BACKENDS tuple, and the trainer's model section is the model layer's options plus a source."""
     import dataclasses
 
-    from dualrpo_mcore.launch import memory
+    from dualrpo_mcore.planner import memory
     from dualrpo_mcore.models.qwen2_5_vl import options
     from dualrpo_mcore.models.qwen2_5_vl.model import ModelOptions
 
@@ -190,8 +190,8 @@ def test_backend_names_and_model_options_are_defined_once():
 
 def test_callers_receive_the_resolved_backend():
     """'auto' on a CUDA machine with TE: the model options, the plan and the weight naming all say te."""
-    from dualrpo_mcore.launch.plan import plan_backend
-    from dualrpo_mcore.trainer.megatron_setup import model_options
+    from dualrpo_mcore.planner.plan import plan_backend
+    from dualrpo_mcore.actor.megatron_setup import model_options
 
     src = ModelSourceConfig(tiny=True, spec_backend="auto")
     resolved = src.resolve_backend(cuda_available=True, te_available=True)
@@ -208,7 +208,7 @@ def test_callers_receive_the_resolved_backend():
 def test_fp8_without_te_fails_at_actor_start_naming_the_extra():
     import torch.distributed as dist
 
-    from dualrpo_mcore.trainer.actor import Actor
+    from dualrpo_mcore.actor.actor import Actor
 
     with pytest.raises(RuntimeError, match=HINT):
         Actor(ActorConfig(model=_fp8_src()))

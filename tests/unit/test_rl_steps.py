@@ -8,7 +8,8 @@ import types
 import pytest
 import torch
 
-from dualrpo_mcore.trainer import batching, evaluation, loop, rollouts
+from dualrpo_mcore.actor import batching
+from dualrpo_mcore.trainer import evaluation, loop, rollouts
 
 G = 2
 
@@ -53,7 +54,7 @@ def _fake_ctx(dynamic, rounds, want, on="reward"):
     cfg = types.SimpleNamespace(rollout=types.SimpleNamespace(group_size=G),
                                 schedule=types.SimpleNamespace(prompts_per_step=want, dynamic_sampling=dynamic,
                                                                max_refill_rounds=rounds, dynamic_sampling_on=on))
-    actor = types.SimpleNamespace(cfg=types.SimpleNamespace(image_token_id=999, spatial_merge_size=2),
+    actor = types.SimpleNamespace(arch=types.SimpleNamespace(image_token_id=999, spatial_merge_size=2),
                                   info=types.SimpleNamespace(dp_size=1, dp_rank=0),
                                   global_loss=lambda out: out["loss"])
     return types.SimpleNamespace(cfg=cfg, actor=actor, rounds=0)
@@ -141,7 +142,7 @@ def test_tiny_cpu_recipe_and_cli_overrides(synth_dir, tmp_path):
     import dataclasses
     import json
 
-    from dualrpo_mcore.trainer import cli
+    from dualrpo_mcore.commands import train as cli
     from dualrpo_mcore.trainer.recipes import RECIPES
 
     assert "tiny_cpu" in RECIPES
@@ -194,7 +195,7 @@ def test_engine_memory_is_held_only_around_generation_and_weights_load_on_resume
     engine = _RecordingEngine()
     cfg = types.SimpleNamespace(rollout=types.SimpleNamespace(engine_on_every_rank=False))
     ctx = types.SimpleNamespace(rank0=True, engine=engine, exporter=exporter, cfg=cfg,
-                                actor=types.SimpleNamespace(model=None, cfg=types.SimpleNamespace(
+                                actor=types.SimpleNamespace(model=None, arch=types.SimpleNamespace(
                                     image_token_id=999, video_token_id=998)))
     prompt = types.SimpleNamespace(input_ids=[1, 2, 3], pixel_values=None, image_grid_thw=None, images=[], uid="p")
     out = rollouts.rollout(ctx, [prompt], SamplingParams(n=2, max_new_tokens=4))

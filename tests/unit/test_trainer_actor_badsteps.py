@@ -3,7 +3,7 @@ import logging
 
 import pytest
 
-from dualrpo_mcore.trainer.badsteps import BadStepGuard, PoisonedStepError
+from dualrpo_mcore.actor.badsteps import BadStepGuard, PoisonedStepError
 
 
 def test_skip_count_reset_and_abort(caplog):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from dualrpo_mcore.models.qwen2_5_vl import testing
-from dualrpo_mcore.trainer import batching
+from dualrpo_mcore.actor import batching
 
 
 def _batch():

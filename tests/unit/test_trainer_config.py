@@ -1,8 +1,7 @@
 """Actor config checks name the offending field."""
 import pytest
 
-from dualrpo_mcore.trainer.config import (ActorConfig, BadStepConfig, KLConfig, MicroBatchConfig, ModelSourceConfig,
-                                          OptimConfig, ParallelConfig)
+from dualrpo_mcore.actor.config import ActorConfig, BadStepConfig, KLConfig, MicroBatchConfig, ModelSourceConfig, OptimConfig, ParallelConfig
 
 
 def test_defaults_are_the_paper_settings():
@@ -44,7 +43,7 @@ def test_training_dict_is_coerced():
 def test_dr_grpo_without_its_constant_fails_before_any_process_group():
     """An actor built without the RL config (SFT, bench) has no response budget: Dr. GRPO names the fields."""
     from dualrpo_mcore.algo import PolicyLossConfig
-    from dualrpo_mcore.trainer.actor import Actor
+    from dualrpo_mcore.actor.actor import Actor
 
     cfg = ActorConfig(loss=PolicyLossConfig(agg="seq-mean-token-sum-norm"))
     with pytest.raises(ValueError, match=r"actor\.loss\.max_response_length"):

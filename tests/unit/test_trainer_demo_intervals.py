@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from dualrpo_mcore.trainer import demo, plot
+from dualrpo_mcore.commands import demo, plot
 from dualrpo_mcore.trainer.bootstrap import pair, paired_interval
 from dualrpo_mcore.trainer.metrics import MetricsLogger
 

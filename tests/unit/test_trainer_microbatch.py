@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from dualrpo_mcore.trainer.microbatch import partition
+from dualrpo_mcore.actor.microbatch import partition
 
 
 def _check_cover(bins, n):

@@ -15,7 +15,7 @@ def cfg(synth_dir, tmp_path):
 
 
 def _train_config(synth_dir, out, argv):
-    from dualrpo_mcore.trainer import cli
+    from dualrpo_mcore.commands import train as cli
 
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
@@ -111,8 +111,8 @@ def test_fp8_switches_reach_the_models_transformer_configs(synth_dir, tmp_path):
     """``--set actor.model.fp8=...`` on the RL config reaches the LM's TransformerConfig, and
     ``fp8_vision`` the ViT's and the merger's (built here without Transformer Engine)."""
     from dualrpo_mcore.models.qwen2_5_vl.model import transformer_configs
-    from dualrpo_mcore.trainer import cli
-    from dualrpo_mcore.trainer.megatron_setup import model_options, resolve_model_config
+    from dualrpo_mcore.commands import train as cli
+    from dualrpo_mcore.actor.megatron_setup import model_options, resolve_model_config
 
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)

@@ -8,7 +8,7 @@ import pytest
 
 from dualrpo_mcore.cli import main
 from dualrpo_mcore.trainer.metrics import MetricsLogger
-from dualrpo_mcore.trainer.plot import load_runs, smooth, task_names
+from dualrpo_mcore.commands.plot import load_runs, smooth, task_names
 
 TASKS = ["math", "counting", "ocr", "grounding"]
 

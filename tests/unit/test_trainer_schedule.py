@@ -2,7 +2,7 @@
 linear decay at the end (what ``dualrpo sft`` uses)."""
 import pytest
 
-from dualrpo_mcore.trainer.schedule import lr_at, lr_factor, warmup_steps
+from dualrpo_mcore.actor.schedule import lr_at, lr_factor, warmup_steps
 
 
 def test_warmup_length_is_ceil_of_fraction():

@@ -16,7 +16,7 @@ STEPS = 8
 
 
 def _args(data, out, tp):
-    from dualrpo_mcore.trainer import sft_cli
+    from dualrpo_mcore.commands import sft as sft_cli
 
     parser = argparse.ArgumentParser()
     sft_cli.add_arguments(parser)
@@ -26,7 +26,8 @@ def _args(data, out, tp):
 
 
 def _sft(rank, world_size, data, out, tp):
-    from dualrpo_mcore.trainer import batching, sft_cli
+    from dualrpo_mcore.actor import batching
+    from dualrpo_mcore.commands import sft as sft_cli
 
     args = _args(data, out, tp)
     res = sft_cli.train(args)
@@ -90,7 +91,7 @@ def test_tiny_config_widths_and_bad_vision_width(synth_dir2):
 
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from dualrpo_mcore.trainer.sft_cli import tiny_config_for_tokenizer
+    from dualrpo_mcore.models.qwen2_5_vl.presets import for_tokenizer as tiny_config_for_tokenizer
 
     model_dir = os.path.join(synth_dir2, "model")
     cfg = tiny_config_for_tokenizer(model_dir, vision_hidden=64)
@@ -116,8 +117,8 @@ def test_sft_refuses_bad_flags_by_name(synth_dir2, tmp_path, capsys, flags, fiel
 
 def test_sft_config_from_flags_equals_from_set():
     """Every ``dualrpo sft`` flag is an alias of one ``--set`` entry: the same typed config either way."""
-    from dualrpo_mcore.trainer import sft_cli
-    from dualrpo_mcore.trainer.sft_config import FLAGS, SFTConfig
+    from dualrpo_mcore.commands import sft as sft_cli
+    from dualrpo_mcore.commands.sft_config import FLAGS, SFTConfig
 
     values = {"--data": "d", "--out": "o", "--train-file": "t.parquet", "--init": "i", "--steps": "5",
               "--batch-size": "3", "--lr": "0.01", "--decay-fraction": "0.2", "--max-tokens": "100", "--tp": "2",

@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from dualrpo_mcore.verifiers.pool import STATUSES, VerifierPool, VerifierPoolError
+from dualrpo_mcore.verifiers.sandbox.pool import STATUSES, VerifierPool, VerifierPoolError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUDGET = 1.0

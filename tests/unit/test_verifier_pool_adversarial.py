@@ -15,8 +15,8 @@ import pytest
 import dualrpo_mcore.verifiers as verifiers
 from dualrpo_mcore.bench.verifiers import TASKS, mixed_batch
 from dualrpo_mcore.verifiers import VerifierPool, verify
-from dualrpo_mcore.verifiers.adversarial import FAMILIES, adversarial_corpus, markers_left
-from dualrpo_mcore.verifiers.pool import STATUSES
+from dualrpo_mcore.verifiers.sandbox.adversarial import FAMILIES, adversarial_corpus, markers_left
+from dualrpo_mcore.verifiers.sandbox.pool import STATUSES
 
 BUDGET = 2.0
 SLACK = 0.5

@@ -101,7 +101,7 @@ class QwenVLModel(MegatronModule):
         b, s = input_ids.shape
         if (b * s) % self.token_multiple:
             raise ValueError(f"a micro-batch of {b}x{s} tokens: FP8 GEMMs need a multiple of {self.token_multiple}; "
-                             f"pad it with dualrpo_mcore.trainer.microbatch.pad_tokens")
+                             f"pad it with dualrpo_mcore.actor.microbatch.pad_tokens")
         mask = geometry.causal_padding_mask(attention_mask, s, b, device=input_ids.device)
         decoder_input = self._embed(input_ids, pixel_values, image_grid_thw) if self.pre_process else None
         lm = self.language_model

@@ -1,7 +1,7 @@
 """How to build the policy beyond what its config.json says: numeric format, layer spec, recomputation.
 
 Defined once here. The trainer's model section (``actor.model``,
-:class:`dualrpo_mcore.trainer.config.ModelSourceConfig`) is these options plus where the weights come
+:class:`dualrpo_mcore.actor.config.ModelSourceConfig`) is these options plus where the weights come
 from, so a field, its docstring and its check exist in one place; :class:`~.model.QwenVLModel` takes
 either. Light on purpose (no Megatron import): configs are built and checked before any model is.
 """

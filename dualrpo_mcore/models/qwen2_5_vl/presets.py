@@ -189,3 +189,11 @@ _SMALL: Dict[str, Callable[..., Dict[str, Any]]] = {
     "scaled": _scaled,
     **{k: (lambda k=k: _bench(k)) for k in _BENCH},
 }
+
+
+def for_tokenizer(model_dir: str, hidden_size: int = 64, layers: int = 2, vision_depth: int = 2,
+                  vision_hidden: int = 32):
+    """A small ``Qwen2_5_VLConfig`` (the "scaled" preset) whose vocabulary, special ids and patch
+    geometry match the tokenizer/processor in ``model_dir`` (the SFT warm start's and ``tiny_cpu``'s)."""
+    return hf_config("scaled", hidden_size=hidden_size, layers=layers, vision_depth=vision_depth,
+                     vision_hidden=vision_hidden, **tokenizer_overrides(model_dir))

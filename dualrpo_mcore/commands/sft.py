@@ -20,7 +20,7 @@ from typing import Any, Dict, List
 
 import torch
 
-from . import batching
+from dualrpo_mcore.actor import batching
 
 log = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -29,8 +29,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``--set KEY=VALUE`` on :class:`~.sft_config.SFTConfig`, and its flags, each an alias of one entry."""
-    from .overrides import add_alias, add_set_argument
-    from .sft_config import FLAGS
+    from dualrpo_mcore.trainer.overrides import add_alias, add_set_argument
+    from dualrpo_mcore.commands.sft_config import FLAGS
 
     add_set_argument(parser, "optim.adam_beta2=0.99 or micro.max_tokens=2048")
     for flag, (path, help) in FLAGS.items():
@@ -40,20 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args):
     """The :class:`~.sft_config.SFTConfig` of the command line (defaults, then its entries in order)."""
-    from .overrides import apply_overrides
-    from .sft_config import SFTConfig
+    from dualrpo_mcore.trainer.overrides import apply_overrides
+    from dualrpo_mcore.commands.sft_config import SFTConfig
 
     return apply_overrides(SFTConfig, getattr(args, "overrides", []))
-
-
-def tiny_config_for_tokenizer(model_dir: str, hidden_size: int = 64, layers: int = 2, vision_depth: int = 2,
-                              vision_hidden: int = 32):
-    """A small ``Qwen2_5_VLConfig`` (the "scaled" preset) whose vocabulary, special ids and patch
-    geometry match the tokenizer/processor in ``model_dir``."""
-    from dualrpo_mcore.models.qwen2_5_vl import presets
-
-    return presets.hf_config("scaled", hidden_size=hidden_size, layers=layers, vision_depth=vision_depth,
-                             vision_hidden=vision_hidden, **presets.tokenizer_overrides(model_dir))
 
 
 def sft_rows(prompts, tokenizer) -> List[Dict[str, Any]]:
@@ -69,7 +59,7 @@ def sft_rows(prompts, tokenizer) -> List[Dict[str, Any]]:
 
 
 def _actor(cfg, hf_config, hf_state_dict):
-    from .actor import Actor
+    from dualrpo_mcore.actor.actor import Actor
 
     return Actor(cfg.actor_config(hf_config), hf_state_dict=hf_state_dict)
 
@@ -82,7 +72,9 @@ def _initial_model(cfg, model_dir):
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(cfg.init, dtype=torch.float32)
         return AutoConfig.from_pretrained(cfg.init), model.state_dict()
     t = cfg.tiny
-    hf = tiny_config_for_tokenizer(model_dir, t.hidden_size, t.layers, t.vision_depth, t.vision_hidden)
+    from dualrpo_mcore.models.qwen2_5_vl.presets import for_tokenizer
+
+    hf = for_tokenizer(model_dir, t.hidden_size, t.layers, t.vision_depth, t.vision_hidden)
     torch.manual_seed(cfg.seed)
     return hf, Qwen2_5_VLForConditionalGeneration(hf).float().state_dict()
 

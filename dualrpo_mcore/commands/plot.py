@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
-from .metrics import HELDOUT, HELDOUT_LEVELS, JSONL_NAME, read_jsonl
+from dualrpo_mcore.trainer.metrics import HELDOUT, HELDOUT_LEVELS, JSONL_NAME, read_jsonl
 
 ACC_PREFIX = "acc/"
 HELDOUT_PREFIX = HELDOUT + ACC_PREFIX
@@ -226,7 +226,7 @@ def plot_intervals(runs: Sequence[Run], out: str) -> Optional[str]:
     per-prompt results."""
     import matplotlib.pyplot as plt
 
-    from .bootstrap import LEVEL, run_intervals
+    from dualrpo_mcore.trainer.bootstrap import LEVEL, run_intervals
 
     found = run_intervals({r.label: r.path for r in runs})
     if not found["rl"]:

@@ -27,12 +27,12 @@ import torch.distributed as dist
 from dualrpo_mcore.algo import aggregation_count, kl_coefficient, make_normalizer, masked_mean, policy_loss
 from dualrpo_mcore.ops import IGNORE_INDEX, fused_head, token_stats
 
-from . import batching, megatron_setup
-from .badsteps import BadStepGuard
-from .config import ActorConfig
-from .microbatch import pad_tokens, partition
-from .reduction import reduce_metric
-from .schedule import lr_factor
+from dualrpo_mcore.actor import batching, megatron_setup
+from dualrpo_mcore.actor.badsteps import BadStepGuard
+from dualrpo_mcore.actor.config import ActorConfig
+from dualrpo_mcore.actor.microbatch import pad_tokens, partition
+from dualrpo_mcore.actor.reduction import reduce_metric
+from dualrpo_mcore.actor.schedule import lr_factor
 
 log = logging.getLogger(__name__)
 STATS = ("logprob", "entropy", "self_certainty")

@@ -15,7 +15,7 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 
-from .config import ActorConfig, ModelSourceConfig
+from dualrpo_mcore.actor.config import ActorConfig, ModelSourceConfig
 
 log = logging.getLogger(__name__)
 # Megatron's buffers call the torch collectives under their pre-2.10 names; torch warns on every
@@ -28,7 +28,7 @@ def resolve_model_config(src: ModelSourceConfig):
     """The :class:`QwenVLConfig` of the configured source (:mod:`.model_source` resolves every kind)."""
     from dualrpo_mcore.models.qwen2_5_vl import from_hf
 
-    from .model_source import hf_config_source
+    from dualrpo_mcore.actor.model_source import hf_config_source
 
     return from_hf(hf_config_source(src))
 

@@ -9,7 +9,7 @@ scores 0 with status ``crash``. Other statuses come from the scorer: ``ok``, ``b
 
 Design, and why:
 
-* Workers are ``python -m dualrpo_mcore.verifiers.worker`` subprocesses (see that module for the
+* Workers are ``python -m dualrpo_mcore.verifiers.sandbox.worker`` subprocesses (see that module for the
   wire protocol and the in-worker hardening). Frames are length-prefixed JSON; nothing on the
   reward path is pickled or eval'd, and the parent parses worker output defensively (size cap,
   strict shape) because a worker is exactly the process that has touched untrusted input.
@@ -45,9 +45,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-from dualrpo_mcore.verifiers.worker import (
-    DEFAULT_WARMUP, EXIT_MEMORY, HEADER, encode_frame, worker_command, worker_env,
-)
+from dualrpo_mcore.verifiers.sandbox.worker import DEFAULT_WARMUP, EXIT_MEMORY, HEADER, encode_frame, worker_command, worker_env
 
 STATUSES = ("ok", "timeout", "crash", "error", "bad_spec", "unparsable")
 DEFAULT_SCORER = "dualrpo_mcore.verifiers.scoring:score_with_info"

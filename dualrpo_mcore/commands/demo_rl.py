@@ -1,5 +1,5 @@
 """The RL stage of ``dualrpo demo``, run on every rank under ``torchrun`` (``python -m
-dualrpo_mcore.trainer.demo_rl ...``).
+dualrpo_mcore.commands.demo_rl ...``).
 
 It is :func:`.loop.train` on the ``tiny_cpu`` recipe plus the driver's ``--set`` overrides, with two
 hooks: a wall-clock deadline (``should_stop``; rank 0's clock decides, every rank stops at the same
@@ -17,7 +17,7 @@ import time
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="dualrpo_mcore.trainer.demo_rl")
+    p = argparse.ArgumentParser(prog="dualrpo_mcore.commands.demo_rl")
     p.add_argument("--data", required=True)
     p.add_argument("--init", required=True)
     p.add_argument("--out", required=True, help="run directory")
@@ -33,8 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build_config(args):
     """``tiny_cpu`` on the demo's data, the held-out split evaluated before the first update and after
     the last, then the driver's overrides (through the validated override path)."""
-    from .overrides import apply_overrides
-    from .recipes import build_recipe
+    from dualrpo_mcore.trainer.overrides import apply_overrides
+    from dualrpo_mcore.trainer.recipes import build_recipe
 
     heldout = os.path.join(args.data, "heldout.parquet")
     if not os.path.exists(heldout):
@@ -65,9 +65,9 @@ class DemoHooks:
         return True
 
     def after_run(self, ctx, last: int) -> None:
-        from .context import _hf_config, broadcast
-        from .evaluation import eval_path, evaluate
-        from .sft_cli import save_hf
+        from dualrpo_mcore.trainer.context import _hf_config, broadcast
+        from dualrpo_mcore.trainer.evaluation import eval_path, evaluate
+        from dualrpo_mcore.commands.sft import save_hf
 
         run_dir, args = ctx.cfg.logging.run_dir, self.args
         if not broadcast(os.path.exists(eval_path(run_dir, last))):  # a resumed run that had no step left
@@ -100,8 +100,8 @@ def main(argv=None) -> int:
 
     from dualrpo_mcore.parallel import teardown
 
-    from .context import Hooks
-    from .loop import train
+    from dualrpo_mcore.trainer.context import Hooks
+    from dualrpo_mcore.trainer.loop import train
 
     args = parse_args(argv)
     demo = DemoHooks(args)

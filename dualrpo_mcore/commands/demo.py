@@ -130,7 +130,7 @@ def rl_overrides(args) -> List[str]:
 
 def _rl_command(args, data: str, run_dir: str, hf_dir: str, deadline: float) -> List[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
-           "-m", "dualrpo_mcore.trainer.demo_rl", "--data", data, "--init", os.path.join(data, "sft"),
+           "-m", "dualrpo_mcore.commands.demo_rl", "--data", data, "--init", os.path.join(data, "sft"),
            "--out", run_dir, "--hf-out", hf_dir, "--deadline", f"{deadline:.1f}", "--no-progress",
            *[a for item in rl_overrides(args) for a in ("--set", item)]]
     if args.resume:
@@ -165,7 +165,7 @@ def intervals_table(out: str, mode: str) -> Dict:
     the other reward mode's run sits beside it, of DualRPO's "after" minus GRPO's on the same prompts.
     ``{"available": False, "reason": ...}`` when the eval files carry no per-prompt results or do not pair:
     the table is still worth printing without them."""
-    from .bootstrap import run_intervals
+    from dualrpo_mcore.trainer.bootstrap import run_intervals
 
     # DualRPO first, so a comparison reads DualRPO - GRPO whichever mode this invocation ran.
     runs = {m: os.path.join(out, f"run_{m}") for m in ("dualrpo", "grpo") if m == mode or
@@ -242,9 +242,9 @@ def print_table(table: Dict, mode: str) -> None:
 
 def _check_rl_config(rl_cmd: List[str]) -> None:
     """Build the RL stage's config here, so a bad ``--set`` fails now and not after minutes of SFT."""
-    from . import demo_rl
+    from dualrpo_mcore.commands import demo_rl
 
-    argv = rl_cmd[rl_cmd.index("dualrpo_mcore.trainer.demo_rl") + 1:]
+    argv = rl_cmd[rl_cmd.index("dualrpo_mcore.commands.demo_rl") + 1:]
     try:
         demo_rl.build_config(demo_rl.parse_args(argv))
     except ValueError as e:
@@ -317,7 +317,7 @@ def run(args) -> int:
     print(f"\n[demo] {table['rl_steps']} RL steps; total {table['total_seconds']:.0f}s ({stages})")
     print(f"[demo] policy: {table['hf_dir']}  plots: {table['plots']}  "
           f"results: {os.path.join(args.out, 'results_' + args.reward_mode + '.json')}", flush=True)
-    from .plot import INTERVAL_FIGURE
+    from dualrpo_mcore.commands.plot import INTERVAL_FIGURE
 
     figure = os.path.join(table["plots"], INTERVAL_FIGURE)
     if os.path.isfile(figure):

@@ -27,8 +27,8 @@ _LAYOUT = ("actor.parallel.tp", "actor.parallel.pp")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .overrides import add_alias, add_set_argument
-    from .recipes import RECIPES, SETTINGS
+    from dualrpo_mcore.trainer.overrides import add_alias, add_set_argument
+    from dualrpo_mcore.trainer.recipes import RECIPES, SETTINGS
 
     parser.add_argument("--recipe", default="tiny_cpu", choices=RECIPES.names(), help="config recipe")
     parser.add_argument("--data", required=True, help="data directory (`dualrpo data synth` output)")
@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args):
     """The recipe's config with the command line's ``--set`` entries and alias flags, in their order."""
-    from .recipes import build_recipe
+    from dualrpo_mcore.trainer.recipes import build_recipe
 
     return build_recipe(args.recipe, args.data, args.init, args.out, getattr(args, "overrides", []))
 
@@ -92,7 +92,7 @@ def _teardown() -> None:
 def run(args) -> int:
     import torch.distributed as dist
 
-    from .storage import CheckpointLoadError, StorageError
+    from dualrpo_mcore.trainer.storage import CheckpointLoadError, StorageError
 
     if args.init and not os.path.isdir(args.init):
         print(f"dualrpo train: --init {args.init} is not a directory", file=sys.stderr)
@@ -106,8 +106,8 @@ def run(args) -> int:
     if problem:
         print(problem, file=sys.stderr)
         return 2
-    from .loop import train
-    from .preempt import REQUEUE_EXIT, Preempted
+    from dualrpo_mcore.trainer.loop import train
+    from dualrpo_mcore.trainer.preempt import REQUEUE_EXIT, Preempted
 
     try:
         records = train(cfg)

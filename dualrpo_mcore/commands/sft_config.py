@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .config import ActorConfig, MicroBatchConfig, ModelSourceConfig, OptimConfig, ParallelConfig
+from dualrpo_mcore.actor.config import ActorConfig, MicroBatchConfig, ModelSourceConfig, OptimConfig, ParallelConfig
 
 
 class SFTOptimConfig(OptimConfig):
@@ -70,7 +70,7 @@ class SFTConfig:
     """Rows per update per data-parallel rank."""
     optim: OptimConfig = field(default_factory=lambda: SFTOptimConfig(lr=2e-3, grad_clip=1.0, decay_fraction=0.1))
     """Optimizer: 5% warm-up, constant, then a linear decay over the last ``decay_fraction`` (0.1:
-    ending at the constant peak leaves the warm start at a noisy point, see ``trainer/schedule.py``)."""
+    ending at the constant peak leaves the warm start at a noisy point, see ``actor/schedule.py``)."""
     micro: MicroBatchConfig = field(default_factory=lambda: SFTMicroBatchConfig(max_tokens=4096))
     """Tokens per micro-batch."""
     parallel: ParallelConfig = field(default_factory=SFTParallelConfig)

@@ -25,7 +25,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from dualrpo_mcore.models.qwen2_5_vl.config import RECOMPUTE
 
-from . import memory as M
+from dualrpo_mcore.planner import memory as M
 
 DEFAULT_GPU_GB = 80.0
 TEXT_TOKENS = 256  # text tokens of a prompt besides its images, when the recipe does not cap prompts
@@ -79,7 +79,7 @@ def _check_args(a) -> None:
 
 def _recipe_inputs(a) -> Dict[str, Any]:
     """What the plan needs from a recipe's RLConfig (overridable flags applied later)."""
-    from dualrpo_mcore.trainer.megatron_setup import resolve_model_config
+    from dualrpo_mcore.actor.megatron_setup import resolve_model_config
     from dualrpo_mcore.trainer.recipes import build_recipe
 
     data = a.data or tempfile.mkdtemp(prefix="dualrpo-plan-")
@@ -125,7 +125,7 @@ def _recipe_world(name: str) -> Optional[Tuple[int, int]]:
 def _preset_inputs(a) -> Dict[str, Any]:
     from dualrpo_mcore.data import DataConfig
     from dualrpo_mcore.models.qwen2_5_vl import from_hf, presets
-    from dualrpo_mcore.trainer.config import ModelSourceConfig  # the actor's default for the head
+    from dualrpo_mcore.actor.config import ModelSourceConfig
 
     try:
         model = from_hf(presets.hf_config_dict(a.preset))

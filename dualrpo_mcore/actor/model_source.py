@@ -11,7 +11,7 @@ import json
 import os
 from typing import Any
 
-from .config import ModelSourceConfig
+from dualrpo_mcore.actor.config import ModelSourceConfig
 
 
 def hf_config_source(src: ModelSourceConfig) -> Any:

@@ -1,6 +1,6 @@
-"""One sandboxed verifier worker: ``python -m dualrpo_mcore.verifiers.worker --scorer MOD:FN``.
+"""One sandboxed verifier worker: ``python -m dualrpo_mcore.verifiers.sandbox.worker --scorer MOD:FN``.
 
-Started only by :class:`dualrpo_mcore.verifiers.pool.VerifierPool`. Model output is untrusted,
+Started only by :class:`dualrpo_mcore.verifiers.sandbox.pool.VerifierPool`. Model output is untrusted,
 so the worker is the blast radius: whatever a response makes the scorer do (run for hours,
 allocate 10 GB, overflow the C stack, try to run a shell) stays in this process, which the
 parent can kill and replace.
@@ -162,7 +162,7 @@ def _send(out, obj: dict) -> None:
 def worker_command(scorer: str, max_memory_mb: int, parent_pid: int, warmup_json: str,
                    imports=()) -> list:
     """argv of a worker: no user site-packages, no bytecode writes."""
-    cmd = [sys.executable, "-s", "-B", "-m", "dualrpo_mcore.verifiers.worker", "--scorer", scorer,
+    cmd = [sys.executable, "-s", "-B", "-m", "dualrpo_mcore.verifiers.sandbox.worker", "--scorer", scorer,
            "--max-memory-mb", str(max_memory_mb), "--parent-pid", str(parent_pid), "--pdeathsig",
            "--warmup", warmup_json]
     for module in imports:
@@ -260,7 +260,7 @@ def _warm(scorer, warmup_json: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dualrpo_mcore.verifiers.worker")
+    parser = argparse.ArgumentParser(prog="dualrpo_mcore.verifiers.sandbox.worker")
     parser.add_argument("--scorer", required=True, help="module:function to call per sample")
     parser.add_argument("--max-memory-mb", type=int, default=2048)
     parser.add_argument("--parent-pid", type=int, default=0)
