@@ -11,7 +11,9 @@ job script's EXIT trap (``launch.nemo.exit_lines``) restores 75 and, with ``--re
 * a time limit: ``--time 2 --signal USR1@45`` warns the job (Slurm checks limits every 30 s and sends
   the warning at the first check within 30 s of its time: 45 to 75 s after the start, well after the
   trainer's start-up, 15 to 40 s here), the step in flight is checkpointed, the job ends FAILED 75:0
-  before its limit, and ``dualrpo launch`` says so and exits 75.
+  before its limit, and ``dualrpo launch`` says so and exits 75;
+* SIGKILL of torchrun and the trainers (a dead node): nothing runs on the way out; a relaunch with ``--resume auto`` loses only the steps
+  after the newest checkpoint and ends with the uninterrupted run's losses.
 """
 import os
 import subprocess
@@ -179,3 +181,63 @@ def test_time_limit_warning_checkpoints_and_exits_75(slurm, slurm_data, tmp_path
     assert done[-1] == int(marker["step"]) and checkpoints(out) == [f"step_{done[-1]:08d}"]
     elapsed = slurm.run("sacct", "-X", "-n", "-P", "-j", str(job_id), "-o", "ElapsedRaw").stdout.split()
     assert int(elapsed[-1]) < 120, f"the job ran {elapsed} s: into its 2-minute limit"
+
+
+def _kill_trainers(out):
+    """SIGKILL every process whose command line trains into ``out`` (torchrun and its workers, not the
+    ``dualrpo launch`` that submitted them); returns their pids."""
+    import signal
+
+    pids = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "train" in argv and "launch" not in argv and out in argv:
+            pids.append(int(pid))
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return pids
+
+
+@pytest.mark.slurm
+def test_hard_kill_loses_only_the_steps_after_the_last_checkpoint(slurm, slurm_data, tmp_path, baseline):
+    """SIGKILL of torchrun and the trainers: no handler runs, no marker, the job FAILED (not 75). Every step recorded up to
+    then has a record, a step is checkpointed only after its record (checkpoint.every=1 here), and a
+    second launch with ``--resume auto`` redoes only what came after the newest checkpoint: the steps
+    end with one record each and the uninterrupted run's losses, bitwise."""
+    out = str(tmp_path / "run")
+    before = job_ids(slurm)
+    proc = subprocess.Popen(launch_argv(slurm_data, out, "--tp", "2", train=["--steps", "4"]), cwd=ROOT,
+                            env=launch_env(slurm, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        job_id = new_job(slurm, before)
+        wait_for_loss(slurm, job_id, out, time.monotonic() + 180)
+        # SIGKILL, with no grace, to torchrun and the trainers (the cluster's nodes are this machine): the way
+        # a node dies or the OOM killer strikes. (`scancel -s KILL` of the job lets slurmstepd send SIGTERM
+        # first, and the trainers then checkpoint: that is the preemption path, tested above.)
+        killed = _kill_trainers(out)
+        assert killed, "found no trainer process of the job to kill"
+        proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    state, code, _ = sacct(slurm, job_id)
+    assert state == "FAILED" and code != f"{preempt.REQUEUE_EXIT}:0", (state, code)  # a failure, not a requeue
+    assert preempt.read_marker(out) is None  # nothing ran on the way out
+    recorded = sorted(losses(out))
+    # A save cut short stays a step_N.tmp directory, which is never loaded.
+    kept = [int(c[len("step_"):]) for c in checkpoints(out) if not c.endswith(".tmp")]
+    assert max(kept, default=0) in (recorded[-1], recorded[-1] - 1), (recorded, kept)  # record, then checkpoint
+    p = launch(slurm, tmp_path, slurm_data, out, "--tp", "2", train=["--steps", "4", "--resume", "auto"])
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert [r["step"] for r in records(out) if r["step"] > 0] == [1, 2, 3, 4]
+    assert losses(out) == losses(baseline[0])
