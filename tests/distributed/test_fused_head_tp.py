@@ -14,6 +14,7 @@ import torch.distributed as dist
 from dualrpo_mcore.ops import load_extension
 from dualrpo_mcore.parallel.spawn import run_distributed
 from helpers.close import assert_close
+from helpers.collectives import count_collectives
 
 VOCAB, PAD, ROWS, HID, TEMP = 37, 5, 19, 12, 0.7
 BOUNDS = {1: [0, 42], 2: [0, 20, 42], 3: [0, 15, 30, 42]}  # over the 42 padded weight rows
@@ -21,15 +22,6 @@ DTYPES = [torch.float32, torch.bfloat16]
 BACKENDS = ["torch"] + (["ext"] if load_extension() is not None else [])
 
 
-def _count_collectives(counter):
-    for name in ["all_gather", "all_gather_into_tensor", "all_reduce", "broadcast", "reduce_scatter",
-                 "reduce_scatter_tensor", "gather", "all_to_all", "all_to_all_single"]:
-        fn = getattr(dist, name)
-
-        def wrapped(*a, _fn=fn, _name=name, **k):
-            counter.append(_name)
-            return _fn(*a, **k)
-        setattr(dist, name, wrapped)
 
 
 def _rank_fn(rank, world_size, cases):
@@ -37,7 +29,7 @@ def _rank_fn(rank, world_size, cases):
     from dualrpo_mcore.ops import fused_head
 
     calls = []
-    _count_collectives(calls)
+    count_collectives(calls)
     results = {}
     for tp in sorted(BOUNDS):
         group = dist.new_group(list(range(tp)))  # every rank of the world calls new_group

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from dualrpo_mcore.ops import load_error, load_extension
 from dualrpo_mcore.parallel.spawn import run_distributed
 from helpers.close import assert_close
+from helpers.collectives import count_collectives
 from helpers.token_stats_ref import awkward_inputs, reference_with_grads, tolerance
 
 VOCAB, PAD, ROWS, TEMP = 37, 4, 10, 0.7
@@ -22,16 +23,6 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 BACKENDS = ["torch"] + (["ext"] if load_extension() is not None else [])
 
 
-def _count_collectives(counter):
-    """Wrap the torch.distributed collectives so the test can count what token_stats issues."""
-    for name in ["all_gather", "all_gather_into_tensor", "all_reduce", "broadcast", "reduce_scatter",
-                 "reduce_scatter_tensor", "gather", "all_to_all", "all_to_all_single"]:
-        fn = getattr(dist, name)
-
-        def wrapped(*a, _fn=fn, _name=name, **k):
-            counter.append(_name)
-            return _fn(*a, **k)
-        setattr(dist, name, wrapped)
 
 
 def _rank_fn(rank, world_size, cases):
@@ -39,7 +30,7 @@ def _rank_fn(rank, world_size, cases):
     from dualrpo_mcore.ops import token_stats
 
     calls = []
-    _count_collectives(calls)
+    count_collectives(calls)
     results = {}
     for tp in sorted(BOUNDS):
         group = dist.new_group(list(range(tp)))  # collective over the world: every rank calls it

@@ -8,17 +8,12 @@ backward stays far below one [T, V] logits tensor.
 import pytest
 import torch
 
-from dualrpo_mcore.ops import fused_head, load_extension
+from dualrpo_mcore.ops import fused_head
+from helpers.backends import cuda_kernel_marks
 from helpers.close import assert_close
 from helpers.token_stats_ref import IGNORE, reference
 
-EXT = load_extension()
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the cuBLAS + CUDA kernel path needs a GPU"),
-    pytest.mark.skipif(EXT is None or not EXT.has_cuda(),
-                       reason="dualrpo_mcore._C was built without CUDA (needs a CUDA torch and nvcc)"),
-]
+pytestmark = cuda_kernel_marks("the cuBLAS + CUDA kernel path")
 TEMP = 0.7
 
 

@@ -8,18 +8,13 @@ the per-shard partials with the same merge the all-gather path uses.
 import pytest
 import torch
 
-from dualrpo_mcore.ops import _ext, load_extension
+from dualrpo_mcore.ops import _ext
 from dualrpo_mcore.ops.token_stats import merge, token_stats
+from helpers.backends import cuda_kernel_marks
 from helpers.close import assert_close
 from helpers.token_stats_ref import awkward_inputs, reference_with_grads, tolerance
 
-EXT = load_extension()
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the CUDA kernel needs a GPU"),
-    pytest.mark.skipif(EXT is None or not EXT.has_cuda(),
-                       reason="dualrpo_mcore._C was built without CUDA (needs a CUDA torch and nvcc)"),
-]
+pytestmark = cuda_kernel_marks("the CUDA kernel")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 

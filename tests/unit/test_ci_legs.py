@@ -21,7 +21,7 @@ def test_leg_skips_with_the_reason_where_no_python312_exists(tmp_path):
     if any(os.path.exists(os.path.join(d, "python3.12")) for d in ("/usr/bin", "/bin")):
         import pytest
 
-        pytest.skip("this machine has a system Python 3.12: the leg would run, not skip")
+        pytest.skip(reason="this machine has a system Python 3.12: the leg would run, not skip")
     res = subprocess.run(["bash", str(ROOT / "scripts" / "test_py312.sh")], env=env, capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0, res.stderr

@@ -67,7 +67,7 @@ def test_spec_text_puts_the_lower_bound_first():
 def test_installed_package_declares_the_megatron_range():
     own = env.own_requirements()
     if own is None:
-        pytest.skip("dualrpo-mcore is not installed as a distribution here (source tree only)")
+        pytest.skip(reason="dualrpo-mcore is not installed as a distribution here (source tree only)")
     reqs, extras = own
     assert any(r.replace(" ", "").startswith("megatron-core") and "<0.20" in r for r in reqs), reqs
     assert {"sglang", "te", "launch", "test"} <= set(extras)
@@ -86,7 +86,7 @@ def test_command_fails_naming_package_and_range(capsys, monkeypatch):
 
     own = env.own_requirements()
     if own is None:
-        pytest.skip("dualrpo-mcore is not installed as a distribution here (source tree only)")
+        pytest.skip(reason="dualrpo-mcore is not installed as a distribution here (source tree only)")
     declared = next(Requirement(r) for r in own[0] if r.startswith("megatron-core"))
     real = env.installed_version
     monkeypatch.setattr(env, "installed_version",

@@ -8,17 +8,12 @@ temperature, ignore labels, a row mask, fp32/bf16/fp16 and both backends (compil
 import pytest
 import torch
 
-from dualrpo_mcore.ops import fused_head, load_error, load_extension
+from dualrpo_mcore.ops import fused_head, load_error
 from dualrpo_mcore.ops.fused_head import chunk_rows
+from helpers.backends import BACKENDS, HAS_EXT
 from helpers.close import assert_close
 from helpers.token_stats_ref import IGNORE, reference
 
-HAS_EXT = load_extension() is not None
-BACKENDS = [
-    pytest.param("torch", id="fallback"),
-    pytest.param("ext", id="kernel", marks=pytest.mark.skipif(
-        not HAS_EXT, reason=f"compiled extension not built here: {load_error()}")),
-]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 T, H, VOCAB, PAD, TEMP = 29, 24, 53, 7, 0.7
 

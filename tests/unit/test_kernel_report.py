@@ -46,7 +46,7 @@ def test_missing_kernel_warns_with_the_load_error(monkeypatch):
 def test_cuda_device_without_cuda_kernel_is_not_the_fastest():
     paths = report.kernel_paths(torch.device("cuda"))
     if all(p.path == "CUDA" for p in paths):
-        pytest.skip("this build registers the CUDA kernel: nothing to warn about")
+        pytest.skip(reason="this build registers the CUDA kernel: nothing to warn about")
     assert all(p.fastest == "CUDA" and not p.is_fastest for p in paths)
     assert any(line.startswith("WARNING") and "not CUDA" in line for line in report.describe(paths))
 
@@ -77,7 +77,7 @@ def test_cuda_kernel_built_where_the_leg_requires_it():
     # scripts/test_py312.sh sets this when it built the CUDA kernel (a toolkit was found): the module
     # must then carry it, even though no GPU can run it here.
     if os.environ.get("DUALRPO_REQUIRE_CUDA_BUILD") != "1":
-        pytest.skip("DUALRPO_REQUIRE_CUDA_BUILD is not 1: this install may be CPU-only")
+        pytest.skip(reason="DUALRPO_REQUIRE_CUDA_BUILD is not 1: this install may be CPU-only")
     ext = _ext.load_extension()
     assert ext is not None, _ext.load_error()
     assert ext.has_cuda()

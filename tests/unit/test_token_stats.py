@@ -4,16 +4,11 @@ import os
 import pytest
 import torch
 
-from dualrpo_mcore.ops import TokenStats, load_error, load_extension, token_stats
+from dualrpo_mcore.ops import TokenStats, load_error, token_stats
+from helpers.backends import BACKENDS, HAS_EXT
 from helpers.close import assert_close
 from helpers.token_stats_ref import IGNORE, awkward_inputs, reference, reference_with_grads, tolerance
 
-HAS_EXT = load_extension() is not None
-BACKENDS = [
-    pytest.param("torch", id="fallback"),
-    pytest.param("ext", id="kernel", marks=pytest.mark.skipif(
-        not HAS_EXT, reason=f"compiled extension not built here: {load_error()}")),
-]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
