@@ -124,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor> head_grad(const at::Tensor& hidden, const at:
                                              const at::Tensor& labels, const std::optional<at::Tensor>& ref_hidden,
                                              const std::optional<at::Tensor>& ref_weight, const at::Tensor& stats,
                                              const at::Tensor& grads, int64_t vocab_start, int64_t n_real,
-                                             int64_t vocab_size, double inv_t, int64_t chunk_rows) {
+                                             int64_t vocab_size, double inv_t, int64_t chunk_rows, bool need_dw) {
   check_inputs(hidden, weight, labels, ref_hidden, ref_weight, n_real, chunk_rows);
   const int64_t rows = hidden.size(0);
   TORCH_CHECK(stats.dim() == 2 && stats.size(0) == rows && grads.dim() == 2 && grads.size(0) == rows, kOp,
@@ -137,8 +137,10 @@ std::tuple<at::Tensor, at::Tensor> head_grad(const at::Tensor& hidden, const at:
   // One chunk: a single GEMM writes dW, rounded once, as the unfused layer's; no fp32 buffer needed.
   const bool half = (weight.scalar_type() == at::kBFloat16 || weight.scalar_type() == at::kHalf) && rows > chunk_rows;
   at::Tensor dh = at::empty_like(h);
-  at::Tensor dw_full = at::zeros(weight.sizes(), weight.options().dtype(half ? at::kFloat : weight.scalar_type()));
-  at::Tensor dw = dw_full.narrow(0, 0, n_real);  // padding rows keep their zero gradient
+  // A frozen weight (need_dw false) skips the third GEMM; an empty tensor stands for "no gradient".
+  at::Tensor dw_full = need_dw ? at::zeros(weight.sizes(), weight.options().dtype(half ? at::kFloat : weight.scalar_type()))
+                               : at::empty({0}, weight.options());
+  at::Tensor dw = need_dw ? dw_full.narrow(0, 0, n_real) : dw_full;  // padding rows keep a zero gradient
   for (int64_t lo = 0; lo < rows; lo += chunk_rows) {
     const int64_t n = std::min(chunk_rows, rows - lo);
     Chunk c = chunk_logits(h, w, rh, rw, lo, n);
@@ -147,9 +149,9 @@ std::tuple<at::Tensor, at::Tensor> head_grad(const at::Tensor& hidden, const at:
     c = Chunk{};  // the logits go before dz's two GEMMs need their room
     auto dh_c = dh.narrow(0, lo, n);
     at::mm_out(dh_c, dz, w);
-    accumulate_dw(dw, dz, h.narrow(0, lo, n));
+    if (need_dw) accumulate_dw(dw, dz, h.narrow(0, lo, n));
   }
-  return {dh, half ? dw_full.to(weight.scalar_type()) : dw_full};
+  return {dh, half && need_dw ? dw_full.to(weight.scalar_type()) : dw_full};
 }
 
 }  // namespace
@@ -160,7 +162,7 @@ TORCH_LIBRARY_FRAGMENT(dualrpo, m) {
         "int vocab_start, int n_real, int vocab_size, float inv_t, int chunk_rows) -> Tensor");
   m.def("head_grad(Tensor hidden, Tensor weight, Tensor labels, Tensor? ref_hidden, Tensor? ref_weight, "
         "Tensor stats, Tensor grads, int vocab_start, int n_real, int vocab_size, float inv_t, "
-        "int chunk_rows) -> (Tensor, Tensor)");
+        "int chunk_rows, bool need_dw=True) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dualrpo, CPU, m) {

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from dualrpo_mcore.algo import aggregation_count, kl_coefficient, make_normalizer, masked_mean, policy_loss
-from dualrpo_mcore.ops import IGNORE_INDEX, fused_head, token_stats
+from dualrpo_mcore.ops import IGNORE_INDEX, fused_head, fused_head_loss, token_stats
 
 from dualrpo_mcore.actor import batching, megatron_setup
 from dualrpo_mcore.actor.badsteps import BadStepGuard
@@ -144,22 +144,42 @@ class Actor:
         # Column 0 has no prediction; off-response positions are zeroed so they can never leak.
         return {k: torch.cat([pad, getattr(ts, k).reshape(b, s - 1)], 1) * resp for k in STATS}
 
-    def _fused_stats(self, hidden: torch.Tensor, mb: Dict[str, Any], temperature: Optional[float],
-                     head) -> Dict[str, torch.Tensor]:
-        """As :meth:`_stats`, from the hidden states through ``ops.fused_head``: only response tokens
-        are projected onto the vocabulary, chunk by chunk, and no logits tensor is kept."""
+    def _head_rows(self, hidden: torch.Tensor, mb: Dict[str, Any], head):
+        """The fused head's inputs from the last stage's hidden states [s, b, H]: the rows predicting
+        each next token, their labels, the response mask over them (only those rows are projected onto
+        the vocabulary), the weight, and the map of per-row [T] statistics back to [b, s]."""
         s, b, _ = hidden.shape
         weight = head.output_weight()
         resp = mb["response_mask"].to(torch.float32)
         keep = mb["response_mask"][:, 1:].bool().reshape(-1)
         rows = hidden.transpose(0, 1)[:, :-1].reshape(b * (s - 1), -1).to(weight.dtype)
-        ts = fused_head(rows, weight,
-                        mb["input_ids"][:, 1:].reshape(-1), mask=keep,
-                        vocab_start=self.info.tp_rank * weight.shape[0], vocab_size=self.arch.vocab_size,
-                        group=self._groups()["tp"] if self.info.tp_size > 1 else None,
-                        temperature=self.temperature if temperature is None else temperature)
-        pad = hidden.new_zeros(b, 1, dtype=torch.float32)
-        return {k: torch.cat([pad, getattr(ts, k).reshape(b, s - 1)], 1) * resp for k in STATS}
+        pad = resp.new_zeros(b, 1)
+
+        def to_bs(ts) -> Dict[str, torch.Tensor]:
+            return {k: torch.cat([pad, getattr(ts, k).reshape(b, s - 1)], 1) * resp for k in STATS}
+
+        kw = dict(mask=keep, vocab_start=self.info.tp_rank * weight.shape[0], vocab_size=self.arch.vocab_size,
+                  group=self._groups()["tp"] if self.info.tp_size > 1 else None)
+        return rows, weight, mb["input_ids"][:, 1:].reshape(-1), kw, to_bs
+
+    def _fused_stats(self, hidden: torch.Tensor, mb: Dict[str, Any], temperature: Optional[float],
+                     head) -> Dict[str, torch.Tensor]:
+        """As :meth:`_stats`, from the hidden states through ``ops.fused_head``: only response tokens
+        are projected onto the vocabulary, chunk by chunk, and no logits tensor is kept."""
+        rows, weight, labels, kw, to_bs = self._head_rows(hidden, mb, head)
+        return to_bs(fused_head(rows, weight, labels, temperature=self.temperature if temperature is None
+                                else temperature, **kw))
+
+    def _fused_loss(self, hidden: torch.Tensor, mb: Dict[str, Any], head, loss_fn: LossFn,
+                    denominator: Optional[torch.Tensor]):
+        """The loss through ``ops.fused_head_loss``: its gradients are formed chunk by chunk in the
+        forward (three GEMMs, as the unfused head; ``fused_head`` would recompute the logits). Both of
+        the actor's losses (clipped surrogate + KL, and cross-entropy) are sums of per-token terms with
+        fixed weights, the op's contract."""
+        rows, weight, labels, kw, to_bs = self._head_rows(hidden, mb, head)
+        loss, _, metrics = fused_head_loss(rows, weight, labels, lambda ts: loss_fn(to_bs(ts), mb, denominator),
+                                           temperature=self.temperature, **kw)
+        return loss, metrics
 
     def _run(self, model, micro: List[Dict[str, Any]], loss_fn: Optional[LossFn], forward_only: bool,
              denominator: Optional[torch.Tensor] = None,
@@ -175,10 +195,13 @@ class Actor:
         head = _stage_module(model) if self.config.model.fused_head and self.info.is_last_stage else None
 
         def loss_func(mb, logits):
-            stats = self._stats(logits, mb, temperature, head)
             if forward_only:
+                stats = self._stats(logits, mb, temperature, head)
                 return logits.new_zeros(()), {k: v.detach() for k, v in stats.items()}
-            loss, metrics = loss_fn(stats, mb, denominator)
+            if head is not None:
+                loss, metrics = self._fused_loss(logits, mb, head, loss_fn, denominator)
+            else:
+                loss, metrics = loss_fn(self._stats(logits, mb, temperature), mb, denominator)
             return loss * scale, dict(metrics, loss=loss.detach(), tokens=mb["response_mask"][:, 1:].sum())
 
         def forward_step(data_iterator, m):

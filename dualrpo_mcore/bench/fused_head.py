@@ -6,7 +6,11 @@ outputs weighted by 1, producing d hidden and d weight:
 
 * ``unfused``  the output-layer GEMM (``hidden @ weight.T``, as Megatron's ColumnParallelLinear) and
   today's ``ops.token_stats`` on the stored logits;
-* ``fused``    ``ops.fused_head`` (chunked GEMM + statistics; logits never stored).
+* ``fused``    ``ops.fused_head`` (chunked GEMM + statistics; logits never stored; its backward
+  recomputes each chunk's logits: four GEMMs);
+* ``fused-loss`` ``ops.fused_head_loss`` with the same loss (the sum of the three statistics): the
+  gradients are formed in the forward while each chunk's logits are live (three GEMMs). The actor's
+  update runs this one; its log-prob passes run ``fused`` forward-only.
 
 Measured in one run, for each T: forward+backward time (the actor's update), forward-only time
 under ``no_grad`` (the log-prob passes), and peak extra memory during forward+backward beyond the
@@ -46,13 +50,26 @@ def _fused(h, w, y, backend, chunk_bytes):
     return tuple(fused_head(h, w, y, backend=backend, chunk_bytes=chunk_bytes))
 
 
-METHODS = {"unfused": _unfused, "fused": _fused}
+def _fused_loss(h, w, y, backend, chunk_bytes):
+    from dualrpo_mcore.ops import fused_head_loss
+
+    def loss_fn(ts):
+        return ts.logprob.sum() + ts.entropy.sum() + ts.self_certainty.sum(), None
+    return fused_head_loss(h, w, y, loss_fn, backend=backend, chunk_bytes=chunk_bytes)[0]
+
+
+METHODS = {"unfused": _unfused, "fused": _fused, "fused-loss": _fused_loss}
+FUSED = ("fused", "fused-loss")
 
 
 def _fwd_bwd(method, h0, w0, y, backend, chunk_bytes):
+    """Backward of the sum of the three statistics (all weighted by 1), whichever way it is formed."""
     h, w = h0.detach().requires_grad_(True), w0.detach().requires_grad_(True)
     outs = method(h, w, y, backend, chunk_bytes)
-    torch.autograd.backward(list(outs), [torch.ones_like(o) for o in outs])
+    if torch.is_tensor(outs):
+        outs.backward()
+    else:
+        torch.autograd.backward(list(outs), [torch.ones_like(o) for o in outs])
     return h.grad, w.grad
 
 
@@ -121,12 +138,15 @@ def run(args) -> List[Dict[str, Any]]:
             for _ in range(args.repeats):
                 secs, c, p = _measure_fwd_bwd(method, h, w, y, args.backend, chunk_bytes)
                 best, cpu, peak = min(best, secs), min(cpu, c), max(peak, p)
-            fwd, fwd_cpu = min(_time_forward(method, h, w, y, args.backend, chunk_bytes) for _ in range(args.repeats))
+            fwd, fwd_cpu = math.nan, math.nan  # fused-loss has no forward-only use (the passes run fused)
+            if name != "fused-loss":
+                fwd, fwd_cpu = min(_time_forward(method, h, w, y, args.backend, chunk_bytes)
+                                   for _ in range(args.repeats))
             results.append({"T": t, "V": v, "H": hdim, "dtype": str(dtype).split(".")[-1], "method": name,
                             "fwd_bwd_s": best, "fwd_only_s": fwd, "fwd_bwd_cpu_s": cpu, "fwd_only_cpu_s": fwd_cpu,
                             "peak_extra_bytes": peak,
                             "grads_bytes": grads_bytes, "head_extra_bytes": peak - grads_bytes,
-                            "chunk_bytes": chunk_bytes if name == "fused" else None})
+                            "chunk_bytes": chunk_bytes if name in FUSED else None})
             print(f"  T {t} {name}: fwd+bwd {best:.2f} s (CPU {cpu:.2f} s), fwd {fwd:.2f} s (CPU {fwd_cpu:.2f} s), "
                   f"peak extra {peak / 2**20:.0f} MiB",
                   file=sys.stderr, flush=True)
@@ -135,12 +155,14 @@ def run(args) -> List[Dict[str, Any]]:
 
 
 def ratios(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """fused / unfused per T (< 1 = the fused head is smaller or faster)."""
+    """fused / unfused and fused-loss / unfused per T (< 1 = smaller or faster than unfused)."""
     out = []
-    for t in sorted({r["T"] for r in results}):
+    for t, name in [(t, n) for t in sorted({r["T"] for r in results}) for n in FUSED]:
         by = {r["method"]: r for r in results if r["T"] == t}
-        f, u = by["fused"], by["unfused"]
-        out.append({"T": t, "time_fwd_bwd": f["fwd_bwd_s"] / u["fwd_bwd_s"],
+        if name not in by:
+            continue
+        f, u = by[name], by["unfused"]
+        out.append({"T": t, "method": name, "time_fwd_bwd": f["fwd_bwd_s"] / u["fwd_bwd_s"],
                     "time_fwd_only": f["fwd_only_s"] / u["fwd_only_s"],
                     "cpu_time_fwd_bwd": f["fwd_bwd_cpu_s"] / u["fwd_bwd_cpu_s"],
                     "cpu_time_fwd_only": f["fwd_only_cpu_s"] / u["fwd_only_cpu_s"],
@@ -151,17 +173,17 @@ def ratios(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 def print_table(results: List[Dict[str, Any]]) -> None:
     mib = 2**20
-    print(f"{'T':>6} {'method':>8} {'fwd+bwd s':>10} {'(CPU s)':>8} {'fwd s':>7} {'(CPU s)':>8} "
+    print(f"{'T':>6} {'method':>10} {'fwd+bwd s':>10} {'(CPU s)':>8} {'fwd s':>7} {'(CPU s)':>8} "
           f"{'peak extra MiB':>15} {'head extra MiB':>15}")
     for r in results:
-        print(f"{r['T']:>6} {r['method']:>8} {r['fwd_bwd_s']:>10.2f} {r['fwd_bwd_cpu_s']:>8.2f} {r['fwd_only_s']:>7.2f} "
+        print(f"{r['T']:>6} {r['method']:>10} {r['fwd_bwd_s']:>10.2f} {r['fwd_bwd_cpu_s']:>8.2f} {r['fwd_only_s']:>7.2f} "
               f"{r['fwd_only_cpu_s']:>8.2f} {r['peak_extra_bytes'] / mib:>15.0f} {r['head_extra_bytes'] / mib:>15.0f}")
-    print(f"\n{'T':>6} {'wall fwd+bwd':>13} {'CPU fwd+bwd':>12} {'wall fwd':>9} {'CPU fwd':>8} {'peak extra':>11} "
+    print(f"\n{'T':>6} {'method':>10} {'wall fwd+bwd':>13} {'CPU fwd+bwd':>12} {'wall fwd':>9} {'CPU fwd':>8} {'peak extra':>11} "
           f"{'head extra':>11}   (fused / unfused)")
     for q in ratios(results):
-        print(f"{q['T']:>6} {q['time_fwd_bwd']:>12.2f}x {q['cpu_time_fwd_bwd']:>11.2f}x {q['time_fwd_only']:>8.2f}x "
+        print(f"{q['T']:>6} {q['method']:>10} {q['time_fwd_bwd']:>12.2f}x {q['cpu_time_fwd_bwd']:>11.2f}x {q['time_fwd_only']:>8.2f}x "
               f"{q['cpu_time_fwd_only']:>7.2f}x {q['peak_extra']:>10.3f}x {q['head_extra']:>10.3f}x")
     print("CPU = process CPU time (steadier than wall time on a shared machine). "
           "head extra = peak extra minus d hidden and d weight (both methods return them). Goals: head extra "
-          "<= 0.125x at the largest T; time <= 1.1x on the CPU. fused backward recomputes the logits: "
-          "4 GEMMs against 3.")
+          "<= 0.125x at the largest T; time <= 1.1x on the CPU. fused backward recomputes the logits "
+          "(4 GEMMs against 3); fused-loss (the actor's update) forms the gradients in the forward (3).")

@@ -3,10 +3,12 @@
 ``token_stats`` runs the compiled kernel (C++ on CPU, CUDA on GPU) when ``dualrpo_mcore._C`` is
 built, else a pure-torch fallback with the same semantics (logged once). ``fused_head`` is the
 output layer fused with the same statistics, in token chunks, so the logits are never stored
-(``fused_head.py``).
+(``fused_head.py``); ``fused_head_loss`` adds a token-separable loss and forms the gradients in the
+same pass (``fused_head_loss.py``).
 """
 from ._ext import BACKEND_ENV, load_error, load_extension
 from .fused_head import fused_head
+from .fused_head_loss import fused_head_loss
 from .token_stats import IGNORE_INDEX, TokenStats, token_stats
 
-__all__ = ["token_stats", "fused_head", "TokenStats", "IGNORE_INDEX", "BACKEND_ENV", "load_extension", "load_error"]
+__all__ = ["token_stats", "fused_head", "fused_head_loss", "TokenStats", "IGNORE_INDEX", "BACKEND_ENV", "load_extension", "load_error"]

@@ -70,11 +70,12 @@ def _torch_partials(h, w, labels, rh, rw, vocab_start, n_real, vocab_size, inv_t
     return out
 
 
-def _torch_grad(h, w, labels, rh, rw, stats, grads, vocab_start, n_real, vocab_size, inv_t, rows_per_chunk):
+def _torch_grad(h, w, labels, rh, rw, stats, grads, vocab_start, n_real, vocab_size, inv_t, rows_per_chunk,
+               need_dw=True):
     half = w.dtype in (torch.bfloat16, torch.float16) and h.shape[0] > rows_per_chunk  # as in csrc/
     wr, rwr = w[:n_real], None if rw is None else rw[:n_real]
     dh = torch.empty_like(h)
-    dw = torch.zeros(w.shape, dtype=torch.float32 if half else w.dtype, device=w.device)
+    dw = torch.zeros(w.shape if need_dw else (0,), dtype=torch.float32 if half else w.dtype, device=w.device)
     for lo in range(0, h.shape[0], rows_per_chunk):
         hi = min(h.shape[0], lo + rows_per_chunk)
         z = h[lo:hi] @ wr.t()
@@ -82,7 +83,8 @@ def _torch_grad(h, w, labels, rh, rw, stats, grads, vocab_start, n_real, vocab_s
         dz = _fallback.grad_logits(z, labels[lo:hi], zr, stats[lo:hi], grads[lo:hi], vocab_start, n_real,
                                    vocab_size, inv_t)
         dh[lo:hi] = dz @ wr
-        dw[:n_real] += (dz.t() @ h[lo:hi]).to(dw.dtype)
+        if need_dw:
+            dw[:n_real] += (dz.t() @ h[lo:hi]).to(dw.dtype)
     return dh, dw.to(w.dtype)
 
 
@@ -141,11 +143,12 @@ class _FusedHeadFn(torch.autograd.Function):
         c = torch.where(labels == IGNORE_INDEX, torch.zeros((), dtype=acc, device=hidden.device), col(g_lp))
         g_kl = None if ref_h is None or g_kl is None or g_kl.numel() == 0 else g_kl
         grads = torch.stack([c, col(g_h), col(g_sc), col(g_kl)], dim=1)
+        need_dw = ctx.needs_input_grad[1]  # a frozen weight costs no third GEMM
         dh, dw = ctx.grad_op(hidden, weight, labels, ref_h, ref_w, stats, grads, vocab_start, n_real,
-                             vocab_size, inv_t, rows)
+                             vocab_size, inv_t, rows, need_dw)
         if group is not None and dist.get_world_size(group) > 1:
             dist.all_reduce(dh, group=group)  # each shard saw only its part of the vocabulary
-        return (dh if ctx.needs_input_grad[0] else None, dw if ctx.needs_input_grad[1] else None,
+        return (dh if ctx.needs_input_grad[0] else None, dw if need_dw else None,
                 None, None, None, None)
 
 

@@ -19,6 +19,7 @@ from helpers.collectives import count_collectives
 VOCAB, PAD, ROWS, HID, TEMP = 37, 5, 19, 12, 0.7
 BOUNDS = {1: [0, 42], 2: [0, 20, 42], 3: [0, 15, 30, 42]}  # over the 42 padded weight rows
 DTYPES = [torch.float32, torch.bfloat16]
+CHUNK_BYTES = 4 * 42 * 4 * 4  # a few rows per chunk: several chunks per call
 BACKENDS = ["torch"] + (["ext"] if load_extension() is not None else [])
 
 
@@ -45,15 +46,34 @@ def _rank_fn(rank, world_size, cases):
             del calls[:]
             out = fused_head(h, w, case["labels"], mask=case["mask"], temperature=TEMP, vocab_start=lo,
                              vocab_size=VOCAB, group=group, ref_hidden=rh, ref_weight=rw,
-                             chunk_bytes=4 * 42 * 4 * 4, backend=case["backend"])
+                             chunk_bytes=CHUNK_BYTES, backend=case["backend"])
             fwd_calls = list(calls)
             outs = list(out) + ([out.kl] if ref is not None else [])
             del calls[:]
             dh, dw = torch.autograd.grad(outs, [h, w], [u.float() for u in case["up"][:len(outs)]])
             results[tp].append({"outs": [o.detach() for o in outs], "dh": dh, "dw": dw,
                                 "fwd_calls": fwd_calls, "bwd_calls": list(calls)})
+            if ref is None:
+                results[tp][-1]["loss_path"] = _loss_path(case, group, lo, hi, calls)
     dist.barrier()
     return results
+
+
+def _loss_path(case, group, lo, hi, calls):
+    """``fused_head_loss`` with the linear loss sum_k up_k . out_k: the same gradients as above."""
+    from dualrpo_mcore.ops import fused_head_loss
+
+    h = case["h"].clone().requires_grad_(True)
+    w = case["w"][lo:hi].clone().requires_grad_(True)
+    up = [u.float() for u in case["up"][:3]]
+    del calls[:]
+    loss, stats, _ = fused_head_loss(h, w, case["labels"], lambda ts: (sum((u * t).sum() for u, t in zip(up, ts[:3])), None),
+                                     mask=case["mask"], temperature=TEMP, vocab_start=lo, vocab_size=VOCAB,
+                                     group=group, chunk_bytes=CHUNK_BYTES, backend=case["backend"])
+    fwd_calls = list(calls)
+    del calls[:]
+    dh, dw = torch.autograd.grad(loss, [h, w])
+    return {"outs": list(stats[:3]), "dh": dh, "dw": dw, "fwd_calls": fwd_calls, "bwd_calls": list(calls)}
 
 
 def _cases():
@@ -124,3 +144,35 @@ def test_vocab_parallel_fused_head_matches_float64(tp, tp_results):
         assert dw.shape == case["w"].shape and dw.dtype == dtype
         assert_close(dw, want_dw, geps, geps * float(want_dw.abs().max()), f"{what} d weight")
         assert torch.equal(dw[VOCAB:], torch.zeros_like(dw[VOCAB:])), f"{what}: padding rows got a gradient"
+
+
+@pytest.mark.parametrize("tp", [1, 2, 3])
+def test_vocab_parallel_fused_head_loss_matches_float64(tp, tp_results):
+    """The loss path: one all-gather per chunk (the same chunks on every rank, uneven shards
+    included), one all-reduce in backward; statistics and gradients against float64."""
+    cases, by_rank = tp_results
+    per_rank = [by_rank[r][tp] for r in range(tp)]
+    checked = 0
+    for ci, case in enumerate(cases):
+        if case["ref"] is not None:
+            continue
+        dtype, checked = case["h"].dtype, checked + 1
+        what = f"loss path TP={tp} {dtype} {case['backend']}"
+        got = [per_rank[r][ci]["loss_path"] for r in range(tp)]
+        for r in range(1, tp):
+            for a, b in zip(got[0]["outs"] + [got[0]["dh"]], got[r]["outs"] + [got[r]["dh"]]):
+                assert torch.equal(a, b), what
+        chunks = -(-int(case["mask"].sum()) // max(1, CHUNK_BYTES // (-(-VOCAB // tp) * dtype.itemsize * (2 + (dtype != torch.float32)))))
+        for r in range(tp):
+            assert got[r]["fwd_calls"] == (["all_gather"] * chunks if tp > 1 else []), (what, got[r]["fwd_calls"])
+            assert got[r]["bwd_calls"] == (["all_reduce"] if tp > 1 else []), (what, got[r]["bwd_calls"])
+        want, want_dh, want_dw, scale = _reference(case)
+        eps = 2e-5 if dtype == torch.float32 else 2 ** -6
+        for name, g, w in zip(["logprob", "entropy", "self_certainty"], got[0]["outs"], want):
+            assert_close(g, w, eps, eps * scale, f"{what} {name}")
+        geps = 2e-4 if dtype == torch.float32 else 2 ** -5
+        assert_close(got[0]["dh"], want_dh, geps, geps * float(want_dh.abs().max()), f"{what} d hidden")
+        dw = torch.cat([got[r]["dw"] for r in range(tp)])
+        assert dw.shape == case["w"].shape and dw.dtype == dtype
+        assert_close(dw, want_dw, geps, geps * float(want_dw.abs().max()), f"{what} d weight")
+    assert checked

@@ -12,41 +12,10 @@ from dualrpo_mcore.ops import fused_head, load_error
 from dualrpo_mcore.ops.fused_head import chunk_rows
 from helpers.backends import BACKENDS, HAS_EXT
 from helpers.close import assert_close
-from helpers.token_stats_ref import IGNORE, reference
+from helpers.head_ref import H, PAD, TEMP, VOCAB, T, make_inputs, reference_head
+from helpers.token_stats_ref import reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-T, H, VOCAB, PAD, TEMP = 29, 24, 53, 7, 0.7
-
-
-def make_inputs(dtype, seed=0, rows=T, hidden=H, vocab=VOCAB, pad=PAD):
-    """Hidden states, a padded weight [vocab + pad, H], labels with ignores and edge ids, a mask."""
-    g = torch.Generator().manual_seed(seed)
-    h = torch.randn(rows, hidden, generator=g, dtype=torch.float64)
-    w = torch.randn(vocab + pad, hidden, generator=g, dtype=torch.float64) * (2.0 / hidden ** 0.5)
-    h[1] = 0.0            # uniform row: entropy log V, self-certainty 0
-    h[2] *= 40.0          # logits of size ~100: the max shift matters
-    labels = torch.randint(0, vocab, (rows,), generator=g)
-    labels[0], labels[3], labels[4] = 0, vocab - 1, IGNORE
-    mask = torch.ones(rows, dtype=torch.bool)
-    mask[5:9] = False     # a run of rows the op must skip (prompt tokens)
-    mask[-1] = False
-    return h.to(dtype), w.to(dtype), labels, mask
-
-
-def reference_head(h, w, labels, vocab_size, temperature, mask=None, rh=None, rw=None, upstream=None):
-    """float64 outputs and (d hidden, d weight[, ...]) of sum_k upstream_k . out_k."""
-    hh = h.detach().double().requires_grad_(True)
-    ww = w.detach().double().requires_grad_(True)
-    ref = None if rh is None else rh.double() @ rw.double().t()
-    outs = [o for o in reference(hh @ ww.t(), labels, vocab_size, temperature, ref) if o is not None]
-    if mask is not None:
-        outs = [torch.where(mask, o, torch.zeros_like(o)) for o in outs]
-    if upstream is None:
-        return [o.detach() for o in outs], None
-    dh, dw = torch.autograd.grad(outs, [hh, ww], upstream[:len(outs)])
-    return [o.detach() for o in outs], (dh, dw)
-
-
 def upstream(n, rows=T, seed=5):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(rows, generator=g, dtype=torch.float64) for _ in range(n)]
@@ -245,3 +214,35 @@ def test_memory_planner_drops_the_logits_with_fused_head():
     assert fused["held"] == 2 * tokens * hidden * 2 + tokens * 20
     assert fused["transient"] == DEFAULT_CHUNK_BYTES + v_local * hidden * 4
     assert fused["held"] * 8 < plain["held"] and fused["transient"] < plain["transient"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_weight_skips_the_weight_gradient(backend, monkeypatch):
+    """A frozen weight: d hidden as with a trainable one, and the backward op forms no d weight."""
+    import importlib
+
+    fh_module = importlib.import_module("dualrpo_mcore.ops.fused_head")  # the package re-exports the function
+    h, w, labels, mask = make_inputs(torch.float32)
+    up = [u.float() for u in upstream(3)]
+
+    def d_hidden(weight):
+        hh = h.clone().requires_grad_(True)
+        outs = fused_head(hh, weight, labels, mask=mask, temperature=TEMP, vocab_size=VOCAB, backend=backend)
+        return torch.autograd.grad(list(outs[:3]), [hh], up)[0]
+
+    want = d_hidden(w.clone().requires_grad_(True))
+    real_ops, seen = fh_module._ops, []
+
+    def spying_ops(chosen):
+        partials_op, grad_op = real_ops(chosen)
+
+        def spy(*a):
+            dh, dw = grad_op(*a)
+            seen.append(dw.numel())
+            return dh, dw
+        return partials_op, spy
+
+    monkeypatch.setattr(fh_module, "_ops", spying_ops)
+    got = d_hidden(w)
+    assert seen == [0] and w.grad is None
+    assert torch.equal(got, want)
