@@ -33,11 +33,11 @@ def main(data: str, policies) -> None:
         rewards = [score(p.reward, tok.decode(list(g[0].token_ids), skip_special_tokens=True))
                    for p, g in zip(prompts, out)]
         split = by_difficulty(prompts, rewards)  # the trainer's own split, so the numbers compare
-        acc, count = HELDOUT_LEVELS + "acc/", HELDOUT_LEVELS + "count/"
+        accuracy, count = HELDOUT_LEVELS + "accuracy/", HELDOUT_LEVELS + "count/"
         print(pol)
         for task in sorted({p.task for p in prompts}):
-            cells = [f"d{d}={100 * split[f'{acc}{task}/d{d}']:5.1f} (n={int(split[f'{count}{task}/d{d}'])})"
-                     for d in (1, 2, 3) if f"{acc}{task}/d{d}" in split]
+            cells = [f"d{d}={100 * split[f'{accuracy}{task}/d{d}']:5.1f} (n={int(split[f'{count}{task}/d{d}'])})"
+                     for d in (1, 2, 3) if f"{accuracy}{task}/d{d}" in split]
             print(f"  {task:10s} " + "  ".join(cells))
 
 

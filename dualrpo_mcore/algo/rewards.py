@@ -60,6 +60,8 @@ def shape_rewards(v: Union[Tensor, float], u: Union[Tensor, float], mu: float = 
                   lam: float = 0.005, mode: str = "dualrpo") -> Tensor:
     """Combine verifier rewards ``v`` and self-certainty ``u`` elementwise into rewards ``r``.
 
+    ``v``, ``u`` are eq. 2's symbols for what the rest of the code names ``accuracy``, ``self_certainty``.
+
     Args:
         v: verifier rewards in [0, 1], any shape (usually ``[num_samples]``).
         u: self-certainty of the same samples, same shape as ``v`` (>= 0 by construction).

@@ -288,7 +288,7 @@ def run_stages(args, t_start: float) -> Dict:
         before_json = json.load(f)
     with open(after) as f:
         after_json = json.load(f)
-    table = results_table(before_json["acc"], after_json["acc"])
+    table = results_table(before_json["accuracy"], after_json["accuracy"])
     table["by_difficulty"] = difficulty_table(before_json.get("by_difficulty", {}), after_json.get("by_difficulty", {}))
     table.update(reward_mode=args.reward_mode, rl_steps=after_json["step"], stage_seconds=timings,
                  total_seconds=time.time() - t_start, hf_dir=hf_dir, run_dir=run_dir, plots=os.path.join(out, "plots"))

@@ -89,10 +89,10 @@ def _copy(src: str, dst: str, label: str) -> None:
     from dualrpo_mcore.atomic import atomic_path
 
     with open(src) as f:
-        acc = json.load(f)["acc"].get("all", float("nan"))
+        accuracy = json.load(f)["accuracy"].get("all", float("nan"))
     with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
-    print(f"demo rl: held-out eval {label}: acc/all {acc:.3f}", flush=True)
+    print(f"demo rl: held-out eval {label}: accuracy/all {accuracy:.3f}", flush=True)
 
 
 def main(argv=None) -> int:

@@ -1,11 +1,11 @@
 """``dualrpo plot RUN_DIR [RUN_DIR ...] --out DIR``: training curves from the runs' metrics.jsonl.
 
-Draws the paper's figures for any run: accuracy reward per task over steps (smoothed; one panel
-per task plus the overall mean) and self-certainty / entropy over steps, with every run overlaid
-(GRPO vs DualRPO when given one of each); and, when the runs evaluated on held-out data, the
-held-out accuracy per task and per task and difficulty at the steps evaluated; and, when the runs'
-eval_before/eval_after.json carry per-prompt results, the change after RL with its 95% paired
-bootstrap interval (:mod:`.bootstrap`) and the difference between two runs. A run is labelled by
+Draws the paper's figures for any run: accuracy (the verifier's reward) per task over steps
+(smoothed; one panel per task plus the overall mean) and self-certainty / entropy over steps, with
+every run overlaid (GRPO vs DualRPO when given one of each); and, when the runs evaluated on
+held-out data, the held-out accuracy per task and per task and difficulty at the steps evaluated;
+and, when the runs' eval_before/eval_after.json carry per-prompt results, the change after RL with its
+95% paired bootstrap interval (:mod:`.bootstrap`) and the difference between two runs. A run is labelled by
 ``--labels``, else by the ``reward_mode`` in its ``config.json`` or first metrics record, else by its
 directory name.
 matplotlib is imported only when plotting, so ``dualrpo --help`` stays fast.
@@ -22,12 +22,12 @@ from typing import Dict, List, Optional, Sequence
 
 from dualrpo_mcore.trainer.metrics import HELDOUT, HELDOUT_LEVELS, JSONL_NAME, read_jsonl
 
-ACC_PREFIX = "acc/"
-HELDOUT_PREFIX = HELDOUT + ACC_PREFIX
-LEVELS_PREFIX = HELDOUT_LEVELS + ACC_PREFIX
+ACCURACY_PREFIX = "accuracy/"
+HELDOUT_PREFIX = HELDOUT + ACCURACY_PREFIX
+LEVELS_PREFIX = HELDOUT_LEVELS + ACCURACY_PREFIX
 OVERALL = "all"
-ACC_FIGURE = "accuracy_per_task.png"
-CERTAINTY_FIGURE = "certainty_entropy.png"
+ACCURACY_FIGURE = "accuracy_per_task.png"
+SELF_CERTAINTY_FIGURE = "self_certainty_entropy.png"
 HELDOUT_FIGURE = "heldout_per_task.png"
 LEVELS_FIGURE = "heldout_by_difficulty.png"
 INTERVAL_FIGURE = "heldout_interval.png"
@@ -119,7 +119,7 @@ def _disambiguate(runs: List[Run]) -> None:
             r.label = f"{r.label} ({os.path.basename(os.path.normpath(r.path))})"
 
 
-def task_names(runs: Sequence[Run], prefix: str = ACC_PREFIX) -> List[str]:
+def task_names(runs: Sequence[Run], prefix: str = ACCURACY_PREFIX) -> List[str]:
     """Tasks with a ``<prefix><task>`` curve in any run, sorted, with the overall mean last."""
     tasks = {k[len(prefix):] for r in runs for rec in r.records for k in rec if k.startswith(prefix)}
     has_all = OVERALL in tasks
@@ -173,9 +173,9 @@ def _task_grid(panels: Dict[str, Sequence[str]], runs: Sequence[Run], prefix: st
 def plot_accuracy(runs: Sequence[Run], out: str, window: int) -> str:
     tasks = task_names(runs)
     if not tasks:
-        raise ValueError(f"no '{ACC_PREFIX}<task>' metrics in {', '.join(r.path for r in runs)}")
-    return _task_grid({t: ("",) for t in tasks}, runs, ACC_PREFIX, window, "accuracy reward",
-                      os.path.join(out, ACC_FIGURE))
+        raise ValueError(f"no '{ACCURACY_PREFIX}<task>' metrics in {', '.join(r.path for r in runs)}")
+    return _task_grid({t: ("",) for t in tasks}, runs, ACCURACY_PREFIX, window, "accuracy",
+                      os.path.join(out, ACCURACY_FIGURE))
 
 
 def plot_heldout(runs: Sequence[Run], out: str) -> List[str]:
@@ -244,18 +244,18 @@ def plot_intervals(runs: Sequence[Run], out: str) -> Optional[str]:
     return path
 
 
-def plot_certainty_entropy(runs: Sequence[Run], out: str, window: int) -> str:
+def plot_self_certainty_entropy(runs: Sequence[Run], out: str, window: int) -> str:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    drawn = _draw_panel(axes[0], runs, "certainty/all", window, "self-certainty")
+    drawn = _draw_panel(axes[0], runs, "self_certainty/all", window, "self-certainty")
     drawn += _draw_panel(axes[1], runs, "entropy/all", window, "entropy")
     axes[0].set_ylabel("mean over responses")
     if not drawn:
         plt.close(fig)
-        raise ValueError(f"no certainty/all or entropy/all metrics in {', '.join(r.path for r in runs)}")
+        raise ValueError(f"no self_certainty/all or entropy/all metrics in {', '.join(r.path for r in runs)}")
     fig.tight_layout()
-    path = os.path.join(out, CERTAINTY_FIGURE)
+    path = os.path.join(out, SELF_CERTAINTY_FIGURE)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
@@ -277,9 +277,9 @@ def run(args: argparse.Namespace) -> int:
         os.makedirs(args.out, exist_ok=True)
         written = [plot_accuracy(runs, args.out, args.smooth)]
         try:
-            written.append(plot_certainty_entropy(runs, args.out, args.smooth))
-        except ValueError as e:  # e.g. a GRPO run logged without certainty: accuracy still useful
-            print(f"dualrpo plot: skipped {CERTAINTY_FIGURE}: {e}", file=sys.stderr)
+            written.append(plot_self_certainty_entropy(runs, args.out, args.smooth))
+        except ValueError as e:  # e.g. a GRPO run logged without self-certainty: accuracy still useful
+            print(f"dualrpo plot: skipped {SELF_CERTAINTY_FIGURE}: {e}", file=sys.stderr)
         written += plot_heldout(runs, args.out)
         interval = plot_intervals(runs, args.out)
         if interval:

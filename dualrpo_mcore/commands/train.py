@@ -123,7 +123,8 @@ def run(args) -> int:
         return 1
     if dist.get_rank() == 0 and records:
         last = records[-1]
-        print(f"train: {len(records)} steps (last {last['step']}); acc/all {last.get('acc/all', float('nan')):.3f}, "
+        print(f"train: {len(records)} steps (last {last['step']}); "
+              f"accuracy/all {last.get('accuracy/all', float('nan')):.3f}, "
               f"reward/all {last.get('reward/all', float('nan')):.4f}; run dir {cfg.logging.run_dir}")
     _teardown()
     return 0

@@ -11,10 +11,10 @@ fixed seed, so the same files give the same interval in ``results_*.json`` and i
 Per-prompt results come from the evaluation records :mod:`.evaluation` writes (``eval/step_<k>.json``,
 copied by the demo's RL stage to ``eval_before.json`` / ``eval_after.json``)::
 
-    {"step": 0, "acc": {...}, "per_prompt": [{"uid": "heldout:heldout.parquet:17", "task": "math",
-                                              "difficulty": 2, "reward": 1.0}, ...]}
+    {"step": 0, "accuracy": {...}, "per_prompt": [{"uid": "heldout:heldout.parquet:17", "task": "math",
+                                                   "difficulty": 2, "accuracy": 1.0}, ...]}
 
-``reward`` is the verifier's score of the prompt's answer (0/1 for most tasks, a fraction for the
+``accuracy`` is the verifier's score of the prompt's answer (0/1 for most tasks, a fraction for the
 IoU-based ones), or a mean over samples; the bootstrap needs only that it is finite.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ _CHUNK = 1000  # resamples drawn at once: bounds memory at CHUNK x prompts-per-t
 
 
 def load_per_prompt(path: str) -> Optional[Dict[str, Tuple[str, float]]]:
-    """``{prompt uid: (task, reward)}`` from an eval file, or None when the file has no per-prompt
+    """``{prompt uid: (task, accuracy)}`` from an eval file, or None when the file has no per-prompt
     results (written before they existed). Bad entries raise ValueError naming the file and entry."""
     with open(path, encoding="utf-8") as f:
         try:
@@ -44,15 +44,15 @@ def load_per_prompt(path: str) -> Optional[Dict[str, Tuple[str, float]]]:
     if rows is None:
         return None
     if not isinstance(rows, list) or not rows:
-        raise ValueError(f"{path}: '{PER_PROMPT}' must be a non-empty list of {{uid, task, reward}}")
+        raise ValueError(f"{path}: '{PER_PROMPT}' must be a non-empty list of {{uid, task, accuracy}}")
     out: Dict[str, Tuple[str, float]] = {}
     for i, row in enumerate(rows):
         where = f"{path}: {PER_PROMPT}[{i}]"
-        if not isinstance(row, dict) or not {"uid", "task", "reward"} <= set(row):
-            raise ValueError(f"{where}: needs the keys uid, task, reward; got {row!r}")
-        c = row["reward"]
+        if not isinstance(row, dict) or not {"uid", "task", "accuracy"} <= set(row):
+            raise ValueError(f"{where}: needs the keys uid, task, accuracy; got {row!r}")
+        c = row["accuracy"]
         if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c):
-            raise ValueError(f"{where}: reward must be a finite number, got {c!r}")
+            raise ValueError(f"{where}: accuracy must be a finite number, got {c!r}")
         pid = str(row["uid"])
         if pid in out:
             raise ValueError(f"{where}: prompt id {pid!r} appears twice")

@@ -1,7 +1,7 @@
 """Held-out evaluation: per-task accuracy of the current policy on a fixed prompt set.
 
 Rank 0 also writes every evaluation to ``<run_dir>/eval/step_<k>.json`` (atomically): the aggregates
-and one record per prompt (uid, task, difficulty, reward), so that two evaluations of the same prompts
+and one record per prompt (uid, task, difficulty, accuracy), so that two evaluations of the same prompts
 (before and after training, or two runs) can be compared prompt by prompt, e.g. by a paired bootstrap.
 """
 from __future__ import annotations
@@ -45,23 +45,23 @@ def evaluate(ctx: Context, step: int) -> Dict[str, float]:
     texts = [ctx.tokenizer.decode(g[0][0], skip_special_tokens=True) for g in groups]
     results = ctx.pool.verify_batch([p.reward for p in ctx.heldout], texts, progress=step / cfg.schedule.steps)
     rewards = [float(r.reward) for r in results]
-    acc = per_task_means([p.task for p in ctx.heldout], acc=rewards)
-    out = {HELDOUT + k: v for k, v in acc.items()}
+    accuracy = per_task_means([p.task for p in ctx.heldout], accuracy=rewards)
+    out = {HELDOUT + k: v for k, v in accuracy.items()}
     out.update(by_difficulty(ctx.heldout, rewards))
     write_eval(cfg.logging.run_dir, step, out, per_prompt(ctx.heldout, rewards), time.time() - t0)
     return out
 
 
 def per_prompt(prompts, rewards) -> List[Dict[str, Any]]:
-    return [dict(uid=p.uid, task=p.task, difficulty=p.difficulty, reward=r) for p, r in zip(prompts, rewards)]
+    return [dict(uid=p.uid, task=p.task, difficulty=p.difficulty, accuracy=r) for p, r in zip(prompts, rewards)]
 
 
 def write_eval(run_dir: str, step: int, metrics: Dict[str, float], prompts: List[Dict[str, Any]],
                seconds: float) -> str:
     """The evaluation record of ``step`` (see the module docstring); returns its path."""
-    tasks, levels = HELDOUT + "acc/", HELDOUT_LEVELS + "acc/"
+    tasks, levels = HELDOUT + "accuracy/", HELDOUT_LEVELS + "accuracy/"
     record = dict(step=step, seconds=seconds,
-                  acc={k[len(tasks):]: v for k, v in metrics.items() if k.startswith(tasks)},
+                  accuracy={k[len(tasks):]: v for k, v in metrics.items() if k.startswith(tasks)},
                   by_difficulty={k[len(levels):]: v for k, v in metrics.items() if k.startswith(levels)},
                   per_prompt=prompts)
     path = eval_path(run_dir, step)
@@ -82,7 +82,7 @@ def read_eval(run_dir: str, step: int) -> Optional[Dict[str, Any]]:
 
 
 def by_difficulty(prompts, rewards) -> Dict[str, float]:
-    """``eval/by_difficulty/acc/<task>/d<k>`` (and its count) for the prompts that carry a difficulty.
+    """``eval/by_difficulty/accuracy/<task>/d<k>`` (and its count) for the prompts that carry a difficulty.
 
     A task mean hides where RL helps: it tends to sharpen the easy level a policy half knows while the
     hard levels stay put, and only this split shows it."""
@@ -90,5 +90,5 @@ def by_difficulty(prompts, rewards) -> Dict[str, float]:
     if not keep:
         return {}
     split = per_task_means([f"{prompts[i].task}/d{int(prompts[i].difficulty)}" for i in keep],
-                           acc=[rewards[i] for i in keep])
+                           accuracy=[rewards[i] for i in keep])
     return {HELDOUT_LEVELS + k: v for k, v in split.items() if not k.endswith("/all")}

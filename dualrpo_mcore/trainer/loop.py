@@ -32,10 +32,10 @@ def generate(ctx: Context, step: int, round_: int, num_prompts: int) -> Dict[str
         samples = rollouts.rollout(ctx, prompts, params)
     with ctx.timer("verify"):
         # Progress drives e.g. detection's IoU-threshold schedule.
-        v, statuses = rollouts.verify(ctx, prompts, samples, progress=step / cfg.schedule.steps)
+        accuracy, statuses = rollouts.verify(ctx, prompts, samples, progress=step / cfg.schedule.steps)
     for k, n in statuses.items():
         ctx.verify_statuses[k] = ctx.verify_statuses.get(k, 0) + n
-    return rollouts.make_batch(prompts, samples, v, ctx.tokenizer.pad_token_id)
+    return rollouts.make_batch(prompts, samples, accuracy, ctx.tokenizer.pad_token_id)
 
 
 def shape(ctx: Context, batch: Dict[str, Any]) -> Dict[str, Any]:
@@ -43,7 +43,8 @@ def shape(ctx: Context, batch: Dict[str, Any]) -> Dict[str, Any]:
     with ctx.timer("logprob"):
         rollouts.add_token_stats(batch, rollouts.token_stats(ctx, batch))
     r = ctx.cfg.reward
-    batch["reward"] = shape_rewards(batch["v"], batch["self_certainty"], r.mu, r.lam, mode=r.mode).to(torch.float32)
+    batch["reward"] = shape_rewards(batch["accuracy"], batch["self_certainty"], r.mu, r.lam,
+                                    mode=r.mode).to(torch.float32)
     return batch
 
 
@@ -62,22 +63,22 @@ def keep_informative(ctx: Context, batch: Dict[str, Any], key: str) -> Optional[
 
 def collect(ctx: Context, step: int) -> Optional[Dict[str, Any]]:
     """The step's groups, shaped; with dynamic sampling, groups without signal are dropped and refilled
-    (on 'v' before the token statistics, which are then computed only for the groups kept)."""
+    (on 'accuracy' before the token statistics, which are then computed only for the groups kept)."""
     cfg, g, want = ctx.cfg, ctx.cfg.rollout.group_size, ctx.cfg.schedule.prompts_per_step
     dyn, on = cfg.schedule.dynamic_sampling, cfg.schedule.dynamic_sampling_on
     max_rounds = 1 + (cfg.schedule.max_refill_rounds if dyn else 0)
     kept, have, round_ = [], 0, 0
     while have < want and round_ < max_rounds:
         batch = generate(ctx, step, round_, want - have)
-        if dyn and on == "v":
-            batch = keep_informative(ctx, batch, "v")
+        if dyn and on == "accuracy":
+            batch = keep_informative(ctx, batch, "accuracy")
         if batch is not None:
             batch = shape(ctx, batch)
             if dyn and on == "reward":
                 batch = keep_informative(ctx, batch, "reward")
         if batch is not None:
             kept.append(batch)
-            have += batch["v"].numel() // g
+            have += batch["accuracy"].numel() // g
         round_ += 1
     ctx.rounds = round_
     return batching.concat(kept) if kept else None
@@ -106,7 +107,7 @@ def train_step(ctx: Context, step: int, hooks: Hooks) -> Dict[str, float]:
         metrics.update(probe.check(ctx, step))
     faults.at("after_sync", step)
     metrics.update({f"verify/{k}": float(n) for k, n in ctx.verify_statuses.items()})
-    metrics.update(groups=float(batch["v"].numel() // g), rounds=float(ctx.rounds), **ctx.timer.pop())
+    metrics.update(groups=float(batch["accuracy"].numel() // g), rounds=float(ctx.rounds), **ctx.timer.pop())
     return metrics
 
 

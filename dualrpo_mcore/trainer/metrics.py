@@ -27,11 +27,11 @@ import numpy as np
 JSONL_NAME = "metrics.jsonl"
 # Held-out eval keys: "<HELDOUT><field>/<task>" and "<HELDOUT_LEVELS><field>/<task>/d<k>".
 HELDOUT, HELDOUT_LEVELS = "eval/", "eval/by_difficulty/"
-# Per-sample quantities aggregated per task; the key is the metric prefix (``acc/<task>``).
-SAMPLE_FIELDS = ("acc", "reward", "certainty", "entropy", "length")
+# Per-sample quantities aggregated per task; the key is the metric prefix (``accuracy/<task>``).
+SAMPLE_FIELDS = ("accuracy", "reward", "self_certainty", "entropy", "length")
 PHASES = ("rollout", "verify", "logprob", "update", "sync")
 # Shown on the progress bar when present (short label, record key).
-_BAR_KEYS = (("acc", "acc/all"), ("rew", "reward/all"), ("u", "certainty/all"), ("kl", "kl"))
+_BAR_KEYS = (("accuracy", "accuracy/all"), ("rew", "reward/all"), ("self_cert", "self_certainty/all"), ("kl", "kl"))
 
 
 def _is_rank0() -> bool:
@@ -63,8 +63,8 @@ def per_task_means(tasks: Sequence[str], **fields: Any) -> Dict[str, float]:
     """Means per task and overall of per-sample arrays.
 
     ``tasks[i]`` names sample i's task; each keyword is a length-N array or tensor, and its name is
-    the metric prefix: the loop calls ``per_task_means(tasks, acc=v, reward=r, certainty=u,
-    entropy=h, length=n)`` (accuracy reward, shaped reward, self-certainty, entropy, response
+    the metric prefix: the loop calls ``per_task_means(tasks, accuracy=v, reward=r, self_certainty=u,
+    entropy=h, length=n)`` (the verifier's accuracy, shaped reward, self-certainty, entropy, response
     length); step-level scalars (KL, beta(c), clip fraction, loss) go to ``log`` directly.
     Returns ``{"<field>/<task>": mean, "<field>/all": mean, "count/<task>": n}``. Non-finite
     samples are left out of the mean they would poison (and counted under ``nonfinite/<field>``)

@@ -138,13 +138,13 @@ class ScheduleConfig:
     """Prompts (groups) per step, over all data-parallel ranks."""
     dynamic_sampling: bool = False
     """Drop groups without signal (see ``dynamic_sampling_on``) and refill with new prompts."""
-    dynamic_sampling_on: str = "v"
-    """What must vary inside a group for it to be kept: 'v' (the verifier reward: all right or all
-    wrong groups are dropped, as in DAPO) or 'reward' (the shaped reward). Under 'dualrpo' the
-    shaped rewards of an all-wrong group differ only by ``-lam * u``, and the group std
+    dynamic_sampling_on: str = "accuracy"
+    """What must vary inside a group for it to be kept: 'accuracy' (the verifier's reward, v of eq. 2:
+    all right or all wrong groups are dropped, as in DAPO) or 'reward' (the shaped reward). Under
+    'dualrpo' the shaped rewards of an all-wrong group differ only by ``-lam * u``, and the group std
     normalisation blows that up into unit-size advantages that push every such group toward low
-    certainty whatever it says; 'v' keeps the certainty terms where an answer was right. 'internal'
-    mode has no verifier signal and needs 'reward'."""
+    certainty whatever it says; 'accuracy' keeps the certainty terms where an answer was right.
+    'internal' mode has no verifier signal and needs 'reward'."""
     max_refill_rounds: int = 2
     """Extra rollout rounds dynamic sampling may spend per step; a short batch then trains as is."""
     mini_batches: int = 1
@@ -161,8 +161,12 @@ class ScheduleConfig:
             raise ValueError(f"schedule.steps must be >= 1, got {self.steps}")
         if self.prompts_per_step < 1:
             raise ValueError(f"schedule.prompts_per_step must be >= 1, got {self.prompts_per_step}")
-        if self.dynamic_sampling_on not in ("v", "reward"):
-            raise ValueError(f"schedule.dynamic_sampling_on={self.dynamic_sampling_on!r}: choose 'v' or 'reward'")
+        if self.dynamic_sampling_on == "v":
+            raise ValueError("schedule.dynamic_sampling_on='v': the value 'v' was renamed to 'accuracy' "
+                             "(the verifier's reward); set schedule.dynamic_sampling_on='accuracy'")
+        if self.dynamic_sampling_on not in ("accuracy", "reward"):
+            raise ValueError(f"schedule.dynamic_sampling_on={self.dynamic_sampling_on!r}: "
+                             "choose 'accuracy' or 'reward'")
         for name in ("mini_batches", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"schedule.{name} must be >= 1, got {getattr(self, name)}")
@@ -192,8 +196,8 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
-    """Held-out evaluation (greedy by default), per-task accuracy under ``eval/acc/<task>``, and per task and
-    difficulty under ``eval/by_difficulty/acc/<task>/d<k>`` for rows that carry one."""
+    """Held-out evaluation (greedy by default), per-task accuracy under ``eval/accuracy/<task>``, and per task
+    and difficulty under ``eval/by_difficulty/accuracy/<task>/d<k>`` for rows that carry one."""
 
     every: int = 0
     """Evaluate every this many steps (and after the last step); 0 = never."""
@@ -303,9 +307,10 @@ class RLConfig:
             if given is not None and given != derived:
                 raise ValueError(f"{path}={given} conflicts with {source}={derived}: {path} is derived from "
                                  f"{source}; leave {path} unset and set {source}")
-        if self.schedule.dynamic_sampling and self.reward.mode == "internal" and self.schedule.dynamic_sampling_on == "v":
-            raise ValueError("schedule.dynamic_sampling_on='v' with reward.mode='internal' would drop every group "
-                             "the verifier scores alike; use 'reward'")
+        if (self.schedule.dynamic_sampling and self.reward.mode == "internal"
+                and self.schedule.dynamic_sampling_on == "accuracy"):
+            raise ValueError("schedule.dynamic_sampling_on='accuracy' with reward.mode='internal' would drop every "
+                             "group the verifier scores alike; use 'reward'")
         if not self.tokenizer_path:
             raise ValueError("tokenizer_dir (or data.processor_dir) must name the tokenizer directory")
 

@@ -1,10 +1,10 @@
 """Rollout, verification and the actor batch of a step, on every rank (:mod:`.loop` strings them together).
 
 Rollout runs on the engine's rank(s) with the results broadcast; the verifier pool scores on rank 0.
-Actor batches (:mod:`.batching`) carry per-row ``[B]`` tensors next to the per-token ones: ``v``
-(verifier reward), ``reward`` (shaped r), ``self_certainty`` (u), ``entropy`` (row mean), ``length``,
-``overlong`` and ``task_id`` (index into :data:`TASK_NAMES`), so that selecting rows (dynamic sampling,
-data-parallel shares) keeps everything aligned.
+Actor batches (:mod:`.batching`) carry per-row ``[B]`` tensors next to the per-token ones:
+``accuracy`` (the verifier's reward, v of eq. 2), ``reward`` (shaped r), ``self_certainty`` (u),
+``entropy`` (row mean), ``length``, ``overlong`` and ``task_id`` (index into :data:`TASK_NAMES`), so
+that selecting rows (dynamic sampling, data-parallel shares) keeps everything aligned.
 """
 from __future__ import annotations
 
@@ -86,8 +86,10 @@ def verify(ctx: Context, prompts: Sequence[Any], samples: List[List[tuple]], pro
     return torch.tensor(rewards, dtype=torch.float32), statuses
 
 
-def make_batch(prompts: Sequence[Any], samples: List[List[tuple]], v: torch.Tensor, pad_id: int) -> Dict[str, Any]:
-    """The actor batch of all samples (rows grouped by prompt), with rollout log-probs and row fields."""
+def make_batch(prompts: Sequence[Any], samples: List[List[tuple]], accuracy: torch.Tensor,
+               pad_id: int) -> Dict[str, Any]:
+    """The actor batch of all samples (rows grouped by prompt), with rollout log-probs and row fields
+    (``accuracy``: the verifier's reward of each sample, v of eq. 2)."""
     rows, tasks, finish, roll = [], [], [], []
     for p, group in zip(prompts, samples):
         for ids, lps, reason in group:
@@ -101,8 +103,8 @@ def make_batch(prompts: Sequence[Any], samples: List[List[tuple]], v: torch.Tens
     for i, (row, lps) in enumerate(zip(rows, roll)):
         start = len(row["prompt"])
         rl[i, start:start + len(lps)] = torch.tensor(lps, dtype=torch.float32)
-    batch.update(rollout_logprob=rl, v=v.to(torch.float32), overlong=torch.tensor(finish, dtype=torch.bool),
-                 task_id=torch.tensor(tasks, dtype=torch.long),
+    batch.update(rollout_logprob=rl, accuracy=accuracy.to(torch.float32),
+                 overlong=torch.tensor(finish, dtype=torch.bool), task_id=torch.tensor(tasks, dtype=torch.long),
                  length=batch["response_mask"].sum(-1).to(torch.float32))
     return batch
 
@@ -165,7 +167,8 @@ def sync(ctx: Context) -> None:
 
 
 def sample_metrics(batch: Dict[str, Any]) -> Dict[str, float]:
-    """Per-task and overall means of acc v, shaped r, u, entropy and length over the step's samples."""
+    """Per-task and overall means of accuracy, shaped reward, self-certainty, entropy and length over the
+    step's samples."""
     tasks = [TASK_NAMES[int(t)] for t in batch["task_id"]]
-    return per_task_means(tasks, acc=batch["v"], reward=batch["reward"], certainty=batch["self_certainty"],
-                          entropy=batch["entropy"], length=batch["length"])
+    return per_task_means(tasks, accuracy=batch["accuracy"], reward=batch["reward"],
+                          self_certainty=batch["self_certainty"], entropy=batch["entropy"], length=batch["length"])

@@ -230,7 +230,7 @@ def test_a_checkpoint_of_another_layout_is_refused_or_resharded(synth_dir2, refe
     assert resharded.codes == [0, 0], resharded
     assert "tp 2 vs 1; resharding on load" in resharded.log(0)
     got = by_step(records(dp))[3]
-    for key in ("grad_norm", "certainty/all", "entropy/all"):
+    for key in ("grad_norm", "self_certainty/all", "entropy/all"):
         assert got[key] == pytest.approx(ref[3][key], rel=1e-4), key
 
 

@@ -147,7 +147,7 @@ def _losses(records):
 def _fingerprint(records):
     """Loss alone is a weak witness (at ratio 1 the token-mean of zero-mean advantages is ~0), so
     the gradient norm and the old policy's certainty of the step's samples are compared too."""
-    return [(r["loss"], r["grad_norm"], r["certainty/all"], r["entropy/all"]) for r in records]
+    return [(r["loss"], r["grad_norm"], r["self_certainty/all"], r["entropy/all"]) for r in records]
 
 
 def _evals(records):
@@ -170,19 +170,19 @@ def test_tp2_run_trains_and_logs_per_task_metrics(runs):
         records = [json.loads(line) for line in f]
     assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
     zero, records = records[0], records[1:]  # step 0: the starting policy's held-out eval, nothing trained
-    assert "eval/acc/all" in zero and not any(k.startswith(("acc/", "loss")) for k in zero)
+    assert "eval/accuracy/all" in zero and not any(k.startswith(("accuracy/", "loss")) for k in zero)
     with open(os.path.join(root, "tp_resumed", "metrics.jsonl")) as f:  # the resumed run logs step 0 once
         assert [json.loads(line)["step"] for line in f] == [0, 1, 2, 3, 4]
-    tasks = {k.split("/", 1)[1] for r in records for k in r if k.startswith("acc/")} - {"all"}
+    tasks = {k.split("/", 1)[1] for r in records for k in r if k.startswith("accuracy/")} - {"all"}
     assert tasks, "no per-task accuracy keys"
     for r in records:
-        for key in ("acc/all", "reward/all", "certainty/all", "entropy/all", "length/all", "clip_frac", "kl",
+        for key in ("accuracy/all", "reward/all", "self_certainty/all", "entropy/all", "length/all", "clip_frac", "kl",
                     "beta", "time/rollout", "time/verify", "time/update", "time/sync", "loss", "probe/gap"):
             assert key in r, key
         # fp32 HF engine vs fp32 Megatron at TP=2: the same math, so only summation order differs;
         # the update itself moved the probe by orders of magnitude more (so the guard could see a miss).
         assert r["probe/gap"] < 1e-5 < r["probe/moved"], r
-    assert "eval/acc/all" in records[1] and "eval/acc/all" not in records[0]
+    assert "eval/accuracy/all" in records[1] and "eval/accuracy/all" not in records[0]
     ckpts = sorted(d for d in os.listdir(os.path.join(run_dir, "checkpoints")) if d.startswith("step_"))
     assert ckpts == [f"step_{i:08d}" for i in range(1, 5)]
 
@@ -224,7 +224,7 @@ def test_an_engine_on_every_rank_samples_what_one_engine_does(runs):
         assert [r["length/all"] for r in every] == [r["length/all"] for r in one]
     # The held-out eval is split over the engines too; rank 0 scores the gathered answers.
     every, one = _evals(results[0]["every"]), _evals(results[0]["full"])
-    assert [bool(e) for e in every] == [False, True, False, True] and "eval/acc/all" in every[1]
+    assert [bool(e) for e in every] == [False, True, False, True] and "eval/accuracy/all" in every[1]
     assert every == one
     assert not any(_evals(results[1]["every"])), "only rank 0 reports the eval"
 

@@ -22,12 +22,12 @@ def test_train_cli_runs_and_resumes(synth_dir_cli, tmp_path):
     assert cfg["reward_mode"] == "grpo" and cfg["schedule"]["steps"] == 2
     records = _steps(run_dir)
     assert [r["step"] for r in records] == [0, 1, 2]  # 0: the held-out eval of the starting policy
-    assert "eval/acc/all" in records[0] and "loss" not in records[0]
-    assert any(k.startswith("acc/") and k != "acc/all" for k in records[1])
+    assert "eval/accuracy/all" in records[0] and "loss" not in records[0]
+    assert any(k.startswith("accuracy/") and k != "accuracy/all" for k in records[1])
     assert "time/rollout" in records[1] and "loss" in records[1]
     assert os.path.isdir(os.path.join(run_dir, "checkpoints", "step_00000002"))
 
     out = run_dualrpo("train", "--recipe", "tiny_cpu", "--data", synth_dir_cli, "--out", run_dir, "--steps", "3",
                       "--reward-mode", "grpo", "--resume", "auto", "--no-progress", threads=2).stdout
-    assert "train: 1 steps (last 3)" in out
+    assert "train: 1 steps (last 3); accuracy/all " in out
     assert [r["step"] for r in _steps(run_dir)] == [0, 1, 2, 3]

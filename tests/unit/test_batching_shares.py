@@ -17,7 +17,8 @@ def _batch(groups):
     attn = torch.ones(rows, s, dtype=torch.long)
     resp = torch.zeros(rows, s, dtype=torch.long)
     resp[:, 3:] = 1
-    return dict(input_ids=ids, attention_mask=attn, response_mask=resp, v=torch.arange(rows, dtype=torch.float32))
+    return dict(input_ids=ids, attention_mask=attn, response_mask=resp,
+                accuracy=torch.arange(rows, dtype=torch.float32))
 
 
 @pytest.mark.parametrize("groups,dp", [(4, 2), (3, 2), (5, 3), (7, 4), (2, 2), (1, 2), (2, 3), (6, 1)])
@@ -32,7 +33,7 @@ def test_every_group_is_trained_on_exactly_once(groups, dp):
             assert int(mine["response_mask"].sum()) == 0 and bool(mine["filler"].all())
             continue
         rows = [int(r[0]) - 10 for r in mine["input_ids"]]
-        assert torch.equal(mine["v"], torch.tensor(rows, dtype=torch.float32))  # row fields stay aligned
+        assert torch.equal(mine["accuracy"], torch.tensor(rows, dtype=torch.float32))  # row fields stay aligned
         trained += rows
         sizes.append(len(rows) // G)
     assert sorted(trained) == list(range(G * groups))  # none dropped, none twice

@@ -25,7 +25,7 @@ def _batch(rewards, lengths, overlong=None):
         resp[i, 3: 3 + n] = 1
     r = torch.tensor(rewards, dtype=torch.float32)
     return dict(input_ids=ids * attn, attention_mask=attn, response_mask=resp, old_logprob=-resp.float(),
-                v=r.clamp(0, 1), reward=r, self_certainty=r.abs(), entropy=r.abs(), length=resp.sum(-1).float(),
+                accuracy=r.clamp(0, 1), reward=r, self_certainty=r.abs(), entropy=r.abs(), length=resp.sum(-1).float(),
                 overlong=torch.tensor(overlong or [False] * b), task_id=torch.zeros(b, dtype=torch.long))
 
 
@@ -62,11 +62,11 @@ def _fake_ctx(dynamic, rounds, want, on="reward"):
 
 @pytest.fixture
 def shaped(monkeypatch):
-    """Stub ``loop.shape`` (token stats + shaping): the stub batches come shaped; record their v."""
+    """Stub ``loop.shape`` (token stats + shaping): the stub batches come shaped; record their accuracy."""
     seen = []
 
     def fake_shape(ctx, batch):
-        seen.append(batch["v"].tolist())
+        seen.append(batch["accuracy"].tolist())
         return batch
 
     monkeypatch.setattr(loop, "shape", fake_shape)
@@ -101,10 +101,10 @@ def test_dynamic_sampling_gives_up_after_max_rounds(monkeypatch, shaped):
     assert ctx.rounds == 3
 
 
-@pytest.mark.parametrize("on", ["v", "reward"])
+@pytest.mark.parametrize("on", ["accuracy", "reward"])
 def test_dynamic_sampling_filters_on_verifier_or_shaped_reward(monkeypatch, shaped, on):
-    """An all-wrong group under DualRPO: v flat at 0, shaped rewards -lam*u differ. Filtering on 'v'
-    drops it; filtering on 'reward' keeps it."""
+    """An all-wrong group under DualRPO: accuracy flat at 0, shaped rewards -lam*u differ. Filtering on
+    'accuracy' drops it; filtering on 'reward' keeps it."""
     def fake_generate(ctx, step, round_, num_prompts):
         b = _batch([0.0, 0.0, 0.0, 1.0][: num_prompts * G], [1, 2, 3, 4][: num_prompts * G])
         b["reward"] = b["reward"] - 0.005 * torch.tensor([0.2, 0.7, 0.1, 0.3])[: num_prompts * G]
@@ -112,10 +112,10 @@ def test_dynamic_sampling_filters_on_verifier_or_shaped_reward(monkeypatch, shap
 
     monkeypatch.setattr(loop, "generate", fake_generate)
     batch = loop.collect(_fake_ctx(True, rounds=0, want=2, on=on), step=1)
-    kept = batch["v"].tolist()
-    assert kept == ([0.0, 1.0] if on == "v" else [0.0, 0.0, 0.0, 1.0])
-    # On 'v' the flat group is dropped before the old-policy forward, which then sees only the kept one.
-    assert shaped == ([[0.0, 1.0]] if on == "v" else [[0.0, 0.0, 0.0, 1.0]])
+    kept = batch["accuracy"].tolist()
+    assert kept == ([0.0, 1.0] if on == "accuracy" else [0.0, 0.0, 0.0, 1.0])
+    # On 'accuracy' the flat group is dropped before the old-policy forward, which then sees only the kept one.
+    assert shaped == ([[0.0, 1.0]] if on == "accuracy" else [[0.0, 0.0, 0.0, 1.0]])
 
 
 def test_rl_config_checks_name_the_field(tmp_path):
@@ -131,6 +131,10 @@ def test_rl_config_checks_name_the_field(tmp_path):
         ScheduleConfig(steps=0)
     with pytest.raises(ValueError, match="schedule.dynamic_sampling_on"):
         ScheduleConfig(dynamic_sampling_on="u")
+    # The old spelling is refused, not aliased: the error names the field and the new value.
+    with pytest.raises(ValueError, match=r"schedule\.dynamic_sampling_on='v'.*renamed to 'accuracy'"):
+        ScheduleConfig(dynamic_sampling_on="v")
+    assert ScheduleConfig().dynamic_sampling_on == "accuracy"
     with pytest.raises(ValueError, match="schedule.mini_batches"):
         ScheduleConfig(mini_batches=0)
     with pytest.raises(ValueError, match="schedule.epochs"):
@@ -272,12 +276,12 @@ def test_evaluate_scores_each_prompt_against_its_own_answer_greedily(monkeypatch
                                 logging=types.SimpleNamespace(run_dir=str(tmp_path)))
     ctx = types.SimpleNamespace(cfg=cfg, rank0=True, heldout=prompts, pool=pool, tokenizer=tokenizer)
     out = evaluation.evaluate(ctx, 5)
-    assert out["eval/acc/math"] == pytest.approx(3 / 4) and out["eval/acc/ocr"] == 0.0
-    assert out["eval/acc/all"] == pytest.approx(3 / 6)
+    assert out["eval/accuracy/math"] == pytest.approx(3 / 4) and out["eval/accuracy/ocr"] == 0.0
+    assert out["eval/accuracy/all"] == pytest.approx(3 / 6)
     split = {k: v for k, v in out.items() if k.startswith("eval/by_difficulty/")}
     # math d1: prompts 0, 2 both right; math d2: 4 right, 5 wrong; ocr d1: prompt 1 wrong
-    assert split == {"eval/by_difficulty/acc/math/d1": 1.0, "eval/by_difficulty/acc/math/d2": 0.5,
-                     "eval/by_difficulty/acc/ocr/d1": 0.0, "eval/by_difficulty/count/math/d1": 2.0,
+    assert split == {"eval/by_difficulty/accuracy/math/d1": 1.0, "eval/by_difficulty/accuracy/math/d2": 0.5,
+                     "eval/by_difficulty/accuracy/ocr/d1": 0.0, "eval/by_difficulty/count/math/d1": 2.0,
                      "eval/by_difficulty/count/math/d2": 2.0, "eval/by_difficulty/count/ocr/d1": 1.0}
     assert seen["params"].temperature == 0.0 and seen["params"].n == 1 and seen["params"].seed == 7
     # The record on disk pairs each prompt with its own reward (a paired comparison needs exactly that).
@@ -285,7 +289,7 @@ def test_evaluate_scores_each_prompt_against_its_own_answer_greedily(monkeypatch
     assert [(r["uid"], r["task"], r["reward"]) for r in record["per_prompt"]] == [
         ("p0", "math", 1.0), ("p1", "ocr", 0.0), ("p2", "math", 1.0), ("p3", "ocr", 0.0), ("p4", "math", 1.0),
         ("p5", "math", 0.0)]
-    assert record["acc"]["math"] == pytest.approx(3 / 4) and record["step"] == 5
+    assert record["accuracy"]["math"] == pytest.approx(3 / 4) and record["step"] == 5
     assert evaluation.read_eval(str(tmp_path), 6) is None
     ctx.rank0 = False  # the other ranks generate their share and report nothing
     assert evaluation.evaluate(ctx, 5) == {}

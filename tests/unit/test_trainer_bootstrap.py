@@ -84,23 +84,23 @@ def test_coverage_of_the_true_change_on_simulated_evaluations():
     assert 0.07 < np.median(widths) < 0.13, np.median(widths)
 
 
-def _eval_file(path, rows, acc=None):
-    path.write_text(json.dumps({"step": 0, "acc": acc or {}, "per_prompt": rows}))
+def _eval_file(path, rows, accuracy=None):
+    path.write_text(json.dumps({"step": 0, "accuracy": accuracy or {}, "per_prompt": rows}))
     return str(path)
 
 
 def _rows(tasks, correct, prefix="h"):
-    return [{"uid": f"{prefix}:{i}", "task": t, "difficulty": 1, "reward": float(c)}
+    return [{"uid": f"{prefix}:{i}", "task": t, "difficulty": 1, "accuracy": float(c)}
             for i, (t, c) in enumerate(zip(tasks, correct))]
 
 
 def test_eval_files_are_checked_and_paired_by_prompt_id(tmp_path):
     path = _eval_file(tmp_path / "e.json", _rows(["a", "b"], [1, 0]))
     assert load_per_prompt(path) == {"h:0": ("a", 1.0), "h:1": ("b", 0.0)}
-    (tmp_path / "old.json").write_text(json.dumps({"step": 0, "acc": {"a": 0.5}}))
+    (tmp_path / "old.json").write_text(json.dumps({"step": 0, "accuracy": {"a": 0.5}}))
     assert load_per_prompt(str(tmp_path / "old.json")) is None
-    bad = _eval_file(tmp_path / "bad.json", [{"uid": "x", "task": "a", "reward": float("nan")}])
-    with pytest.raises(ValueError, match=r"bad.json: per_prompt\[0\]: reward must be a finite number"):
+    bad = _eval_file(tmp_path / "bad.json", [{"uid": "x", "task": "a", "accuracy": float("nan")}])
+    with pytest.raises(ValueError, match=r"bad.json: per_prompt\[0\]: accuracy must be a finite number"):
         load_per_prompt(bad)
     dup = _eval_file(tmp_path / "dup.json", _rows(["a", "a"], [1, 0], prefix="x")[:1] * 2)
     with pytest.raises(ValueError, match=r"dup.json: per_prompt\[1\]: prompt id 'x:0' appears twice"):

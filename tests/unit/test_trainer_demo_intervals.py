@@ -19,13 +19,13 @@ def _run(out, mode, before, after, per_prompt=True):
     with MetricsLogger(str(d), tensorboard=False, progress=False, enabled=True) as log:
         log.log_config({"reward_mode": mode})
         for s in range(1, 4):
-            log.log(s, {f"acc/{t}": 0.1 * s for t in TASKS} | {"acc/all": 0.1 * s})
+            log.log(s, {f"accuracy/{t}": 0.1 * s for t in TASKS} | {"accuracy/all": 0.1 * s})
     tasks = [TASKS[i % 3] for i in range(len(before))]
     for name, correct, step in (("before", before, 0), ("after", after, 3)):
-        acc = {t: float(np.mean([c for c, k in zip(correct, tasks) if k == t])) for t in TASKS}
-        doc = {"step": step, "acc": acc, "by_difficulty": {}}
+        accuracy = {t: float(np.mean([c for c, k in zip(correct, tasks) if k == t])) for t in TASKS}
+        doc = {"step": step, "accuracy": accuracy, "by_difficulty": {}}
         if per_prompt:
-            doc["per_prompt"] = [{"uid": f"heldout:h.parquet:{i}", "task": t, "difficulty": None, "reward": float(c)}
+            doc["per_prompt"] = [{"uid": f"heldout:h.parquet:{i}", "task": t, "difficulty": None, "accuracy": float(c)}
                                  for i, (t, c) in enumerate(zip(tasks, correct))]
         (d / f"eval_{name}.json").write_text(json.dumps(doc))
     return d
@@ -53,7 +53,7 @@ def test_intervals_in_the_results_are_the_bootstrap_in_points(demo_out):
     assert got["mean"]["low"] == pytest.approx(100 * ref["mean"]["low"])
     assert got["tasks"]["ocr"]["high"] == pytest.approx(100 * ref["tasks"]["ocr"]["high"])
     # the point estimate is the table's own delta: mean over tasks of after - before, in points
-    table = demo.results_table(*(json.loads((out / "run_grpo" / f"eval_{w}.json").read_text())["acc"]
+    table = demo.results_table(*(json.loads((out / "run_grpo" / f"eval_{w}.json").read_text())["accuracy"]
                                  for w in ("before", "after")))
     assert got["mean"]["delta"] == pytest.approx(table["mean_delta"])
     assert set(got["mean"]) == {"before", "after", "delta", "low", "high"}
@@ -66,7 +66,7 @@ def test_intervals_in_the_results_are_the_bootstrap_in_points(demo_out):
 
 def test_the_printed_table_shows_each_interval(demo_out, capsys):
     out, _, _ = demo_out
-    before, after = (json.loads((out / "run_dualrpo" / f"eval_{w}.json").read_text())["acc"]
+    before, after = (json.loads((out / "run_dualrpo" / f"eval_{w}.json").read_text())["accuracy"]
                      for w in ("before", "after"))
     table = demo.results_table(before, after)
     table["intervals"] = demo.intervals_table(str(out), "dualrpo")

@@ -53,6 +53,7 @@ def test_checks_run_once_on_the_final_values(cfg):
     ("nope.x=1", "the config has no field 'nope'"),
     ("schedule.mini_batches=two", "schedule.mini_batches: 'two' is not a int"),
     ("schedule.dynamic_sampling=maybe", "not a boolean"),
+    ("schedule.dynamic_sampling_on=v", r"schedule.dynamic_sampling_on='v': the value 'v' was renamed to 'accuracy'"),
     ("schedule=3", "a section, not a value"),
     ("schedule.mini_batches", "expected KEY=VALUE"),
     ("schedule.mini_batches=0", r"schedule.mini_batches must be >= 1"),
@@ -65,6 +66,13 @@ def test_checks_run_once_on_the_final_values(cfg):
 def test_bad_overrides_name_the_key(cfg, item, message):
     with pytest.raises(ValueError, match=message):
         apply_overrides(cfg, [item])
+
+
+def test_dynamic_sampling_on_accuracy_is_refused_without_a_verifier_signal(cfg):
+    assert apply_overrides(cfg, ["schedule.dynamic_sampling_on=reward"]).schedule.dynamic_sampling_on == "reward"
+    with pytest.raises(ValueError, match=r"schedule.dynamic_sampling_on='accuracy' with reward.mode='internal'"):
+        apply_overrides(cfg, ["schedule.dynamic_sampling=true", "schedule.dynamic_sampling_on=accuracy",
+                              "reward.mode=internal"])
 
 
 def test_actor_temperature_is_the_rollouts(synth_dir, tmp_path):

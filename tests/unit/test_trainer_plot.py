@@ -24,7 +24,7 @@ def test_smooth_by_hand():
 
 
 def _fake_run(d, mode, steps=60, seed=0, with_config=True, heldout=False):
-    """Realistic-looking curves: accuracy rising per task, certainty rising under DualRPO."""
+    """Realistic-looking curves: accuracy rising per task, self-certainty rising under DualRPO."""
     rng = random.Random(seed)
     with MetricsLogger(str(d), tensorboard=False, progress=False, enabled=True) as log:
         if with_config:
@@ -32,17 +32,17 @@ def _fake_run(d, mode, steps=60, seed=0, with_config=True, heldout=False):
         for s in range(1, steps + 1):
             rec = {}
             for i, t in enumerate(TASKS):
-                rec[f"acc/{t}"] = min(1.0, 0.2 + 0.1 * i + s / steps * 0.5 + rng.gauss(0, 0.05))
-            rec["acc/all"] = sum(rec[f"acc/{t}"] for t in TASKS) / len(TASKS)
-            rec["certainty/all"] = 1.0 + (0.02 if mode == "dualrpo" else 0.005) * s + rng.gauss(0, 0.05)
+                rec[f"accuracy/{t}"] = min(1.0, 0.2 + 0.1 * i + s / steps * 0.5 + rng.gauss(0, 0.05))
+            rec["accuracy/all"] = sum(rec[f"accuracy/{t}"] for t in TASKS) / len(TASKS)
+            rec["self_certainty/all"] = 1.0 + (0.02 if mode == "dualrpo" else 0.005) * s + rng.gauss(0, 0.05)
             rec["entropy/all"] = 2.0 - 0.01 * s + rng.gauss(0, 0.05)
             rec["kl"] = float("nan") if s == 7 else 0.01  # a null in the file must not break plotting
             if heldout and s % 20 == 0:  # a held-out eval every 20 steps, split by difficulty for two tasks
                 for t in TASKS:
-                    rec[f"eval/acc/{t}"] = 0.1 + s / steps * 0.3
+                    rec[f"eval/accuracy/{t}"] = 0.1 + s / steps * 0.3
                 for t in TASKS[:2]:
                     for k in (1, 2, 3):
-                        rec[f"eval/by_difficulty/acc/{t}/d{k}"] = 0.5 / k + s / steps * 0.2
+                        rec[f"eval/by_difficulty/accuracy/{t}/d{k}"] = 0.5 / k + s / steps * 0.2
             log.log(s, rec)
     return d
 
@@ -72,11 +72,11 @@ def test_cli_plots_two_runs(tmp_path, capsys):
     out = tmp_path / "plots"
     assert main(["plot", str(grpo), str(dual), "--out", str(out), "--smooth", "5"]) == 0
     printed = capsys.readouterr().out.split()
-    assert printed == [str(out / "accuracy_per_task.png"), str(out / "certainty_entropy.png")]  # no held-out eval
+    assert printed == [str(out / "accuracy_per_task.png"), str(out / "self_certainty_entropy.png")]  # no held-out eval
     size, lo, hi, ink = _image_stats(out / "accuracy_per_task.png")
     assert size == (1350, 640)  # 3 x 2 panels at 4.5 x 3.2 in, 100 dpi
     assert lo < 100 and hi == 255 and 0.01 < ink < 0.6  # drawn lines on a white page
-    size, lo, hi, ink = _image_stats(out / "certainty_entropy.png")
+    size, lo, hi, ink = _image_stats(out / "self_certainty_entropy.png")
     assert size == (1000, 360) and lo < 100 and 0.01 < ink < 0.6
 
 
@@ -94,7 +94,7 @@ def test_missing_or_empty_metrics_named(tmp_path, capsys):
     assert main(["plot", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
     assert f"{tmp_path / 'empty' / 'metrics.jsonl'}: no metrics file" in capsys.readouterr().err
     (tmp_path / "torn").mkdir()
-    (tmp_path / "torn" / "metrics.jsonl").write_text('{"step": 1, "acc/a')
+    (tmp_path / "torn" / "metrics.jsonl").write_text('{"step": 1, "accuracy/a')
     assert main(["plot", str(tmp_path / "torn"), "--out", str(tmp_path / "o")]) == 2
     assert "torn/metrics.jsonl: no step records" in capsys.readouterr().err
 
@@ -102,10 +102,10 @@ def test_missing_or_empty_metrics_named(tmp_path, capsys):
 def test_heldout_figures_per_task_and_per_difficulty(tmp_path, capsys):
     runs = [_fake_run(tmp_path / m, m, seed=i, heldout=True) for i, m in enumerate(("grpo", "dualrpo"))]
     loaded = load_runs([str(r) for r in runs])
-    assert task_names(loaded, "eval/acc/") == ["counting", "grounding", "math", "ocr"]
-    assert task_names(loaded, "eval/by_difficulty/acc/") == [f"{t}/d{k}" for t in ("counting", "math")
-                                                             for k in (1, 2, 3)]
-    assert loaded[0].series("eval/acc/math") == ([20, 40, 60], pytest.approx([0.2, 0.3, 0.4]))
+    assert task_names(loaded, "eval/accuracy/") == ["counting", "grounding", "math", "ocr"]
+    assert task_names(loaded, "eval/by_difficulty/accuracy/") == [f"{t}/d{k}" for t in ("counting", "math")
+                                                                  for k in (1, 2, 3)]
+    assert loaded[0].series("eval/accuracy/math") == ([20, 40, 60], pytest.approx([0.2, 0.3, 0.4]))
     out = tmp_path / "plots"
     assert main(["plot", *map(str, runs), "--out", str(out)]) == 0
     printed = capsys.readouterr().out.split()

@@ -89,8 +89,8 @@ def _config(tmp_path, **wandb):
 
 
 def _metrics(step):
-    return {"acc/all": 0.25 * step, "acc/math": 1.0 / (step + 1), "kl": float("nan") if step == 2 else 0.01 * step,
-            "reward_mode": "dualrpo"}
+    return {"accuracy/all": 0.25 * step, "accuracy/math": 1.0 / (step + 1),
+            "kl": float("nan") if step == 2 else 0.01 * step, "reward_mode": "dualrpo"}
 
 
 @pytest.fixture

@@ -1,0 +1,107 @@
+"""The packed layout's bookkeeping (``models.qwen2_5_vl.packing``, ``geometry.packed_rope_index``,
+``packed_attention.packed_causal_mask``) against the padded batch and brute force, and the one rotary
+behaviour of Megatron-Core the packed forward relies on. The model itself: tests/distributed/test_packed_model.py."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dualrpo_mcore.models.qwen2_5_vl import geometry, testing
+from dualrpo_mcore.models.qwen2_5_vl.packing import Packing, pack
+
+MERGE = 2
+ROWS = ((), ((6, 8),), ((4, 10), (6, 6)), (), ((4, 4),))
+
+
+def _batch(rows=ROWS, empty_row=None):
+    batch = testing.make_batch(rows=rows)
+    if empty_row is not None:  # a row without a real token (a text-only one: its image would go missing)
+        batch["attention_mask"][empty_row] = 0
+    return batch
+
+
+@pytest.mark.parametrize("empty_row", [None, 3])
+def test_pack_keeps_each_rows_tokens_and_positions(empty_row):
+    batch = _batch(empty_row=empty_row)
+    ids, pos, packing = pack(batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"],
+                             testing.IMAGE, MERGE, multiple=16, pad_id=0)
+    real = batch["attention_mask"].bool()
+    lengths = real.sum(1)
+    assert packing.cu_seqlens.dtype == torch.int32 and packing.rows == 5
+    assert packing.cu_seqlens.tolist() == [0] + lengths.cumsum(0).tolist()
+    assert packing.total % 16 == 0 and packing.total - packing.tokens < 16
+    assert torch.equal(ids[0, :packing.tokens], batch["input_ids"][real]) and not ids[0, packing.tokens:].any()
+    want, _ = geometry.rope_index(batch["input_ids"], batch["image_grid_thw"], testing.IMAGE, MERGE,
+                                  batch["attention_mask"])
+    assert pos.shape == (3, 1, packing.total)
+    assert torch.equal(pos[:, 0, :packing.tokens], want[:, real]) and not pos[:, 0, packing.tokens:].any()
+    # unpack puts every real token back in its [B, S] place and fills the padding
+    back = packing.unpack(ids[..., None].float(), fill=-1.0)[..., 0]
+    assert torch.equal(back[real], batch["input_ids"][real].float()) and bool((back[~real] == -1).all())
+
+
+def test_unpack_is_differentiable_and_checks_its_input():
+    batch = _batch()
+    _, _, packing = pack(batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"], testing.IMAGE, MERGE)
+    x = torch.randn(1, packing.total, 3, requires_grad=True)
+    packing.unpack(x).sum().backward()
+    assert torch.equal(x.grad[0, :packing.tokens], torch.ones(packing.tokens, 3))
+    with pytest.raises(ValueError, match="expected 90 tokens"):
+        packing.unpack(torch.zeros(1, 89, 3))
+    with pytest.raises(ValueError, match="not built by pack"):
+        Packing(cu_seqlens=packing.cu_seqlens, total=packing.total).unpack(x)
+
+
+def test_rows_images_must_be_whole():
+    """A row whose image tokens stop short of the image the grid list gives it is refused, naming the row."""
+    batch = _batch(rows=(((6, 8),),))
+    batch["input_ids"][0, 7] = 5  # one of the image's 12 tokens turned into text
+    with pytest.raises(ValueError, match="packed row 0"):
+        pack(batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"], testing.IMAGE, MERGE)
+    batch = _batch(rows=((), ((4, 4),)))
+    ids, _, packing = pack(batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"], testing.IMAGE, MERGE)
+    with pytest.raises(ValueError, match="2 images but the packed rows have tokens for 1"):
+        geometry.packed_rope_index(ids, packing.cu_seqlens, batch["image_grid_thw"].repeat(2, 1), testing.IMAGE,
+                                   MERGE)
+
+
+def test_packing_checks_and_megatron_params():
+    with pytest.raises(ValueError, match="rise from 0"):
+        Packing(cu_seqlens=torch.tensor([1, 4], dtype=torch.int32), total=8)
+    with pytest.raises(ValueError, match="past the stream"):
+        Packing(cu_seqlens=torch.tensor([0, 4, 9], dtype=torch.int32), total=8)
+    # No trailing padding: Megatron gets the rows as they are.
+    params = Packing(cu_seqlens=torch.tensor([0, 3, 8], dtype=torch.int32), total=8).seq_params()
+    assert params.qkv_format == "thd" and params.cu_seqlens_q.tolist() == [0, 3, 8] and params.max_seqlen_q == 5
+    # Trailing padding is one more sequence, so the boundaries reach T (see Packing.seq_params).
+    params = Packing(cu_seqlens=torch.tensor([0, 3, 3, 8], dtype=torch.int32), total=16).seq_params()
+    assert params.cu_seqlens_q.tolist() == params.cu_seqlens_kv.tolist() == [0, 3, 3, 8, 16]
+    assert params.cu_seqlens_q.dtype == torch.int32 and params.max_seqlen_kv == 8
+
+
+def test_packed_causal_mask_is_block_diagonal_causal():
+    from dualrpo_mcore.models.qwen2_5_vl.packed_attention import packed_causal_mask
+
+    cu, total = torch.tensor([0, 3, 3, 7, 8], dtype=torch.int32), 11
+    segment = [0, 0, 0, 2, 2, 2, 2, 3, 4, 4, 4]  # row 1 is empty; 8..10 is the trailing padding
+    want = torch.tensor([[j > i or segment[j] != segment[i] for j in range(total)] for i in range(total)])
+    assert torch.equal(packed_causal_mask(cu, total), want[None, None])
+
+
+def test_megatron_thd_rotary_keeps_every_tokens_own_position():
+    """What Packing.seq_params relies on, in the installed megatron-core: with boundaries that end at the
+    stream's length, the unfused THD rotary gives each token its own row of the per-token (mrope) table,
+    exactly as the padded layout does; it does not restart each sequence at position 0."""
+    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+
+    t, heads, dim = 16, 2, 8
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(t, heads, dim, generator=g)
+    freqs = torch.randn(t, 1, 1, dim, generator=g)  # arbitrary angles: not a function of the offset in a row
+    cu = Packing(cu_seqlens=torch.tensor([0, 5, 5, 12], dtype=torch.int32), total=t).seq_params().cu_seqlens_q
+    config = SimpleNamespace(apply_rope_fusion=False, rotary_interleaved=False, multi_latent_attention=False,
+                             mrope_section=[1, 1, 2])
+    one_rank = SimpleNamespace(size=lambda: 1, rank=lambda: 0)
+    thd = apply_rotary_pos_emb(x, freqs, config, cu_seqlens=cu, cp_group=one_rank)
+    bshd = apply_rotary_pos_emb(x[:, None], freqs, config, cp_group=one_rank)[:, 0]
+    assert torch.equal(thd, bshd)
