@@ -69,6 +69,36 @@ def rope_index(input_ids: torch.Tensor, image_grid_thw: Optional[torch.Tensor], 
     return pos.to(input_ids.device), deltas.to(input_ids.device)
 
 
+def packed_rope_index(input_ids: torch.Tensor, cu_seqlens: torch.Tensor, image_grid_thw: Optional[torch.Tensor],
+                      image_token_id: int, spatial_merge_size: int) -> torch.Tensor:
+    """[3, 1, T] position ids of a packed stream ``input_ids [1, T]`` whose row ``r`` is
+    ``[cu_seqlens[r], cu_seqlens[r + 1])``: :func:`rope_index` of each row alone, with that row's own
+    images (the next ones in ``image_grid_thw``, which lists them in stream order), so every row's
+    positions start at 0 exactly as in a padded batch. Tokens after ``cu_seqlens[-1]`` get 0."""
+    ids = input_ids.reshape(-1)
+    pos = torch.zeros(3, 1, ids.numel(), dtype=torch.long)
+    grids = image_grid_thw.cpu() if image_grid_thw is not None else torch.zeros(0, 3, dtype=torch.long)
+    tokens = (grids.prod(-1) // spatial_merge_size ** 2).tolist()
+    bounds = [int(c) for c in cu_seqlens.tolist()]
+    first = 0
+    for r in range(len(bounds) - 1):
+        row = ids[bounds[r]:bounds[r + 1]].cpu()
+        want, last = int((row == image_token_id).sum()), first
+        while want > 0 and last < len(tokens):
+            want -= tokens[last]
+            last += 1
+        if want != 0:
+            raise ValueError(f"packed row {r}: its image tokens do not add up to whole images of image_grid_thw "
+                             f"(images {first}.. of {len(tokens)})")
+        row_pos, _ = rope_index(row[None], grids[first:last] if last > first else None, image_token_id,
+                                spatial_merge_size)
+        pos[:, 0, bounds[r]:bounds[r + 1]] = row_pos[:, 0]
+        first = last
+    if first != len(tokens):
+        raise ValueError(f"image_grid_thw has {len(tokens)} images but the packed rows have tokens for {first}")
+    return pos.to(input_ids.device)
+
+
 def vision_patch_positions(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
     """[N, 2] (row, col) of every patch, patches ordered merge-block by merge-block."""
     out = []

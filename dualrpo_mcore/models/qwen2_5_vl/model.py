@@ -4,7 +4,8 @@ as Megatron's GPTModel with multimodal rotary embeddings (mrope).
 Forward takes a padded batch ``[B, S]`` of token ids in which every image is a run of
 ``image_token_id`` tokens; image embeddings from the ViT replace those tokens' embeddings (in
 row-major order, like transformers), and 3D position ids are computed from the image grids when
-not given.
+not given. With ``packed=`` it takes the rows concatenated into one stream ``[1, T]`` instead
+(``packing``): the same numbers per row, without computing on padding.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from . import geometry
 from .config import QwenVLConfig, check_parallel, language_config, merger_config, recompute_kwargs, vision_config
 from .image_dedup import encode_once
 from .options import ModelOptions
+from .packing import Packing
 from .specs import language_layer_spec
 from .vision import VisionModel, with_ffn_hidden_size
 
@@ -72,6 +74,26 @@ class QwenVLModel(MegatronModule):
                                      self.cfg.spatial_merge_size, attention_mask)
         return pos
 
+    def _packed_inputs(self, input_ids, attention_mask, position_ids, image_grid_thw, packed: Packing):
+        """Position ids and Megatron's PackedSeqParams of a packed stream, after checking the contract."""
+        if input_ids.shape != (1, packed.total):
+            raise ValueError(f"packed: input_ids must be [1, {packed.total}] (the stream), "
+                             f"got {tuple(input_ids.shape)}")
+        if attention_mask is not None:
+            raise ValueError("packed: no attention_mask; cu_seqlens says which tokens are real and where rows end")
+        if self.config.apply_rope_fusion:
+            # TE's fused THD rotary kernel restarts every sequence at position 0: image rows would lose
+            # their 3D mrope positions. The unfused path maps each token to its own entry (Packing.seq_params).
+            raise ValueError("packed: needs apply_rope_fusion=False (the fused THD rotary ignores mrope positions)")
+        if self.config.context_parallel_size > 1:
+            raise NotImplementedError("packed: context parallelism is not supported (docs/design.md)")
+        if position_ids is not None and position_ids.shape != (3, 1, packed.total):
+            raise ValueError(f"packed: position_ids must be [3, 1, {packed.total}], got {tuple(position_ids.shape)}")
+        if position_ids is None:
+            position_ids = geometry.packed_rope_index(input_ids, packed.cu_seqlens, image_grid_thw,
+                                                      self.cfg.image_token_id, self.cfg.spatial_merge_size)
+        return position_ids, packed.seq_params()
+
     def _embed(self, input_ids, pixel_values, image_grid_thw) -> torch.Tensor:
         emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [S, B, H]
         if pixel_values is None:
@@ -90,19 +112,30 @@ class QwenVLModel(MegatronModule):
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None, pixel_values: Optional[torch.Tensor] = None,
                 image_grid_thw: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
-                runtime_gather_output: Optional[bool] = None, return_hidden: bool = False) -> torch.Tensor:
+                runtime_gather_output: Optional[bool] = None, return_hidden: bool = False,
+                packed: Optional[Packing] = None) -> torch.Tensor:
         """input_ids/attention_mask [B, S] (mask 1 = real token); returns logits [B, S, V/TP]
         (last stage; gathered over TP with ``runtime_gather_output``), per-token loss with
         ``labels``, or hidden states [S, B, H] on earlier stages. ``return_hidden``: the last stage
         skips the output layer and returns the final (normed) hidden states [S, B, H] too, for
-        ``ops.fused_head`` with :meth:`output_weight`."""
-        if position_ids is None:
+        ``ops.fused_head`` with :meth:`output_weight`.
+
+        ``packed``: input_ids is a packed stream [1, T] laid out by ``packed`` (no attention_mask;
+        position_ids [3, 1, T], computed per row when not given; pixel_values/image_grid_thw in stream
+        order), and everything above holds with B = 1, S = T: logits [1, T, V/TP], hidden [T, 1, H]."""
+        seq_params = None
+        if packed is not None:
+            position_ids, seq_params = self._packed_inputs(input_ids, attention_mask, position_ids, image_grid_thw,
+                                                           packed)
+        elif position_ids is None:
             position_ids = self.position_ids(input_ids, image_grid_thw, attention_mask)
         b, s = input_ids.shape
         if (b * s) % self.token_multiple:
             raise ValueError(f"a micro-batch of {b}x{s} tokens: FP8 GEMMs need a multiple of {self.token_multiple}; "
                              f"pad it with dualrpo_mcore.actor.microbatch.pad_tokens")
-        mask = geometry.causal_padding_mask(attention_mask, s, b, device=input_ids.device)
+        # Packed: TE's THD attention takes no mask, and the local one builds its own from cu_seqlens.
+        mask = None if packed is not None else geometry.causal_padding_mask(attention_mask, s, b,
+                                                                            device=input_ids.device)
         decoder_input = self._embed(input_ids, pixel_values, image_grid_thw) if self.pre_process else None
         lm = self.language_model
         if return_hidden and self.post_process:
@@ -114,11 +147,12 @@ class QwenVLModel(MegatronModule):
             lm.post_process = False
             try:
                 return lm(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
-                          decoder_input=decoder_input)
+                          decoder_input=decoder_input, packed_seq_params=seq_params)
             finally:
                 lm.post_process = True
         return lm(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
-                  decoder_input=decoder_input, labels=labels, runtime_gather_output=runtime_gather_output)
+                  decoder_input=decoder_input, labels=labels, runtime_gather_output=runtime_gather_output,
+                  packed_seq_params=seq_params)
 
     def output_weight(self) -> torch.Tensor:
         """This rank's vocabulary shard [V_pad / TP, H] of the output layer, or of the input embedding

@@ -46,12 +46,18 @@ def resolve_backend(requested: str = "auto", needs_te: bool = False, *, cuda_ava
 
 
 def language_layer_spec(backend: str):
-    """Qwen2 decoder layer: RMSNorm, GQA with qkv bias, SwiGLU MLP."""
+    """Qwen2 decoder layer: RMSNorm, GQA with qkv bias, SwiGLU MLP. Both specs take packed (THD)
+    micro-batches: TE's attention reads ``packed_seq_params`` itself; the local spec's core attention is
+    Megatron's, extended to read them (``packed_attention``)."""
     from megatron.core.models.gpt import gpt_layer_specs as g
 
     if backend == "te":
         return g.get_gpt_layer_with_transformer_engine_spec()
-    return g.get_gpt_layer_local_spec(normalization="RMSNorm")
+    from .packed_attention import PackedDotProductAttention
+
+    spec = g.get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
+    return spec
 
 
 def vision_layer_spec(backend: str):

@@ -1,0 +1,104 @@
+"""Padding-free micro-batches: the rows of a batch concatenated into one token stream.
+
+A padded micro-batch ``[B, S]`` spends attention, MLP and output-head compute on its padding; the packed
+form keeps only the real tokens, row after row, as ``input_ids [1, T]``. Row ``r`` is
+``[cu_seqlens[r], cu_seqlens[r + 1])``; tokens from ``cu_seqlens[-1]`` to ``T`` are trailing padding (a
+multiple that FP8 GEMMs or sequence parallelism need), which no real token attends to. Each row keeps its
+own 3D mrope positions, computed from its own images as in the padded batch, and attends causally within
+itself only. Images stay in row order, so ``pixel_values`` / ``image_grid_thw`` are the padded batch's.
+
+:func:`pack` builds the stream from a padded batch; :meth:`Packing.unpack` puts per-token outputs back at
+their ``[B, S]`` places. :class:`~.model.QwenVLModel` takes the stream with ``packed=Packing``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from . import geometry
+
+
+@dataclass(frozen=True, eq=False)
+class Packing:
+    """Where the rows of a packed stream lie, and (when built by :func:`pack`) where they came from."""
+
+    cu_seqlens: torch.Tensor
+    """int32 [rows + 1]: row boundaries in the stream, from 0 to the number of real tokens."""
+    total: int
+    """T, the stream's length: the real tokens plus trailing padding."""
+    index: Optional[torch.Tensor] = None
+    """long [cu_seqlens[-1]]: each real token's flat position ``b * S + s`` in the padded batch."""
+    padded_shape: Optional[Tuple[int, int]] = None
+    """(B, S) of the padded batch it was packed from."""
+
+    def __post_init__(self):
+        cu = self.cu_seqlens
+        if cu.dim() != 1 or cu.numel() < 2 or int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError(f"cu_seqlens must rise from 0 over rows + 1 entries, got {cu.tolist()}")
+        if int(cu[-1]) > self.total:
+            raise ValueError(f"cu_seqlens ends at {int(cu[-1])}, past the stream's {self.total} tokens")
+
+    @property
+    def rows(self) -> int:
+        return self.cu_seqlens.numel() - 1
+
+    @property
+    def tokens(self) -> int:
+        """Real (unpadded) tokens in the stream."""
+        return int(self.cu_seqlens[-1])
+
+    def seq_params(self):
+        """Megatron's :class:`PackedSeqParams` in the THD layout for this stream.
+
+        The trailing padding is a sequence of its own here, so the boundaries handed to Megatron cover all
+        ``T`` tokens. That matters twice: attention kernels see no token outside a sequence (and no real
+        token attends to the padding, which comes after every row); and Megatron's THD rotary path maps
+        each token to its own entry of the per-token mrope table only when the boundaries end at the
+        table's length (``rope_utils._apply_rotary_pos_emb_thd``, "CASE 1", megatron-core 0.16 and 0.19),
+        otherwise it restarts every sequence at position 0 and image rows lose their 3D positions."""
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        cu = self.cu_seqlens.to(torch.int32)
+        if self.total > self.tokens:
+            cu = torch.cat([cu, cu.new_tensor([self.total])])
+        lengths = (cu[1:] - cu[:-1]).tolist()
+        longest = max(lengths) if lengths else 0
+        return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                               max_seqlen_kv=longest)
+
+    def unpack(self, x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """Per-token values ``[1, T, ...]`` or ``[T, ...]`` of the stream -> ``[B, S, ...]`` of the padded
+        batch (``fill`` on its padding). Differentiable."""
+        if self.index is None or self.padded_shape is None:
+            raise ValueError("unpack: this Packing was not built by pack() from a padded batch")
+        x = x[0] if x.dim() >= 2 and x.shape[0] == 1 and x.shape[1] == self.total else x
+        if x.shape[0] != self.total:
+            raise ValueError(f"unpack: expected {self.total} tokens, got shape {tuple(x.shape)}")
+        b, s = self.padded_shape
+        out = x.new_full((b * s, *x.shape[1:]), fill)
+        out = out.index_copy(0, self.index.to(x.device), x[: self.tokens])
+        return out.view(b, s, *x.shape[1:])
+
+
+def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_grid_thw: Optional[torch.Tensor],
+         image_token_id: int, spatial_merge_size: int, multiple: int = 1, pad_id: int = 0
+         ) -> Tuple[torch.Tensor, torch.Tensor, Packing]:
+    """A padded batch ``[B, S]`` (``attention_mask`` 1 = real token) -> ``(input_ids [1, T],
+    position_ids [3, 1, T], packing)``: each row's real tokens in order, rows one after another, and the
+    stream padded with ``pad_id`` to a multiple of ``multiple`` tokens (at least one token). Rows without
+    a real token stay in as empty rows, so row r of the pack is row r of the batch."""
+    b, s = input_ids.shape
+    real = attention_mask.bool().reshape(-1)
+    index = real.nonzero(as_tuple=True)[0]
+    lengths = attention_mask.bool().sum(dim=1)
+    cu = torch.zeros(b + 1, dtype=torch.int32)
+    cu[1:] = lengths.cumsum(0).to(torch.int32).cpu()
+    n = int(cu[-1])
+    total = max(n + (-n % multiple), multiple)
+    ids = input_ids.new_full((1, total), pad_id)
+    ids[0, :n] = input_ids.reshape(-1)[index]
+    packing = Packing(cu_seqlens=cu.to(input_ids.device), total=total, index=index, padded_shape=(b, s))
+    pos = geometry.packed_rope_index(ids, packing.cu_seqlens, image_grid_thw, image_token_id, spatial_merge_size)
+    return ids, pos, packing
