@@ -6,6 +6,8 @@ Device time is lent in minutes, so the whole check is planned to fit one H100 in
 * ``kernel``      ``dualrpo bench token-stats --device cuda``: the fused kernel against the naive chain
                   and against Megatron's fused cross-entropy plus a separate entropy pass, with achieved
                   bandwidth as % of a copy measured in the same run (the roofline table);
+* ``fused-head``  ``dualrpo bench token-stats --fused-head --device cuda``: the fused output head
+                  (and its loss path) against output layer + kernel: time and peak memory ratios;
 * ``train-bf16``  ``dualrpo bench train --model small`` in bf16 (TE spec where TE imports, else the
                   local spec), tokens/s and MFU;
 * ``train-fp8``   the same step in FP8 (needs Transformer Engine);
@@ -80,9 +82,11 @@ def plan(work: str, have: Dict[str, Optional[str]]) -> List[Stage]:
     j = lambda name: os.path.join(work, f"{name}.json")  # noqa: E731
     return [
         Stage("tests-gpu", [[sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/gpu"]],
-              120, ("cuda",)),
-        Stage("kernel", [py + ["bench", "token-stats", "--device", "cuda", "--repeats", "5", "--json", j("kernel")]],
-              45, ("cuda",), j("kernel")),
+              110, ("cuda",)),
+        Stage("kernel", [py + ["bench", "token-stats", "--device", "cuda", "--repeats", "3", "--json", j("kernel")]],
+              30, ("cuda",), j("kernel")),
+        Stage("fused-head", [py + ["bench", "token-stats", "--fused-head", "--device", "cuda", "--head-tokens", "4096",
+                                   "16384", "--repeats", "2", "--json", j("fused-head")]], 25, ("cuda",), j("fused-head")),
         Stage("train-bf16", [train + ["--json", j("train-bf16")]], 50, ("cuda",), j("train-bf16")),
         Stage("train-fp8", [train + ["--fp8", "hybrid", "--json", j("train-fp8")]], 50, ("cuda", "te"), j("train-fp8")),
         Stage("sglang-rl", [

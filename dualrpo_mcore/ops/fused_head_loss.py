@@ -12,8 +12,9 @@ gradients are known, and the chunk's logits, still in memory, give dz at once:
                   dz = grad_logits(z, stats_c, g_c);   dH_c = dz W;   dW += dz^T h_c
 
 Three GEMMs, as unfused, and no [T, V] tensor. The loss value comes from one final ``loss_fn`` call
-on the complete statistics. The backward only scales the stored dH and dW by the incoming gradient
-(and sums dH over the TP group, as ``ColumnParallelLinear``'s backward does).
+on the complete statistics. The backward only scales the stored dH and dW by the incoming gradient,
+in place (and sums dH over the TP group, as ``ColumnParallelLinear``'s backward does); so the result
+can be run backward once (``retain_graph`` and a second backward raise).
 
 **Contract of** ``loss_fn(stats: TokenStats) -> (loss, aux)``: ``stats`` hold all ``T`` rows (rows
 outside ``mask`` and rows not yet computed hold 0), ``loss`` is a 0-dim tensor, ``aux`` anything (it
@@ -79,21 +80,24 @@ def _token_grads(loss_fn: LossFn, full: Tuple[torch.Tensor, ...], rows: torch.Te
 
 
 class _StoredGrads(torch.autograd.Function):
-    """Attaches the forward's dH and dW to the loss: backward scales them by the loss's gradient."""
+    """Attaches the forward's dH and dW to the loss: backward scales them by the loss's gradient, in
+    place (a copy of dW would double the head's peak memory), so the graph can be run backward once."""
 
     @staticmethod
     def forward(ctx, hidden, weight, loss, dh, dw, group):
-        ctx.save_for_backward(dh, dw)
-        ctx.group = group
+        ctx.grads, ctx.group = (dh, dw), group
         return loss.detach().clone()
 
     @staticmethod
     def backward(ctx, g):
-        dh, dw = ctx.saved_tensors
-        dh = dh * g.to(dh.dtype)
+        if ctx.grads is None:
+            raise RuntimeError("fused_head_loss: its gradients were formed once, in the forward, and were "
+                               "already handed out; run the forward again instead of backward twice")
+        (dh, dw), ctx.grads = ctx.grads, None
+        dh.mul_(g.to(dh.dtype))
         if ctx.group is not None and dist.get_world_size(ctx.group) > 1:
             dist.all_reduce(dh, group=ctx.group)  # each shard saw only its part of the vocabulary
-        dw = None if dw.numel() == 0 else dw * g.to(dw.dtype)
+        dw = None if dw.numel() == 0 else dw.mul_(g.to(dw.dtype))
         return dh, dw, None, None, None, None
 
 

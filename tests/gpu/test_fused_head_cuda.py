@@ -82,3 +82,32 @@ def test_cuda_fused_head_never_holds_the_logits():
     # Everything beyond the gradients, the fp32 dW buffer and one chunk budget is small change.
     assert peak < grads + fp32_dw + budget + 64 * 2**20, (peak, logits)
     assert peak < logits / 2, (peak, logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_fused_head_loss_matches_float64(dtype):
+    """The loss path (gradients formed in the forward) on cuBLAS + the CUDA kernel."""
+    from dualrpo_mcore.ops import fused_head_loss
+
+    rows, hidden, vocab, pad = 67, 40, 1003, 13
+    h, w, labels, mask = _inputs(rows, hidden, vocab, pad, seed=4)
+    g = torch.Generator().manual_seed(6)
+    up = [torch.randn(rows, generator=g, dtype=torch.float64) for _ in range(3)]
+    dev = dict(device="cuda", dtype=dtype)
+    hc, wc = h.to(**dev).requires_grad_(True), w.to(**dev).requires_grad_(True)
+    upc = [u.float().cuda() for u in up]
+    loss, stats, _ = fused_head_loss(hc, wc, labels.cuda(), lambda ts: (sum((u * t).sum() for u, t in zip(upc, ts[:3])), None),
+                                     mask=mask.cuda(), temperature=TEMP, vocab_size=vocab,
+                                     chunk_bytes=16 * (vocab + pad) * 4 * 3, backend="ext")
+    dh, dw = torch.autograd.grad(loss, [hc, wc])
+    hh = h.to(dtype).double().requires_grad_(True)
+    ww = w.to(dtype).double().requires_grad_(True)
+    want = [torch.where(mask, o, torch.zeros_like(o)) for o in reference(hh @ ww.t(), labels, vocab, TEMP)[:3]]
+    want_dh, want_dw = torch.autograd.grad(want, [hh, ww], up)
+    scale = ((hh @ ww.t()).detach().abs().amax(1) / TEMP).clamp(min=1.0)
+    eps = 1e-4 if dtype == torch.float32 else 2 ** -6
+    for name, o, ref in zip(["logprob", "entropy", "sc"], stats, want):
+        assert_close(o.cpu(), ref.detach(), eps, eps * scale, name)
+    geps = 1e-3 if dtype == torch.float32 else 2 ** -5
+    assert_close(dh.cpu(), want_dh, geps, geps * float(want_dh.abs().max()), "d hidden")
+    assert_close(dw.cpu(), want_dw, geps, geps * float(want_dw.abs().max()), "d weight")

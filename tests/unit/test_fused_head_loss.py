@@ -149,13 +149,20 @@ def test_frozen_weight_gets_no_gradient_and_hidden_still_does():
     assert h.grad is not None and w.grad is None and bool(h.grad.any())
 
 
-def test_loss_scaled_by_the_incoming_gradient():
+def test_loss_scaled_by_the_incoming_gradient_and_backward_once():
     h, w, labels, mask = make_inputs(torch.float32, rows=ROWS)
-    h = h.requires_grad_(True)
-    loss, _, _ = fused_head_loss(h, w, labels, linear_loss(_weights()), mask=mask, vocab_size=VOCAB)
-    (g1,) = torch.autograd.grad(loss, [h], retain_graph=True)
-    (g3,) = torch.autograd.grad(3.0 * loss, [h])
-    assert torch.allclose(g3, 3.0 * g1)
+
+    def d_hidden(scale, twice=False):
+        hh = h.clone().requires_grad_(True)
+        loss, _, _ = fused_head_loss(hh, w, labels, linear_loss(_weights()), mask=mask, vocab_size=VOCAB)
+        (g,) = torch.autograd.grad(scale * loss, [hh], retain_graph=twice)
+        if twice:
+            torch.autograd.grad(loss, [hh])
+        return g
+
+    assert torch.allclose(d_hidden(3.0), 3.0 * d_hidden(1.0))
+    with pytest.raises(RuntimeError, match="backward twice"):
+        d_hidden(1.0, twice=True)
 
 
 def test_errors_name_the_problem():

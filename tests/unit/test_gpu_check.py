@@ -22,7 +22,7 @@ def test_dry_run_plans_every_stage_within_budget_and_writes_the_record(tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads(out.read_text())
     assert doc["dry_run"] is True and doc["commit"] and doc["versions"]["torch"]
-    assert set(doc["stages"]) == {"tests-gpu", "kernel", "train-bf16", "train-fp8", "sglang-rl"}
+    assert set(doc["stages"]) == {"tests-gpu", "kernel", "fused-head", "train-bf16", "train-fp8", "sglang-rl"}
     for name, rec in doc["stages"].items():
         assert rec["status"] == "parsed", (name, rec)
     assert doc["planned_s"] + doc["setup_s"] <= doc["budget_s"] == 480
