@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--fused-head: T values (default 2048 4096 on CPU, 4096 16384 65536 on CUDA)")
     parser.add_argument("--head-vocab", type=int, default=151936, help="--fused-head: V")
     parser.add_argument("--head-hidden", type=int, default=2048, help="--fused-head: H")
-    parser.add_argument("--chunk-mb", type=float, default=256.0, help="--fused-head: the op's chunk budget (MiB)")
+    parser.add_argument("--chunk-mb", type=float, default=None,
+                        help="--fused-head: the op's chunk budget in MiB (default: the op's own, ops.fused_head)")
 
 
 def _unfused(h, w, y, backend, chunk_bytes):
@@ -122,7 +123,10 @@ def run(args) -> List[Dict[str, Any]]:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     tokens = args.head_tokens or ([2048, 4096] if device.type == "cpu" else [4096, 16384, 65536])
-    v, hdim, chunk_bytes = args.head_vocab, args.head_hidden, int(args.chunk_mb * 2**20)
+    from dualrpo_mcore.ops.fused_head import DEFAULT_CHUNK_BYTES
+
+    chunk_bytes = DEFAULT_CHUNK_BYTES if args.chunk_mb is None else int(args.chunk_mb * 2**20)
+    v, hdim = args.head_vocab, args.head_hidden
     gen = torch.Generator().manual_seed(0)
     w = (torch.randn(v, hdim, generator=gen) / math.sqrt(hdim)).to(device=device, dtype=dtype)
     for name, method in METHODS.items():  # warm-up at a small T: lazy initialisation, first-touch pages

@@ -357,8 +357,9 @@ def vision_forward_transient(cfg, layout: Layout, mb: MicroBatch) -> int:
 
 def logits_bytes(cfg, layout: Layout, mb: MicroBatch) -> Dict[str, int]:
     """Log-prob buffers of one micro-batch on the last stage: ``held`` (contiguous logits + the
-    shifted copy ``ops.token_stats`` saves, 3 fp32 stats and the int64 labels per token) and
-    ``transient`` (the logits' gradient in backward)."""
+    shifted copy ``ops.token_stats`` saves, 3 fp32 stats and the int64 labels per token; with the
+    fused head: the hidden rows, dHidden and dW) and ``transient`` (the logits' gradient in backward;
+    with the fused head: one chunk and the fp32 dW sum of a 16-bit weight)."""
     v_local = padded_vocab(cfg, layout.tp) // layout.tp
     d = DTYPE_BYTES[layout.dtype]
     t = mb.tokens
@@ -366,8 +367,10 @@ def logits_bytes(cfg, layout: Layout, mb: MicroBatch) -> Dict[str, int]:
         from dualrpo_mcore.ops.fused_head import DEFAULT_CHUNK_BYTES
 
         whole = t * v_local * d * (2 + int(d < 4))  # logits, dz[, dW block] of all tokens at once
-        acc32 = v_local * cfg.hidden_size * 4 if d < 4 and whole > DEFAULT_CHUNK_BYTES else 0
-        held = 2 * t * cfg.hidden_size * d + t * (3 * 4 + 8)
+        acc32 = v_local * cfg.hidden_size * 4 if d < 4 else 0  # fused_head_loss sums dW in fp32
+        # The update's fused_head_loss forms dHidden and dW in the forward and holds them until the
+        # micro-batch's backward (the unfused head forms dW inside its backward instead).
+        held = 2 * t * cfg.hidden_size * d + t * (3 * 4 + 8) + v_local * cfg.hidden_size * d
         return {"held": held, "transient": min(DEFAULT_CHUNK_BYTES, whole) + acc32}
     copies = 2 if mb.rows > 1 else 1  # logits[:, :-1].reshape(...) is a view only for one row
     held = copies * t * v_local * d + t * (3 * 4 + 8)

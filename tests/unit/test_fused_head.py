@@ -199,7 +199,8 @@ def test_compiled_operator_refuses_bad_calls():
 
 def test_memory_planner_drops_the_logits_with_fused_head():
     """planner/memory.py: with Layout.fused_head the log-prob buffers hold hidden-sized copies, not
-    [tokens, V/TP] logits, and the transient is one chunk budget plus the fp32 dW buffer (bf16)."""
+    [tokens, V/TP] logits (and the update's dW), and the transient is one chunk budget plus the fp32 dW
+    sum (bf16)."""
     from dualrpo_mcore.planner import memory as M
     from dualrpo_mcore.models.qwen2_5_vl import presets
     from dualrpo_mcore.models.qwen2_5_vl.config import from_hf
@@ -211,9 +212,10 @@ def test_memory_planner_drops_the_logits_with_fused_head():
     plain = M.logits_bytes(cfg, M.Layout(tp=2, dtype="bf16"), mb)
     fused = M.logits_bytes(cfg, M.Layout(tp=2, dtype="bf16", fused_head=True), mb)
     assert plain["held"] == 2 * tokens * v_local * 2 + tokens * 20
-    assert fused["held"] == 2 * tokens * hidden * 2 + tokens * 20
+    # hidden rows and dHidden, the stats and labels, and the update's dW held from forward to backward
+    assert fused["held"] == 2 * tokens * hidden * 2 + tokens * 20 + v_local * hidden * 2
     assert fused["transient"] == DEFAULT_CHUNK_BYTES + v_local * hidden * 4
-    assert fused["held"] * 8 < plain["held"] and fused["transient"] < plain["transient"]
+    assert fused["held"] * 6 < plain["held"] and fused["transient"] < plain["transient"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
