@@ -84,9 +84,11 @@ def _torch_grad(h, w, labels, rh, rw, stats, grads, vocab_start, n_real, vocab_s
         zr = None if rh is None else rh[lo:hi] @ rwr.t()
         dz = _fallback.grad_logits(z, labels[lo:hi], zr, stats[lo:hi], grads[lo:hi], vocab_start, n_real,
                                    vocab_size, inv_t)
+        del z, zr  # as in csrc/: the chunk's logits go before dz's GEMMs, and dz before the next chunk
         dh[lo:hi] = dz @ wr
         if need_dw:
             dw[:n_real] += (dz.t() @ h[lo:hi]).to(dw.dtype)
+        del dz
     return dh, dw.to(w.dtype)
 
 

@@ -127,6 +127,7 @@ def _run_chunks(h, w, labels, loss_fn, full, row_of, args, need_dw):
         torch.mm(dz, wr, out=dh[lo:hi])
         if dw is not None:
             _accumulate_dw(dw[:n_real], dz, h[lo:hi])
+        del dz  # before the next chunk's logits: two [rows, V_local] tensors at a time, not three
     if dw is not None and half:
         dw = dw.to(w.dtype)
     return dh, dw
