@@ -13,11 +13,14 @@
 * :meth:`Actor.sft_step` — the same machinery with cross-entropy on the response tokens (warm start).
 
 Batch layout: see :mod:`.batching`. Every returned per-token tensor is ``[B, S]`` float32 on CPU,
-aligned with ``input_ids`` (position t holds the statistic of token t), zero off the response.
+aligned with ``input_ids`` (position t holds the statistic of token t), zero off the response. The model
+itself sees each micro-batch as one packed stream of its rows' real tokens (``actor.model.packing``,
+:mod:`.packed`), or as the padded ``[b, s]`` rows with packing off; the results are the same.
 """
 from __future__ import annotations
 
 import logging
+import math
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -27,7 +30,7 @@ import torch.distributed as dist
 from dualrpo_mcore.algo import aggregation_count, kl_coefficient, make_normalizer, masked_mean, policy_loss
 from dualrpo_mcore.ops import IGNORE_INDEX, fused_head, fused_head_loss, token_stats
 
-from dualrpo_mcore.actor import batching, megatron_setup
+from dualrpo_mcore.actor import batching, megatron_setup, packed
 from dualrpo_mcore.actor.badsteps import BadStepGuard
 from dualrpo_mcore.actor.config import ActorConfig
 from dualrpo_mcore.actor.microbatch import pad_tokens, partition
@@ -68,6 +71,8 @@ class Actor:
         # Before any process group: FP8 without Transformer Engine stops here, naming the extra.
         self.backend = config.model.resolve_backend()
         self.token_multiple = config.model.token_multiple
+        # An attribute read at every split, so one actor can run both layouts on the same weights (tests).
+        self.packing = config.model.packing
         self.info = initialize(config.parallel.tp, config.parallel.pp, config.parallel.backend, seed=config.seed)
         # The model's architecture (shapes, token ids), resolved from its source; ``config`` is the actor's.
         self.arch = megatron_setup.resolve_model_config(config.model)
@@ -102,8 +107,9 @@ class Actor:
         A rank with fewer rows than the agreed count fills up with filler micro-batches: its
         shortest row with the response mask cleared (no loss, no gradient, results dropped).
         Every micro-batch is padded to ``token_multiple`` tokens (FP8; see ``microbatch.pad_tokens``),
-        so it may be wider than its rows. Returns the row groups of the real micro-batches (first) and
-        all micro-batches."""
+        so it may be wider than its rows; packed (``self.packing``), it is instead trimmed to its rows and
+        carries its stream under ``packed.KEY`` (padded to :meth:`_stream_multiple`). Returns the row groups
+        of the real micro-batches (first) and all micro-batches."""
         batching.check_batch(batch)
         lengths = batch["attention_mask"].sum(-1).tolist()
         spans = batching.image_spans(batch, self.arch.image_token_id, self.arch.spatial_merge_size)
@@ -122,45 +128,71 @@ class Actor:
             filler = batching.select_rows(batch, [min(range(len(lengths)), key=lengths.__getitem__)], spans)
             filler["response_mask"] = torch.zeros_like(filler["response_mask"])
             micro += [filler] * (k - len(micro))
+        if self.packing:
+            multiple = self._stream_multiple()
+            packs = {id(mb): packed.pack_micro(mb, self.arch.image_token_id, self.arch.spatial_merge_size, multiple)
+                     for mb in micro}  # the filler repeats one dict: packed once
+            return groups, [dict(mb, **{packed.KEY: packs[id(mb)]}) for mb in micro]
         return groups, [pad_tokens(mb, self.token_multiple) for mb in micro]
+
+    def _stream_multiple(self) -> int:
+        """What a packed stream's T is padded to: the FP8 token multiple and, under sequence parallelism
+        (which cuts the stream into TP equal parts), TP."""
+        sp = getattr(_stage_module(self.model).config, "sequence_parallel", False)
+        return math.lcm(self.token_multiple, self.info.tp_size if sp else 1)
+
+    @staticmethod
+    def _targets(mb: Dict[str, Any]):
+        """The next-token targets of the model's prediction positions, flattened as the head sees them
+        (padded: row by row, ``s - 1`` each; packed: the stream's ``T - 1``): labels, the mask of
+        positions predicting a response token, and the map of a statistic over them back to ``[b, s]``
+        (column 0 has no prediction; off-response positions are zeroed so they can never leak)."""
+        resp = mb["response_mask"].to(torch.float32)
+        pm = mb.get(packed.KEY)
+        if pm is not None:
+            return pm.labels, pm.keep, lambda x: pm.to_rows(x) * resp
+        b, s = mb["input_ids"].shape
+        keep = mb["response_mask"][:, 1:].bool().reshape(-1)
+        return (mb["input_ids"][:, 1:].reshape(-1), keep,
+                lambda x: torch.cat([x.new_zeros(b, 1), x.reshape(b, s - 1)], 1) * resp)
+
+    @staticmethod
+    def _prediction_rows(out: torch.Tensor, batch_first: bool) -> torch.Tensor:
+        """Outputs at every position that predicts a next token, flattened in :meth:`_targets`' order:
+        logits [b, s, V] (batch first) or hidden states [s, b, H]; packed, b = 1 and s = T."""
+        out = out if batch_first else out.transpose(0, 1)
+        return out[:, :-1].reshape(-1, out.shape[-1])
 
     def _stats(self, logits: torch.Tensor, mb: Dict[str, Any],
                temperature: Optional[float] = None, head=None) -> Dict[str, torch.Tensor]:
         """Per-token stats ``[b, s]`` of the micro-batch from this rank's vocab shard of the logits
         (at the actor's temperature unless ``temperature`` is given). With ``head`` (the model stage,
-        ``actor.model.fused_head``) ``logits`` are the final hidden states [s, b, H] instead."""
+        ``actor.model.fused_head``) ``logits`` are the final hidden states [s, b, H] instead. Packed
+        micro-batches (``packed.KEY``) give [1, T, V/TP] logits or [T, 1, H] hidden states."""
         if head is not None:
             return self._fused_stats(logits, mb, temperature, head)
-        b, s, v_local = logits.shape
-        labels = mb["input_ids"][:, 1:].clone()
-        labels[~mb["response_mask"][:, 1:].bool()] = IGNORE_INDEX
+        labels, keep, to_bs = self._targets(mb)
         tp = self.info.tp_size
-        ts = token_stats(logits[:, :-1].reshape(-1, v_local), labels.reshape(-1),
-                         vocab_start=self.info.tp_rank * v_local, vocab_size=self.arch.vocab_size,
+        ts = token_stats(self._prediction_rows(logits, True), labels.masked_fill(~keep, IGNORE_INDEX),
+                         vocab_start=self.info.tp_rank * logits.shape[-1], vocab_size=self.arch.vocab_size,
                          group=self._groups()["tp"] if tp > 1 else None,
                          temperature=self.temperature if temperature is None else temperature)
-        pad = logits.new_zeros(b, 1, dtype=torch.float32)
-        resp = mb["response_mask"].to(torch.float32)
-        # Column 0 has no prediction; off-response positions are zeroed so they can never leak.
-        return {k: torch.cat([pad, getattr(ts, k).reshape(b, s - 1)], 1) * resp for k in STATS}
+        return {k: to_bs(getattr(ts, k)) for k in STATS}
 
     def _head_rows(self, hidden: torch.Tensor, mb: Dict[str, Any], head):
-        """The fused head's inputs from the last stage's hidden states [s, b, H]: the rows predicting
-        each next token, their labels, the response mask over them (only those rows are projected onto
-        the vocabulary), the weight, and the map of per-row [T] statistics back to [b, s]."""
-        s, b, _ = hidden.shape
+        """The fused head's inputs from the last stage's hidden states [s, b, H] (packed: [T, 1, H]): the
+        rows predicting each next token, their labels, the response mask over them (only those rows are
+        projected onto the vocabulary), the weight, and the map of the statistics back to [b, s]."""
         weight = head.output_weight()
-        resp = mb["response_mask"].to(torch.float32)
-        keep = mb["response_mask"][:, 1:].bool().reshape(-1)
-        rows = hidden.transpose(0, 1)[:, :-1].reshape(b * (s - 1), -1).to(weight.dtype)
-        pad = resp.new_zeros(b, 1)
+        labels, keep, to_rows = self._targets(mb)
+        rows = self._prediction_rows(hidden, False).to(weight.dtype)
 
         def to_bs(ts) -> Dict[str, torch.Tensor]:
-            return {k: torch.cat([pad, getattr(ts, k).reshape(b, s - 1)], 1) * resp for k in STATS}
+            return {k: to_rows(getattr(ts, k)) for k in STATS}
 
         kw = dict(mask=keep, vocab_start=self.info.tp_rank * weight.shape[0], vocab_size=self.arch.vocab_size,
                   group=self._groups()["tp"] if self.info.tp_size > 1 else None)
-        return rows, weight, mb["input_ids"][:, 1:].reshape(-1), kw, to_bs
+        return rows, weight, labels, kw, to_bs
 
     def _fused_stats(self, hidden: torch.Tensor, mb: Dict[str, Any], temperature: Optional[float],
                      head) -> Dict[str, torch.Tensor]:
@@ -206,12 +238,22 @@ class Actor:
 
         def forward_step(data_iterator, m):
             mb = next(data_iterator)
-            out = m(mb["input_ids"], mb["attention_mask"], pixel_values=mb.get("pixel_values"),
-                    image_grid_thw=mb.get("image_grid_thw"), return_hidden=head is not None)
+            common = dict(pixel_values=mb.get("pixel_values"), image_grid_thw=mb.get("image_grid_thw"),
+                          return_hidden=head is not None)
+            pm = mb.get(packed.KEY)
+            if pm is None:
+                out = m(mb["input_ids"], mb["attention_mask"], **common)
+            else:
+                out = m(pm.input_ids, position_ids=pm.position_ids, packed=pm.packing, **common)
             return out, partial(loss_func, mb)
 
-        bsz = max(x["input_ids"].shape[0] for x in micro)
-        seq = max(x["input_ids"].shape[1] for x in micro)
+        # Pipeline p2p: micro-batches differ in T (packed) or in rows and width (padded). megatron_setup
+        # sets ``variable_seq_lengths``, so each send is preceded by its shape and these are placeholders
+        # (Megatron requires one). Shapes are exchanged rather than every pack padded to one agreed T:
+        # that would spend up to max_tokens - T tokens of compute per pack to save a 3-integer message.
+        inputs = [x[packed.KEY].input_ids if packed.KEY in x else x["input_ids"] for x in micro]
+        bsz = max(x.shape[0] for x in inputs)
+        seq = max(x.shape[1] for x in inputs)
         return get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter(micro), model=[model], num_microbatches=n,
             seq_length=seq, micro_batch_size=bsz, forward_only=forward_only)

@@ -44,6 +44,12 @@ class ModelSourceConfig(ModelOptions):
     """Actor and log-prob passes skip Megatron's output layer and feed the final hidden state and the
     output (or tied embedding) weight to ``ops.fused_head``: the [tokens, V/TP] logits and their
     gradient are never stored, only response tokens are projected. False = output layer + ``token_stats``."""
+    packing: bool = True
+    """Padding-free micro-batches: every forward/backward of the actor (log-probs, reference, update, SFT)
+    runs a micro-batch's rows as one token stream ``[1, T]`` (T = its real tokens, padded only to the FP8
+    multiple), attention kept within each row (``models.qwen2_5_vl.packing``); the results are those of
+    the padded batch. Turn it off to compare against the padded ``[B, S]`` path, or where the packed
+    attention is unavailable (context parallelism; a Transformer Engine build without THD attention)."""
 
     path: ClassVar[str] = "actor.model"
 

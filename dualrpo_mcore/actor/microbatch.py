@@ -16,6 +16,8 @@ Widening S rather than adding rows keeps every per-row field (advantages, KL wei
 is, costs at most ``B * (m / gcd(B, m) - 1)`` tokens, and the new columns sit after every row's last
 real token, where causal attention keeps real tokens from ever seeing them; they carry
 ``attention_mask = 0`` and ``response_mask = 0``, so no loss, statistic or label reads them.
+Packed micro-batches (``actor.model.packing``, :mod:`.packed`) are not widened: their stream is padded
+to the multiple at its end instead.
 """
 from __future__ import annotations
 

@@ -61,6 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s per device (overrides table/measured)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the transformers baseline")
+    parser.add_argument("--no-packing", dest="packing", action="store_false",
+                        help="padded [B, S] micro-batches instead of packed streams (actor.model.packing=false)")
     parser.add_argument("--json", default=None, help="write results here as JSON")
 
 
@@ -153,7 +155,8 @@ def _actor(args, hf_cfg, tokens: int):
 
     precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
     spec = args.spec or ("auto" if torch.cuda.is_available() else "local")
-    common = dict(precision=precision, spec_backend=spec, recompute=args.recompute, fp8=args.fp8)
+    common = dict(precision=precision, spec_backend=spec, recompute=args.recompute, fp8=args.fp8,
+                  packing=getattr(args, "packing", True))
     if args.model in SMALL_MODELS:
         src = ModelSourceConfig(tiny=True, hf_config=hf_cfg, **common)
     else:

@@ -52,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--sft-steps", type=int, default=2000)
     g.add_argument("--sft-lr", type=float, default=2e-3)
     g.add_argument("--sft-batch-size", type=int, default=8, help="rows per update per process")
+    g.add_argument("--no-packing", dest="packing", action="store_false",
+                   help="padded [B, S] micro-batches instead of packed streams in the warm start and RL "
+                        "(= dualrpo sft --no-packing and --set actor.model.packing=false)")
     g = parser.add_argument_group("RL")
     g.add_argument("--steps", type=int, default=2000,
                    help="upper bound on RL steps (the time budget usually ends first)")
@@ -108,7 +111,7 @@ def _sft_command(args, data: str) -> List[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
             "-m", "dualrpo_mcore", "sft", "--data", data, "--out", os.path.join(data, "sft"), "--steps",
             str(args.sft_steps), "--lr", str(args.sft_lr), "--batch-size", str(args.sft_batch_size),
-            "--seed", str(args.seed), "--no-progress"]
+            "--seed", str(args.seed), "--no-progress"] + ([] if args.packing else ["--no-packing"])
 
 
 def rl_overrides(args) -> List[str]:
@@ -125,6 +128,7 @@ def rl_overrides(args) -> List[str]:
              f"rollout.engine_on_every_rank={args.engine_on_every_rank}",
              # The recipe derives its seeds from one number; the demo's --seed sets the same three.
              f"data.seed={seed}", f"rollout.seed={seed}", f"actor.seed={seed + 1234}"]
+    items += [] if args.packing else ["actor.model.packing=false"]
     return items + list(args.set)
 
 

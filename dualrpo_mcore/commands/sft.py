@@ -36,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for flag, (path, help) in FLAGS.items():
         add_alias(parser, flag, path, help, metavar=path.rpartition(".")[2].upper())
     add_alias(parser, "--no-progress", "progress", "no progress bar", value="false")
+    add_alias(parser, "--no-packing", "packing", "padded [B, S] micro-batches instead of packed streams",
+              value="false")
 
 
 def config_from_args(args):

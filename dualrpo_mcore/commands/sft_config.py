@@ -81,6 +81,9 @@ class SFTConfig:
     """Shape of the fresh tiny model (unused with ``init``)."""
     progress: bool = True
     """Show a progress bar (rank 0)."""
+    packing: bool = True
+    """Packed (padding-free) micro-batches: the actor's ``actor.model.packing`` (its docstring says when
+    to turn it off)."""
 
     def __post_init__(self) -> None:
         for name, flag in (("data", "--data DIR"), ("out", "--out DIR")):
@@ -96,7 +99,8 @@ class SFTConfig:
     def actor_config(self, hf_config: Any) -> ActorConfig:
         """The actor's config for the tiny-architecture ``hf_config``: these sections, with the optimizer's
         length derived from ``steps``."""
-        return ActorConfig(model=ModelSourceConfig(tiny=True, hf_config=hf_config), parallel=self.parallel,
+        return ActorConfig(model=ModelSourceConfig(tiny=True, hf_config=hf_config, packing=self.packing),
+                           parallel=self.parallel,
                            optim=dataclasses.replace(self.optim, total_steps=self.steps), micro=self.micro,
                            # Cross-entropy on the plain softmax: the probe log-probs match an HF forward.
                            temperature=1.0, seed=self.seed)

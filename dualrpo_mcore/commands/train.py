@@ -41,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for flag, name in ALIAS_FLAGS.items():
         add_alias(parser, flag, SETTINGS[name], helps[name], metavar=name.upper())
     add_alias(parser, "--no-progress", SETTINGS["progress"], "no progress bar", value="false")
+    add_alias(parser, "--no-packing", SETTINGS["packing"], "padded [B, S] micro-batches instead of packed "
+              "streams", value="false")
 
 
 def config_from_args(args):

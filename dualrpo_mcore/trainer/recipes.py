@@ -29,7 +29,7 @@ SETTINGS = {
     "steps": "schedule.steps", "reward_mode": "reward.mode", "tp": "actor.parallel.tp", "pp": "actor.parallel.pp",
     "group_size": "rollout.group_size", "prompts_per_step": "schedule.prompts_per_step",
     "max_new_tokens": "rollout.sampling.max_new_tokens", "lr": "actor.optim.lr", "resume": "checkpoint.resume",
-    "progress": "logging.progress",
+    "progress": "logging.progress", "packing": "actor.model.packing",
 }
 """Short names of often-set fields -> their dotted paths: ``build_recipe``'s keyword arguments and the
 ``dualrpo train`` flags (``--reward-mode`` is ``--set reward.mode=...``) are these, nothing else."""

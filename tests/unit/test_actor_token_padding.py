@@ -4,7 +4,8 @@
 One spawned gloo process (Megatron's parallel state needs one) runs every setting:
 
 * the micro-batches the actor feeds the model hold a multiple of 16 tokens for awkward row counts
-  and lengths (3 rows of 36 tokens, single rows), the ViT pads its patches to 16 x merge^2;
+  and lengths (3 rows of 36 tokens, single rows): the packed stream (the default) and, with
+  ``actor.model.packing`` off, the padded rows; the ViT pads its patches to 16 x merge^2;
 * log-prob / entropy / self-certainty of every real token, the reference log-probs, the update's
   loss and the weights after it are those of the unpadded run (to float32 rounding);
 * the ViT's layers and the merger run inside the FP8 region of their own TransformerConfig, whose
@@ -34,11 +35,12 @@ def _batch():
     return b
 
 
-def _actor(hf, pad_tokens_to, max_tokens):
+def _actor(hf, pad_tokens_to, max_tokens, packing=True):
     from dualrpo_mcore.actor.actor import Actor
     from dualrpo_mcore.actor.config import ActorConfig, KLConfig, MicroBatchConfig, ModelSourceConfig, OptimConfig, ParallelConfig
 
-    cfg = ActorConfig(model=ModelSourceConfig(tiny=True, hf_config=hf.config, pad_tokens_to=pad_tokens_to),
+    cfg = ActorConfig(model=ModelSourceConfig(tiny=True, hf_config=hf.config, pad_tokens_to=pad_tokens_to,
+                                              packing=packing),
                       parallel=ParallelConfig(backend="gloo"),
                       optim=OptimConfig(lr=1e-3, total_steps=10, adam_eps=1e-3),
                       micro=MicroBatchConfig(max_tokens=max_tokens), kl=KLConfig(beta0=0.1, normalizer="batch_minmax"),
@@ -46,8 +48,8 @@ def _actor(hf, pad_tokens_to, max_tokens):
     return Actor(cfg, hf_state_dict=hf.state_dict())
 
 
-def _run_actor(hf, pad_tokens_to, max_tokens):
-    actor = _actor(hf, pad_tokens_to, max_tokens)
+def _run_actor(hf, pad_tokens_to, max_tokens, packing=True):
+    actor = _actor(hf, pad_tokens_to, max_tokens, packing)
     batch = _batch()
     _, micro = actor._split(batch)
     stats = actor.compute_token_stats(batch)
@@ -56,7 +58,9 @@ def _run_actor(hf, pad_tokens_to, max_tokens):
     old = (stats["logprob"] + 0.3 * torch.randn(stats["logprob"].shape, generator=g)) * batch["response_mask"]
     metrics = actor.update(dict(batch, old_logprob=old, advantages=torch.tensor([1.0, -0.7, 0.4]),
                                 self_certainty=torch.tensor([0.3, 0.1, 0.5])))
-    return dict(shapes=[tuple(mb["input_ids"].shape) for mb in micro], stats=stats, ref=ref, metrics=metrics,
+    # What the model is fed: one stream [1, T] per micro-batch when packed, else the padded rows.
+    fed = [tuple(mb["packed"].input_ids.shape) if "packed" in mb else tuple(mb["input_ids"].shape) for mb in micro]
+    return dict(shapes=[tuple(mb["input_ids"].shape) for mb in micro], fed=fed, stats=stats, ref=ref, metrics=metrics,
                 weights={k: v.clone() for k, v in actor.export_hf()},
                 vision_patch_multiple=actor.module.vision.patch_multiple)
 
@@ -133,6 +137,8 @@ def _worker(rank, world):
     # 200: the whole 3 x 36 batch in one.
     out = {(name, max_tokens): _attempt(_run_actor, hf, pad, max_tokens) for max_tokens in MAX_TOKENS
            for name, pad in (("plain", None), ("padded", MULTIPLE))}
+    out.update({("unpacked", max_tokens): _attempt(_run_actor, hf, MULTIPLE, max_tokens, False)
+                for max_tokens in MAX_TOKENS})
     out["regions"] = {flag: _attempt(_fp8_regions, flag) for flag in (False, True)}
     out["export"] = _attempt(_te_named_export, "auto")
     out["hf_names"] = sorted(mapping.normalize_hf_name(k) for k in hf.state_dict())
@@ -153,14 +159,20 @@ def _ok(value):
 def test_padded_micro_batches_hold_a_multiple_of_the_fp8_tokens(result):
     assert _ok(result["plain", 40])["shapes"] == [(2, 23), (1, 36)]
     assert _ok(result["plain", 200])["shapes"] == [(3, 36)]
+    # Packed: one stream of the micro-batch's real tokens (5 + 23, 36; 5 + 23 + 36).
+    assert _ok(result["plain", 40])["fed"] == [(1, 28), (1, 36)]
+    assert _ok(result["plain", 200])["fed"] == [(1, 64)]
     for max_tokens in MAX_TOKENS:
-        plain, padded = _ok(result["plain", max_tokens]), _ok(result["padded", max_tokens])
-        for b, s in padded["shapes"]:
-            assert (b * s) % MULTIPLE == 0, (b, s)
-        # Same rows per micro-batch, each widened by less than one step of the multiple.
-        assert [b for b, _ in padded["shapes"]] == [b for b, _ in plain["shapes"]]
-        assert all(0 <= s2 - s1 < MULTIPLE for (_, s1), (_, s2) in zip(plain["shapes"], padded["shapes"]))
-        assert padded["vision_patch_multiple"] == MULTIPLE * 4
+        plain, unpacked = _ok(result["plain", max_tokens]), _ok(result["unpacked", max_tokens])
+        for name in ("padded", "unpacked"):
+            fed = _ok(result[name, max_tokens])["fed"]
+            for b, s in fed:
+                assert (b * s) % MULTIPLE == 0, (name, b, s)
+            # Same micro-batches, each widened by less than one step of the multiple.
+            base = plain["fed"] if name == "padded" else plain["shapes"]
+            assert [b for b, _ in fed] == [b for b, _ in base], name
+            assert all(0 <= s2 - s1 < MULTIPLE for (_, s1), (_, s2) in zip(base, fed)), name
+        assert _ok(result["padded", max_tokens])["vision_patch_multiple"] == MULTIPLE * 4
         assert plain["vision_patch_multiple"] == 4  # the merge unit: no padding
 
 
@@ -170,7 +182,12 @@ def test_padding_leaves_every_real_token_and_the_update_unchanged(result, max_to
     token under a causal mask, and in its own ViT segment; the 1e-6 slack only allows for a BLAS
     that blocks a longer reduction differently, a leak would show at 1e-2); the loss and weights
     differ only by the summation order of float32 reductions over the wider micro-batches."""
-    plain, padded = _ok(result["plain", max_tokens]), _ok(result["padded", max_tokens])
+    plain = _ok(result["plain", max_tokens])
+    for padded in (_ok(result["padded", max_tokens]), _ok(result["unpacked", max_tokens])):
+        _same_results(plain, padded)
+
+
+def _same_results(plain, padded):
     for key in ("logprob", "entropy", "self_certainty", "seq_self_certainty"):
         assert padded["stats"][key].shape == plain["stats"][key].shape
         torch.testing.assert_close(padded["stats"][key], plain["stats"][key], rtol=0, atol=1e-6, msg=key)

@@ -96,15 +96,17 @@ def test_train_cli_applies_repeated_set(synth_dir, tmp_path):
 
 
 def test_alias_flags_are_their_set_entries(synth_dir, tmp_path):
-    """``--steps/--reward-mode/--tp/--pp/--resume/--no-progress`` give the same config.json as their ``--set``
+    """``--steps/--reward-mode/--tp/--pp/--resume/--no-progress/--no-packing`` give the same config.json as their ``--set``
     spellings, and a later entry wins whichever spelling either has."""
     out = str(tmp_path / "r")
     flags = _train_config(synth_dir, out, ["--steps", "3", "--reward-mode", "grpo", "--tp", "2", "--pp", "1",
-                                           "--resume", "auto", "--no-progress"])
+                                           "--resume", "auto", "--no-progress", "--no-packing"])
     sets = _train_config(synth_dir, out, ["--set", "schedule.steps=3", "--set", "reward.mode=grpo",
                                           "--set", "actor.parallel.tp=2", "--set", "actor.parallel.pp=1",
-                                          "--set", "checkpoint.resume=auto", "--set", "logging.progress=false"])
+                                          "--set", "checkpoint.resume=auto", "--set", "logging.progress=false",
+                                          "--set", "actor.model.packing=false"])
     assert flags.to_dict() == sets.to_dict()
+    assert flags.actor.model.packing is False and _train_config(synth_dir, out, []).actor.model.packing is True
     assert (flags.schedule.steps, flags.reward.mode, flags.actor.parallel.tp) == (3, "grpo", 2)
     assert flags.checkpoint.resume == "auto" and flags.logging.progress is False
     assert _train_config(synth_dir, out, ["--set", "schedule.steps=5", "--steps", "6"]).schedule.steps == 6
@@ -155,3 +157,21 @@ def test_dr_grpo_divisor_is_the_response_budget_and_follows_overrides(cfg):
     cfg.resolved_actor().loss.check_complete("actor.loss")
     with pytest.raises(ValueError, match="max_response_length must be >= 1"):
         apply_overrides(cfg, ["actor.loss.max_response_length=0"])
+
+
+def test_no_packing_reaches_demo_stages_and_bench_train():
+    """``dualrpo demo --no-packing`` turns packing off in its warm start and its RL stage; ``dualrpo bench
+    train --no-packing`` in the actor it builds. Packing stays the default of all three."""
+    from dualrpo_mcore.bench import train as bench_train
+    from dualrpo_mcore.commands import demo
+
+    def parse(module, argv):
+        parser = argparse.ArgumentParser()
+        module.add_arguments(parser)
+        return parser.parse_args(argv)
+
+    on, off = parse(demo, []), parse(demo, ["--no-packing"])
+    assert "--no-packing" not in demo._sft_command(on, "d") and "--no-packing" in demo._sft_command(off, "d")
+    assert "actor.model.packing=false" not in demo.rl_overrides(on)
+    assert "actor.model.packing=false" in demo.rl_overrides(off)
+    assert parse(bench_train, []).packing is True and parse(bench_train, ["--no-packing"]).packing is False

@@ -127,11 +127,14 @@ def test_sft_config_from_flags_equals_from_set():
     assert set(values) == set(FLAGS)
     parser = argparse.ArgumentParser()
     sft_cli.add_arguments(parser)
-    flags = sft_cli.config_from_args(parser.parse_args([x for kv in values.items() for x in kv] + ["--no-progress"]))
-    sets = [x for f, v in values.items() for x in ("--set", f"{FLAGS[f][0]}={v}")] + ["--set", "progress=false"]
+    flags = sft_cli.config_from_args(parser.parse_args([x for kv in values.items() for x in kv]
+                                                       + ["--no-progress", "--no-packing"]))
+    sets = [x for f, v in values.items() for x in ("--set", f"{FLAGS[f][0]}={v}")] + ["--set", "progress=false",
+                                                                                      "--set", "packing=false"]
     assert flags == sft_cli.config_from_args(parser.parse_args(sets))
     assert (flags.optim.lr, flags.parallel.pp, flags.tiny.vision_hidden, flags.progress) == (0.01, 2, 48, False)
     defaults = sft_cli.config_from_args(parser.parse_args(["--data", "d", "--out", "o"]))
     assert defaults == SFTConfig(data="d", out="o") and defaults.optim.lr == 2e-3
     actor = flags.actor_config(hf_config=None)
     assert actor.optim.total_steps == 5 and actor.parallel.tp == 2 and actor.micro.max_tokens == 100
+    assert actor.model.packing is False and defaults.actor_config(hf_config=None).model.packing is True
