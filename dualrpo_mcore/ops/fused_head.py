@@ -190,6 +190,15 @@ def _check(hidden, weight, labels, mask, ref_hidden, ref_weight, temperature, vo
                              f"[0, vocab_size={vocab_size}) and is not {IGNORE_INDEX}")
 
 
+def _checked(hidden, weight, labels, mask, ref_hidden, ref_weight, temperature, vocab_start, vocab_size, group):
+    """(vocab_size, int64 labels) after the checks; ``vocab_size`` defaults to the shards' total."""
+    world = 1 if group is None else dist.get_world_size(group)
+    if vocab_size is None:
+        vocab_size = vocab_start + weight.shape[0] if world == 1 else weight.shape[0] * world
+    _check(hidden, weight, labels, mask, ref_hidden, ref_weight, temperature, vocab_start, vocab_size)
+    return vocab_size, labels.long()
+
+
 def fused_head(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                mask: Optional[torch.Tensor] = None, temperature: float = 1.0, vocab_start: int = 0,
                vocab_size: Optional[int] = None, group=None, ref_hidden: Optional[torch.Tensor] = None,
@@ -204,11 +213,8 @@ def fused_head(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
     ``out.kl`` = KL(pi || pi_ref). Differentiable w.r.t. ``hidden`` (summed over ``group``) and
     ``weight``. ``backend``: ``auto`` | ``ext`` | ``torch`` as for ``token_stats``.
     """
-    world = 1 if group is None else dist.get_world_size(group)
-    if vocab_size is None:
-        vocab_size = vocab_start + weight.shape[0] if world == 1 else weight.shape[0] * world
-    _check(hidden, weight, labels, mask, ref_hidden, ref_weight, temperature, vocab_start, vocab_size)
-    labels = labels.long()
+    vocab_size, labels = _checked(hidden, weight, labels, mask, ref_hidden, ref_weight, temperature, vocab_start,
+                                  vocab_size, group)
     rows_total = hidden.shape[0]
     idx = None
     if mask is not None:

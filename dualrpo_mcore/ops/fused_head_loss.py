@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from . import _ext, _fallback
-from .fused_head import DEFAULT_CHUNK_BYTES, _check, chunk_rows
+from .fused_head import DEFAULT_CHUNK_BYTES, _checked, chunk_rows
 from .token_stats import IGNORE_INDEX, TokenStats, _all_gather, merge
 
 LossFn = Callable[[TokenStats], Tuple[torch.Tensor, Any]]
@@ -142,10 +142,8 @@ def fused_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     differentiable w.r.t. ``hidden`` and ``weight``; ``stats`` (detached, ``[T]`` each, 0 outside
     ``mask``) and ``aux`` from the final ``loss_fn`` call."""
     world = 1 if group is None else dist.get_world_size(group)
-    if vocab_size is None:
-        vocab_size = vocab_start + weight.shape[0] if world == 1 else weight.shape[0] * world
-    _check(hidden, weight, labels, mask, None, None, temperature, vocab_start, vocab_size)
-    labels = labels.long()
+    vocab_size, labels = _checked(hidden, weight, labels, mask, None, None, temperature, vocab_start, vocab_size,
+                                  group)
     total = hidden.shape[0]
     out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     full = tuple(torch.zeros(total, dtype=out_dtype, device=hidden.device) for _ in range(3))
