@@ -57,6 +57,13 @@ rows ([tokens, H] each, an upper bound) plus the 3 fp32 stats and labels; the tr
 (the op's byte budget, or less for a small micro-batch) and, for a 16-bit weight, the fp32 buffer
 the weight gradient is summed in when there are several chunks ([V/TP, H]).
 
+**Packed micro-batches** (``MicroBatch.packed``, ``actor.model.packing``): the rows run as one stream of
+their T real tokens instead of ``rows x seq_len`` positions, so every per-token term above counts T. The
+local spec's attention (``PackedDotProductAttention``) keeps one [heads, T, T] score matrix masked to the
+rows' blocks (T x T per head instead of seq_len^2 per row and head) and each layer saves its own [T, T]
+bool mask unless recomputed; TE's THD attention has neither. The shifted logits (or hidden rows) of
+the one-row stream are a view, not a copy. The ViT is unchanged (the images are the padded batch's).
+
 **Reference model**: with ``actor.kl.beta0 > 0`` a full copy of the stage's params; on the GPU during
 the update unless ``offload_reference`` (then only during its own forward, when no activations are
 kept).
@@ -122,16 +129,37 @@ class Layout:
 
 @dataclass(frozen=True)
 class MicroBatch:
-    """The shape of one micro-batch: ``rows`` rows padded to ``seq_len`` tokens, each row holding
-    ``patches_per_row`` ViT patches (images)."""
+    """The shape of one micro-batch: ``rows`` rows, the longest ``seq_len`` tokens, together
+    ``real_tokens`` real tokens (None: every row ``seq_len`` long), each row holding ``patches_per_row``
+    ViT patches (images). Padded it runs as ``[rows, seq_len]``; ``packed`` (``actor.model.packing``) as
+    one stream of its real tokens, attention kept within each row."""
 
     rows: int
     seq_len: int
     patches_per_row: int = 0
+    packed: bool = False
+    real_tokens: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.rows < 1 or self.seq_len < 1:
+            raise ValueError(f"a micro-batch needs rows and seq_len >= 1 (got {self.rows}, {self.seq_len})")
+        real = self.real_tokens
+        if real is not None and not max(self.seq_len, self.rows) <= real <= self.rows * self.seq_len:
+            raise ValueError(f"real_tokens={real}: {self.rows} rows, the longest {self.seq_len} tokens, hold "
+                             f"{max(self.seq_len, self.rows)} to {self.rows * self.seq_len}")
 
     @property
     def tokens(self) -> int:
+        """Positions every layer runs: ``rows x seq_len`` padded, the stream's T (its real tokens) packed."""
+        if self.packed and self.real_tokens is not None:
+            return self.real_tokens
         return self.rows * self.seq_len
+
+    @property
+    def score_len(self) -> int:
+        """Keys per query in an unfused attention's score matrix: the padded row's ``seq_len``, or the whole
+        stream packed (the local spec's ``PackedDotProductAttention`` masks one [T, T] matrix per head)."""
+        return self.tokens if self.packed else self.seq_len
 
 
 @dataclass(frozen=True)
@@ -307,8 +335,14 @@ def lm_activation_bytes(cfg, layout: Layout, mb: MicroBatch, layers: int, first:
         body = layers * t * cfg.hidden_size * d + t * cfg.head_dim * 4
     else:
         per_tok, per_score = _block_per_token(lm_block(cfg, layout.tp), layout.backend, layout.recompute, d)
-        body = layers * (t * per_tok + t * s * per_score)
-    extra = mb.rows * s * s  # causal padding mask [rows, 1, s, s] bool, shared by the stage's layers
+        body = layers * (t * per_tok + t * mb.score_len * per_score)
+    if not mb.packed:
+        extra = mb.rows * s * s  # causal padding mask [rows, 1, s, s] bool, shared by the stage's layers
+    else:
+        # Each local-spec layer builds its own [T, T] block mask, which the masked fill saves unless the
+        # attention is recomputed; TE's THD attention takes cu_seqlens and builds none.
+        own_mask = layout.backend == "local" and layout.recompute == "none"
+        extra = layers * t * t if own_mask else 0
     if first:
         extra += 8 * t  # token ids kept by the embedding
     if last:
@@ -343,8 +377,8 @@ def recompute_transient_bytes(cfg, layout: Layout, mb: MicroBatch) -> int:
     a = lm_block(cfg, layout.tp)
     per_tok, per_score = _block_per_token(a, layout.backend, "none", d)
     if layout.recompute == "full":
-        return mb.tokens * per_tok + mb.tokens * mb.seq_len * per_score
-    return mb.tokens * mb.seq_len * per_score + 2 * mb.tokens * a.q * d
+        return mb.tokens * per_tok + mb.tokens * mb.score_len * per_score
+    return mb.tokens * mb.score_len * per_score + 2 * mb.tokens * a.q * d
 
 
 def vision_forward_transient(cfg, layout: Layout, mb: MicroBatch) -> int:
@@ -370,9 +404,11 @@ def logits_bytes(cfg, layout: Layout, mb: MicroBatch) -> Dict[str, int]:
         acc32 = v_local * cfg.hidden_size * 4 if d < 4 else 0  # fused_head_loss sums dW in fp32
         # The update's fused_head_loss forms dHidden and dW in the forward and holds them until the
         # micro-batch's backward (the unfused head forms dW inside its backward instead).
-        held = 2 * t * cfg.hidden_size * d + t * (3 * 4 + 8) + v_local * cfg.hidden_size * d
+        # The shifted hidden rows are a view of a one-row (packed) stream, a copy of several padded rows.
+        hidden = (1 if mb.packed else 2) * t * cfg.hidden_size * d
+        held = hidden + t * (3 * 4 + 8) + v_local * cfg.hidden_size * d
         return {"held": held, "transient": min(DEFAULT_CHUNK_BYTES, whole) + acc32}
-    copies = 2 if mb.rows > 1 else 1  # logits[:, :-1].reshape(...) is a view only for one row
+    copies = 2 if mb.rows > 1 and not mb.packed else 1  # logits[:, :-1].reshape(...) is a view of one row
     held = copies * t * v_local * d + t * (3 * 4 + 8)
     return {"held": held, "transient": t * v_local * d}
 

@@ -4,11 +4,14 @@ The model is :mod:`.memory` (its docstring lists every term and why). This comma
 that model's inputs, prints one table per pipeline stage's GPU (GiB per component, the peak of the
 training and rollout phases against the GPU's capacity) and a verdict.
 
-Workload assumptions (worst case, so a plan that fits does not OOM on a long batch): every row is
-``prompt + max_new_tokens`` tokens long, the prompt being ``data.max_prompt_tokens`` when the recipe
-sets it (else the image tokens + 256 text tokens); every prompt carries ``--images-per-prompt``
-images of ``data.max_pixels`` pixels; a micro-batch holds as many whole rows as fit in
-``actor.micro.max_tokens`` (at least one).
+Workload assumptions (worst case, so a plan that fits does not OOM on a long batch): the longest row is
+``prompt + max_new_tokens`` tokens, every prompt ``data.max_prompt_tokens`` when the recipe
+sets it (else the image tokens + 256 text tokens), and carries ``--images-per-prompt``
+images of ``data.max_pixels`` pixels; responses may end after one token, so the shortest row is
+``prompt + 1`` tokens (``--shortest-row``). Micro-batches hold rows up to ``actor.micro.max_tokens`` real
+tokens (``actor.micro``'s partition); the worst one holds a longest row and as many shortest rows as
+fit. Packed (``actor.model.packing``, the default) it runs as one stream of T <= max_tokens real tokens;
+padded, as ``rows x the longest row``, so a long tail of short rows costs it the padding of every row.
 
 Exit status: 0 = fits and the KV cache holds the step's rollouts, 1 = DOES NOT FIT (the peak exceeds
 the GPU, or SGLang's share of the memory the actor leaves free is below its weights), 3 = fits but the
@@ -46,6 +49,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--micro-tokens", type=int, help="tokens per micro-batch (default: actor.micro.max_tokens)")
     p.add_argument("--seq-len", type=int, help="tokens per row (default: prompt + max_new_tokens)")
     p.add_argument("--prompt-len", type=int, help="prompt tokens per row (default: see the module docstring)")
+    p.add_argument("--shortest-row", type=int, help="tokens of the shortest row a micro-batch may hold (default: "
+                   "prompt + 1, a response that ends at once; --seq-len models rows of one length)")
+    p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None,
+                   help="model packed micro-batches, one [1, T] stream (default: the recipe's actor.model.packing)")
     p.add_argument("--images-per-prompt", type=int, default=1, help="images per prompt (default 1)")
     p.add_argument("--gpu-mem-gb", type=float, default=DEFAULT_GPU_GB, help="GPU memory in GB (1e9 bytes), default 80")
     p.add_argument("--mem-fraction", type=float, help="SGLang mem_fraction_static (default: the recipe's "
@@ -63,7 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _check_args(a) -> None:
-    for flag in ("nodes", "gpus_per_node", "tp", "pp", "micro_tokens", "seq_len", "prompt_len", "sglang_tp"):
+    for flag in ("nodes", "gpus_per_node", "tp", "pp", "micro_tokens", "seq_len", "prompt_len", "sglang_tp",
+                 "shortest_row"):
         v = getattr(a, flag)
         if v is not None and v < 1:
             raise ValueError(f"--{flag.replace('_', '-')}={v}: must be >= 1")
@@ -95,7 +103,7 @@ def _recipe_inputs(a) -> Dict[str, Any]:
         model=resolve_model_config(actor.model), tp=actor.parallel.tp, pp=actor.parallel.pp,
         dtype=actor.model.precision, recompute=actor.model.recompute,
         distributed_optimizer=actor.optim.distributed_optimizer,
-        backend=plan_backend(actor.model), fused_head=actor.model.fused_head,
+        backend=plan_backend(actor.model), fused_head=actor.model.fused_head, packing=actor.model.packing,
         freeze=(mt.freeze_vision, mt.freeze_merger, mt.freeze_language),
         micro_tokens=actor.micro.max_tokens, prompts=cfg.schedule.prompts_per_step, group=ro.group_size,
         max_new=ro.sampling.max_new_tokens, max_prompt=cfg.data.max_prompt_tokens, max_pixels=cfg.data.max_pixels,
@@ -132,7 +140,8 @@ def _preset_inputs(a) -> Dict[str, Any]:
     except KeyError as e:
         raise ValueError(f"--preset {a.preset!r}: {e.args[0]}") from e
     return dict(model=model, tp=1, pp=1, dtype=a.dtype, recompute="none", distributed_optimizer=True,
-                backend="te", fused_head=ModelSourceConfig.fused_head, freeze=(False, False, False),
+                backend="te", fused_head=ModelSourceConfig.fused_head, packing=ModelSourceConfig.packing,
+                freeze=(False, False, False),
                 micro_tokens=8192, prompts=a.prompts_per_step,
                 group=a.group_size, max_new=a.max_new_tokens, max_prompt=None,
                 max_pixels=DataConfig().max_pixels, mem_fraction=0.0, sglang_tp=1, reference="none", world=None)
@@ -160,8 +169,10 @@ def build(a) -> Tuple[Any, M.Plan, Dict[str, Any]]:
     prompt = a.prompt_len or inp["max_prompt"] or image_tokens + TEXT_TOKENS
     seq = a.seq_len or prompt + inp["max_new"]
     micro_tokens = a.micro_tokens or inp["micro_tokens"]
-    mb = M.MicroBatch(rows=max(1, micro_tokens // seq), seq_len=seq, patches_per_row=patches)
     rows_total = inp["prompts"] * inp["group"]
+    packing = inp["packing"] if a.packing is None else a.packing
+    shortest = min(seq, a.shortest_row or prompt + 1)
+    mb = worst_micro_batch(seq, shortest, micro_tokens, -(-rows_total // dp), patches, packing)
     mem_fraction = inp["mem_fraction"] if a.mem_fraction is None else a.mem_fraction
     sglang_tp = a.sglang_tp or inp["sglang_tp"]
     coloc = M.Colocation(gpu_bytes=int(a.gpu_mem_gb * 1e9), mem_fraction=mem_fraction, sglang_tp=sglang_tp,
@@ -177,10 +188,30 @@ def build(a) -> Tuple[Any, M.Plan, Dict[str, Any]]:
                   fused_head=layout.fused_head,
                   frozen=[n for n, f in zip(("vision", "merger", "language"), inp["freeze"]) if f],
                   prompt_tokens=prompt, seq_len=seq, patches_per_row=patches, micro_tokens=micro_tokens,
+                  shortest_row=shortest, packed=packing, tokens_per_microbatch=mb.tokens,
                   rows_per_microbatch=mb.rows, microbatches_per_step=result.num_microbatches,
                   rows_per_step=rows_total, mem_fraction_static=mem_fraction, sglang_tp=sglang_tp,
                   reference=inp["reference"], gpu_gb=a.gpu_mem_gb)
     return cfg, result, header
+
+
+def worst_micro_batch(seq: int, shortest: int, max_tokens: int, rows_per_rank: int, patches: int,
+                      packed: bool) -> M.MicroBatch:
+    """The largest micro-batch the actor's partition can form: one row of ``seq`` tokens plus as many
+    ``shortest``-token rows as keep it within ``max_tokens`` real tokens (a row over the budget runs
+    alone). Packed it costs its real tokens (at most the budget, or ``seq``); padded, every row ``seq``."""
+    rows = 1 + max(0, max_tokens - seq) // shortest
+    rows = max(1, min(rows, rows_per_rank))
+    # Rows between the shortest and the longest fill the budget; the padded layout does not care which.
+    real = max(seq, min(max_tokens, rows * seq))
+    return M.MicroBatch(rows=rows, seq_len=seq, patches_per_row=patches, packed=packed, real_tokens=real)
+
+
+def _layout_line(h: Dict[str, Any]) -> str:
+    if h.get("packed"):
+        return f"micro-batches packed (T <= {h['tokens_per_microbatch']} tokens, one stream)"
+    return (f"micro-batches padded ({h['rows_per_microbatch']} x {h['seq_len']} = {h['tokens_per_microbatch']} "
+            f"tokens, shortest row {h['shortest_row']})")
 
 
 def _gib(n: float) -> str:
@@ -205,9 +236,11 @@ def format_plan(result: M.Plan, header: Dict[str, Any]) -> str:
              f"{h['gpu_gb']:g} GB; TP={h['tp']} PP={h['pp']} DP={h['dp']}, {h['dtype']}, recompute={h['recompute']}, "
              f"{h['backend']} spec, distributed optimizer {'on' if h['distributed_optimizer'] else 'off'}, "
              f"output head {'fused (no logits stored)' if h.get('fused_head') else 'unfused'}, frozen: {', '.join(h['frozen']) or 'nothing'}",
-             f"workload: rows of {h['seq_len']} tokens (prompt {h['prompt_tokens']}, {h['patches_per_row']} ViT patches), "
-             f"{h['rows_per_microbatch']} row(s) per micro-batch of <= {h['micro_tokens']} tokens, "
-             f"{h['microbatches_per_step']} micro-batches per DP rank per step; reference: {h['reference']}",
+             f"workload: rows of {h['shortest_row']} to {h['seq_len']} tokens (prompt {h['prompt_tokens']}, "
+             f"{h['patches_per_row']} ViT patches), up to {h['rows_per_microbatch']} row(s) per micro-batch of <= "
+             f"{h['micro_tokens']} real tokens, {h['microbatches_per_step']} micro-batches per DP rank per step; "
+             f"reference: {h['reference']}",
+             f"{_layout_line(h)}",
              ""]
     names = list(result.stages[0].components)
     lines.append(f"{'per GPU, GiB':<34}" + "".join(f"{'stage ' + str(s.stage):>10}" for s in result.stages))

@@ -227,3 +227,76 @@ if __name__ == "__main__":
     with open(path, "w") as f:
         json.dump(dict(tolerance=TOL, rows=result, problems=[m for r in result for m in _check(r)]), f, indent=1)
     sys.exit(1 if any(_check(r) for r in result) else 0)
+
+
+# --- packed micro-batches (MicroBatch.packed) ----------------------------------------------------
+# A packed forward of the same tiny actors: activations and log-prob buffers within TOL, on a
+# micro-batch of a SEQ-token row and a SHORT-token one (T = SEQ + SHORT, where padded runs 2 x SEQ). The
+# local spec's packed attention keeps [heads, T, T] scores and one [T, T] mask per layer: that is what
+# is checked; the Transformer Engine terms (THD attention, no scores) are derived, not measured.
+
+SHORT = 60  # row 1's real tokens; row 0 has SEQ
+PACKED_SETTINGS = [s for s in SETTINGS if s[0] in ("tp2", "tp2-selective", "pp2")]
+
+
+def _packed_batch(images: int, patch_dim: int) -> dict:
+    b = make_batch(images, patch_dim)
+    for key in ("attention_mask", "response_mask", "input_ids"):
+        b[key][1, SHORT:] = 0
+    return b
+
+
+def _measure_packed(rank, world, setting):
+    from dualrpo_mcore.actor import packed
+    from dualrpo_mcore.actor.actor import Actor
+    from dualrpo_mcore.actor.config import ActorConfig, MicroBatchConfig, ModelSourceConfig, OptimConfig, ParallelConfig
+
+    name, tp, pp, dist_opt, recompute, images, _freeze_vit, dtype = setting
+    src = ModelSourceConfig(tiny=True, hf_config=hf_config(), recompute=recompute, precision=dtype,
+                            fused_head=False)
+    actor = Actor(ActorConfig(model=src, parallel=ParallelConfig(tp=tp, pp=pp, backend="gloo"),
+                              optim=OptimConfig(lr=1e-4, distributed_optimizer=dist_opt),
+                              micro=MicroBatchConfig(max_tokens=ROWS * SEQ), seed=3))
+    batch = _packed_batch(images, actor.arch.patch_dim)
+    pm = packed.pack_micro(batch, actor.arch.image_token_id, actor.arch.spatial_merge_size, 1)
+    m = actor.module
+    m.train()
+    exclude = _model_storages(actor)
+    if not m.pre_process:  # a later stage gets the previous stage's [T, 1, H] hidden states
+        m.set_input_tensor(torch.randn(pm.total, 1, m.cfg.hidden_size, requires_grad=True))
+    out, act = _saved_during(lambda: m(pm.input_ids, position_ids=pm.position_ids, packed=pm.packing,
+                                         pixel_values=batch.get("pixel_values"),
+                                         image_grid_thw=batch.get("image_grid_thw")), exclude)
+    logprob = 0
+    if m.post_process:
+        _, saved = _saved_during(lambda: actor._stats(out, dict(batch, **{packed.KEY: pm})), {**exclude, **act})
+        saved.setdefault(out.untyped_storage().data_ptr(), out.untyped_storage().nbytes())  # held by the schedule
+        logprob = sum(saved.values())
+    return dict(stage=actor.info.pp_rank, dp=actor.info.dp_size, total=pm.total, activations=sum(act.values()),
+                logprob_buffers=logprob)
+
+
+def _predict_packed(setting, stage: int, dp: int, packed: bool) -> dict:
+    from dualrpo_mcore.models.qwen2_5_vl import from_hf
+    from dualrpo_mcore.planner import memory as M
+
+    name, tp, pp, dist_opt, recompute, images, _freeze_vit, dtype = setting
+    layout = M.Layout(tp=tp, pp=pp, dp=dp, dtype=dtype, recompute=recompute, distributed_optimizer=dist_opt,
+                      backend="local")
+    mb = M.MicroBatch(rows=ROWS, seq_len=SEQ, patches_per_row=images * GRID[0] * GRID[1], packed=packed,
+                      real_tokens=SEQ + SHORT)
+    c = M.plan_stage(from_hf(hf_config()), layout, mb, num_micro=1, coloc=M.Colocation(overhead_bytes=0),
+                     stage=stage).components
+    return {"activations": c["activations"], "logprob_buffers": c["log-prob buffers"]}
+
+
+@pytest.mark.parametrize("setting", PACKED_SETTINGS, ids=[s[0] for s in PACKED_SETTINGS])
+def test_packed_plan_within_10_percent_of_measured_bytes(setting):
+    for rank, got in enumerate(run_distributed(_measure_packed, 2, setting)):
+        assert got["total"] == SEQ + SHORT
+        want = _predict_packed(setting, got["stage"], got["dp"], packed=True)
+        padded = _predict_packed(setting, got["stage"], got["dp"], packed=False)
+        for k, pred in want.items():
+            assert _rel(pred, got[k]) <= TOL, f"{setting[0]} rank {rank} {k}: predicted {pred} vs {got[k]}"
+            assert pred <= padded[k]  # the stream's 156 positions against 2 x 96
+        assert got["activations"] > 0

@@ -1,6 +1,7 @@
 """Megatron Qwen2.5-VL vs transformers' Qwen2_5_VLForConditionalGeneration on tiny random configs,
 as 2 gloo processes on CPU: logits (fp32, max abs diff <= 1e-4) and gradients of chosen parameters
-at TP=2, TP=1 (also an odd-sized config) and PP=2 (through Megatron's 1F1B schedule), and TP=2 == TP=1.
+at TP=2, TP=1 (also an odd-sized config) and PP=2 (through Megatron's 1F1B schedule), and TP=2 == TP=1;
+and, at a released model's widths (few layers), the logits of the packed (padding-free) stream at TP=2 and TP=1.
 One spawned group runs every setting, re-initialising Megatron's parallel state in between, because
 process start-up (importing Megatron and transformers) dominates the cost on CI's 2 cores.
 """
@@ -39,7 +40,7 @@ def _shared_image_batch(patch_dim):
     return batch
 
 
-def _setup(tp, pp, hf_kwargs, ckpt=None, recompute="none", shared_images=False):
+def _setup(tp, pp, hf_kwargs, ckpt=None, recompute="none", shared_images=False, rows=None):
     """HF reference + this rank's Megatron stage, loaded from the HF weights through the mapping
     table, or (``ckpt``) from a converted Megatron checkpoint of another TP/PP layout."""
     from dualrpo_mcore.models.qwen2_5_vl import convert, from_hf, mapping, testing
@@ -55,7 +56,10 @@ def _setup(tp, pp, hf_kwargs, ckpt=None, recompute="none", shared_images=False):
         model.load_state_dict(mapping.hf_state_dict_to_rank(cfg, hf.state_dict(), info.tp_rank, tp, info.pp_rank, pp))
     else:
         convert.load_into(model, ckpt, info.tp_rank, tp, info.pp_rank, pp)
-    batch = _shared_image_batch(cfg.patch_dim) if shared_images else testing.make_batch(patch_dim=cfg.patch_dim)
+    if shared_images:
+        batch = _shared_image_batch(cfg.patch_dim)
+    else:
+        batch = testing.make_batch(patch_dim=cfg.patch_dim, **({"rows": rows} if rows else {}))
     weights = torch.randn(*batch["input_ids"].shape, cfg.vocab_size, generator=torch.Generator().manual_seed(1))
     return info, hf, cfg, model, batch, weights
 
@@ -178,6 +182,49 @@ ODD = dict(hidden_size=40, num_attention_heads=5, num_key_value_heads=1, interme
            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]})
 
 
+def _real_width():
+    """Qwen2.5-VL-3B's widths (LM 2048 wide, 16 heads in 2 KV groups of head_dim 128, ffn 11008, rope
+    theta 1e6 and mrope [16, 24, 24], tied head; ViT 1280 wide, 16 heads, ffn 3420, 14-pixel patches,
+    112-pixel windows) on 2 LM layers and 2 ViT blocks (one windowed, one full). Rounding grows with the
+    width, which the tiny configs cannot show; the vocabulary stays tiny (the head's width is the LM's)."""
+    from dualrpo_mcore.models.qwen2_5_vl import presets
+
+    real = presets.hf_config_dict("qwen2.5-vl-3b")
+    text, vision = real["text_config"], real["vision_config"]
+    lm = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "rope_parameters",
+          "rms_norm_eps")
+    vit = ("hidden_size", "intermediate_size", "num_heads", "patch_size", "temporal_patch_size", "window_size",
+           "spatial_merge_size")
+    return dict(tie=real["tie_word_embeddings"], text_layers=2, vision_depth=2, **{k: text[k] for k in lm},
+                vision_overrides=dict(fullatt_block_indexes=[1], **{k: vision[k] for k in vit}))
+
+
+# Rows of different lengths: text only, an image over several windows, two images, a small image.
+REAL_WIDTH_ROWS = ((), ((12, 16),), ((8, 20), (6, 6)), ((4, 4),))
+
+
+def _run_real_width(tp):
+    """Max abs logit difference vs transformers over the real tokens, padded and packed (the packed
+    stream unpacked to the padded batch's places), forward only."""
+    from dualrpo_mcore.models.qwen2_5_vl import testing
+    from dualrpo_mcore.models.qwen2_5_vl.packing import pack
+
+    _info, hf, cfg, model, batch, _ = _setup(tp, 1, _real_width(), rows=REAL_WIDTH_ROWS)
+    images = dict(pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
+    valid = batch["attention_mask"].bool()
+    ids, pos, packing = pack(batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"],
+                             cfg.image_token_id, cfg.spatial_merge_size, multiple=16)
+    with torch.no_grad():
+        ref = testing.hf_forward(hf, batch)
+        padded = model(batch["input_ids"], batch["attention_mask"], **images, runtime_gather_output=True)
+        packed = packing.unpack(model(ids, position_ids=pos, packed=packing, **images, runtime_gather_output=True))
+    out = {"hidden": cfg.hidden_size, "vision_hidden": cfg.vision_hidden_size, "pack": packing.cu_seqlens.tolist(),
+           "scale": float(ref.abs()[valid].max())}
+    for name, logits in (("padded", padded), ("packed", packed)):
+        out[name] = float((logits[..., : cfg.vocab_size] - ref).abs()[valid].max())
+    return out
+
+
 def _all_settings(rank, world_size, tp2_checkpoint):
     torch.manual_seed(0)
     out = {"tp2": _run_plain(2, {})}
@@ -191,6 +238,8 @@ def _all_settings(rank, world_size, tp2_checkpoint):
     # PP=2 loads a checkpoint converted for TP=2/PP=1: resharding on load is exercised too.
     out["pp2"] = _run_pipeline({}, tp2_checkpoint)
     out["pp2_tied"] = _run_pipeline(dict(tie=True))
+    out["tp2_real_width"] = _run_real_width(2)
+    out["tp1_real_width"] = _run_real_width(1)
     return out
 
 
@@ -242,3 +291,16 @@ def test_pipeline_parallel_matches_transformers(results, setting):
     for stage, res in enumerate((first, last)):
         bad = {k: v for k, v in res["grads"].items() if v > TOL}
         assert not bad, f"{setting} stage {stage}: gradients differ (relative) {bad}"
+
+
+@pytest.mark.parametrize("setting", ["tp2_real_width", "tp1_real_width"])
+def test_real_width_packed_logits_match_transformers(results, setting):
+    """At a released model's widths, packed Megatron logits (and padded ones) equal transformers' on
+    every row's real tokens within 1e-4."""
+    for rank, res in enumerate(results):
+        r = res[setting]
+        assert (r["hidden"], r["vision_hidden"]) == (2048, 1280)
+        assert len(r["pack"]) == len(REAL_WIDTH_ROWS) + 1  # every row went into the stream
+        assert r["scale"] > 0.1, f"{setting}: logits too small ({r['scale']:.3g}) for 1e-4 to mean much"
+        for layout in ("packed", "padded"):
+            assert r[layout] <= TOL, f"{setting} rank {rank} {layout}: logits differ by {r[layout]:.3g}"

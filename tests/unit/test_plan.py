@@ -46,9 +46,11 @@ def test_table_lists_every_component_and_the_verdict(capsys):
 
 
 def test_7b_paper_recipe_on_one_8xh100_node(capsys):
-    """The recipe's layout (TP=2, PP=1 -> DP=4 on 1 x 8). Its static part is exact arithmetic; the
-    worst-case workload (4096-token prompts, two max-size images per 16K-token micro-batch) sits at the
-    edge of 80 GB with selective recompute, and fits with the recipe's full recompute."""
+    """The recipe's layout (TP=2, PP=1 -> DP=4 on 1 x 8). Its static part is exact arithmetic. The
+    worst-case workload (4096-token prompts with two max-size images, responses of 1 to 2048 tokens: a
+    16K-token micro-batch holds three rows and six images, packed into T = 16384) fits with the recipe's
+    full recompute and not with selective recompute; rows of one length (two per micro-batch) put
+    selective recompute at the edge of 80 GB."""
     code, p = _json(capsys, "--recipe", "qwen2_5_vl_7b_paper")
     assert (p["inputs"]["nodes"], p["inputs"]["gpus_per_node"], p["inputs"]["dp"]) == (1, 8, 4)
     assert p["fits"] and p["peak_bytes"] <= 0.8 * 80 * GB
@@ -64,7 +66,10 @@ def test_7b_paper_recipe_on_one_8xh100_node(capsys):
     free = p["gpu_bytes"] - stage["held_at_engine_start"]
     assert c["SGLang weights + KV (rollout)"] == int(0.5 * free)
     _, sel = _json(capsys, "--recipe", "qwen2_5_vl_7b_paper", "--recompute", "selective")
-    assert 0.9 < sel["peak_bytes"] / sel["gpu_bytes"] < 1.1  # the edge: see the docstring
+    assert not sel["fits"] and sel["inputs"]["rows_per_microbatch"] == 3
+    _, even = _json(capsys, "--recipe", "qwen2_5_vl_7b_paper", "--recompute", "selective", "--shortest-row", "6144")
+    assert even["inputs"]["rows_per_microbatch"] == 2 and even["inputs"]["tokens_per_microbatch"] == 12288
+    assert 0.9 < even["peak_bytes"] / even["gpu_bytes"] < 1.1  # the edge: see the docstring
 
 
 def test_32b_recipe_fits_80gb_per_gpu_at_a_valid_split(capsys):
@@ -215,3 +220,87 @@ def test_sglang_that_cannot_start_beside_the_actor_does_not_fit(capsys):
     code, out = _plan(capsys, "--preset", "qwen2.5-vl-7b", "--tp", "2", "--recompute", "full",
                       "--mem-fraction", "0.05", "--sglang-tp", "1")
     assert "SGLang cannot start" in out and "DOES NOT FIT" in out
+
+
+def _seven_b():
+    from dualrpo_mcore.models.qwen2_5_vl import from_hf, presets
+
+    return from_hf(presets.hf_config_dict("qwen2.5-vl-7b"))
+
+
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+def test_packed_plan_below_padded_for_a_long_tail(recompute):
+    """One 4096-token row and seven 512-token rows (8 x 4096 positions padded, 7680 packed) on the TE spec
+    (THD attention, no score matrix): every stage's activations and peak are smaller packed."""
+    cfg = _seven_b()
+    layout = M.Layout(tp=2, recompute=recompute, backend="te")
+    coloc = M.Colocation(overhead_bytes=0)
+    shapes = {p: M.MicroBatch(rows=8, seq_len=4096, patches_per_row=256, packed=p, real_tokens=4096 + 7 * 512)
+              for p in (False, True)}
+    assert (shapes[False].tokens, shapes[True].tokens) == (8 * 4096, 7680)
+    lm = [M.lm_activation_bytes(cfg, layout, shapes[p], cfg.num_layers, True, True) for p in (False, True)]
+    assert lm[1] < 0.3 * lm[0]  # 7680 / 32768 of the positions
+    padded, packed = (M.plan_stage(cfg, layout, shapes[p], 4, coloc, 0) for p in (False, True))
+    assert packed.components["activations"] < padded.components["activations"]
+    assert packed.components["log-prob buffers"] < padded.components["log-prob buffers"]
+    assert packed.train_peak < padded.train_peak and packed.peak <= padded.peak
+    # The ViT sees the same images either way.
+    assert M.vision_activation_bytes(cfg, layout, shapes[True]) == M.vision_activation_bytes(cfg, layout, shapes[False])
+
+
+def test_packed_local_attention_scores_span_the_stream():
+    """The local spec's packed attention keeps one [heads, T, T] score matrix (and a [T, T] mask per layer):
+    below the padded rows' [heads, S, S] each for a long tail, above them for rows of one length."""
+    cfg = _seven_b()
+    layout = M.Layout(tp=2, backend="local")
+
+    def act(rows, real, packed):
+        mb = M.MicroBatch(rows=rows, seq_len=4096, packed=packed, real_tokens=real)
+        return M.lm_activation_bytes(cfg, layout, mb, cfg.num_layers, True, True)
+
+    tail = 4096 + 7 * 512
+    assert act(8, tail, True) < act(8, tail, False)
+    assert act(2, 8192, True) > act(2, 8192, False)
+
+
+def test_worst_micro_batch_fills_the_token_budget():
+    from dualrpo_mcore.planner.plan import worst_micro_batch
+
+    # A 2048-token row and 1024-token rows in 8192 tokens: 1 + 6 rows; packed, the stream is the budget.
+    mb = worst_micro_batch(2048, 1024, 8192, 1000, 64, packed=True)
+    assert (mb.rows, mb.tokens, mb.packed) == (7, 8192, True)
+    padded = worst_micro_batch(2048, 1024, 8192, 1000, 64, packed=False)
+    assert (padded.rows, padded.tokens) == (7, 7 * 2048)
+    # Rows of one length: the budget's whole rows, as many positions either way.
+    assert worst_micro_batch(2048, 2048, 8192, 1000, 0, True).tokens == 8192
+    assert worst_micro_batch(3000, 3000, 8192, 1000, 0, True).tokens == 6000
+    # A row over the budget runs alone; a rank with fewer rows cannot fill the budget.
+    assert (worst_micro_batch(9000, 100, 8192, 1000, 0, True).rows, worst_micro_batch(9000, 100, 8192, 1000, 0,
+                                                                                     True).tokens) == (1, 9000)
+    assert worst_micro_batch(2048, 100, 8192, 3, 0, True).rows == 3
+    with pytest.raises(ValueError, match="real_tokens"):
+        M.MicroBatch(rows=2, seq_len=100, packed=True, real_tokens=201)
+
+
+def test_plan_reports_the_packed_token_budget(capsys):
+    argv = ("--preset", "qwen2.5-vl-7b", "--tp", "2", "--recompute", "full", "--micro-tokens", "8192",
+            "--seq-len", "4096", "--shortest-row", "512")
+    code, out = _plan(capsys, *argv)
+    assert "micro-batches packed (T <= 8192 tokens" in out and "rows of 512 to 4096 tokens" in out
+    _, packed = _json(capsys, *argv)
+    _, padded = _json(capsys, *argv, "--no-packing")
+    assert packed["inputs"]["packed"] and not padded["inputs"]["packed"]
+    assert packed["inputs"]["tokens_per_microbatch"] == 8192
+    assert padded["inputs"]["tokens_per_microbatch"] == 9 * 4096  # 4096 + 8 x 512 real tokens, padded
+    assert packed["peak_bytes"] < padded["peak_bytes"]
+    _, out = _plan(capsys, *argv, "--no-packing")
+    assert "micro-batches padded (9 x 4096 = 36864 tokens, shortest row 512)" in out
+
+
+def test_recipes_plan_packed_by_default(capsys, tmp_path):
+    synth(tmp_path / "data", per_task=2, heldout_per_task=None)
+    capsys.readouterr()
+    code, out = _plan(capsys, "--recipe", "tiny_cpu", "--data", str(tmp_path / "data"))
+    assert code == 0 and "micro-batches packed (T <= " in out
+    _, p = _json(capsys, "--recipe", "qwen2_5_vl_7b_paper")
+    assert p["inputs"]["packed"] and p["inputs"]["tokens_per_microbatch"] == p["inputs"]["micro_tokens"] == 16384

@@ -284,9 +284,9 @@ def test_evaluate_scores_each_prompt_against_its_own_answer_greedily(monkeypatch
                      "eval/by_difficulty/accuracy/ocr/d1": 0.0, "eval/by_difficulty/count/math/d1": 2.0,
                      "eval/by_difficulty/count/math/d2": 2.0, "eval/by_difficulty/count/ocr/d1": 1.0}
     assert seen["params"].temperature == 0.0 and seen["params"].n == 1 and seen["params"].seed == 7
-    # The record on disk pairs each prompt with its own reward (a paired comparison needs exactly that).
+    # The record on disk pairs each prompt with its own accuracy (a paired comparison needs exactly that).
     record = evaluation.read_eval(str(tmp_path), 5)
-    assert [(r["uid"], r["task"], r["reward"]) for r in record["per_prompt"]] == [
+    assert [(r["uid"], r["task"], r["accuracy"]) for r in record["per_prompt"]] == [
         ("p0", "math", 1.0), ("p1", "ocr", 0.0), ("p2", "math", 1.0), ("p3", "ocr", 0.0), ("p4", "math", 1.0),
         ("p5", "math", 0.0)]
     assert record["accuracy"]["math"] == pytest.approx(3 / 4) and record["step"] == 5
