@@ -46,15 +46,23 @@ from .token_stats import IGNORE_INDEX, TokenStats, _all_gather, merge
 LossFn = Callable[[TokenStats], Tuple[torch.Tensor, Any]]
 
 
-def _accumulate_dw(dw: torch.Tensor, dz: torch.Tensor, h_c: torch.Tensor) -> None:
-    """dW += dz^T h_c; a half-precision product is added to the fp32 buffer in vocabulary blocks no
-    larger than the chunk's logits, so the temporary stays inside the chunk budget."""
+def _accumulate_dw(dw: torch.Tensor, dz: torch.Tensor, h_c: torch.Tensor, first: bool) -> None:
+    """dW += dz^T h_c (dW = for the first chunk: no zero-filled buffer to read back); a half-precision
+    product is summed in the fp32 buffer in vocabulary blocks no larger than the chunk's logits, so
+    the temporary stays inside the chunk budget."""
     if dw.dtype == dz.dtype:
-        dw.addmm_(dz.t(), h_c)
+        if first:
+            torch.mm(dz.t(), h_c, out=dw)
+        else:
+            dw.addmm_(dz.t(), h_c)
         return
     v, block = dz.shape[1], max(1, dz.shape[0] * dz.shape[1] // max(1, h_c.shape[1]))
     for v0 in range(0, v, block):
-        dw[v0:v0 + block] += (dz[:, v0:v0 + block].t() @ h_c).to(dw.dtype)
+        prod = (dz[:, v0:v0 + block].t() @ h_c).to(dw.dtype)
+        if first:
+            dw[v0:v0 + block].copy_(prod)
+        else:
+            dw[v0:v0 + block] += prod
 
 
 def _call(loss_fn: LossFn, stats: TokenStats):
@@ -109,7 +117,12 @@ def _run_chunks(h, w, labels, loss_fn, full, row_of, args, need_dw):
     wr = w[:n_real]
     half = w.dtype in (torch.bfloat16, torch.float16)
     dh = torch.empty_like(h)
-    dw = torch.zeros(w.shape, dtype=torch.float32 if half else w.dtype, device=w.device) if need_dw else None
+    dw = None
+    if need_dw:
+        dw = torch.empty(w.shape, dtype=torch.float32 if half else w.dtype, device=w.device)
+        dw[n_real:].zero_()  # padding rows: no vocabulary entry, no gradient
+        if h.shape[0] == 0:
+            dw.zero_()
     for lo in range(0, h.shape[0], rows):
         hi = min(h.shape[0], lo + rows)
         lab = labels[lo:hi]
@@ -126,7 +139,7 @@ def _run_chunks(h, w, labels, loss_fn, full, row_of, args, need_dw):
         del z
         torch.mm(dz, wr, out=dh[lo:hi])
         if dw is not None:
-            _accumulate_dw(dw[:n_real], dz, h[lo:hi])
+            _accumulate_dw(dw[:n_real], dz, h[lo:hi], first=lo == 0)
         del dz  # before the next chunk's logits: two [rows, V_local] tensors at a time, not three
     if dw is not None and half:
         dw = dw.to(w.dtype)
