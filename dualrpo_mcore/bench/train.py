@@ -2,8 +2,12 @@
 
 One step is ``Actor.update`` (forward + backward of the DualRPO policy loss over the batch's
 micro-batches, gradient clip, optimizer step) on a synthetic batch of rows that each hold text,
-``--images-per-row`` images of ``--image`` patches and a response of ``--response-len`` tokens
-(equal lengths: no padding). Reported per device (GPU, or process on CPU):
+``--images-per-row`` images of ``--image`` patches and a response of up to ``--response-len`` tokens:
+all of them with ``--length-mix fixed`` (equal lengths: no padding), else drawn per row from the demo's
+rollouts or a heavy-tailed mix (``bench.length_mix``). ``--compare-packing`` times the same rows on the
+same actor both as packed streams and as padded micro-batches, alternating, and reports tokens/s, peak
+memory, the padding share of the padded layout's LM FLOPs and the speed-up (``bench.packing_compare``).
+Reported per device (GPU, or process on CPU):
 
 * tokens/s = real tokens of the batch / median step time / devices
 * MFU = model FLOPs of the step (``bench.flops``: LM + ViT + merger for the batch's actual lengths and
@@ -35,6 +39,8 @@ import torch
 from dualrpo_mcore.models.qwen2_5_vl.config import RECOMPUTE
 from dualrpo_mcore.models.qwen2_5_vl.specs import BACKENDS
 
+from .length_mix import MIXES
+
 SMALL_MODELS = ("tiny", "small", "medium")
 
 
@@ -47,7 +53,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     parser.add_argument("--rows", type=int, default=4, help="rows (sequences) in the batch")
     parser.add_argument("--prompt-len", type=int, default=32, help="text tokens before the images")
-    parser.add_argument("--response-len", type=int, default=64, help="response tokens per row (trained on)")
+    parser.add_argument("--response-len", type=int, default=64,
+                        help="response tokens per row (trained on); the maximum under --length-mix demo/heavy-tail")
+    parser.add_argument("--length-mix", default="fixed", choices=MIXES,
+                        help="response lengths: fixed (all --response-len), demo (the demo's rollouts' histogram), "
+                             "heavy-tail (log-normal, median max/8, clipped to [1, max]); seeded by --seed")
+    parser.add_argument("--length-mix-file", default=None,
+                        help="JSON histogram for --length-mix demo "
+                             "(default benchmarks/results/response_lengths_demo.json)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic batch and its lengths")
     parser.add_argument("--image", default=None, help="image grid HxW in patches (default 8x8 small models, 28x28 presets)")
     parser.add_argument("--images-per-row", type=int, default=1, help="images per row (0 = text only)")
     parser.add_argument("--precision", default=None, choices=["fp32", "bf16"], help="default fp32 CPU, bf16 GPU")
@@ -63,6 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-baseline", action="store_true", help="skip the transformers baseline")
     parser.add_argument("--no-packing", dest="packing", action="store_false",
                         help="padded [B, S] micro-batches instead of packed streams (actor.model.packing=false)")
+    parser.add_argument("--compare-packing", action="store_true",
+                        help="time the same rows packed and padded in this run (tokens/s, peak memory, padding FLOPs)")
     parser.add_argument("--json", default=None, help="write results here as JSON")
 
 
@@ -80,6 +96,18 @@ def check_args(args) -> None:
         raise ValueError("--fp8 needs the Transformer Engine spec: --spec te or auto")
     if args.precision == "bf16" and not torch.cuda.is_available():
         raise ValueError("--precision bf16 needs a GPU here (Megatron's CPU path runs fp32)")
+    if args.compare_packing and not args.packing:
+        raise ValueError("--compare-packing runs both layouts: drop --no-packing")
+    if args.length_mix_file and args.length_mix != "demo":
+        raise ValueError("--length-mix-file is the histogram of --length-mix demo")
+    if args.length_mix == "demo":
+        from .length_mix import default_demo_file, load_histogram
+
+        args.length_mix_file = args.length_mix_file or default_demo_file()
+        try:
+            load_histogram(args.length_mix_file)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--length-mix-file: {e}") from None
 
 
 def parse_grid(text: str):
@@ -99,8 +127,20 @@ def hf_config(name: str):
     return presets.hf_config(name if name == "tiny" or name not in SMALL_MODELS else f"bench-{name}")
 
 
-def synthetic_batch(cfg, rows: int, prompt_len: int, response_len: int, grid, images: int, seed: int = 0):
-    """Equal-length rows: prompt text, ``images`` images of ``grid`` patches, response text."""
+def response_lengths(args) -> list:
+    """Each row's response length under ``--length-mix`` (the same on every rank: seeded)."""
+    from .length_mix import draw_lengths, load_histogram
+
+    hist = load_histogram(args.length_mix_file) if args.length_mix == "demo" else None
+    return draw_lengths(args.length_mix, args.rows, args.response_len, seed=args.seed, histogram=hist)
+
+
+def synthetic_batch(cfg, rows: int, prompt_len: int, response_len, grid, images: int, seed: int = 0):
+    """Rows of prompt text, ``images`` images of ``grid`` patches and response text, right-padded:
+    ``response_len`` is every row's response length, or a list of one per row."""
+    lens = [response_len] * rows if isinstance(response_len, int) else [int(x) for x in response_len]
+    if len(lens) != rows:
+        raise ValueError(f"{len(lens)} response lengths for {rows} rows")
     g = torch.Generator().manual_seed(seed)
     hf = cfg.hf
     special = [cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id,
@@ -108,16 +148,20 @@ def synthetic_batch(cfg, rows: int, prompt_len: int, response_len: int, grid, im
     top = min(min(special), cfg.vocab_size)  # ordinary text ids stay below every special id
     n_img = grid[0] * grid[1] // cfg.spatial_merge_size ** 2
     ids, resp = [], []
-    for _ in range(rows):
+    for n_resp in lens:
         seq = torch.randint(3, top, (prompt_len,), generator=g).tolist()
         for _ in range(images):
             seq += [special[2]] + [cfg.image_token_id] * n_img + [special[3]]
-        mask = [0] * len(seq) + [1] * response_len
-        seq += torch.randint(3, top, (response_len,), generator=g).tolist()
+        mask = [0] * len(seq) + [1] * n_resp
+        seq += torch.randint(3, top, (n_resp,), generator=g).tolist()
         ids.append(seq)
         resp.append(mask)
-    batch: Dict[str, Any] = dict(input_ids=torch.tensor(ids), attention_mask=torch.ones(rows, len(ids[0]), dtype=torch.long),
-                                 response_mask=torch.tensor(resp))
+    width = max(len(x) for x in ids)
+    real = [len(x) for x in ids]
+    # Right padding with id 0 (never the image token) and both masks 0: the actor batch's layout.
+    batch: Dict[str, Any] = dict(input_ids=torch.tensor([x + [0] * (width - len(x)) for x in ids]),
+                                 attention_mask=torch.tensor([[1] * n + [0] * (width - n) for n in real]),
+                                 response_mask=torch.tensor([m + [0] * (width - len(m)) for m in resp]))
     if images:
         grids = torch.tensor([[1, grid[0], grid[1]]] * (rows * images))
         batch["pixel_values"] = torch.randn(int(grids.prod(-1).sum()), cfg.patch_dim, generator=g)
@@ -182,8 +226,9 @@ def _worker(rank: int, world: int, args) -> Dict[str, Any]:
     from dualrpo_mcore.models.qwen2_5_vl import from_hf
 
     cfg = from_hf(hf_cfg)
-    batch = synthetic_batch(cfg, args.rows, args.prompt_len, args.response_len, parse_grid(args.image or _default_grid(args)),
-                            args.images_per_row)
+    lengths = response_lengths(args)
+    batch = synthetic_batch(cfg, args.rows, args.prompt_len, lengths, parse_grid(args.image or _default_grid(args)),
+                            args.images_per_row, seed=args.seed)
     tokens = int(batch["attention_mask"].sum())
     if torch.cuda.is_available():  # Megatron builds the weights on the current GPU; the actor does not move inputs
         batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -191,11 +236,20 @@ def _worker(rank: int, world: int, args) -> Dict[str, Any]:
     say(f"bench train: building the actor ({args.model}, tp={args.tp}, pp={args.pp}, world={world})", flush=True)
     actor = _actor(args, hf_cfg, tokens)
     batch["old_logprob"] = actor.compute_token_stats(batch)["logprob"]  # untimed: what the rollout step provides
-    timing = median_time(lambda: actor.update(batch), args.iters, args.warmup, _sync,
-                         progress="megatron" if rank == 0 else "")
+    out: Dict[str, Any] = dict(response_lengths=lengths)
+    if args.compare_packing:
+        from . import packing_compare
+
+        out["layouts"] = packing_compare.layout_accounting(actor, cfg, batch)
+        both = packing_compare.measure(actor, batch, args.iters, args.warmup, _sync, say)
+        out.update(megatron=both["packed"], megatron_padded=both["padded"],
+                   layout_packed=both["packed"], layout_padded=both["padded"])
+    else:
+        out["megatron"] = median_time(lambda: actor.update(batch), args.iters, args.warmup, _sync,
+                                      progress="megatron" if rank == 0 else "")
     peak = _peak(args)
     step_flops = flops.batch_flops(cfg, batch, vocab=actor.module.padded_vocab_size, recompute=args.recompute)
-    out = dict(megatron=timing, peak=peak, flops=step_flops, tokens=tokens, world=world,
+    out.update(peak=peak, flops=step_flops, tokens=tokens, world=world,
                params_per_rank=sum(p.numel() for p in actor.module.parameters()))
     del actor
     if not args.no_baseline:
@@ -255,7 +309,9 @@ def summarize(res: Dict[str, Any]) -> Dict[str, Any]:
     peak = res["peak"]["flops"]
     rows = []
     world, tokens = res["world"], res["tokens"]
-    for name, key, flops_key, devices in (("megatron actor", "megatron", "flops", world),
+    actor_name = "megatron actor (packed)" if "megatron_padded" in res else "megatron actor"
+    for name, key, flops_key, devices in ((actor_name, "megatron", "flops", world),
+                                          ("megatron actor (padded)", "megatron_padded", "flops", world),
                                           ("hf-sdpa-adamw (baseline)", "baseline", "baseline_flops", 1)):
         if key not in res:
             continue
@@ -264,10 +320,16 @@ def summarize(res: Dict[str, Any]) -> Dict[str, Any]:
         rows.append(dict(method=name, devices=devices, step_s=t, tokens_per_s_per_device=tokens / t / devices,
                          tflops_per_device=f["model"] / t / devices / 1e12, mfu=f["model"] / t / devices / peak,
                          hfu=f["hardware"] / t / devices / peak))
-    if len(rows) == 2:
-        rows[0]["speedup_vs_baseline"] = rows[0]["tokens_per_s_per_device"] / rows[1]["tokens_per_s_per_device"]
-    return dict(rows=rows, peak_tflops_per_device=peak / 1e12, peak_source=res["peak"]["source"], tokens=tokens,
-                step_model_tflop=res["flops"]["model"] / 1e12)
+    if "baseline" in res:
+        for r in rows[:-1]:
+            r["speedup_vs_baseline"] = r["tokens_per_s_per_device"] / rows[-1]["tokens_per_s_per_device"]
+    out = dict(rows=rows, peak_tflops_per_device=peak / 1e12, peak_source=res["peak"]["source"], tokens=tokens,
+               step_model_tflop=res["flops"]["model"] / 1e12)
+    if "layouts" in res:
+        from . import packing_compare
+
+        out["packing"] = packing_compare.summarize(res)
+    return out
 
 
 def print_table(summary: Dict[str, Any], args) -> None:
@@ -282,6 +344,11 @@ def print_table(summary: Dict[str, Any], args) -> None:
         print(f"{r['method']:<27}{r['devices']:>4}{r['step_s']:>9.3f}{r['tokens_per_s_per_device']:>11.1f}"
               f"{r['tflops_per_device']:>13.4g}{100 * r['mfu']:>8.2f}{100 * r['hfu']:>8.2f}{ratio:>13}")
     print("vs baseline: tokens/s per device of the actor / of the transformers step (> 1 = actor faster)")
+    if "packing" in summary:
+        from . import packing_compare
+        from .length_mix import describe
+
+        packing_compare.print_table(summary["packing"], describe(summary["response_lengths"]))
 
 
 def run(args) -> int:
@@ -312,6 +379,7 @@ def run(args) -> int:
         threads = max(1, (os.cpu_count() or 1) // world)
         res = run_distributed(_worker, world, clean, backend=backend, threads=threads, timeout=3600)[0]
     summary = summarize(res)
+    summary["response_lengths"] = res["response_lengths"]
     print_table(summary, args)
     bad = [k for r in summary["rows"] for k in ("step_s", "mfu") if not (math.isfinite(r[k]) and r[k] > 0)]
     if args.json:
