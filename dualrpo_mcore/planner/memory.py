@@ -59,9 +59,10 @@ the weight gradient is summed in when there are several chunks ([V/TP, H]).
 
 **Packed micro-batches** (``MicroBatch.packed``, ``actor.model.packing``): the rows run as one stream of
 their T real tokens instead of ``rows x seq_len`` positions, so every per-token term above counts T. The
-local spec's attention (``PackedDotProductAttention``) keeps one [heads, T, T] score matrix masked to the
-rows' blocks (T x T per head instead of seq_len^2 per row and head) and each layer saves its own [T, T]
-bool mask unless recomputed; TE's THD attention has neither. The shifted logits (or hidden rows) of
+local spec's attention (``PackedDotProductAttention``) gathers each sequence into a padded row of the
+longest one's length, so its scores (``rows x seq_len^2`` per head, as padded), its gathered q, k, v and
+each layer's own [rows, 1, seq_len, seq_len] bool mask (unless recomputed) are the padded layout's;
+TE's THD attention has none of them. The shifted logits (or hidden rows) of
 the one-row stream are a view, not a copy. The ViT is unchanged (the images are the padded batch's).
 
 **Reference model**: with ``actor.kl.beta0 > 0`` a full copy of the stage's params; on the GPU during
@@ -156,10 +157,11 @@ class MicroBatch:
         return self.rows * self.seq_len
 
     @property
-    def score_len(self) -> int:
-        """Keys per query in an unfused attention's score matrix: the padded row's ``seq_len``, or the whole
-        stream packed (the local spec's ``PackedDotProductAttention`` masks one [T, T] matrix per head)."""
-        return self.tokens if self.packed else self.seq_len
+    def score_elems(self) -> int:
+        """Query-key pairs of an unfused attention's score matrices per head: ``rows x seq_len^2`` in both
+        layouts (packed, the local spec's ``PackedDotProductAttention`` runs each sequence as a padded row
+        of the longest one's length)."""
+        return self.rows * self.seq_len * self.seq_len
 
 
 @dataclass(frozen=True)
@@ -324,6 +326,17 @@ def vision_block(cfg, tp: int) -> _Attn:
                  cfg.vision_ffn_hidden_size, tp)
 
 
+def _packed_core_copies(cfg, layout: Layout, mb: MicroBatch, d: int) -> int:
+    """Packed on the local spec without recompute, the core attention saves q, k and v gathered into
+    ``rows x seq_len`` padded positions (``PackedDotProductAttention``): the bytes beyond the T-token
+    terms that ``_block_per_token`` counts."""
+    if not mb.packed or layout.backend != "local" or layout.recompute != "none":
+        return 0
+    a = lm_block(cfg, layout.tp)
+    kv_saved = 2 * a.q if a.heads > a.kv_heads else a.kv + a.qkv
+    return max(0, mb.rows * mb.seq_len - mb.tokens) * (a.q + kv_saved) * d
+
+
 def lm_activation_bytes(cfg, layout: Layout, mb: MicroBatch, layers: int, first: bool, last: bool) -> int:
     """Bytes the language-model part of one stage saves for one micro-batch."""
     d = DTYPE_BYTES[layout.dtype]
@@ -335,14 +348,15 @@ def lm_activation_bytes(cfg, layout: Layout, mb: MicroBatch, layers: int, first:
         body = layers * t * cfg.hidden_size * d + t * cfg.head_dim * 4
     else:
         per_tok, per_score = _block_per_token(lm_block(cfg, layout.tp), layout.backend, layout.recompute, d)
-        body = layers * (t * per_tok + t * mb.score_len * per_score)
+        body = layers * (t * per_tok + mb.score_elems * per_score)
+        body += layers * _packed_core_copies(cfg, layout, mb, d)
     if not mb.packed:
         extra = mb.rows * s * s  # causal padding mask [rows, 1, s, s] bool, shared by the stage's layers
     else:
-        # Each local-spec layer builds its own [T, T] block mask, which the masked fill saves unless the
+        # Each local-spec layer builds its own [rows, 1, s, s] mask, which the masked fill saves unless the
         # attention is recomputed; TE's THD attention takes cu_seqlens and builds none.
         own_mask = layout.backend == "local" and layout.recompute == "none"
-        extra = layers * t * t if own_mask else 0
+        extra = layers * mb.rows * s * s if own_mask else 0
     if first:
         extra += 8 * t  # token ids kept by the embedding
     if last:
@@ -377,8 +391,8 @@ def recompute_transient_bytes(cfg, layout: Layout, mb: MicroBatch) -> int:
     a = lm_block(cfg, layout.tp)
     per_tok, per_score = _block_per_token(a, layout.backend, "none", d)
     if layout.recompute == "full":
-        return mb.tokens * per_tok + mb.tokens * mb.score_len * per_score
-    return mb.tokens * mb.score_len * per_score + 2 * mb.tokens * a.q * d
+        return mb.tokens * per_tok + mb.score_elems * per_score
+    return mb.score_elems * per_score + 2 * mb.tokens * a.q * d
 
 
 def vision_forward_transient(cfg, layout: Layout, mb: MicroBatch) -> int:

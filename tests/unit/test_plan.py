@@ -248,9 +248,10 @@ def test_packed_plan_below_padded_for_a_long_tail(recompute):
     assert M.vision_activation_bytes(cfg, layout, shapes[True]) == M.vision_activation_bytes(cfg, layout, shapes[False])
 
 
-def test_packed_local_attention_scores_span_the_stream():
-    """The local spec's packed attention keeps one [heads, T, T] score matrix (and a [T, T] mask per layer):
-    below the padded rows' [heads, S, S] each for a long tail, above them for rows of one length."""
+def test_packed_local_attention_costs_padded_rows():
+    """The local spec's packed attention runs each sequence as a padded row (scores rows x S^2, as
+    padded) and saves a mask per layer: below padded for a long tail (every other term counts only the
+    real tokens), above for rows of one length (a mask per layer instead of one for the stage)."""
     cfg = _seven_b()
     layout = M.Layout(tp=2, backend="local")
 

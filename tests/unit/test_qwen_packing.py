@@ -1,5 +1,5 @@
 """The packed layout's bookkeeping (``models.qwen2_5_vl.packing``, ``geometry.packed_rope_index``,
-``packed_attention.packed_causal_mask``) against the padded batch and brute force, and the one rotary
+``packed_attention.row_layout``) against the padded batch and brute force, and the one rotary
 behaviour of Megatron-Core the packed forward relies on. The model itself: tests/distributed/test_packed_model.py."""
 from types import SimpleNamespace
 
@@ -79,13 +79,21 @@ def test_packing_checks_and_megatron_params():
     assert params.cu_seqlens_q.dtype == torch.int32 and params.max_seqlen_kv == 8
 
 
-def test_packed_causal_mask_is_block_diagonal_causal():
-    from dualrpo_mcore.models.qwen2_5_vl.packed_attention import packed_causal_mask
+def test_row_layout_puts_each_sequence_in_its_own_causal_row():
+    from dualrpo_mcore.models.qwen2_5_vl.packed_attention import row_layout
 
     cu, total = torch.tensor([0, 3, 3, 7, 8], dtype=torch.int32), 11
-    segment = [0, 0, 0, 2, 2, 2, 2, 3, 4, 4, 4]  # row 1 is empty; 8..10 is the trailing padding
-    want = torch.tensor([[j > i or segment[j] != segment[i] for j in range(total)] for i in range(total)])
-    assert torch.equal(packed_causal_mask(cu, total), want[None, None])
+    rows = [(0, 3), (3, 4), (7, 1), (8, 3)]  # row 1 of cu is empty; 8..10 is the trailing padding
+    index, valid, mask = row_layout(cu, total)
+    assert index.shape == (4, 4) and valid.shape == (4, 4) and mask.shape == (4, 1, 4, 4)
+    for j, (start, length) in enumerate(rows):
+        assert valid[j].tolist() == [i < length for i in range(4)]
+        assert index[:length, j].tolist() == list(range(start, start + length))
+        want = [[k > i or k >= length for k in range(4)] for i in range(4)]
+        assert mask[j, 0].tolist() == want
+    # The real tokens, read back row by row, are the stream in order.
+    stream = torch.arange(total)
+    assert stream[index].t()[valid].tolist() == list(range(total))
 
 
 def test_megatron_thd_rotary_keeps_every_tokens_own_position():

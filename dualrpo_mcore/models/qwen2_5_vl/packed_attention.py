@@ -2,11 +2,13 @@
 
 Megatron's ``DotProductAttention`` refuses ``packed_seq_params`` (only TE's attention reads them). The
 local spec is what CPU runs and tests use, so it must compute exactly what TE computes on a packed
-stream: causal attention within each sequence of ``cu_seqlens`` and none across. Here that is the
-ordinary masked attention over the whole stream with a block-diagonal causal mask: the same arithmetic
-as a padded batch's rows, the other rows' keys getting probability exactly 0 (so one row's tokens can
-never change another's output by a single bit). Memory is ``T x T`` per head, like the padded path's
-``S x S`` per row and head: fine for the CPU sizes this spec serves.
+stream: causal attention within each sequence of ``cu_seqlens`` and none across. Here the stream's
+sequences are gathered into padded rows ``[L, n, heads, head_dim]`` (L the longest sequence) for
+Megatron's masked attention, and the real tokens are gathered back: the padded layout's arithmetic for
+attention (scores ``n x L x L`` per head, not ``T x T``: a dense stream-wide mask made packed slower than
+padded on the CPU, benchmarks/results/train_packing_cpu.md), while every other layer runs on the
+``T`` real tokens only. Rows are separate batch entries, so one row's tokens can never change
+another's output by a single bit.
 
 Rotary embeddings are applied before this module sees the tensors (``SelfAttention``), see
 :meth:`.packing.Packing.seq_params` for why they stay per token.
@@ -22,15 +24,27 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
 
-def packed_causal_mask(cu_seqlens: torch.Tensor, total: int, device=None) -> torch.Tensor:
-    """[1, 1, T, T] boolean mask, True = masked (Megatron's convention): causal within each sequence
-    ``[cu_seqlens[i], cu_seqlens[i + 1])``, nothing across. Tokens past ``cu_seqlens[-1]`` form one
-    more sequence."""
+def segments(cu_seqlens: torch.Tensor, total: int, device=None):
+    """(starts, lengths) of the non-empty sequences of a stream of ``total`` tokens: those of
+    ``cu_seqlens`` and, when tokens lie past ``cu_seqlens[-1]`` (padding), one more."""
     cu = cu_seqlens.to(device=device, dtype=torch.long)
-    tokens = torch.arange(total, device=device)
-    segment = torch.searchsorted(cu[1:].contiguous(), tokens, right=True)
-    causal = tokens[None, :] > tokens[:, None]
-    return (causal | (segment[:, None] != segment[None, :]))[None, None]
+    if int(cu[-1]) < total:
+        cu = torch.cat([cu, cu.new_tensor([total])])
+    starts, lengths = cu[:-1], cu[1:] - cu[:-1]
+    keep = lengths > 0
+    return starts[keep], lengths[keep]
+
+
+def row_layout(cu_seqlens: torch.Tensor, total: int, device=None):
+    """The stream's sequences as padded rows: ``index [L, n]`` (stream position of row j's token i;
+    a clamped copy past the row's end), ``valid [n, L]`` and the ``[n, 1, L, L]`` mask (True = masked:
+    a later or a padding key), L the longest sequence."""
+    starts, lengths = segments(cu_seqlens, total, device)
+    pos = torch.arange(int(lengths.max()) if lengths.numel() else 0, device=device)
+    valid = pos[None, :] < lengths[:, None]
+    index = (starts[:, None] + pos[None, :]).clamp(max=max(total - 1, 0)).t()
+    mask = (pos[None, :] > pos[:, None])[None, None] | ~valid[:, None, None, :]
+    return index, valid, mask
 
 
 class PackedDotProductAttention(DotProductAttention):
@@ -65,12 +79,14 @@ class PackedDotProductAttention(DotProductAttention):
         if self.scale_mask_softmax.window_size is not None:
             raise NotImplementedError("PackedDotProductAttention: sliding-window attention is not packed")
         total = query.shape[0]
-        mask = packed_causal_mask(cu_q, total, query.device)
+        # Each sequence attends as a padded row of its own (the padded layout's arithmetic): the score
+        # work is sum over rows of L^2-ish, not T^2 for the whole stream, and a row never sees another.
+        index, valid, mask = row_layout(cu_q, total, query.device)
         causal_softmax = self.scale_mask_softmax
         self.scale_mask_softmax = self._masked_softmax
         try:
-            out = super().forward(query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), mask,
-                                  AttnMaskType.padding, attention_bias)
+            out = super().forward(query[index], key[index], value[index], mask, AttnMaskType.padding,
+                                  attention_bias)
         finally:
             self.scale_mask_softmax = causal_softmax
-        return out.reshape(total, -1)
+        return out.transpose(0, 1)[valid]  # [n, L, h*d] -> real tokens in stream order
