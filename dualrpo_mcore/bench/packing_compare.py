@@ -14,7 +14,8 @@ layer; the output layer is left out because the fused head computes logits only 
 in both layouts): *useful* counts each row's real tokens; *padded* each micro-batch as ``b`` rows of its
 ``s`` columns; *packed* each stream's ``T`` tokens through the projections and, for attention, what the
 layer executes: on Transformer Engine (varlen THD kernels) each row's own square, on the local spec
-(``PackedDotProductAttention``, what CPU runs) the dense masked ``T x T`` product of the whole stream.
+(``PackedDotProductAttention``, what CPU runs) each sequence as a padded row of the stream's longest
+sequence (``n x L^2``).
 ``padding_fraction`` = 1 - useful / padded: the share of the padded layout's LM FLOPs spent on padding.
 ``time_saved`` = 1 - packed step time / padded step time, to be read against it: the gain matches the
 padding removed when ``time_saved >= padding_fraction``.
@@ -51,22 +52,22 @@ def layout_accounting(actor, cfg, batch: Dict[str, Any]) -> Dict[str, Any]:
     padded_rows = [mb["input_ids"].shape[1] for mb in pads for _ in range(mb["input_ids"].shape[0])]
     streams = [mb[packed_mod.KEY] for mb in packs]
     varlen = actor.backend == "te"
-    linear = dense = per_row = 0.0
+    linear = row_padded = per_row = 0.0
     for pm in streams:
         cu = pm.packing.cu_seqlens.tolist()
         rows = [b - a for a, b in zip(cu[:-1], cu[1:])] + ([pm.total - cu[-1]] if pm.total > cu[-1] else [])
         linear += flops.lm_forward(cfg, [pm.total]).lm_linear
-        dense += flops.lm_forward(cfg, [pm.total]).lm_attention
+        row_padded += flops.lm_forward(cfg, [max(rows)] * len(rows)).lm_attention
         per_row += flops.lm_forward(cfg, rows).lm_attention
     useful = _body(flops.lm_forward(cfg, real))
     padded = _body(flops.lm_forward(cfg, padded_rows))
-    packed = linear + (per_row if varlen else dense)
+    packed = linear + (per_row if varlen else row_padded)
     # What the same streams would cost with per-row (varlen) attention, whichever this actor runs.
     packed_varlen = linear + per_row
     return dict(real_tokens=sum(real), padded_tokens=sum(padded_rows), packed_tokens=sum(pm.total for pm in streams),
                 microbatches=len(pads),
                 lm_body_forward_flops=dict(useful=useful, padded=padded, packed=packed, packed_varlen=packed_varlen),
-                packed_attention="varlen (per row)" if varlen else "dense masked T x T (local spec)",
+                packed_attention="varlen (per row)" if varlen else "rows padded to the longest (local spec)",
                 padding_fraction=1 - useful / padded, packed_excess=packed / useful - 1,
                 flops_speedup_bound=padded / packed, flops_speedup_bound_varlen=padded / packed_varlen)
 
