@@ -16,6 +16,7 @@ Rotary embeddings are applied before this module sees the tensors (``SelfAttenti
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Optional
 
 import torch
@@ -45,6 +46,13 @@ def row_layout(cu_seqlens: torch.Tensor, total: int, device=None):
     index = (starts[:, None] + pos[None, :]).clamp(max=max(total - 1, 0)).t()
     mask = (pos[None, :] > pos[:, None])[None, None] | ~valid[:, None, None, :]
     return index, valid, mask
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_row_layout(cu: tuple, total: int, device):
+    """``row_layout`` once per stream, not once per layer: every layer of a forward (and its backward)
+    sees the same boundaries. The tensors are only read."""
+    return row_layout(torch.tensor(cu, dtype=torch.long), total, device)
 
 
 class PackedDotProductAttention(DotProductAttention):
@@ -81,7 +89,7 @@ class PackedDotProductAttention(DotProductAttention):
         total = query.shape[0]
         # Each sequence attends as a padded row of its own (the padded layout's arithmetic): the score
         # work is sum over rows of L^2-ish, not T^2 for the whole stream, and a row never sees another.
-        index, valid, mask = row_layout(cu_q, total, query.device)
+        index, valid, mask = _cached_row_layout(tuple(cu_q.tolist()), total, query.device)
         causal_softmax = self.scale_mask_softmax
         self.scale_mask_softmax = self._masked_softmax
         try:
