@@ -156,7 +156,7 @@ def math_suite_samples(cases) -> List[Tuple[dict, str]]:
 
 def _serial_math(cases) -> Tuple[dict, dict]:
     """In-process, per case (raw + wrapped), caches cleared before each case."""
-    from dualrpo_mcore.verifiers.math_verifier import clear_caches
+    from dualrpo_mcore.verifiers.tasks.math import clear_caches
     from dualrpo_mcore.verifiers.scoring import score_with_info
 
     samples = math_suite_samples(cases)

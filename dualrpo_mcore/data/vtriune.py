@@ -141,7 +141,7 @@ def _answer(rm: Mapping[str, Any]) -> Any:
 
 def native_boxes(ans: Any) -> List[Dict[str, Any]]:
     """Ground-truth boxes after their sanitation, degenerate ones dropped (see the module doc)."""
-    from dualrpo_mcore.verifiers.vtriune_detection import boxes_from
+    from dualrpo_mcore.verifiers.tasks.vtriune_detection import boxes_from
 
     kept = boxes_from(ans if isinstance(ans, str) else json.dumps(ans))
     usable = [b for b in kept or [] if b["bbox_2d"][2] > b["bbox_2d"][0] and b["bbox_2d"][3] > b["bbox_2d"][1]]

@@ -22,14 +22,11 @@ use it on trusted strings only (data validation, tests, the serial baseline of t
 A verifier registered with ``register_verifier`` in the trainer is not visible to pool workers
 (separate interpreters): name its module in ``VerifierPool(imports=[...])``.
 
-Layout: ``sandbox/`` is where scoring runs (the pool, its worker, the hostile inputs it is tested
-with); every other module here scores. A scorer module is named by the verifier it registers
-(``choice``, ``counting``, ``detection``, ``grounding``, ``numeric``, ``ocr``, ``vtriune_detection``,
-``vtriune_math``), except the two whose names would shadow the standard library's ``math`` module and
-the ``format`` builtin wherever they are imported: ``math_verifier`` registers ``math`` and
-``format_reward`` registers ``format``. The rest are their shared parts (``base``, ``scoring``,
+Layout: the top level is this front door and the parts the scorers share (``base``, ``scoring``,
 ``extract``, ``boxes``, ``geometry_params``, ``math_parse``, ``math_extract``, ``vtriune_common``,
-``vtriune_map``).
+``vtriune_map``); ``tasks/`` holds one module per built-in verifier, named by the verifier it
+registers (``tasks/math.py`` registers ``math``, ``tasks/format.py`` registers ``format``);
+``sandbox/`` is where scoring runs (the pool, its worker, the hostile inputs it is tested with).
 """
 from __future__ import annotations
 

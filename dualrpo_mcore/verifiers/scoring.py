@@ -10,13 +10,8 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Tuple
 
+import dualrpo_mcore.verifiers.tasks  # noqa: F401  (registers the built-in verifiers)
 from dualrpo_mcore.verifiers.base import VERIFIERS, Context, Unparsable
-
-# Importing the built-in verifier modules registers them.
-from dualrpo_mcore.verifiers import (  # noqa: F401  (imported for registration)
-    choice, counting, detection, format_reward, grounding, math_verifier, numeric, ocr,
-    vtriune_detection, vtriune_math,
-)
 
 _MAX_COMPONENTS = 16
 _DETAIL_CHARS = 300

@@ -7,7 +7,7 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from dualrpo_mcore.verifiers.boxes import iou, max_weight_matching, parse_boxes
-from dualrpo_mcore.verifiers.detection import VTRIUNE_SCHEDULE, match_boxes, threshold_at
+from dualrpo_mcore.verifiers.tasks.detection import VTRIUNE_SCHEDULE, match_boxes, threshold_at
 from dualrpo_mcore.verifiers.scoring import score, score_with_info
 
 

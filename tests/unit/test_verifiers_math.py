@@ -4,7 +4,7 @@ import builtins
 import pytest
 
 from dualrpo_mcore.verifiers.math_parse import to_sympy
-from dualrpo_mcore.verifiers.math_verifier import equivalent
+from dualrpo_mcore.verifiers.tasks.math import equivalent
 from dualrpo_mcore.verifiers.scoring import score, score_with_info
 
 # (gold, prediction, expected equivalence)

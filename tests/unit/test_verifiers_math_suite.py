@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from dualrpo_mcore.verifiers import math_verifier
+from dualrpo_mcore.verifiers.tasks import math as math_task
 from dualrpo_mcore.verifiers.scoring import score
 
 CASES_FILE = Path(__file__).resolve().parents[1] / "data" / "math_verify_cases.json"
@@ -69,7 +69,7 @@ def outcomes():
     try:
         out = []
         for case in data["cases"]:
-            math_verifier.clear_caches()
+            math_task.clear_caches()
             out.append((case, _score_case(case["gold"], case["pred"])))
     finally:
         mp.undo()
