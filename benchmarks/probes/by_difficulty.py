@@ -17,13 +17,13 @@ def main(data: str, policies) -> None:
     from dualrpo_mcore.rollout.engine import RolloutRequest, SamplingParams
     from dualrpo_mcore.rollout.hf_engine import HFEngine
     from dualrpo_mcore.trainer.metrics import HELDOUT_LEVELS
-    from dualrpo_mcore.trainer.recipes import _data_config
+    from dualrpo_mcore.trainer.recipes import synth_data_config
     from dualrpo_mcore.trainer.evaluation import by_difficulty
     from dualrpo_mcore.verifiers.scoring import score
 
     torch.set_num_threads(1)
     tok = AutoTokenizer.from_pretrained(data + "/model")
-    loader = PromptLoader(_data_config(data, "heldout.parquet", 0, shuffle=False), tokenizer=tok)
+    loader = PromptLoader(synth_data_config(data, "heldout.parquet", 0, shuffle=False), tokenizer=tok)
     prompts = loader.next_prompts(len(loader.sources[0]))
     reqs = [RolloutRequest.from_prompt(p) for p in prompts]
     for pol in policies:

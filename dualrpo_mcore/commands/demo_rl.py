@@ -96,18 +96,14 @@ def _copy(src: str, dst: str, label: str) -> None:
 
 
 def main(argv=None) -> int:
-    import torch.distributed as dist
-
-    from dualrpo_mcore.parallel import teardown
-
+    from dualrpo_mcore.parallel import shutdown
     from dualrpo_mcore.trainer.context import Hooks
     from dualrpo_mcore.trainer.loop import train
 
     args = parse_args(argv)
     demo = DemoHooks(args)
     train(build_config(args), Hooks(should_stop=demo.should_stop, after_run=demo.after_run))
-    teardown()
-    dist.destroy_process_group()
+    shutdown()
     return 0
 
 

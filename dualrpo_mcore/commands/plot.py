@@ -164,6 +164,12 @@ def _task_grid(panels: Dict[str, Sequence[str]], runs: Sequence[Run], prefix: st
         ax.set_ylabel(ylabel)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
+    return _save(fig, path)
+
+
+def _save(fig, path: str) -> str:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -237,11 +243,7 @@ def plot_intervals(runs: Sequence[Run], out: str) -> Optional[str]:
     fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4), squeeze=False)
     for ax, (results, title) in zip(axes.flat, panels):
         _interval_panel(ax, results, title)
-    fig.tight_layout()
-    path = os.path.join(out, INTERVAL_FIGURE)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, os.path.join(out, INTERVAL_FIGURE))
 
 
 def plot_self_certainty_entropy(runs: Sequence[Run], out: str, window: int) -> str:
@@ -254,11 +256,7 @@ def plot_self_certainty_entropy(runs: Sequence[Run], out: str, window: int) -> s
     if not drawn:
         plt.close(fig)
         raise ValueError(f"no self_certainty/all or entropy/all metrics in {', '.join(r.path for r in runs)}")
-    fig.tight_layout()
-    path = os.path.join(out, SELF_CERTAINTY_FIGURE)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, os.path.join(out, SELF_CERTAINTY_FIGURE))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -11,7 +11,6 @@ Runs as one process (TP=1) or under ``torchrun`` (``--tp``/``--pp``; the rest is
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -58,12 +57,6 @@ def sft_rows(prompts, tokenizer) -> List[Dict[str, Any]]:
         rows.append(dict(prompt=p.input_ids, response=torch.tensor(answer, dtype=torch.long),
                          pixel_values=p.pixel_values, image_grid_thw=p.image_grid_thw))
     return rows
-
-
-def _actor(cfg, hf_config, hf_state_dict):
-    from dualrpo_mcore.actor.actor import Actor
-
-    return Actor(cfg.actor_config(hf_config), hf_state_dict=hf_state_dict)
 
 
 def _initial_model(cfg, model_dir):
@@ -116,24 +109,23 @@ def save_hf(actor, hf_config, out_dir: str, model_dir: str) -> None:
 def train(cfg) -> Dict[str, Any]:
     """The SFT loop of an :class:`~.sft_config.SFTConfig`; returns ``{"losses": [...], "lrs": [...], "out": dir, "actor": the trained actor,
     "loader", "tokenizer"}`` on every rank (losses are global, identical everywhere)."""
+    from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
-    from dualrpo_mcore.data import DataConfig, PromptLoader, SourceConfig
+    from dualrpo_mcore.actor.actor import Actor
+    from dualrpo_mcore.data import PromptLoader
+    from dualrpo_mcore.trainer.recipes import synth_data_config
 
     model_dir = os.path.join(cfg.data, "model")
     hf_config, hf_sd = _initial_model(cfg, model_dir)
-    actor = _actor(cfg, hf_config, hf_sd)
+    actor = Actor(cfg.actor_config(hf_config), hf_state_dict=hf_sd)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    with open(os.path.join(model_dir, "preprocessor_config.json")) as f:
-        size = json.load(f)["size"]
-    loader = PromptLoader(DataConfig(sources=[SourceConfig(path=os.path.join(cfg.data, cfg.train_file))],
-                                     seed=cfg.seed, processor_dir=model_dir, min_pixels=size["shortest_edge"],
-                                     max_pixels=size["longest_edge"]), tokenizer=tokenizer)
+    loader = PromptLoader(synth_data_config(cfg.data, cfg.train_file, cfg.seed), tokenizer=tokenizer)
     dp, dp_rank = actor.info.dp_size, actor.info.dp_rank
-    show = cfg.progress and torch.distributed.get_rank() == 0
     losses: List[float] = []
     lrs: List[float] = []
-    bar = _progress(cfg.steps, show)
+    bar = tqdm(total=cfg.steps, desc="sft", unit="step", file=sys.stderr,
+               disable=not (cfg.progress and torch.distributed.get_rank() == 0))
     for _ in range(cfg.steps):
         prompts = loader.next_prompts(cfg.batch_size * dp)[dp_rank::dp]  # same draws on every rank
         metrics = actor.sft_step(batching.collate(sft_rows(prompts, tokenizer), tokenizer.pad_token_id))
@@ -145,25 +137,6 @@ def train(cfg) -> Dict[str, Any]:
     bar.close()
     save_hf(actor, hf_config, cfg.out, model_dir)
     return dict(losses=losses, lrs=lrs, out=cfg.out, actor=actor, loader=loader, tokenizer=tokenizer)
-
-
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def set_postfix(self, **kw):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress(total: int, show: bool):
-    if not show:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="sft", unit="step", file=sys.stderr)
 
 
 def run(args) -> int:
@@ -178,11 +151,10 @@ def run(args) -> int:
     result = train(cfg)
     import torch.distributed as dist
 
+    from dualrpo_mcore.parallel import shutdown
+
     if dist.get_rank() == 0:
         first, last = result["losses"][0], result["losses"][-1]
         print(f"sft: {len(result['losses'])} steps, loss {first:.4f} -> {last:.4f}; wrote {result['out']}")
-    from dualrpo_mcore.parallel import teardown
-
-    teardown()
-    dist.destroy_process_group()
+    shutdown()
     return 0

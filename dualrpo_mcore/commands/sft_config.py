@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from dualrpo_mcore.actor.config import ActorConfig, MicroBatchConfig, ModelSourceConfig, OptimConfig, ParallelConfig
+from dualrpo_mcore.trainer.rl_config import at_least
 
 
 class SFTOptimConfig(OptimConfig):
@@ -47,9 +48,7 @@ class TinyModelConfig:
     """ViT width (heads of 16 dims)."""
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            if getattr(self, f.name) < 1:
-                raise ValueError(f"tiny.{f.name} must be >= 1, got {getattr(self, f.name)}")
+        at_least(self, "tiny.", **{f.name: 1 for f in dataclasses.fields(self)})
 
 
 @dataclass
@@ -89,9 +88,7 @@ class SFTConfig:
         for name, flag in (("data", "--data DIR"), ("out", "--out DIR")):
             if not getattr(self, name):
                 raise ValueError(f"{name} is required: give {flag} (or --set {name}=DIR)")
-        for name in ("steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        at_least(self, "", steps=1, batch_size=1)
         if self.optim.total_steps is not None and self.optim.total_steps != self.steps:
             raise ValueError(f"optim.total_steps={self.optim.total_steps} conflicts with steps={self.steps}: it is "
                              f"derived from steps; leave optim.total_steps unset and set steps")

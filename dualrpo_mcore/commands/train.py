@@ -81,19 +81,10 @@ def world_problem(args, cfg) -> str:
             f"`dualrpo {shlex.join(launch)}`")
 
 
-def _teardown() -> None:
-    import torch.distributed as dist
-
-    from dualrpo_mcore.parallel import teardown
-
-    if dist.is_available() and dist.is_initialized():
-        teardown()
-        dist.destroy_process_group()
-
-
 def run(args) -> int:
     import torch.distributed as dist
 
+    from dualrpo_mcore.parallel import shutdown
     from dualrpo_mcore.trainer.storage import CheckpointLoadError, StorageError
 
     if args.init and not os.path.isdir(args.init):
@@ -116,17 +107,17 @@ def run(args) -> int:
     except Preempted as e:
         # Not a failure: a requeued job (or the operator) resumes from the step just checkpointed.
         print(f"dualrpo train: {e}", file=sys.stderr, flush=True)
-        _teardown()
+        shutdown()
         return REQUEUE_EXIT
     except (StorageError, CheckpointLoadError) as e:
         # The same line on every rank, and no traceback: the message is the whole story.
         print(f"dualrpo train: {e}", file=sys.stderr, flush=True)
-        _teardown()
+        shutdown()
         return 1
     if dist.get_rank() == 0 and records:
         last = records[-1]
         print(f"train: {len(records)} steps (last {last['step']}); "
               f"accuracy/all {last.get('accuracy/all', float('nan')):.3f}, "
               f"reward/all {last.get('reward/all', float('nan')):.4f}; run dir {cfg.logging.run_dir}")
-    _teardown()
+    shutdown()
     return 0

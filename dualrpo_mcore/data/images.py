@@ -16,7 +16,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 # Qwen2.5-VL vision geometry: 14 px patches, 2x2 merged into one LM token.
 PATCH_SIZE = 14
 MERGE_SIZE = 2
-TEMPORAL_PATCH_SIZE = 2
 FACTOR = PATCH_SIZE * MERGE_SIZE
 
 

@@ -16,6 +16,8 @@ import argparse
 import os
 import sys
 
+from .nemo import OK_STATES
+
 EXECUTORS = ("local", "slurm")
 
 
@@ -147,8 +149,8 @@ def resume_auto(extra: list) -> list:
     return extra
 
 
-def launch(args):
-    """Build the job and run (or dry-run) it; returns the :class:`~.nemo.LaunchResult`."""
+def launch(args) -> int:
+    """Build the job, run (or dry-run) it and report; returns the exit status (:func:`status`)."""
     from dualrpo_mcore.trainer.recipes import default_world
 
     from . import nemo
@@ -165,8 +167,8 @@ def launch(args):
     executor, world = build_executor(args, default_world(args.recipe), run_dir=job.out)
     job.check_world(world, "--nproc-per-node" if local else "--nodes x --gpus-per-node")
     title = args.name or f"dualrpo-{args.recipe}"
-    return nemo.run_experiment(title, [(args.recipe, nemo.train_task(job), executor)],
-                               args.exp_dir, dryrun=args.dryrun, detach=args.detach)
+    return run_and_report(title, [(args.recipe, nemo.train_task(job), executor)], args.exp_dir,
+                          dryrun=args.dryrun, detach=args.detach)
 
 
 def report(result, out=None) -> None:
@@ -181,7 +183,7 @@ def report(result, out=None) -> None:
                   f"after a checkpoint; resubmit with `-- --resume auto` (or launch with --requeue)", file=out)
             continue
         print(f"launch: job {name}: {state}", file=out)
-        if state not in ("SUCCEEDED", "SUBMITTED", "RUNNING", "PENDING"):
+        if state not in OK_STATES:
             for log in result.logs.get(name, []):
                 print(f"launch: log {log}", file=out)
     if not result.scripts:
@@ -189,7 +191,7 @@ def report(result, out=None) -> None:
 
 
 def run_and_report(title: str, jobs, exp_dir: str, *, dryrun: bool, detach: bool = False) -> int:
-    """Run (or dry-run) ``jobs`` as one experiment, print what happened; exit status 0 / 1."""
+    """Run (or dry-run) ``jobs`` as one experiment, print what happened; returns :func:`status`."""
     from . import nemo
 
     result = nemo.run_experiment(title, jobs, exp_dir, dryrun=dryrun, detach=detach)
@@ -204,7 +206,7 @@ def status(result) -> int:
 
     if result.ok:
         return 0
-    troubled = [n for n, s in result.states.items() if s not in ("SUCCEEDED", "SUBMITTED", "RUNNING", "PENDING")]
+    troubled = [n for n, s in result.states.items() if s not in OK_STATES]
     return REQUEUE_EXIT if troubled and set(troubled) <= set(result.preempted) else 1
 
 
@@ -212,9 +214,7 @@ def run(args) -> int:
     from .nemo import LaunchError
 
     try:
-        result = launch(args)
+        return launch(args)
     except (LaunchError, KeyError) as e:
         print(f"dualrpo launch: {e}", file=sys.stderr)
         return 2
-    report(result)
-    return status(result)

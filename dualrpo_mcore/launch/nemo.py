@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 EXTRA_HINT = "pip install 'dualrpo-mcore[launch]'"
 PACKAGERS = ("none", "git")
+OK_STATES = ("SUCCEEDED", "SUBMITTED", "RUNNING", "PENDING")  # the last three: a detached launch
 _TIME = re.compile(r"^(\d+-)?\d{1,3}:\d{2}(:\d{2})?$")  # Slurm --time: [D-]HH:MM[:SS]
 _SIGNAL = re.compile(r"^(R:|B:|RB:|BR:)?[A-Z0-9]+(@\d+)?$")  # sbatch --signal
 _MOUNT = re.compile(r"^[^:,]+:[^:,]+(:(ro|rw))?$")   # Pyxis --container-mounts: SRC:DST[:ro|rw]
@@ -408,8 +409,7 @@ class LaunchResult:
 
     @property
     def ok(self) -> bool:
-        good = {"SUCCEEDED", "SUBMITTED", "RUNNING", "PENDING"}  # the last three: a detached launch
-        return bool(self.scripts) or (bool(self.states) and all(s in good for s in self.states.values()))
+        return bool(self.scripts) or (bool(self.states) and all(s in OK_STATES for s in self.states.values()))
 
     @property
     def preempted(self) -> List[str]:

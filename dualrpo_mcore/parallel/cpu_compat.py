@@ -141,7 +141,3 @@ def enable(force: bool = False) -> bool:
         _mode.__enter__()
         _enabled = True
     return True
-
-
-def is_enabled() -> bool:
-    return _enabled

@@ -30,6 +30,13 @@ class ParallelInfo:
         return self.pp_rank == self.pp_size - 1
 
 
+def global_rank() -> int:
+    """This process's rank in the default group; before (or without) one, the launcher's ``RANK``."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
 def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
@@ -112,3 +119,10 @@ def teardown() -> None:
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+
+
+def shutdown() -> None:
+    """A command's way out of the run it started: :func:`teardown`, then the default group."""
+    teardown()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -47,27 +47,9 @@ class ExportStats:
     """Largest global (gathered) tensor in this export."""
 
 
-def plan_buckets(sizes: Iterable[int], bucket_bytes: int) -> List[List[int]]:
-    """Greedy, order-keeping grouping of tensor sizes: a bucket closes before a tensor that would
-    push it past ``bucket_bytes``; an oversize tensor travels alone. Returns index lists."""
-    if bucket_bytes <= 0:
-        raise ValueError(f"bucket_bytes={bucket_bytes}: must be > 0")
-    plan: List[List[int]] = []
-    cur: List[int] = []
-    used = 0
-    for i, size in enumerate(sizes):
-        if cur and used + size > bucket_bytes:
-            plan.append(cur)
-            cur, used = [], 0
-        cur.append(i)
-        used += size
-    if cur:
-        plan.append(cur)
-    return plan
-
-
 def bucketize(named: Iterable[Named], bucket_bytes: int) -> Iterator[List[Named]]:
-    """Stream ``(name, tensor)`` pairs as lists following :func:`plan_buckets` (holds one bucket)."""
+    """Stream ``(name, tensor)`` pairs as lists, greedily and in order: a bucket closes before a tensor
+    that would push it past ``bucket_bytes``; an oversize tensor travels alone (holds one bucket)."""
     cur: List[Named] = []
     used = 0
     for name, t in named:
@@ -113,10 +95,6 @@ class BucketedExporter:
         self.skip_frozen = skip_frozen
         self.frozen_sent: Set[str] = set()
         self.last_stats = ExportStats()
-
-    def reset_frozen(self) -> None:
-        """Send frozen tensors again on the next export (e.g. after the engine was rebuilt)."""
-        self.frozen_sent.clear()
 
     def buckets(self, model) -> Iterator[List[Named]]:
         """Yield buckets of ``(hf_name, full tensor)``; identical on every rank. Consume each bucket
@@ -267,11 +245,3 @@ def check_exporter_engine(exporter: BucketedExporter, engine) -> None:
         "weights across release_memory, so frozen tensors sent once would come back as garbage. Build "
         "the exporter with skip_frozen=False (on every rank), or keep the engine's weights_cpu_backup=True")
 
-
-def sync_weights(exporter: BucketedExporter, model, engine=None) -> ExportStats:
-    """Export ``model`` and feed every bucket to ``engine.update_weights`` (pass ``engine`` only on
-    the rank(s) hosting it; the others still take part in the collectives)."""
-    for bucket in exporter.buckets(model):
-        if engine is not None:
-            engine.update_weights(bucket)
-    return exporter.last_stats

@@ -170,14 +170,6 @@ def close(ctx: Context) -> None:
         ctx.logger.close()
 
 
-def resume(ctx: Context) -> int:
-    """Restore the newest checkpoint named by ``checkpoint.resume``; returns the last completed step (0 if
-    fresh). Unreadable checkpoints and other configurations: see :func:`.recovery.resume`."""
-    from . import recovery
-
-    return recovery.resume(ctx)
-
-
 def save(ctx: Context, step: int, poisoned: bool) -> Optional[str]:
     """Checkpoint ``step`` unless it was poisoned (its update was skipped: nothing new to keep)."""
     from . import recovery
@@ -196,10 +188,10 @@ def show_config(cfg, run_dir: str) -> Dict[str, Any]:
     writes it to the run dir."""
     import json
 
-    from .metrics import _is_rank0
+    from dualrpo_mcore.parallel import global_rank
 
     resolved = cfg.to_dict()
-    if _is_rank0():  # before the process group exists: RANK from the launcher
+    if global_rank() == 0:  # before the process group exists: RANK from the launcher
         os.makedirs(run_dir, exist_ok=True)
         print(json.dumps(resolved, indent=2, sort_keys=True), flush=True)
     return resolved

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 from dualrpo_mcore.atomic import atomic_write_json
 
@@ -68,17 +68,6 @@ def write_eval(run_dir: str, step: int, metrics: Dict[str, float], prompts: List
     os.makedirs(os.path.dirname(path), exist_ok=True)
     atomic_write_json(path, record, indent=1, sort_keys=True)
     return path
-
-
-def read_eval(run_dir: str, step: int) -> Optional[Dict[str, Any]]:
-    """The evaluation record of ``step``, or None if that step was not evaluated."""
-    import json
-
-    path = eval_path(run_dir, step)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
 
 
 def by_difficulty(prompts, rewards) -> Dict[str, float]:

@@ -79,18 +79,13 @@ def at(point: str, step: int, path: Optional[str] = None) -> None:
 
 
 def _fire(fault: Fault, path: Optional[str]) -> None:
-    if fault.rank is not None and fault.rank != _global_rank():
+    from dualrpo_mcore.parallel import global_rank
+
+    rank = global_rank()
+    if fault.rank is not None and fault.rank != rank:
         return
-    print(f"fault injection: {fault.action} at {fault.point}@{fault.step} (rank {_global_rank()})", flush=True)
+    print(f"fault injection: {fault.action} at {fault.point}@{fault.step} (rank {rank})", flush=True)
     if fault.action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     code = getattr(errno, fault.action)
     raise OSError(code, f"{os.strerror(code)} (injected at {fault.point}@{fault.step})", path)
-
-
-def _global_rank() -> int:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    return int(os.environ.get("RANK", "0"))

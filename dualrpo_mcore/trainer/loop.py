@@ -17,7 +17,7 @@ from dualrpo_mcore.algo import group_advantages, shape_rewards
 
 from dualrpo_mcore.actor import batching
 from dualrpo_mcore.trainer import faults, preempt, probe, recovery, rollouts
-from .context import Context, Hooks, broadcast, close, resume, setup, show_config
+from .context import Context, Hooks, broadcast, close, setup, show_config
 from .evaluation import evaluate
 from dualrpo_mcore.actor.reduction import reduce_metric
 
@@ -162,7 +162,7 @@ def train(cfg, hooks: Optional[Hooks] = None, stop_after: Optional[int] = None) 
     watch, ctx = preempt.Watch(cfg.logging.run_dir), None
     try:
         ctx = setup(cfg)
-        start = last_step = resume(ctx)
+        start = last_step = recovery.resume(ctx)
         early = watch.agreed()  # signalled during the set-up: the restored checkpoint is where to go on
         if early is not None:
             raise watch.stopped(start, early)

@@ -27,22 +27,8 @@ import numpy as np
 JSONL_NAME = "metrics.jsonl"
 # Held-out eval keys: "<HELDOUT><field>/<task>" and "<HELDOUT_LEVELS><field>/<task>/d<k>".
 HELDOUT, HELDOUT_LEVELS = "eval/", "eval/by_difficulty/"
-# Per-sample quantities aggregated per task; the key is the metric prefix (``accuracy/<task>``).
-SAMPLE_FIELDS = ("accuracy", "reward", "self_certainty", "entropy", "length")
-PHASES = ("rollout", "verify", "logprob", "update", "sync")
 # Shown on the progress bar when present (short label, record key).
 _BAR_KEYS = (("accuracy", "accuracy/all"), ("rew", "reward/all"), ("self_cert", "self_certainty/all"), ("kl", "kl"))
-
-
-def _is_rank0() -> bool:
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank() == 0
-    except ImportError:  # pragma: no cover - torch is a hard dependency
-        pass
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def to_float(value: Any) -> Optional[float]:
@@ -129,15 +115,8 @@ def truncate_jsonl(path: str, keep_through_step: int) -> int:
 
     if not os.path.exists(path):
         return 0
-    kept = []
-    with open(path, "r", encoding="utf-8") as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line torn by a crash mid-write
-            if isinstance(rec, dict) and rec.get("step", -1) <= keep_through_step:
-                kept.append(json.dumps(rec, allow_nan=False) + "\n")
+    kept = [json.dumps(rec, allow_nan=False) + "\n" for rec in read_jsonl(path)
+            if isinstance(rec, dict) and rec.get("step", -1) <= keep_through_step]
     atomic_write(path, "".join(kept))
     return len(kept)
 
@@ -279,8 +258,10 @@ class MetricsLogger:
     def __init__(self, run_dir: str, total_steps: Optional[int] = None, resume_step: Optional[int] = None,
                  tensorboard: bool = True, progress: bool = True, enabled: Optional[bool] = None,
                  sinks: Sequence[MetricSink] = ()):
+        from dualrpo_mcore.parallel import global_rank
+
         self.run_dir = run_dir
-        self.enabled = _is_rank0() if enabled is None else enabled
+        self.enabled = global_rank() == 0 if enabled is None else enabled
         self._resume_step = resume_step
         self._config_sinks_open = False
         self.sinks: List[MetricSink] = []
@@ -350,5 +331,5 @@ def read_jsonl(path: str) -> list:
             try:
                 out.append(json.loads(line))
             except json.JSONDecodeError:
-                continue
+                continue  # a line torn by a crash mid-write
     return out

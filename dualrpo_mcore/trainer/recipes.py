@@ -83,7 +83,7 @@ def default_world(name: str) -> Tuple[int, int]:
     return layout.nodes, layout.gpus_per_node
 
 
-def _data_config(data_dir: str, file: str, seed: int, shuffle: bool = True) -> DataConfig:
+def synth_data_config(data_dir: str, file: str, seed: int, shuffle: bool = True) -> DataConfig:
     """A loader config over ``data_dir/file`` whose image sizes match the synthetic set's processor."""
     model_dir = os.path.join(data_dir, "model")
     with open(os.path.join(model_dir, "preprocessor_config.json")) as f:
@@ -113,7 +113,7 @@ def tiny_cpu(data_dir: str, init: Optional[str] = None, run_dir: str = "runs/tin
                         micro=MicroBatchConfig(max_tokens=4096), seed=seed + 1234)
     heldout = os.path.join(data_dir, "heldout.parquet")
     return RLConfig(
-        actor=actor, data=_data_config(data_dir, "train.parquet", seed),
+        actor=actor, data=synth_data_config(data_dir, "train.parquet", seed),
         rollout=RolloutConfig(engine="hf", group_size=4, bucket_mb=16, seed=seed,
                               sampling=SamplingParams(temperature=1.0, max_new_tokens=24)),
         reward=RewardConfig(mode="dualrpo"), verifier=VerifierConfig(workers=2, timeout_s=5.0),

@@ -19,6 +19,15 @@ from dualrpo_mcore.rollout.engine import SamplingParams
 from dualrpo_mcore.actor.config import ActorConfig
 
 
+def at_least(obj: Any, prefix: str, **minimums: float) -> None:
+    """Raise ``<prefix><field> must be >= <min>, got <value>`` for the first field of ``obj`` below its
+    minimum (NaN included)."""
+    for name, low in minimums.items():
+        value = getattr(obj, name)
+        if not value >= low:
+            raise ValueError(f"{prefix}{name} must be >= {low}, got {value}")
+
+
 @dataclass
 class ProbeConfig:
     """The weight-sync guard: after every sync the engine scores fixed completions of a few fixed
@@ -36,8 +45,7 @@ class ProbeConfig:
     (different kernels round differently)."""
 
     def __post_init__(self) -> None:
-        if self.prompts < 0:
-            raise ValueError(f"rollout.probe.prompts must be >= 0, got {self.prompts}")
+        at_least(self, "rollout.probe.", prompts=0)
         if self.tolerance is not None and not self.tolerance > 0:
             raise ValueError(f"rollout.probe.tolerance must be > 0 or None, got {self.tolerance}")
         if self.prompts and not self.completion:
@@ -78,8 +86,7 @@ class RolloutConfig:
             self.probe = ProbeConfig(**self.probe)
         if self.group_size < 2:
             raise ValueError(f"rollout.group_size must be >= 2 (a group advantage needs peers), got {self.group_size}")
-        if self.bucket_mb < 1:
-            raise ValueError(f"rollout.bucket_mb must be >= 1, got {self.bucket_mb}")
+        at_least(self, "rollout.", bucket_mb=1)
         if self.sampling.temperature == 0:
             raise ValueError("rollout.sampling.temperature must be > 0 for training (greedy is for eval)")
 
@@ -104,8 +111,7 @@ class RewardConfig:
             raise ValueError(f"reward.mode={self.mode!r}: choose one of {REWARD_MODES.names()}")
         if self.estimator not in ADVANTAGE_ESTIMATORS:
             raise ValueError(f"reward.estimator={self.estimator!r}: choose one of {ADVANTAGE_ESTIMATORS.names()}")
-        if not self.eps >= 0:
-            raise ValueError(f"reward.eps must be >= 0, got {self.eps}")
+        at_least(self, "reward.", eps=0)
 
 
 @dataclass
@@ -120,12 +126,9 @@ class VerifierConfig:
     """Address-space limit of a worker (0 = off)."""
 
     def __post_init__(self) -> None:
-        if self.workers < 1:
-            raise ValueError(f"verifier.workers must be >= 1, got {self.workers}")
+        at_least(self, "verifier.", workers=1, max_memory_mb=0)
         if not self.timeout_s > 0:
             raise ValueError(f"verifier.timeout_s must be > 0, got {self.timeout_s}")
-        if self.max_memory_mb < 0:
-            raise ValueError(f"verifier.max_memory_mb must be >= 0, got {self.max_memory_mb}")
 
 
 @dataclass
@@ -157,21 +160,13 @@ class ScheduleConfig:
     """Leave responses that hit ``max_new_tokens`` out of the loss (truncated answers are not wrong)."""
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"schedule.steps must be >= 1, got {self.steps}")
-        if self.prompts_per_step < 1:
-            raise ValueError(f"schedule.prompts_per_step must be >= 1, got {self.prompts_per_step}")
+        at_least(self, "schedule.", steps=1, prompts_per_step=1, mini_batches=1, epochs=1, max_refill_rounds=0)
         if self.dynamic_sampling_on == "v":
             raise ValueError("schedule.dynamic_sampling_on='v': the value 'v' was renamed to 'accuracy' "
                              "(the verifier's reward); set schedule.dynamic_sampling_on='accuracy'")
         if self.dynamic_sampling_on not in ("accuracy", "reward"):
             raise ValueError(f"schedule.dynamic_sampling_on={self.dynamic_sampling_on!r}: "
                              "choose 'accuracy' or 'reward'")
-        for name in ("mini_batches", "epochs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"schedule.{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_refill_rounds < 0:
-            raise ValueError(f"schedule.max_refill_rounds must be >= 0, got {self.max_refill_rounds}")
 
 
 @dataclass
@@ -188,10 +183,7 @@ class CheckpointConfig:
     """None = fresh start; 'auto' = newest complete checkpoint under ``dir`` if any; or a path."""
 
     def __post_init__(self) -> None:
-        if self.every < 0:
-            raise ValueError(f"checkpoint.every must be >= 0, got {self.every}")
-        if self.keep_last < 1:
-            raise ValueError(f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
+        at_least(self, "checkpoint.", every=0, keep_last=1)
 
 
 @dataclass
@@ -212,12 +204,9 @@ class EvalConfig:
     where training did (a resumed run has that record already)."""
 
     def __post_init__(self) -> None:
-        if self.every < 0:
-            raise ValueError(f"eval.every must be >= 0, got {self.every}")
+        at_least(self, "eval.", every=0, max_samples=1)
         if self.every > 0 and not self.heldout:
             raise ValueError("eval.heldout must name a file when eval.every > 0")
-        if self.max_samples < 1:
-            raise ValueError(f"eval.max_samples must be >= 1, got {self.max_samples}")
 
 
 WANDB_MODES = ("disabled", "offline", "online")

@@ -118,7 +118,7 @@ def _tp2_checks(rank):
     from dualrpo_mcore.models.qwen2_5_vl.weights import export_hf
     from dualrpo_mcore.rollout import RolloutRequest, SamplingParams
     from dualrpo_mcore.rollout.hf_engine import HFEngine
-    from dualrpo_mcore.rollout.sync import BucketedExporter, sync_weights
+    from dualrpo_mcore.rollout.sync import BucketedExporter
 
     hf = testing.tiny_hf_model(seed=0)
     info, cfg, model = _build(2, 1, hf)
@@ -137,7 +137,7 @@ def _tp2_checks(rank):
     probe = torch.tensor([one["input_ids"][0].tolist() + [5, 9, 17, 33, 2]])  # a fixed response
     stale = _engine_score(engine, probe, one, plen) if rank == 0 else None
     recorder = _Recorder(engine)
-    out["sync_peak"] = _census_peak(lambda: sync_weights(exporter, model, recorder), model,
+    out["sync_peak"] = _census_peak(lambda: _drain(map(recorder.update_weights, exporter.buckets(model))), model,
                                    engine.model if engine is not None else None)
     out["second_stats"] = vars(exporter.last_stats).copy()
     out["first_names"], out["second_names"] = names1, recorder.names

@@ -51,7 +51,7 @@ def test_precision_maps_to_megatron_fp8_fields(cfg):
     p = Precision(dtype="bf16", fp8="hybrid", fp8_recipe="blockwise")
     kw = p.transformer_kwargs()
     assert kw["fp8"] == "hybrid" and kw["fp8_recipe"] == "blockwise" and kw["bf16"]
-    assert p.for_vision().fp8 is None  # the ViT stays bf16 unless asked
+    assert p.for_part("vision").fp8 is None  # the ViT stays bf16 unless asked
     with pytest.raises(ValueError, match="fp8_recipe"):
         Precision(dtype="bf16", fp8="e4m3", fp8_recipe="bogus")
     with pytest.raises(ValueError, match="needs dtype"):

@@ -3,6 +3,8 @@ batch concatenation, overlong masking, dynamic sampling's drop-and-refill (``loo
 with a stub rollout round and a stub shaping that records what it was given), and the split of a
 step's batch into mini-batch updates (``loop.update`` with a stub actor), and the held-out eval's
 pairing of answers with prompts (``evaluation.evaluate`` with a stub rollout and pool)."""
+import json
+import os
 import types
 
 import pytest
@@ -285,11 +287,12 @@ def test_evaluate_scores_each_prompt_against_its_own_answer_greedily(monkeypatch
                      "eval/by_difficulty/count/math/d2": 2.0, "eval/by_difficulty/count/ocr/d1": 1.0}
     assert seen["params"].temperature == 0.0 and seen["params"].n == 1 and seen["params"].seed == 7
     # The record on disk pairs each prompt with its own accuracy (a paired comparison needs exactly that).
-    record = evaluation.read_eval(str(tmp_path), 5)
+    with open(evaluation.eval_path(str(tmp_path), 5)) as f:
+        record = json.load(f)
     assert [(r["uid"], r["task"], r["accuracy"]) for r in record["per_prompt"]] == [
         ("p0", "math", 1.0), ("p1", "ocr", 0.0), ("p2", "math", 1.0), ("p3", "ocr", 0.0), ("p4", "math", 1.0),
         ("p5", "math", 0.0)]
     assert record["accuracy"]["math"] == pytest.approx(3 / 4) and record["step"] == 5
-    assert evaluation.read_eval(str(tmp_path), 6) is None
+    assert not os.path.exists(evaluation.eval_path(str(tmp_path), 6))
     ctx.rank0 = False  # the other ranks generate their share and report nothing
     assert evaluation.evaluate(ctx, 5) == {}

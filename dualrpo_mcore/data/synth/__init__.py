@@ -32,7 +32,6 @@ for _name, _fn in grid.TASK_FNS.items():
 assert set(GENERATORS.names()) == set(TASKS) == set(GRID_GENERATORS.names())
 LAYOUTS = {"free": GENERATORS, "grid": GRID_GENERATORS}
 
-SPLITS = ("train", "heldout")
 DATA_SOURCE_PREFIX = "synth"
 
 

@@ -20,7 +20,7 @@ from dualrpo_mcore.data.synth.common import (
     ANSWER_FORMAT, COLOURS, SHAPES, Box, Sample, box_text, canvas, draw_shape, font, pick,
 )
 from dualrpo_mcore.data.synth.perception import BOX_FORMAT, WORDS
-from dualrpo_mcore.data.synth.reasoning import LETTERS, puzzle_options
+from dualrpo_mcore.data.synth.reasoning import LETTERS, beaker_sample, pattern_sample
 
 CELL = 28  # pixels per LM image token of the tiny processor (patch 14 x merge 2)
 INSET = 3  # an object's box is its cell shrunk by this much on every side
@@ -188,13 +188,7 @@ def science_task(rng: random.Random, d: int) -> Sample:
     levels = [step * k for k in rng.sample(range(1, int(SIDE / step) + 1), n)]
     img, draw = canvas(SIDE * CELL, (SIDE + 1) * CELL)
     _columns(draw, levels, WATER, outline=True)
-    most = pick(rng, ("most", "least")) if d > 1 else "most"
-    idx = levels.index(max(levels) if most == "most" else min(levels))
-    options = [f"beaker {LETTERS[i]}" for i in range(n)]
-    q = (f"The diagram shows beakers of the same size. Which beaker holds the {most} water? "
-         + " ".join(f"({LETTERS[i]}) {o}" for i, o in enumerate(options)) + f". {ANSWER_FORMAT}")
-    return Sample("science", img, q, {"verifier": "choice", "answer": LETTERS[idx], "params": {"options": options}},
-                  LETTERS[idx], d, reasoning=f"Beaker {LETTERS[idx]} has the {most} water.", kind="grid-beakers")
+    return beaker_sample(rng, img, levels, d, kind="grid-beakers")
 
 
 def puzzle_task(rng: random.Random, d: int) -> Sample:
@@ -208,12 +202,7 @@ def puzzle_task(rng: random.Random, d: int) -> Sample:
     for i, (shape, colour) in enumerate(seq[:5]):
         draw_shape(draw, shape, cell_box(0, i), COLOURS[colour])
     _glyph_row(draw, 0, [""] * 5 + ["?"])
-    right = f"{seq[-1][1]} {seq[-1][0]}"
-    options, letter, opt_text = puzzle_options(rng, right, colours)
-    q = (f"The shapes follow a pattern. Which one replaces the question mark? {opt_text}. "
-         f"Answer with the letter. {ANSWER_FORMAT}")
-    return Sample("puzzle", img, q, {"verifier": "choice", "answer": letter, "params": {"options": options}}, letter, d,
-                  reasoning=f"The pattern repeats; next is {right}.", kind="grid-pattern")
+    return pattern_sample(rng, img, seq, colours, d, kind="grid-pattern")
 
 
 TASK_FNS = dict(math=math_task, puzzle=puzzle_task, science=science_task, chart=chart_task,

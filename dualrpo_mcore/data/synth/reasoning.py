@@ -76,9 +76,19 @@ def math_task(rng: random.Random, d: int) -> Sample:
 
 # ---- puzzle -----------------------------------------------------------------------------------
 
-def puzzle_options(rng: random.Random, right: str, colours) -> tuple:
-    """Four "colour shape" options, ``right`` among three wrong ones drawn from the puzzle's colours
-    (plus one more): ``(options, the right letter, "(A) .. (B) ..")``."""
+def choice_sample(task: str, img, stem: str, options, letter: str, d: int, reasoning: str, kind: str,
+                  ask: str = "") -> Sample:
+    """A multiple-choice question: ``stem``, the lettered ``options``, ``ask``, the answer format."""
+    q = f"{stem} " + " ".join(f"({LETTERS[i]}) {o}" for i, o in enumerate(options)) + f". {ask}{ANSWER_FORMAT}"
+    return Sample(task, img, q, {"verifier": "choice", "answer": letter, "params": {"options": options}}, letter, d,
+                  reasoning=reasoning, kind=kind)
+
+
+def pattern_sample(rng: random.Random, img, seq, colours, d: int, kind: str) -> Sample:
+    """The puzzle question on a drawn pattern ``seq`` of ``(shape, colour)`` whose last item is the '?':
+    four "colour shape" options, the right one among three wrong ones drawn from the puzzle's colours
+    (plus one more)."""
+    right = f"{seq[-1][1]} {seq[-1][0]}"
     wrong = set()
     while len(wrong) < 3:
         # sorted: set order depends on PYTHONHASHSEED and would break determinism
@@ -87,7 +97,9 @@ def puzzle_options(rng: random.Random, right: str, colours) -> tuple:
             wrong.add(cand)
     options = sorted(wrong | {right})
     rng.shuffle(options)
-    return options, LETTERS[options.index(right)], " ".join(f"({LETTERS[i]}) {o}" for i, o in enumerate(options))
+    return choice_sample("puzzle", img, "The shapes follow a pattern. Which one replaces the question mark?", options,
+                         LETTERS[options.index(right)], d, f"The pattern repeats; next is {right}.", kind,
+                         ask="Answer with the letter. ")
 
 
 def puzzle_task(rng: random.Random, d: int) -> Sample:
@@ -104,13 +116,7 @@ def puzzle_task(rng: random.Random, d: int) -> Sample:
     for i, (shape, colour) in enumerate(seq[:n_shown]):
         draw_shape(draw, shape, (4 + 28 * i, 18, 24 + 28 * i, 38), COLOURS[colour])
     draw.text((4 + 28 * n_shown + 10, 28), "?", fill=(0, 0, 0), font=font(18), anchor="mm")
-    right = f"{seq[-1][1]} {seq[-1][0]}"
-    options, letter, opt_text = puzzle_options(rng, right, colours)
-    q = (f"The shapes follow a pattern. Which one replaces the question mark? {opt_text}. "
-         f"Answer with the letter. {ANSWER_FORMAT}")
-    spec = {"verifier": "choice", "answer": letter, "params": {"options": options}}
-    return Sample("puzzle", img, q, spec, letter, d, reasoning=f"The pattern repeats; next is {right}.",
-                  kind="pattern")
+    return pattern_sample(rng, img, seq, colours, d, kind="pattern")
 
 
 # ---- science ----------------------------------------------------------------------------------
@@ -128,14 +134,17 @@ def _beakers(rng: random.Random, d: int) -> Sample:
         draw.rectangle((x, 20, x + 26, 92), outline=(0, 0, 0), width=2)
         draw.rectangle((x + 2, 91 - lv, x + 24, 90), fill=(90, 150, 230))
         draw.text((x + 13, 96), LETTERS[i], fill=(0, 0, 0), font=font(12), anchor="ma")
+    return beaker_sample(rng, img, levels, d, kind="beakers")
+
+
+def beaker_sample(rng: random.Random, img, levels, d: int, kind: str) -> Sample:
+    """The science question on drawn beakers of water ``levels`` (one per letter): which holds the most
+    (from d2 also: the least) water."""
     most = pick(rng, ("most", "least")) if d > 1 else "most"
-    idx = levels.index(max(levels) if most == "most" else min(levels))
-    options = [f"beaker {LETTERS[i]}" for i in range(n)]
-    q = (f"The diagram shows beakers of the same size. Which beaker holds the {most} water? "
-         + " ".join(f"({LETTERS[i]}) {o}" for i, o in enumerate(options)) + f". {ANSWER_FORMAT}")
-    spec = {"verifier": "choice", "answer": LETTERS[idx], "params": {"options": options}}
-    return Sample("science", img, q, spec, LETTERS[idx], d,
-                  reasoning=f"Beaker {LETTERS[idx]} has the {most} water.", kind="beakers")
+    letter = LETTERS[levels.index(max(levels) if most == "most" else min(levels))]
+    return choice_sample("science", img, f"The diagram shows beakers of the same size. Which beaker holds the {most} "
+                         "water?", [f"beaker {LETTERS[i]}" for i in range(len(levels))], letter, d,
+                         f"Beaker {letter} has the {most} water.", kind)
 
 
 def _food_chain(rng: random.Random, d: int) -> Sample:
@@ -162,12 +171,8 @@ def _food_chain(rng: random.Random, d: int) -> Sample:
         options.append(pick(rng, others))
         options = sorted(set(options))
     rng.shuffle(options)
-    letter = LETTERS[options.index(right)]
-    q = (f"In the food chain diagram an arrow points from food to eater. {q0} "
-         + " ".join(f"({LETTERS[i]}) {o}" for i, o in enumerate(options)) + f". {ANSWER_FORMAT}")
-    spec = {"verifier": "choice", "answer": letter, "params": {"options": options}}
-    return Sample("science", img, q, spec, letter, d, reasoning=f"The answer is the {right}.",
-                  kind="food_chain")
+    return choice_sample("science", img, f"In the food chain diagram an arrow points from food to eater. {q0}", options,
+                         LETTERS[options.index(right)], d, f"The answer is the {right}.", "food_chain")
 
 
 def science_task(rng: random.Random, d: int) -> Sample:

@@ -17,7 +17,7 @@ import os
 import shutil
 import sys
 from contextlib import ExitStack, contextmanager
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List
 
 import torch
 from safetensors import safe_open

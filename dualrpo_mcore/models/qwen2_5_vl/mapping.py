@@ -232,14 +232,6 @@ _LOCAL_TO_TE = [("input_layernorm.weight", "self_attention.linear_qkv.layer_norm
                 ("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight")]
 
 
-def to_canonical(name: str) -> str:
-    """A module state_dict name (either spec) -> canonical (TE-style) rule name."""
-    for local, te in _LOCAL_TO_TE:
-        if name.endswith(local):
-            return name[: -len(local)] + te
-    return name
-
-
 def from_canonical(name: str, te_spec: bool) -> str:
     if te_spec:
         return name

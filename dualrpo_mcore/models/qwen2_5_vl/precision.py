@@ -108,9 +108,6 @@ class Precision:
             return self
         return dataclasses.replace(self, fp8=None)
 
-    def for_vision(self) -> "Precision":
-        return self.for_part("vision")
-
     def transformer_kwargs(self) -> Dict[str, Any]:
         kw: Dict[str, Any] = dict(params_dtype=self.torch_dtype, pipeline_dtype=self.torch_dtype,
                                   bf16=self.dtype == "bf16", fp16=self.dtype == "fp16")

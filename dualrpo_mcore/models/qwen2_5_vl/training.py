@@ -8,7 +8,7 @@ param groups carrying ``lr_mult`` for other optimizers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Dict, Iterable, List, Tuple
+from typing import ClassVar, Dict, List, Tuple
 
 import torch
 
@@ -104,7 +104,3 @@ def megatron_overrides(training: ModuleTraining, lr: float, min_lr: float = 0.0)
 
 def _matcher(part: str):
     return lambda _param, name: part_of(name) == part
-
-
-def trainable(named: Iterable[Tuple[str, torch.nn.Parameter]]) -> List[str]:
-    return [n for n, p in named if p.requires_grad]
