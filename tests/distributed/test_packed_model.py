@@ -111,6 +111,39 @@ def _grad_diffs(cfg, model, batch):
     return {n: float((packed[n] - g).abs().max() / max(float(g.abs().max()), 1e-30)) for n, g in padded.items()}
 
 
+def _vit_segmented_vs_masked(model, batch):
+    """The local spec's ViT, each window (or image) attended as a row of its own, against the block-diagonal
+    mask over all the micro-batch's patches (the layout the TE spec runs): relative differences of the
+    merged embeddings and of every ViT gradient; and, segmented, the largest change of the other images'
+    embeddings when image 1's pixels change (must be exactly 0) and of image 1's own."""
+    vit = model.vision
+    px, grid = batch["pixel_values"], batch["image_grid_thw"]
+    weight = torch.randn(int(grid.prod(-1).sum()) // 4, vit.cfg.hidden_size, generator=torch.Generator().manual_seed(5))
+    outs, grads = [], []
+    for segmented in (True, False):
+        vit.segmented = segmented
+        for q in vit.parameters():
+            q.grad = None
+        y = vit(px, grid)
+        (y * weight).sum().backward()
+        outs.append(y.detach())
+        grads.append({n: q.grad.clone() for n, q in vit.named_parameters() if q.grad is not None})
+    vit.segmented = True
+    seg, masked = outs
+    res = dict(out=float((seg - masked).abs().max() / masked.abs().max()),
+               grads={n: float((grads[0][n] - g).abs().max() / max(float(g.abs().max()), 1e-30))
+                      for n, g in grads[1].items()})
+    starts = [0] + grid.prod(-1).cumsum(0).tolist()  # patch offsets; merged rows are a quarter of them
+    changed = px.clone()
+    changed[starts[1]:starts[2]] = torch.randn(starts[2] - starts[1], px.shape[1])
+    with torch.no_grad():
+        delta = (vit(changed, grid) - vit(px, grid)).abs()
+    own = torch.zeros(delta.shape[0], dtype=torch.bool)
+    own[starts[1] // 4:starts[2] // 4] = True
+    res["leak"] = (float(delta[~own].max()), float(delta[own].max()))
+    return res
+
+
 def _refusals(model, cfg, batch):
     """The error messages of packed forwards that break the contract."""
     from dualrpo_mcore.models.qwen2_5_vl.packing import pack
@@ -150,6 +183,7 @@ def _all_settings(rank, world_size):
     out["tp1_refusals"] = _refusals(model, cfg, batch)
     out["tp1_leak"] = _leak(model, cfg, batch)
     out["tp1_grads"] = _grad_diffs(cfg, model, batch)
+    out["tp1_vit"] = _vit_segmented_vs_masked(model, batch)
     # Recomputation re-runs attention in backward, which must see the packed layout again.
     cfg, model = _model(1, recompute="selective")
     out["tp1_selective_grads"] = _grad_diffs(cfg, model, batch)
@@ -200,3 +234,15 @@ def test_packed_gradients_equal_padded(results, setting):
         assert any(n.startswith("vision.") for n in grads) and any("output_layer" in n for n in grads)
         bad = {n: v for n, v in grads.items() if v > TOL}
         assert not bad, f"{setting} rank {rank}: gradients differ (relative) {bad}"
+
+
+def test_vit_windows_as_rows_equal_the_block_diagonal_mask(results):
+    """Windows of 2x2 merged units with edge windows of one (grids 6x8, 4x10, 6x6, 4x4), full attention at
+    layer 1: the segmented ViT computes what the masked one does, and no image sees another."""
+    for rank, res in enumerate(results):
+        vit = res["tp1_vit"]
+        assert vit["out"] <= TOL, f"rank {rank}: ViT output differs by {vit['out']:.3g}"
+        assert vit["grads"] and max(vit["grads"].values()) <= TOL, \
+            f"rank {rank}: ViT gradients differ: {max(vit['grads'].items(), key=lambda kv: kv[1])}"
+        others, own = vit["leak"]
+        assert others == 0.0 and own > 1e-3, f"rank {rank}: other images moved {others:.3g}, own {own:.3g}"

@@ -36,23 +36,28 @@ def segments(cu_seqlens: torch.Tensor, total: int, device=None):
     return starts[keep], lengths[keep]
 
 
-def row_layout(cu_seqlens: torch.Tensor, total: int, device=None):
+def row_layout(cu_seqlens: torch.Tensor, total: int, device=None, causal: bool = True):
     """The stream's sequences as padded rows: ``index [L, n]`` (stream position of row j's token i;
     a clamped copy past the row's end), ``valid [n, L]`` and the ``[n, 1, L, L]`` mask (True = masked:
-    a later or a padding key), L the longest sequence."""
+    a padding key, and with ``causal`` a later one), L the longest sequence."""
     starts, lengths = segments(cu_seqlens, total, device)
     pos = torch.arange(int(lengths.max()) if lengths.numel() else 0, device=device)
     valid = pos[None, :] < lengths[:, None]
-    index = (starts[:, None] + pos[None, :]).clamp(max=max(total - 1, 0)).t()
-    mask = (pos[None, :] > pos[:, None])[None, None] | ~valid[:, None, None, :]
+    index = (starts[:, None] + pos[None, :]).clamp(max=max(total - 1, 0)).t().contiguous()
+    mask = ~valid[:, None, None, :]
+    if causal:
+        mask = (pos[None, :] > pos[:, None])[None, None] | mask
+    else:
+        mask = mask.expand(-1, -1, pos.numel(), -1)
     return index, valid, mask
 
 
-@functools.lru_cache(maxsize=8)
-def _cached_row_layout(cu: tuple, total: int, device):
+@functools.lru_cache(maxsize=16)
+def _cached_row_layout(cu: tuple, total: int, device, causal: bool):
     """``row_layout`` once per stream, not once per layer: every layer of a forward (and its backward)
-    sees the same boundaries. The tensors are only read."""
-    return row_layout(torch.tensor(cu, dtype=torch.long), total, device)
+    sees the same boundaries (the ViT alternates two: its windows and its images). The tensors are only
+    read."""
+    return row_layout(torch.tensor(cu, dtype=torch.long), total, device, causal)
 
 
 class PackedDotProductAttention(DotProductAttention):
@@ -89,7 +94,9 @@ class PackedDotProductAttention(DotProductAttention):
         total = query.shape[0]
         # Each sequence attends as a padded row of its own (the padded layout's arithmetic): the score
         # work is sum over rows of L^2-ish, not T^2 for the whole stream, and a row never sees another.
-        index, valid, mask = _cached_row_layout(tuple(cu_q.tolist()), total, query.device)
+        # The LM's layers are causal; the ViT's (an arbitrary-mask layer here) see their whole window or image.
+        causal = self.attn_mask_type == AttnMaskType.causal
+        index, valid, mask = _cached_row_layout(tuple(cu_q.tolist()), total, query.device, causal)
         causal_softmax = self.scale_mask_softmax
         self.scale_mask_softmax = self._masked_softmax
         try:

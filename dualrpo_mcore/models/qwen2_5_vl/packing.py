@@ -58,15 +58,10 @@ class Packing:
         each token to its own entry of the per-token mrope table only when the boundaries end at the
         table's length (``rope_utils._apply_rotary_pos_emb_thd``, "CASE 1", megatron-core 0.16 and 0.19),
         otherwise it restarts every sequence at position 0 and image rows lose their 3D positions."""
-        from megatron.core.packed_seq_params import PackedSeqParams
-
         cu = self.cu_seqlens.to(torch.int32)
         if self.total > self.tokens:
             cu = torch.cat([cu, cu.new_tensor([self.total])])
-        lengths = (cu[1:] - cu[:-1]).tolist()
-        longest = max(lengths) if lengths else 0
-        return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
-                               max_seqlen_kv=longest)
+        return thd_params(cu)
 
     def unpack(self, x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
         """Per-token values ``[1, T, ...]`` or ``[T, ...]`` of the stream -> ``[B, S, ...]`` of the padded
@@ -80,6 +75,24 @@ class Packing:
         out = x.new_full((b * s, *x.shape[1:]), fill)
         out = out.index_copy(0, self.index.to(x.device), x[: self.tokens])
         return out.view(b, s, *x.shape[1:])
+
+
+def thd_params(cu_seqlens: torch.Tensor):
+    """Megatron's :class:`PackedSeqParams` (THD layout, self-attention) for sequences that lie back to back
+    at the boundaries ``cu_seqlens`` (int32, from 0 to the stream's length)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    longest = max(lengths) if lengths else 0
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                           max_seqlen_q=longest, max_seqlen_kv=longest)
+
+
+def segments_params(lengths, device=None):
+    """:func:`thd_params` for consecutive segments of the given lengths (the ViT's windows or images)."""
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(list(lengths), dtype=torch.int32).cumsum(0)
+    return thd_params(cu.to(device) if device is not None else cu)
 
 
 def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_grid_thw: Optional[torch.Tensor],

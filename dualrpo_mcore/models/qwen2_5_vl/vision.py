@@ -3,8 +3,12 @@
 Layers are Megatron ``TransformerLayer``s built from a ModuleSpec (TE or local), so tensor
 parallelism comes from Megatron's column/row-parallel linears. What Megatron does not have is
 assembled here: the 3D patch embedding, the 2D (row, col) rotary embedding, and the window
-attention (windows of merged units, full attention at ``fullatt_block_indexes``), expressed as a
-per-layer block-diagonal mask over the window-permuted patch sequence.
+attention (windows of merged units, full attention at ``fullatt_block_indexes``) over the
+window-permuted patch sequence. On the local spec each window (or image) is one THD sequence of
+``PackedSeqParams``, attended as its own row (``packed_attention``): a dense block-diagonal mask over all
+patches of a micro-batch cost ~20% of the ``small`` CPU step (four 16x16 images: 1024^2 scores per head
+where the windows need 16 x 64^2). Under TE the layers take that block-diagonal mask (arbitrary-mask
+attention); TE's THD path for the ViT has not run on a GPU yet.
 
 Megatron's TransformerBlock is what opens the FP8 autocast region for the LM; these layers run
 outside one, so the ViT and the merger open it themselves (``precision.fp8_context``: a no-op unless
@@ -16,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import functools
-from typing import List, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
@@ -138,17 +142,24 @@ class VisionModel(MegatronModule):
             build_module(spec, config=vision_config, layer_number=i + 1) for i in range(cfg.vision_depth))
         self.merger = PatchMerger(cfg, merger_config, vision_config, backend)
         self.full_attention = set(cfg.fullatt_block_indexes)
+        self.segmented = backend == "local" and vision_config.context_parallel_size == 1
 
-    def _plan(self, grid_thw: torch.Tensor, device, pad: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Window order of merged units and the two attention masks over the permuted sequence
-        (``pad`` trailing padding patches form a segment of their own in both)."""
+    def _plan(self, grid_thw: torch.Tensor, device, pad: int = 0) -> Tuple[torch.Tensor, dict, dict]:
+        """Window order of merged units and the layer arguments of the full and the window layers over
+        the permuted sequence: THD segments (local spec) or block-diagonal masks (``pad`` trailing padding
+        patches form a segment of their own in both)."""
         c = self.cfg
         order, win_lengths = geometry.window_permutation(grid_thw.cpu(), c.spatial_merge_size, c.window_size,
                                                           c.patch_size)
         tail = [pad] if pad else []
-        full = geometry.block_diagonal_mask(geometry.segment_lengths(grid_thw.cpu()) + tail, device)
-        window = geometry.block_diagonal_mask(win_lengths + tail, device)
-        return order.to(device), full, window
+        full, window = geometry.segment_lengths(grid_thw.cpu()) + tail, win_lengths + tail
+        if self.segmented:
+            from .packing import segments_params
+
+            return (order.to(device), dict(attention_mask=None, packed_seq_params=segments_params(full, device)),
+                    dict(attention_mask=None, packed_seq_params=segments_params(window, device)))
+        return (order.to(device), dict(attention_mask=geometry.block_diagonal_mask(full, device)),
+                dict(attention_mask=geometry.block_diagonal_mask(window, device)))
 
     def _permute(self, x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
         unit = self.cfg.spatial_merge_size ** 2
@@ -159,18 +170,13 @@ class VisionModel(MegatronModule):
         x = self.patch_embed(pixel_values)
         n = x.shape[0]
         pad = -n % self.patch_multiple
-        order, full_mask, window_mask = self._plan(grid_thw, x.device, pad)
+        order, full_args, window_args = self._plan(grid_thw, x.device, pad)
         rc = geometry.vision_patch_positions(grid_thw.cpu(), self.cfg.spatial_merge_size).to(x.device)
         x = F.pad(self._permute(x, order), (0, 0, 0, pad))[:, None, :]  # [N + pad, 1, H]: Megatron's [s, b, h]
         rotary = F.pad(self._permute(self.rotary(rc), order), (0, 0, 0, 0, 0, 0, 0, pad))  # angle 0 on padding
         with fp8_context(self.config):
             for i, layer in enumerate(self.layers):
-                mask = full_mask if i in self.full_attention else window_mask
-                x, _ = layer(hidden_states=x, attention_mask=mask, rotary_pos_emb=rotary)
+                x, _ = layer(hidden_states=x, rotary_pos_emb=rotary,
+                             **(full_args if i in self.full_attention else window_args))
         merged = self.merger(x[:, 0])[: n // self.cfg.spatial_merge_size ** 2]
         return merged[torch.argsort(order)]
-
-
-def split_per_image(embeds: torch.Tensor, grid_thw: torch.Tensor, merge: int) -> List[torch.Tensor]:
-    sizes = (grid_thw.prod(-1) // merge ** 2).tolist()
-    return list(torch.split(embeds, sizes))
