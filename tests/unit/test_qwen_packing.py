@@ -1,5 +1,5 @@
 """The packed layout's bookkeeping (``models.qwen2_5_vl.packing``, ``geometry.packed_rope_index``,
-``packed_attention.row_layout``) against the padded batch and brute force, and the one rotary
+``packed_attention.RowLayout``) against the padded batch and brute force, and the one rotary
 behaviour of Megatron-Core the packed forward relies on. The model itself: tests/distributed/test_packed_model.py."""
 from types import SimpleNamespace
 
@@ -79,21 +79,36 @@ def test_packing_checks_and_megatron_params():
     assert params.cu_seqlens_q.dtype == torch.int32 and params.max_seqlen_kv == 8
 
 
-def test_row_layout_puts_each_sequence_in_its_own_causal_row():
-    from dualrpo_mcore.models.qwen2_5_vl.packed_attention import row_layout
+def test_length_buckets_share_a_power_of_two_ceiling():
+    from dualrpo_mcore.models.qwen2_5_vl.packed_attention import length_buckets
+
+    assert length_buckets([3, 4, 1, 3, 9, 16, 17, 2]) == [[2], [7], [0, 1, 3], [4, 5], [6]]
+    assert length_buckets([]) == []
+
+
+def test_row_layout_puts_each_sequence_in_a_row_of_its_bucket():
+    from dualrpo_mcore.models.qwen2_5_vl.packed_attention import RowLayout
 
     cu, total = torch.tensor([0, 3, 3, 7, 8], dtype=torch.int32), 11
-    rows = [(0, 3), (3, 4), (7, 1), (8, 3)]  # row 1 of cu is empty; 8..10 is the trailing padding
-    index, valid, mask = row_layout(cu, total)
-    assert index.shape == (4, 4) and valid.shape == (4, 4) and mask.shape == (4, 1, 4, 4)
-    for j, (start, length) in enumerate(rows):
-        assert valid[j].tolist() == [i < length for i in range(4)]
-        assert index[:length, j].tolist() == list(range(start, start + length))
-        want = [[k > i or k >= length for k in range(4)] for i in range(4)]
-        assert mask[j, 0].tolist() == want
-    # The real tokens, read back row by row, are the stream in order.
-    stream = torch.arange(total)
-    assert stream[index].t()[valid].tolist() == list(range(total))
+    # Row 1 of cu is empty; 8..10 is the trailing padding: sequences (start, length) (0,3) (3,4) (7,1) (8,3).
+    want = [[(7, 1)], [(0, 3), (3, 4), (8, 3)]]  # buckets of ceiling 1 and 4
+    for causal in (True, False):
+        layout = RowLayout(cu, total, causal=causal)
+        assert len(layout.buckets) == 2
+        read = []
+        for (index, valid, mask), rows in zip(layout.buckets, want):
+            width = max(n for _, n in rows)
+            assert index.shape == valid.shape == (len(rows), width)
+            for j, (start, length) in enumerate(rows):
+                assert valid[j].tolist() == [i < length for i in range(width)]
+                assert index[j, :length].tolist() == list(range(start, start + length))
+            if causal or bool(valid.all()):
+                assert mask is None
+            else:
+                assert mask.shape == (len(rows), 1, 1, width) and torch.equal(mask[:, 0, 0], valid)
+            read.append(index[valid])
+        # The buckets' real tokens, put back through the inverse, are the stream in order.
+        assert torch.cat(read)[layout.inverse].tolist() == list(range(total))
 
 
 def test_megatron_thd_rotary_keeps_every_tokens_own_position():

@@ -2,27 +2,39 @@
 
 Megatron's ``DotProductAttention`` refuses ``packed_seq_params`` (only TE's attention reads them). The
 local spec is what CPU runs and tests use, so it must compute exactly what TE computes on a packed
-stream: causal attention within each sequence of ``cu_seqlens`` and none across. Here the stream's
-sequences are gathered into padded rows ``[L, n, heads, head_dim]`` (L the longest sequence) for
-Megatron's masked attention, and the real tokens are gathered back: the padded layout's arithmetic for
-attention (scores ``n x L x L`` per head, not ``T x T``: a dense stream-wide mask made packed slower than
-padded on the CPU, benchmarks/results/train_packing_cpu.md), while every other layer runs on the
-``T`` real tokens only. Rows are separate batch entries, so one row's tokens can never change
-another's output by a single bit.
+stream: attention within each sequence of ``cu_seqlens`` (causal in the LM, whole-window in the ViT)
+and none across. Here the stream's sequences are grouped by length into buckets (lengths with the same
+power-of-two ceiling), each bucket's sequences gathered into padded rows ``[n_b, heads, L_b, head_dim]``
+(L_b its longest) for ``torch.nn.functional.scaled_dot_product_attention``, and the real tokens gathered
+back in stream order. The score work is ``sum_b n_b L_b^2`` (under twice the per-row ``sum L_i^2``
+per bucket), not ``T^2`` for the stream (a dense stream-wide mask made packed 2.4x slower than padded)
+nor ``n L_max^2`` (one padded row each, as before: packed only tied padded on the demo's lengths,
+benchmarks/results/train_packing_cpu.md). Rows are separate batch entries, so one row's tokens can never
+change another's output by a single bit.
+
+SDPA computes what Megatron's masked softmax does when attention dropout is off, the softmax is the
+vanilla one and no query-key layer scaling or sliding window is configured (the Qwen2.5-VL configs);
+:meth:`PackedDotProductAttention.sdpa_applies` says so, and the padded (non-packed) layout takes the
+same kernel then, so packed and padded compare like with like. Otherwise the padded layout is Megatron's
+own path, and a packed stream is refused.
 
 Rotary embeddings are applied before this module sees the tensors (``SelfAttention``), see
 :meth:`.packing.Packing.seq_params` for why they stay per token.
 """
 from __future__ import annotations
 
-import copy
 import functools
-from typing import Optional
+from typing import List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
+
+# Megatron's attention_mask_func fills masked scores with this; an additive mask of it gives the same
+# softmax for every query with one visible key, and stays finite for a query with none (an empty row).
+_MASKED_SCORE = -10000.0
 
 
 def segments(cu_seqlens: torch.Tensor, total: int, device=None):
@@ -36,50 +48,74 @@ def segments(cu_seqlens: torch.Tensor, total: int, device=None):
     return starts[keep], lengths[keep]
 
 
-def row_layout(cu_seqlens: torch.Tensor, total: int, device=None, causal: bool = True):
-    """The stream's sequences as padded rows: ``index [L, n]`` (stream position of row j's token i;
-    a clamped copy past the row's end), ``valid [n, L]`` and the ``[n, 1, L, L]`` mask (True = masked:
-    a padding key, and with ``causal`` a later one), L the longest sequence."""
-    starts, lengths = segments(cu_seqlens, total, device)
-    pos = torch.arange(int(lengths.max()) if lengths.numel() else 0, device=device)
-    valid = pos[None, :] < lengths[:, None]
-    index = (starts[:, None] + pos[None, :]).clamp(max=max(total - 1, 0)).t().contiguous()
-    mask = ~valid[:, None, None, :]
-    if causal:
-        mask = (pos[None, :] > pos[:, None])[None, None] | mask
-    else:
-        mask = mask.expand(-1, -1, pos.numel(), -1)
-    return index, valid, mask
+def length_buckets(lengths: Sequence[int]) -> List[List[int]]:
+    """Indices of the sequences in each bucket: those whose lengths share a power-of-two ceiling, shortest
+    bucket first. Padding a bucket to its longest costs under 4x its rows' own ``L^2`` score work (under
+    2x of their tokens), at one kernel call per bucket (at most log2 of the longest)."""
+    groups: dict = {}
+    for i, n in enumerate(lengths):
+        groups.setdefault(max(int(n) - 1, 0).bit_length(), []).append(i)
+    return [groups[k] for k in sorted(groups)]
+
+
+class RowLayout:
+    """Where each bucket's padded rows read the stream (``index [n_b, L_b]``, a clamped copy past a row's
+    end), which of their places are real (``valid [n_b, L_b]``), the key mask of rows that have padding
+    (``[n_b, 1, 1, L_b]``, True = attend; None when every row is full, or causal: a real query never sees
+    a later key), and ``inverse``: the stream position -> place among the buckets' real tokens."""
+
+    def __init__(self, cu_seqlens: torch.Tensor, total: int, device=None, causal: bool = True):
+        starts, lengths = segments(cu_seqlens, total, device)
+        self.buckets: List[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = []
+        real = []
+        for rows in length_buckets(lengths.tolist()):
+            sel = torch.tensor(rows, dtype=torch.long, device=device)
+            n, longest = lengths[sel], int(lengths[sel].max())
+            pos = torch.arange(longest, device=device)
+            valid = pos[None, :] < n[:, None]
+            index = (starts[sel, None] + pos[None, :]).clamp(max=max(total - 1, 0))
+            mask = None if causal or bool(valid.all()) else valid[:, None, None, :]
+            self.buckets.append((index, valid, mask))
+            real.append(index[valid])
+        self.inverse = torch.empty(total, dtype=torch.long, device=device)
+        if real:
+            order = torch.cat(real)
+            self.inverse[order] = torch.arange(order.numel(), device=device)
 
 
 @functools.lru_cache(maxsize=16)
-def _cached_row_layout(cu: tuple, total: int, device, causal: bool):
-    """``row_layout`` once per stream, not once per layer: every layer of a forward (and its backward)
-    sees the same boundaries (the ViT alternates two: its windows and its images). The tensors are only
-    read."""
-    return row_layout(torch.tensor(cu, dtype=torch.long), total, device, causal)
+def _cached_layout(cu: tuple, total: int, device, causal: bool) -> RowLayout:
+    """One layout per stream, not one per layer: every layer of a forward (and its backward) sees the same
+    boundaries (the ViT alternates two: its windows and its images). The tensors are only read."""
+    return RowLayout(torch.tensor(cu, dtype=torch.long), total, device, causal)
 
 
 class PackedDotProductAttention(DotProductAttention):
     """``DotProductAttention`` that also takes ``packed_seq_params`` (``qkv_format='thd'``): then
     query/key/value arrive as ``[T, heads, head_dim]`` (``SelfAttention`` squeezes the batch axis in
-    that layout) and the result is ``[T, heads * head_dim]``, as from TE. Without them it is the
-    parent, unchanged."""
+    that layout) and the result is ``[T, heads * head_dim]``, as from TE. The padded layout
+    (``[S, B, heads, head_dim]`` and a boolean mask, True = masked) returns ``[S, B, heads * head_dim]``."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        # A causal layer's softmax may take the fused upper-triangular kernel (fp16/bf16 on a GPU), which
-        # ignores the mask it is given; the packed mask is not triangular, so the packed path uses a copy
-        # whose mask type makes every path read the mask. Kept outside the module tree (plain object
-        # attribute): it has no state, and the layer's parameter and module names stay Megatron's.
-        softmax = copy.copy(self.scale_mask_softmax)
-        softmax.attn_mask_type = AttnMaskType.padding
-        self.__dict__["_masked_softmax"] = softmax
+    def sdpa_applies(self) -> bool:
+        """Whether SDPA computes exactly this layer's attention (see the module docstring)."""
+        c = self.config
+        dropout = self.attention_dropout.p if self.training else 0.0
+        return (dropout == 0.0 and not c.apply_query_key_layer_scaling and self.softmax_offset is None
+                and self.scale_mask_softmax.window_size is None)
+
+    def _heads(self, key, value, dim: int):
+        """Grouped-query attention: each key/value head repeated for its query heads (as Megatron does)."""
+        rep = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+        if rep > 1:
+            key, value = key.repeat_interleave(rep, dim=dim), value.repeat_interleave(rep, dim=dim)
+        return key, value
 
     def forward(self, query, key, value, attention_mask: Optional[torch.Tensor], attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
         if packed_seq_params is None:
-            return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias)
+            if not self.sdpa_applies() or attention_bias is not None:
+                return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias)
+            return self._padded(query, key, value, attention_mask)
         if packed_seq_params.qkv_format != "thd":
             raise ValueError(f"PackedDotProductAttention: qkv_format {packed_seq_params.qkv_format!r}, "
                              f"only 'thd' is packed")
@@ -89,19 +125,29 @@ class PackedDotProductAttention(DotProductAttention):
         if packed_seq_params.cu_seqlens_q_padded is not None or packed_seq_params.cu_seqlens_kv_padded is not None:
             raise NotImplementedError("PackedDotProductAttention: padding between sequences "
                                       "(cu_seqlens_*_padded) is not supported; put padding at the end")
-        if self.scale_mask_softmax.window_size is not None:
-            raise NotImplementedError("PackedDotProductAttention: sliding-window attention is not packed")
-        total = query.shape[0]
-        # Each sequence attends as a padded row of its own (the padded layout's arithmetic): the score
-        # work is sum over rows of L^2-ish, not T^2 for the whole stream, and a row never sees another.
+        if not self.sdpa_applies() or attention_bias is not None:
+            raise NotImplementedError("PackedDotProductAttention: packed attention needs attention dropout 0, the "
+                                      "vanilla softmax, no query-key layer scaling, no sliding window and no bias")
         # The LM's layers are causal; the ViT's (an arbitrary-mask layer here) see their whole window or image.
         causal = self.attn_mask_type == AttnMaskType.causal
-        index, valid, mask = _cached_row_layout(tuple(cu_q.tolist()), total, query.device, causal)
-        causal_softmax = self.scale_mask_softmax
-        self.scale_mask_softmax = self._masked_softmax
-        try:
-            out = super().forward(query[index], key[index], value[index], mask, AttnMaskType.padding,
-                                  attention_bias)
-        finally:
-            self.scale_mask_softmax = causal_softmax
-        return out.transpose(0, 1)[valid]  # [n, L, h*d] -> real tokens in stream order
+        layout = _cached_layout(tuple(cu_q.tolist()), query.shape[0], query.device, causal)
+        key, value = self._heads(key, value, dim=1)
+        outs = []
+        for index, valid, mask in layout.buckets:
+            q, k, v = (x[index].transpose(1, 2) for x in (query, key, value))  # [n_b, heads, L_b, d]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.softmax_scale)
+            outs.append(o.transpose(1, 2)[valid])  # real tokens, bucket order
+        out = torch.cat(outs)[layout.inverse]
+        return out.reshape(out.shape[0], -1)
+
+    def _padded(self, query, key, value, attention_mask):
+        """The padded layout through SDPA: Megatron's mask (True = masked) as an additive one."""
+        key, value = self._heads(key, value, dim=2)
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [S, B, h, d] -> [B, h, S, d]
+        bias = None
+        if attention_mask is not None:
+            bias = torch.zeros(attention_mask.shape, dtype=q.dtype, device=q.device)
+            bias.masked_fill_(attention_mask, _MASKED_SCORE)
+        causal = bias is None and self.attn_mask_type == AttnMaskType.causal
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=causal, scale=self.softmax_scale)
+        return o.permute(2, 0, 1, 3).reshape(o.shape[2], o.shape[0], -1)
