@@ -17,9 +17,9 @@ layer executes: on Transformer Engine (varlen THD kernels) each row's own square
 (``PackedDotProductAttention``, what CPU runs) each sequence as a padded row of its length bucket's
 longest sequence (``sum_b n_b L_b^2``).
 ``padding_fraction`` = 1 - useful / padded: the share of the padded layout's LM FLOPs spent on padding.
-``step_padding_fraction``: the same waste as a share of the padded step's FLOPs (LM body and ViT with
-merger, forward and backward; the output head is left out, as it computes the same response positions
-in both layouts). ``time_saved`` = 1 - packed step time / padded step time, to be read against them:
+``step_padding_fraction``: the same waste as a share of the padded step's model FLOPs (LM body, ViT with
+merger, and the output head at the response positions where both layouts compute it; forward and
+backward alike, so the ratio is the forward's). ``time_saved`` = 1 - packed step time / padded step time, to be read against them:
 the gain matches the padding removed from the step when ``time_saved >= step_padding_fraction``, from the
 LM when ``time_saved >= padding_fraction``.
 """
@@ -71,12 +71,14 @@ def layout_accounting(actor, cfg, batch: Dict[str, Any]) -> Dict[str, Any]:
     # What the same streams would cost with per-row (varlen) attention, whichever this actor runs.
     packed_varlen = linear + per_row
     vision = flops.vision_forward(cfg, batch["image_grid_thw"]).vision if "image_grid_thw" in batch else 0.0
+    vocab = getattr(actor.module, "padded_vocab_size", cfg.vocab_size)
+    head = flops.lm_forward(cfg, [int(batch["response_mask"].sum())], vocab).lm_output
     return dict(real_tokens=sum(real), padded_tokens=sum(padded_rows), packed_tokens=sum(pm.total for pm in streams),
                 microbatches=len(pads),
                 lm_body_forward_flops=dict(useful=useful, padded=padded, packed=packed, packed_varlen=packed_varlen),
-                vision_forward_flops=vision,
+                vision_forward_flops=vision, head_forward_flops=head,
                 packed_attention="varlen (per row)" if varlen else "rows padded within length buckets (local spec)",
-                padding_fraction=1 - useful / padded, step_padding_fraction=(padded - useful) / (padded + vision),
+                padding_fraction=1 - useful / padded, step_padding_fraction=(padded - useful) / (padded + vision + head),
                 packed_excess=packed / useful - 1,
                 flops_speedup_bound=padded / packed, flops_speedup_bound_varlen=padded / packed_varlen)
 
@@ -173,7 +175,7 @@ def print_table(s: Dict[str, Any], lengths: Dict[str, float]) -> None:
         print(f"{r['layout']:<8}{r['layout_tokens']:>8}{r['step_s']:>9.3f}{r['tokens_per_s_per_device']:>11.1f}"
               f"{r['peak_extra_mib']:>10.1f}")
     print(f"padding: {100 * s['padding_fraction']:.1f}% of the padded layout's LM FLOPs, "
-          f"{100 * s['step_padding_fraction']:.1f}% of its step's (LM + ViT); packed executes "
+          f"{100 * s['step_padding_fraction']:.1f}% of its step's (LM, ViT, head); packed executes "
           f"{100 * s['packed_excess']:+.1f}% over the useful LM ones (attention: {s['packed_attention']})")
     print(f"packed/padded: speed-up {s['speedup']:.2f}x (time saved {100 * s['time_saved']:.1f}%, "
           f"LM-FLOPs bound {s['flops_speedup_bound']:.2f}x, {s['flops_speedup_bound_varlen']:.2f}x with per-row "

@@ -22,8 +22,9 @@ same config and dtype on one device, plain PyTorch: forward (SDPA attention), lo
 the same ``algo.policy_loss``, backward, gradient clip, ``torch.optim.AdamW``. The ratio column is
 the baseline's step time per device-token over the actor's (> 1 = the actor is faster).
 
-Notes: the Megatron ViT computes window attention as a masked dense product over all patches of the
-micro-batch, so its executed FLOPs exceed the model FLOPs counted here (MFU counts useful work).
+Notes: under the TE spec the Megatron ViT computes window attention as a masked dense product over all
+patches of the micro-batch, so its executed FLOPs exceed the model FLOPs counted here (MFU counts useful
+work); the local spec attends per window.
 Warm-up iterations are excluded; the median of ``--iters`` is reported. CPU runs use
 ``run_distributed`` (gloo); under ``torchrun`` every rank runs this command and rank 0 reports.
 """

@@ -54,7 +54,7 @@ def test_bench_train_compare_packing_tp2(tmp_path):
     assert pk["real_tokens"] == real == rows["packed"]["layout_tokens"]  # no SP / FP8 multiple on CPU
     assert rows["padded"]["layout_tokens"] == 4 * (8 + 2 + 16 + max(lens))  # one micro-batch, widest row
     assert 0 < pk["padding_fraction"] < 1
-    assert 0 < pk["step_padding_fraction"] < pk["padding_fraction"]  # the ViT's FLOPs carry no padding
+    assert 0 < pk["step_padding_fraction"] < pk["padding_fraction"]  # the ViT and the head carry no padding
     for r in rows.values():
         assert math.isfinite(r["tokens_per_s_per_device"]) and r["tokens_per_s_per_device"] > 0
         assert r["peak_extra_mib"] > 0

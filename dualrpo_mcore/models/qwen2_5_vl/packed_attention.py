@@ -90,6 +90,19 @@ def _cached_layout(cu: tuple, total: int, device, causal: bool) -> RowLayout:
     return RowLayout(torch.tensor(cu, dtype=torch.long), total, device, causal)
 
 
+_last_bias: list = [None, None]  # (mask, its additive form): the layers of a forward share one mask
+
+
+def _additive(mask: torch.Tensor, dtype) -> torch.Tensor:
+    """Megatron's boolean mask (True = masked) as SDPA's additive one, built once per mask tensor (every
+    layer of a forward gets the same one) rather than once per layer."""
+    held, bias = _last_bias
+    if held is not mask or bias.dtype != dtype:
+        bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, _MASKED_SCORE)
+        _last_bias[:] = [mask, bias]
+    return bias
+
+
 class PackedDotProductAttention(DotProductAttention):
     """``DotProductAttention`` that also takes ``packed_seq_params`` (``qkv_format='thd'``): then
     query/key/value arrive as ``[T, heads, head_dim]`` (``SelfAttention`` squeezes the batch axis in
@@ -144,10 +157,7 @@ class PackedDotProductAttention(DotProductAttention):
         """The padded layout through SDPA: Megatron's mask (True = masked) as an additive one."""
         key, value = self._heads(key, value, dim=2)
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [S, B, h, d] -> [B, h, S, d]
-        bias = None
-        if attention_mask is not None:
-            bias = torch.zeros(attention_mask.shape, dtype=q.dtype, device=q.device)
-            bias.masked_fill_(attention_mask, _MASKED_SCORE)
+        bias = None if attention_mask is None else _additive(attention_mask, q.dtype)
         causal = bias is None and self.attn_mask_type == AttnMaskType.causal
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=causal, scale=self.softmax_scale)
         return o.permute(2, 0, 1, 3).reshape(o.shape[2], o.shape[0], -1)
