@@ -1,5 +1,5 @@
 """Shared pieces of the benchmarks: run metadata (machine, torch, commit, date, command line), the
-JSON writer, device peak FLOP/s, and a median timer.
+JSON writer, device peak FLOP/s, the CPU profiler's peak memory, and a median timer.
 
 Every result file carries enough to reproduce and compare it: the exact command, the resolved
 arguments, the commit, the CPU/GPU model and the load at start (CPU numbers on a shared machine
@@ -70,7 +70,8 @@ def public_args(args) -> Dict[str, Any]:
 
 
 def write_json(path: str, bench: str, args, results: Any, **extra: Any) -> Dict[str, Any]:
-    """Write one benchmark document; returns it."""
+    """Write one benchmark document; returns it. ``extra`` entries are added, and replace the
+    default ones of the same name (e.g. a ``machine`` taken before the run, with the load at start)."""
     doc = {"bench": bench, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "commit": commit(),
            "command": command_line(), "machine": machine(), "args": public_args(args), **extra,
            "results": results}
@@ -106,6 +107,17 @@ def measured_matmul_peak(n: int = 1024, seconds: float = 1.0, dtype=torch.float3
     return {"flops": best, "source": f"measured: best {n}x{n} {str(dtype).split('.')[-1]} matmul FLOP/s "
                                       f"in this process, {torch.get_num_threads()} threads",
             "device": "cpu"}
+
+
+def profiler_peak_bytes(prof) -> int:
+    """Peak of the running sum of the allocator events of a ``torch.profiler.profile(profile_memory=True)``
+    run: the most bytes allocated at once beyond what was live when it started."""
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    cur = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        cur += e.nbytes()
+        peak = max(peak, cur)
+    return peak
 
 
 def median_time(fn: Callable[[], Any], iters: int, warmup: int, sync: Callable[[], Any] = lambda: None,

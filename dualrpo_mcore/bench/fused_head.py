@@ -27,6 +27,8 @@ from typing import Any, Dict, List
 
 import torch
 
+from .common import profiler_peak_bytes
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fused-head", action="store_true",
@@ -99,12 +101,7 @@ def _measure_fwd_bwd(method, h, w, y, backend, chunk_bytes):
         grads = _fwd_bwd(method, h, w, y, backend, chunk_bytes)
         secs, cpu = time.perf_counter() - t0, time.process_time() - c0
         del grads
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    cur = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        cur += e.nbytes()
-        peak = max(peak, cur)
-    return secs, cpu, peak
+    return secs, cpu, profiler_peak_bytes(prof)
 
 
 def _time_forward(method, h, w, y, backend, chunk_bytes):

@@ -182,7 +182,9 @@ def run(args) -> int:
 
 def variants(args) -> Dict[str, argparse.Namespace]:
     """The runs to make, by label; with two, the first is the baseline of the ratios."""
-    base = dict(_public(args), extra_set=[])
+    from .common import public_args
+
+    base = dict(public_args(args), extra_set=[])
     if args.engines == "compare":
         return {p: argparse.Namespace(**dict(base, engines=p)) for p in ("rank0", "every-rank")}
     if args.baseline_set:
@@ -197,9 +199,3 @@ def print_ratios(base: Dict[str, Any], other: Dict[str, Any], base_label: str, o
     for p in PHASES + ("total",):
         b, e = base["median_s"][p], other["median_s"][p]
         print(f"{p:<10} {base_label} {b:.3f} s   {other_label} {e:.3f} s   ratio {b / e if e > 0 else float('nan'):.2f}x")
-
-
-def _public(args) -> Dict[str, Any]:
-    from .common import public_args
-
-    return public_args(args)

@@ -21,15 +21,14 @@ GEMM + ``token_stats``, at V = 151936, H = 2048 (``bench/fused_head.py``).
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 
 import torch
+
+from . import common
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -126,12 +125,7 @@ def _peak_extra_cpu(method, z, y, ctx):
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         _fwd_bwd(method, z, y, ctx)
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    cur = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        cur += e.nbytes()
-        peak = max(peak, cur)
-    return peak
+    return common.profiler_peak_bytes(prof)
 
 
 def _time_cuda(fn, repeats):
@@ -239,29 +233,6 @@ def _print_cuda(results):
           "(read+write of the same tensor) measured in this run")
 
 
-def _commit():
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _machine(device):
-    info = {"platform": platform.platform(), "processor": platform.processor(),
-            "cpus": os.cpu_count(), "torch": torch.__version__}
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
-        info["loadavg_at_start"] = os.getloadavg()
-    except OSError:
-        pass
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
 def run(args) -> int:
     import warnings
 
@@ -282,19 +253,11 @@ def run(args) -> int:
     ctx = {"backend": args.backend}
     if "mcore" not in args.skip:
         ctx["ce"], ctx["group"] = _megatron_ce()
-    machine = _machine(args.device)
+    machine = common.machine()  # before the run: the load at start
     results = run_cpu(args, ctx) if args.device == "cpu" else run_cuda(args, ctx)
     (_print_cpu if args.device == "cpu" else _print_cuda)(results)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        doc = {"bench": "token-stats", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-               "commit": _commit(), "machine": machine, "args": {k: v for k, v in vars(args).items()
-                                                                 if not k.startswith("_")},
-               "results": results}
-        from dualrpo_mcore.atomic import atomic_write_json
-
-        atomic_write_json(args.json, doc, indent=2, default=str)
-        print(f"wrote {args.json}")
+        common.write_json(args.json, "token-stats", args, results, machine=machine)
     return 0
 
 
@@ -302,7 +265,7 @@ def _run_fused_head(args) -> int:
     """``--fused-head``: ``bench/fused_head.py``; the JSON carries the ratios and the versions."""
     import numpy
 
-    from . import common, fused_head
+    from . import fused_head
     from dualrpo_mcore.ops import load_extension
 
     results = fused_head.run(args)

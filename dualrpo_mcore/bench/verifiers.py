@@ -22,12 +22,9 @@ a worker until its result is back (pipe transfer included, queueing excluded).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import random
-import subprocess
 import sys
 import time
 import uuid
@@ -197,24 +194,6 @@ def _pooled(samples, workers: int, timeout: float, batch: str) -> dict:
     return row
 
 
-def _machine() -> dict:
-    return {"platform": platform.platform(), "python": platform.python_version(),
-            "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None}
-
-
-def _commit() -> str:
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    try:
-        head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (head + ("-dirty" if dirty else "")) if head else "unknown"
-
-
 def _table(rows: List[dict]) -> str:
     """Each row's ratio is against the in-process serial row of its batch, where there is one."""
     serial = {r["batch"]: r["samples_per_s"] for r in rows if r["runner"].startswith("serial")}
@@ -281,14 +260,8 @@ def run(args: argparse.Namespace) -> int:
           f"adversarial statuses: {adversarial_row['statuses']}; "
           f"code-execution markers found: {len(leaked)}")
     if args.json:
-        out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "commit": _commit(), "machine": _machine(),
-               "config": {"workers": args.workers, "timeout_s": args.timeout, "seed": args.seed,
-                          "num_samples": args.num_samples, "num_adversarial": args.num_adversarial},
-               "results": rows, "worst_case_adversarial_s": worst, "markers_found": leaked,
-               "math_suite": math_summary}
-        from dualrpo_mcore.atomic import atomic_write_json
+        from .common import write_json  # imports torch, which the rest of this bench never needs
 
-        atomic_write_json(args.json, out, indent=2)
-        print(f"wrote {args.json}")
+        write_json(args.json, "verifiers", args, rows, worst_case_adversarial_s=worst, markers_found=leaked,
+                   math_suite=math_summary)
     return 1 if leaked else 0

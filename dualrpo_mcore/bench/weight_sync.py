@@ -19,8 +19,6 @@ largest tensor. Runs as
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
 import sys
 import time
 
@@ -126,20 +124,14 @@ def _print(res, args):
 def run(args) -> int:
     import warnings
 
-    from dualrpo_mcore.bench.token_stats import _commit, _machine
     from dualrpo_mcore.parallel.spawn import run_distributed
+
+    from .common import write_json
 
     warnings.filterwarnings("ignore", category=UserWarning)
     res = run_distributed(_worker, args.tp, args.preset, args.bucket_mb, args.repeats, args.freeze_vision,
                           args.config, timeout=1800)[0]
     _print(res, args)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        doc = {"bench": "weight-sync", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-               "commit": _commit(), "machine": _machine("cpu"),
-               "args": {k: v for k, v in vars(args).items() if not k.startswith("_")}, "results": res}
-        from dualrpo_mcore.atomic import atomic_write_json
-
-        atomic_write_json(args.json, doc, indent=2, default=str)
-        print(f"wrote {args.json}")
+        write_json(args.json, "weight-sync", args, res)
     return 0

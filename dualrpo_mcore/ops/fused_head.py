@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from . import _ext, _fallback
-from .token_stats import IGNORE_INDEX, TokenStats, _all_gather, merge
+from .token_stats import TokenStats, _all_gather, autograd_outputs, check_range, grad_columns, merge, shard_sizes
 
 log = logging.getLogger(__name__)
 
@@ -126,27 +126,18 @@ class _FusedHeadFn(torch.autograd.Function):
         vocab_start, n_real, vocab_size, inv_t, rows, group, backend = args
         partials_op, grad_op = _ops(backend)
         parts = partials_op(hidden, weight, labels, ref_h, ref_w, vocab_start, n_real, vocab_size, inv_t, rows)
-        (lp, h, sc, kl), stats = merge(_all_gather(parts, group), labels, vocab_size)
-        out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        outs, stats = merge(_all_gather(parts, group), labels, vocab_size)
         ctx.save_for_backward(hidden, weight, labels, ref_h, ref_w, stats.to(_fallback.acc_dtype(hidden.dtype)))
         ctx.args = args
         ctx.grad_op = grad_op
         ctx.mark_non_differentiable(labels)
-        kl_out = kl.to(out_dtype) if kl is not None else hidden.new_zeros(0, dtype=out_dtype)
-        return lp.to(out_dtype), h.to(out_dtype), sc.to(out_dtype), kl_out
+        return autograd_outputs(*outs, like=hidden)
 
     @staticmethod
     def backward(ctx, g_lp, g_h, g_sc, g_kl):
         hidden, weight, labels, ref_h, ref_w, stats = ctx.saved_tensors
         vocab_start, n_real, vocab_size, inv_t, rows, group, _ = ctx.args
-        acc, n = stats.dtype, hidden.shape[0]
-
-        def col(g):
-            return torch.zeros(n, dtype=acc, device=hidden.device) if g is None else g.to(acc)
-
-        c = torch.where(labels == IGNORE_INDEX, torch.zeros((), dtype=acc, device=hidden.device), col(g_lp))
-        g_kl = None if ref_h is None or g_kl is None or g_kl.numel() == 0 else g_kl
-        grads = torch.stack([c, col(g_h), col(g_sc), col(g_kl)], dim=1)
+        grads = grad_columns(labels, g_lp, g_h, g_sc, g_kl, ref_h is not None, stats.dtype)
         need_dw = ctx.needs_input_grad[1]  # a frozen weight costs no third GEMM
         dh, dw = ctx.grad_op(hidden, weight, labels, ref_h, ref_w, stats, grads, vocab_start, n_real,
                              vocab_size, inv_t, rows, need_dw)
@@ -176,27 +167,14 @@ def _check(hidden, weight, labels, mask, ref_hidden, ref_weight, temperature, vo
         raise ValueError(f"fused_head: the reference needs hidden [T={hidden.shape[0]}, H_ref] and weight "
                          f"[V_local={weight.shape[0]}, H_ref] in {hidden.dtype}, got {tuple(ref_hidden.shape)} "
                          f"{ref_hidden.dtype} and {tuple(ref_weight.shape)} {ref_weight.dtype}")
-    if not temperature > 0:
-        raise ValueError(f"fused_head: temperature must be > 0, got {temperature}")
-    if vocab_size <= 0 or vocab_start < 0:
-        raise ValueError(f"fused_head: need vocab_size > 0 and vocab_start >= 0, got {vocab_size}, {vocab_start}")
-    if labels.device.type == "cpu" and labels.numel():  # on a GPU this would be a host sync per call
-        bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))
-        if mask is not None:
-            bad &= mask.bool()
-        if bool(bad.any()):
-            row = int(torch.nonzero(bad)[0, 0])
-            raise ValueError(f"fused_head: label {int(labels[row])} at row {row} is outside "
-                             f"[0, vocab_size={vocab_size}) and is not {IGNORE_INDEX}")
+    check_range("fused_head", labels, temperature, vocab_start, vocab_size, mask)
 
 
 def _checked(hidden, weight, labels, mask, ref_hidden, ref_weight, temperature, vocab_start, vocab_size, group):
-    """(vocab_size, int64 labels) after the checks; ``vocab_size`` defaults to the shards' total."""
-    world = 1 if group is None else dist.get_world_size(group)
-    if vocab_size is None:
-        vocab_size = vocab_start + weight.shape[0] if world == 1 else weight.shape[0] * world
+    """(vocab_size, n_real, int64 labels) after the checks (``shard_sizes`` of the weight's rows)."""
+    vocab_size, n_real = shard_sizes(weight.shape[0], vocab_start, vocab_size, group)
     _check(hidden, weight, labels, mask, ref_hidden, ref_weight, temperature, vocab_start, vocab_size)
-    return vocab_size, labels.long()
+    return vocab_size, n_real, labels.long()
 
 
 def fused_head(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
@@ -213,8 +191,8 @@ def fused_head(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
     ``out.kl`` = KL(pi || pi_ref). Differentiable w.r.t. ``hidden`` (summed over ``group``) and
     ``weight``. ``backend``: ``auto`` | ``ext`` | ``torch`` as for ``token_stats``.
     """
-    vocab_size, labels = _checked(hidden, weight, labels, mask, ref_hidden, ref_weight, temperature, vocab_start,
-                                  vocab_size, group)
+    vocab_size, n_real, labels = _checked(hidden, weight, labels, mask, ref_hidden, ref_weight, temperature,
+                                          vocab_start, vocab_size, group)
     rows_total = hidden.shape[0]
     idx = None
     if mask is not None:
@@ -222,7 +200,6 @@ def fused_head(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
         hidden, labels = hidden.index_select(0, idx), labels.index_select(0, idx)
         if ref_hidden is not None:
             ref_hidden = ref_hidden.index_select(0, idx)
-    n_real = max(0, min(weight.shape[0], vocab_size - vocab_start))
     with_ref = ref_hidden is not None
     rows = min(max(1, hidden.shape[0]), chunk_rows(chunk_bytes, max(1, n_real), hidden.dtype, with_ref))
     chosen = _choose(hidden.device, backend, hidden.dtype)

@@ -155,8 +155,8 @@ def fused_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     differentiable w.r.t. ``hidden`` and ``weight``; ``stats`` (detached, ``[T]`` each, 0 outside
     ``mask``) and ``aux`` from the final ``loss_fn`` call."""
     world = 1 if group is None else dist.get_world_size(group)
-    vocab_size, labels = _checked(hidden, weight, labels, mask, None, None, temperature, vocab_start, vocab_size,
-                                  group)
+    vocab_size, n_real, labels = _checked(hidden, weight, labels, mask, None, None, temperature, vocab_start,
+                                          vocab_size, group)
     total = hidden.shape[0]
     out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     full = tuple(torch.zeros(total, dtype=out_dtype, device=hidden.device) for _ in range(3))
@@ -165,7 +165,6 @@ def fused_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     if mask is not None:
         row_of = torch.nonzero(mask.bool(), as_tuple=False)[:, 0]
         h, labels = hidden.index_select(0, row_of), labels.index_select(0, row_of)
-    n_real = max(0, min(weight.shape[0], vocab_size - vocab_start))
     # Every rank must cut the same chunks (one collective each), so the rows come from the vocabulary
     # share all ranks agree on, not from this rank's own (possibly uneven or padded) shard.
     share = -(-vocab_size // world)

@@ -61,14 +61,10 @@ def _missing_reason(device_type: str) -> str:
     return f"no compiled kernel for {device_type}"
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def kernel_paths(device: Optional[torch.device] = None) -> List[KernelPath]:
     """One :class:`KernelPath` per compiled op for ``device`` (default: CUDA when available, else CPU),
     honouring ``DUALRPO_TOKEN_STATS_BACKEND`` as ``token_stats`` does."""
-    device = torch.device(device) if device is not None else default_device()
+    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     dt = device.type
     fastest = COMPILED_NAME.get(dt, "torch")
     forced = (os.environ.get(_ext.BACKEND_ENV) or "auto").lower()

@@ -54,7 +54,7 @@ backward: 3 floats per token (5 with ``ref_logits``) plus references to the inpu
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -100,6 +100,33 @@ def _all_gather(parts: torch.Tensor, group) -> torch.Tensor:
     out = parts.new_empty((world,) + tuple(parts.shape))
     dist.all_gather_into_tensor(out, parts, group=group)
     return out
+
+
+def shard_sizes(n_local: int, vocab_start: int, vocab_size: Optional[int], group) -> Tuple[int, int]:
+    """``(vocab_size, n_real)``: the global number of real tokens (default ``vocab_start + n_local``
+    unsharded, ``n_local * world`` with a group) and how many of the shard's columns are real."""
+    world = 1 if group is None else dist.get_world_size(group)
+    if vocab_size is None:
+        vocab_size = vocab_start + n_local if world == 1 else n_local * world
+    return vocab_size, max(0, min(n_local, vocab_size - vocab_start))
+
+
+def autograd_outputs(lp, h, sc, kl, like: torch.Tensor):
+    """The four outputs of the autograd functions: float32 (float64 for float64 inputs), and an
+    empty ``kl`` without a reference (an autograd function cannot return None among tensors)."""
+    dt = acc_dtype(like.dtype)
+    return lp.to(dt), h.to(dt), sc.to(dt), kl.to(dt) if kl is not None else like.new_zeros(0, dtype=dt)
+
+
+def grad_columns(labels, g_lp, g_h, g_sc, g_kl, has_ref: bool, acc: torch.dtype) -> torch.Tensor:
+    """``[T, 4]`` incoming gradients (logprob, entropy, self-certainty, kl) as the kernels read them:
+    zeros for an output that got none, and no logprob gradient at an ignored label."""
+    def col(g):
+        return torch.zeros(labels.shape[0], dtype=acc, device=labels.device) if g is None else g.to(acc)
+
+    c = torch.where(labels == IGNORE_INDEX, torch.zeros((), dtype=acc, device=labels.device), col(g_lp))
+    g_kl = None if not has_ref or g_kl is None or g_kl.numel() == 0 else g_kl
+    return torch.stack([c, col(g_h), col(g_sc), col(g_kl)], dim=1)
 
 
 def merge(gathered: torch.Tensor, labels: torch.Tensor, vocab_size: int):
@@ -150,27 +177,17 @@ class _TokenStatsFn(torch.autograd.Function):
     def forward(ctx, logits, labels, ref, vocab_start, n_real, vocab_size, inv_t, group, backend):
         partials_op, grad_op = _ext.ops(backend)
         parts = partials_op(logits, labels, ref, vocab_start, n_real, vocab_size, inv_t)
-        (lp, h, sc, kl), stats = merge(_all_gather(parts, group), labels, vocab_size)
-        out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        outs, stats = merge(_all_gather(parts, group), labels, vocab_size)
         ctx.save_for_backward(logits, labels, ref, stats.to(acc_dtype(logits.dtype)))
         ctx.args = (vocab_start, n_real, vocab_size, inv_t, grad_op)
         ctx.mark_non_differentiable(labels)
-        kl_out = kl.to(out_dtype) if kl is not None else logits.new_zeros(0, dtype=out_dtype)
-        return lp.to(out_dtype), h.to(out_dtype), sc.to(out_dtype), kl_out
+        return autograd_outputs(*outs, like=logits)
 
     @staticmethod
     def backward(ctx, g_lp, g_h, g_sc, g_kl):
         logits, labels, ref, stats = ctx.saved_tensors
         vocab_start, n_real, vocab_size, inv_t, grad_op = ctx.args
-        rows = logits.shape[0]
-        acc = stats.dtype
-
-        def col(g):
-            return torch.zeros(rows, dtype=acc, device=logits.device) if g is None else g.to(acc)
-
-        c = torch.where(labels == IGNORE_INDEX, torch.zeros((), dtype=acc, device=logits.device), col(g_lp))
-        g_kl = None if ref is None or g_kl is None or g_kl.numel() == 0 else g_kl
-        grads = torch.stack([c, col(g_h), col(g_sc), col(g_kl)], dim=1)
+        grads = grad_columns(labels, g_lp, g_h, g_sc, g_kl, ref is not None, stats.dtype)
         dz = grad_op(logits, labels, ref, stats, grads, vocab_start, n_real, vocab_size, inv_t)
         return dz, None, None, None, None, None, None, None, None
 
@@ -187,17 +204,23 @@ def _check(logits, labels, ref, vocab_start, vocab_size, temperature):
     if ref is not None and (ref.shape != logits.shape or ref.dtype != logits.dtype):
         raise ValueError(f"token_stats: ref_logits must match logits ({tuple(logits.shape)}, "
                          f"{logits.dtype}), got ({tuple(ref.shape)}, {ref.dtype})")
+    check_range("token_stats", labels, temperature, vocab_start, vocab_size)
+
+
+def check_range(who: str, labels, temperature, vocab_start, vocab_size, mask=None) -> None:
+    """The checks ``token_stats`` and ``fused_head`` share: temperature, vocabulary, label range."""
     if not temperature > 0:
-        raise ValueError(f"token_stats: temperature must be > 0, got {temperature}")
+        raise ValueError(f"{who}: temperature must be > 0, got {temperature}")
     if vocab_size <= 0 or vocab_start < 0:
-        raise ValueError(f"token_stats: need vocab_size > 0 and vocab_start >= 0, got "
-                         f"{vocab_size}, {vocab_start}")
+        raise ValueError(f"{who}: need vocab_size > 0 and vocab_start >= 0, got {vocab_size}, {vocab_start}")
     # Label range check on CPU only: on a GPU it would cost a host sync per call.
     if labels.device.type == "cpu" and labels.numel() and not torch.compiler.is_compiling():
         bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))
+        if mask is not None:  # rows outside the mask are never computed
+            bad &= mask.bool()
         if bool(bad.any()):
             row = int(torch.nonzero(bad)[0, 0])
-            raise ValueError(f"token_stats: label {int(labels[row])} at row {row} is outside "
+            raise ValueError(f"{who}: label {int(labels[row])} at row {row} is outside "
                              f"[0, vocab_size={vocab_size}) and is not {IGNORE_INDEX}")
 
 
@@ -216,12 +239,9 @@ def token_stats(logits: torch.Tensor, labels: torch.Tensor, *, vocab_start: int 
     ``backend``: ``auto`` | ``ext`` | ``torch`` (see ``_ext.choose``). The formulas and their
     derivatives are in this module's docstring.
     """
-    world = 1 if group is None else dist.get_world_size(group)
-    if vocab_size is None:
-        vocab_size = vocab_start + logits.shape[-1] if world == 1 else logits.shape[-1] * world
+    vocab_size, n_real = shard_sizes(logits.shape[-1], vocab_start, vocab_size, group)
     _check(logits, labels, ref_logits, vocab_start, vocab_size, temperature)
     labels = labels.long()
-    n_real = max(0, min(logits.shape[1], vocab_size - vocab_start))
     chosen = _ext.choose(logits.device, backend, logits.dtype)
     if ref_logits is not None:
         ref_logits = ref_logits.detach()

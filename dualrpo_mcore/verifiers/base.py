@@ -79,6 +79,15 @@ def register_verifier(name: str, *, params=(), check: Optional[CheckFn] = None,
     return deco
 
 
+def response_text(response: Any) -> str:
+    """A response as text: bytes decoded as UTF-8 (invalid bytes replaced), None as ""."""
+    if isinstance(response, str):
+        return response
+    if isinstance(response, (bytes, bytearray)):
+        return bytes(response).decode("utf-8", errors="replace")
+    return "" if response is None else str(response)
+
+
 # ---------------------------------------------------------------------------------------------
 # small helpers shared by the verifiers' ``check`` functions
 
@@ -117,4 +126,13 @@ def param_int(params: Mapping[str, Any], key: str, default: int, *, lo: int = 0,
     if isinstance(val, bool) or not isinstance(val, int) or val < lo or (hi is not None and val > hi):
         rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
         raise ValueError(f"params.{key} must be an int in {rng}, got {val!r}")
+    return val
+
+
+def param_pair(params: Mapping[str, Any], key: str, what: str):
+    """An optional ``[a, b]`` of positive numbers (an image size); error names ``params.<key>``."""
+    val = params.get(key)
+    if val is not None and not (isinstance(val, (list, tuple)) and len(val) == 2 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in val)):
+        raise ValueError(f"params.{key} must be {what} > 0, got {val!r}")
     return val

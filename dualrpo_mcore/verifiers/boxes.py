@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 Box = Tuple[float, float, float, float]
 
@@ -50,15 +50,22 @@ def iou(a: Box, b: Box) -> float:
     return inter / union if union > 0 else 0.0
 
 
+def box_and_label(item: Mapping) -> Tuple[Any, Optional[str]]:
+    """``(raw box or None, label or None)`` of a dict such as ``{"bbox_2d": [...], "label": "dog"}``
+    (``bbox``, ``box``, ... and ``category``, ``name``, ... are accepted too)."""
+    box = next((item[k] for k in _BOX_KEYS if k in item), None)
+    label = next((item[k] for k in _LABEL_KEYS if k in item), None)
+    return box, None if label is None else str(label)
+
+
 def _from_json(obj: Any, out: list, limit: int) -> None:
     """Collect ``(box, label)`` from parsed JSON: a box list, a dict with a box key, or lists."""
     if len(out) >= limit:
         return
     if isinstance(obj, dict):
-        box = next((obj[k] for k in _BOX_KEYS if k in obj), None)
-        label = next((obj[k] for k in _LABEL_KEYS if k in obj), None)
+        box, label = box_and_label(obj)
         if box is not None:
-            out.append((box, None if label is None else str(label)))
+            out.append((box, label))
         return
     if isinstance(obj, list):
         if len(obj) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in obj):

@@ -22,17 +22,18 @@ def tail(text: str, n: int = TAIL_CHARS) -> str:
     return text[-n:] if len(text) > n else text
 
 
-def _balanced_from(text: str, open_idx: int) -> Optional[str]:
-    """Content of the brace group opening at ``text[open_idx] == '{'`` or None if unclosed."""
+def closing_brace(text: str, open_idx: int, limit: Optional[int] = None) -> Optional[int]:
+    """Index of the ``}`` closing the group that opens at ``text[open_idx] == '{'`` (nested braces
+    counted), searched within ``limit`` characters; None if unclosed."""
     depth = 0
-    for j in range(open_idx, min(len(text), open_idx + MAX_SPAN_CHARS + 2)):
+    for j in range(open_idx, len(text) if limit is None else min(len(text), open_idx + limit)):
         c = text[j]
         if c == "{":
             depth += 1
         elif c == "}":
             depth -= 1
             if depth == 0:
-                return text[open_idx + 1:j]
+                return j
     return None
 
 
@@ -47,9 +48,9 @@ def last_boxed(text: str) -> Optional[str]:
         while j < len(text) and text[j] == " ":
             j += 1
         if j < len(text) and text[j] == "{":
-            inner = _balanced_from(text, j)
-            if inner is not None:
-                return inner
+            k = closing_brace(text, j, MAX_SPAN_CHARS + 2)
+            if k is not None:
+                return text[j + 1:k]
         elif j < len(text) and text.startswith("\\boxed ", i):
             # ``\boxed 5`` (TeX allows a single-token argument)
             m = re.match(r"[^\s$]+", text[j:j + 64])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
-from dualrpo_mcore.verifiers.base import param_choice
+from dualrpo_mcore.verifiers.base import param_choice, param_pair
 from dualrpo_mcore.verifiers.boxes import Box, valid_box, xywh_to_xyxy
 
 COORDS = ("abs", "norm1000")
@@ -20,13 +20,7 @@ def check_geometry(params: Mapping[str, Any]) -> None:
     coords = param_choice(params, "coords", COORDS, "abs")
     answer_coords = param_choice(params, "answer_coords", COORDS, coords)
     param_choice(params, "box_format", ("xyxy", "xywh"), "xyxy")
-    size = params.get("image_size")
-    if size is not None:
-        ok = (isinstance(size, (list, tuple)) and len(size) == 2 and
-              all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in size))
-        if not ok:
-            raise ValueError(f"params.image_size must be [width, height] > 0, got {size!r}")
-    elif coords != answer_coords:
+    if param_pair(params, "image_size", "[width, height]") is None and coords != answer_coords:
         raise ValueError("params.image_size is required when params.coords != params.answer_coords")
 
 

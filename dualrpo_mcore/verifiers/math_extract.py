@@ -31,6 +31,8 @@ import re
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Tuple
 
+from dualrpo_mcore.verifiers.extract import closing_brace
+
 MAX_TEXT_CHARS = 4096
 MAX_PARTS = 6
 _MAX_BOXES = 32
@@ -77,19 +79,6 @@ class Found:
 # ---------------------------------------------------------------------------------------------
 # boxes
 
-def _closing_brace(text: str, open_idx: int) -> Optional[int]:
-    depth = 0
-    for j in range(open_idx, len(text)):
-        c = text[j]
-        if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return j
-    return None
-
-
 def _box_at(text: str, i: int) -> Optional[Tuple[str, int]]:
     """``(content, end)`` of the box command starting at ``i``, or None when it is not closed."""
     cmd_end = i + (6 if text.startswith("\\boxed", i) else 5)
@@ -97,7 +86,7 @@ def _box_at(text: str, i: int) -> Optional[Tuple[str, int]]:
     while j < len(text) and text[j] == " ":
         j += 1
     if j < len(text) and text[j] == "{":
-        k = _closing_brace(text, j)
+        k = closing_brace(text, j)
         return None if k is None else (text[j + 1:k].strip(), k + 1)
     if j > cmd_end:  # "\boxed 5": TeX takes a single token as the argument
         m = re.match(r"[^\s$]+", text[j:j + 64])

@@ -291,10 +291,3 @@ def _convert(s: str):
 
 def _looks_complex(s: str) -> bool:
     return bool(re.search(r"(?<![A-Za-z\\])i(?![A-Za-z])|\\mathbb\{C\}|\\imath", s))
-
-
-def parse_answer(text: str) -> Optional[object]:
-    try:
-        return to_sympy(text)
-    except Unparsable:
-        return None

@@ -11,7 +11,7 @@ import math
 from typing import Any, Mapping, Tuple
 
 import dualrpo_mcore.verifiers.tasks  # noqa: F401  (registers the built-in verifiers)
-from dualrpo_mcore.verifiers.base import VERIFIERS, Context, Unparsable
+from dualrpo_mcore.verifiers.base import VERIFIERS, Context, Unparsable, response_text
 
 _MAX_COMPONENTS = 16
 _DETAIL_CHARS = 300
@@ -108,14 +108,6 @@ def _run_single(spec: Mapping[str, Any], response: str, ctx: Context) -> Tuple[f
     return _clamp(value), {"status": "ok", "detail": ""}
 
 
-def _coerce_response(response: Any) -> str:
-    if isinstance(response, str):
-        return response
-    if isinstance(response, (bytes, bytearray)):
-        return bytes(response).decode("utf-8", errors="replace")
-    return "" if response is None else str(response)
-
-
 def score_with_info(spec: Any, response: Any, *, progress: float | None = None
                     ) -> Tuple[float, dict]:
     """``(reward in [0, 1], info)``; info has ``status`` (ok | bad_spec | unparsable | error)
@@ -127,7 +119,7 @@ def score_with_info(spec: Any, response: Any, *, progress: float | None = None
     except Exception as e:  # e.g. a spec whose keys do not even compare
         return 0.0, {"status": "bad_spec", "detail": _short(e)}
     try:
-        response = _coerce_response(response)
+        response = response_text(response)
     except Exception as e:
         return 0.0, {"status": "unparsable", "detail": _short(e)}
     prog = _clamp(progress) if progress is not None else None

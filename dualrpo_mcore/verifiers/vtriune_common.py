@@ -18,7 +18,6 @@ from typing import Any, Mapping, Tuple
 DEFAULT_ACCURACY_RATIO = 1.0
 DEFAULT_FORMAT_RATIO = 0.1
 RATIO_PARAMS = ("accuracy_ratio", "format_ratio")
-SOURCE = {"repo": "github.com/MiniMax-AI/One-RL-to-See-Them-All", "commit": "39bcf0d", "licence": "MIT"}
 
 
 class WholeRewardZero(Exception):

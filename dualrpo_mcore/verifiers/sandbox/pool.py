@@ -45,6 +45,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
+from dualrpo_mcore.verifiers.base import response_text
 from dualrpo_mcore.verifiers.sandbox.worker import DEFAULT_WARMUP, EXIT_MEMORY, HEADER, encode_frame, worker_command, worker_env
 
 STATUSES = ("ok", "timeout", "crash", "error", "bad_spec", "unparsable")
@@ -188,13 +189,10 @@ class VerifierPool:
         now = time.monotonic()
         deadline = math.inf if total_timeout_s is None else now + float(total_timeout_s)
         batch = _Batch(len(specs))
-        jobs = []
-        for i, (spec, response) in enumerate(zip(specs, responses)):
-            job = self._make_job(batch, i, spec, response, progress, budget, deadline, now)
-            if job is not None:
-                jobs.append(job)
+        jobs = [self._make_job(batch, i, spec, response, progress, budget, deadline, now)
+                for i, (spec, response) in enumerate(zip(specs, responses))]
         with self._lock:
-            self._queue.extend(jobs)
+            self._queue.extend(job for job in jobs if job is not None)
         self._wake()
         while not batch.done.wait(0.5):
             if not self._thread.is_alive():  # a dispatcher bug must not hang the trainer
@@ -255,10 +253,7 @@ class VerifierPool:
     def _make_job(self, batch, index, spec, response, progress, budget, deadline, now):
         """Encode one request; samples that can not be sent are finished here and now."""
         info: dict = {}
-        if isinstance(response, (bytes, bytearray)):
-            response = bytes(response).decode("utf-8", errors="replace")
-        elif not isinstance(response, str):
-            response = "" if response is None else str(response)
+        response = response_text(response)
         if len(response) > self.max_response_chars:
             info["truncated"] = len(response)
             response = response[-self.max_response_chars:]
@@ -490,7 +485,9 @@ class VerifierPool:
             if worker.served >= self.max_samples_per_worker:
                 with self._lock:
                     self._stats["recycled"] += 1
-                self._retire(worker)
+                # An idle worker holds no state worth a graceful exit, and waiting for one would
+                # stall the deadlines of the busy ones.
+                self._kill(worker)
         else:
             self._worker_died(worker, "crash", f"protocol violation: unexpected {kind!r} message")
 
@@ -538,30 +535,20 @@ class VerifierPool:
 
     def _kill(self, worker: _Worker) -> None:
         worker.state, worker.job = "dead", None
-        for f in (worker.proc.stdin, worker.proc.stdout, worker.proc.stderr):
-            try:
-                self._sel.unregister(f.fileno())
-            except (KeyError, ValueError):
-                pass
         if worker.proc.poll() is None:
             try:  # the whole session: a grandchild must not outlive its worker
                 os.killpg(worker.proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-        self._reap(worker)
-
-    def _retire(self, worker: _Worker) -> None:
-        # An idle worker holds no state worth a graceful exit, and waiting for one would stall
-        # the deadlines of the busy ones.
-        self._kill(worker)
-
-    @staticmethod
-    def _reap(worker: _Worker) -> None:
-        try:
+        try:  # reap it, release its pipes, remove its temp dir
             worker.proc.wait(timeout=5.0)
         except subprocess.TimeoutExpired:  # pragma: no cover -- a process stuck in the kernel
             pass
         for f in (worker.proc.stdin, worker.proc.stdout, worker.proc.stderr):
+            try:
+                self._sel.unregister(f.fileno())
+            except (KeyError, ValueError):  # not registered, or already closed
+                pass
             try:
                 f.close()
             except OSError:
@@ -572,26 +559,24 @@ class VerifierPool:
             pass
         shutil.rmtree(worker.tmpdir, ignore_errors=True)
 
-    def _fail_queue(self, why: str) -> None:
+    def _fail_queue(self, why: str, in_flight: Sequence[_Job] = ()) -> None:
+        """Fail the jobs ``in_flight`` and every queued one with ``why`` (the pool is unusable)."""
         with self._lock:
-            jobs, self._queue = list(self._queue), collections.deque()
+            jobs, self._queue = [*in_flight, *self._queue], collections.deque()
         for job in jobs:
             job.batch.error = why
             self._finish(job.batch, job.index, VerifyResult(0.0, "error", 0.0, {"error": why}))
 
     def _shutdown(self) -> None:
-        why = self._broken or "VerifierPool closed while scoring"
+        in_flight = [w.job for w in self._workers if w.job is not None]
         for worker in self._workers:
-            job, worker.job = worker.job, None
-            if job is not None:
-                job.batch.error = why
-                self._finish(job.batch, job.index, VerifyResult(0.0, "error", 0.0, {"error": why}))
+            worker.job = None
             if worker.state != "dead":
                 try:
                     worker.proc.stdin.close()  # EOF: an idle worker exits by itself
                 except OSError:
                     pass
-        self._fail_queue(why)
+        self._fail_queue(self._broken or "VerifierPool closed while scoring", in_flight)
         end = time.monotonic() + 1.0
         for worker in self._workers:
             if worker.state != "dead":

@@ -155,10 +155,6 @@ def _plain(obj):
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
-def _send(out, obj: dict) -> None:
-    out.write(encode_frame(obj))
-
-
 def worker_command(scorer: str, max_memory_mb: int, parent_pid: int, warmup_json: str,
                    imports=()) -> list:
     """argv of a worker: no user site-packages, no bytecode writes."""
@@ -280,10 +276,10 @@ def main(argv: list[str] | None = None) -> int:
         scorer = _load_scorer(args.scorer)
         _warm(scorer, args.warmup)
     except BaseException as exc:  # noqa: BLE001 -- report any startup failure, then exit
-        _send(proto_out, {"type": "fatal", "error": f"{type(exc).__name__}: {_short(exc)}"})
+        proto_out.write(encode_frame({"type": "fatal", "error": f"{type(exc).__name__}: {_short(exc)}"}))
         return 2
     sys.addaudithook(_audit_hook)
-    _send(proto_out, {"type": "ready", "pid": os.getpid()})
+    proto_out.write(encode_frame({"type": "ready", "pid": os.getpid()}))
     while True:
         try:
             request = _read_frame(proto_in)
@@ -296,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         except MemoryError:
             # The heap may be in any state now; a fresh process is cheaper than doubt.
             os._exit(EXIT_MEMORY)
-        _send(proto_out, reply)
+        proto_out.write(encode_frame(reply))
 
 
 if __name__ == "__main__":

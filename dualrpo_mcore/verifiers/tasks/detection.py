@@ -30,9 +30,7 @@ from typing import Any, List, Mapping, Optional, Sequence, Tuple
 from dualrpo_mcore.verifiers.base import (
     Context, Unparsable, param_bool, param_choice, param_int, param_number, register_verifier,
 )
-from dualrpo_mcore.verifiers.boxes import (
-    _BOX_KEYS, _LABEL_KEYS, MAX_BOXES, iou, max_weight_matching, parse_boxes,
-)
+from dualrpo_mcore.verifiers.boxes import MAX_BOXES, box_and_label, iou, max_weight_matching, parse_boxes
 from dualrpo_mcore.verifiers.extract import FALLBACKS, answer_span
 from dualrpo_mcore.verifiers.geometry_params import GEOMETRY_PARAMS, check_geometry, to_abs
 
@@ -52,15 +50,7 @@ def threshold_at(progress: Optional[float], schedule: Sequence[Sequence[float]] 
 
 
 def _gold_items(answer: Any) -> List[Tuple[Any, Optional[str]]]:
-    items = []
-    for item in answer:
-        if isinstance(item, Mapping):
-            box = next((item[k] for k in _BOX_KEYS if k in item), None)
-            label = next((item[k] for k in _LABEL_KEYS if k in item), None)
-            items.append((box, None if label is None else str(label)))
-        else:
-            items.append((item, None))
-    return items
+    return [box_and_label(item) if isinstance(item, Mapping) else (item, None) for item in answer]
 
 
 def _check(answer: Any, params: Mapping[str, Any]) -> None:

@@ -16,14 +16,14 @@ from typing import Any, Mapping
 from dualrpo_mcore.verifiers.base import (
     Context, Unparsable, param_choice, param_number, register_verifier,
 )
-from dualrpo_mcore.verifiers.boxes import _BOX_KEYS, iou, parse_boxes
+from dualrpo_mcore.verifiers.boxes import box_and_label, iou, parse_boxes
 from dualrpo_mcore.verifiers.extract import FALLBACKS, answer_span
 from dualrpo_mcore.verifiers.geometry_params import GEOMETRY_PARAMS, check_geometry, to_abs
 
 
 def _raw_answer(answer: Any):
     if isinstance(answer, Mapping):
-        return next((answer[k] for k in _BOX_KEYS if k in answer), None)
+        return box_and_label(answer)[0]
     if isinstance(answer, (list, tuple)) and len(answer) == 1 and isinstance(answer[0], (list, tuple, Mapping)):
         return _raw_answer(answer[0])
     return answer

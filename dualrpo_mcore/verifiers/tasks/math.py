@@ -105,7 +105,8 @@ def _numbers_equal(a, b, rel_tol: float) -> Optional[bool]:
     return False
 
 
-def _math_verify_equal(gold, pred) -> bool:
+def math_verify_equal(gold, pred) -> bool:
+    """math-verify's comparison of two sympy objects (also ``vtriune_math``'s)."""
     from math_verify.grader import verify as mv_verify
 
     # timeout_seconds=None: no SIGALRM (breaks off the main thread); the pool bounds our time
@@ -118,7 +119,7 @@ def same_object(gold, pred, rel_tol: float = 1e-6) -> bool:
     same = _numbers_equal(gold, pred, rel_tol)
     if same is not None:
         return same
-    return _math_verify_equal(gold, pred)
+    return math_verify_equal(gold, pred)
 
 
 # ---------------------------------------------------------------------------------------------

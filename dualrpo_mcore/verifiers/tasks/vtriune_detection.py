@@ -42,7 +42,8 @@ import json
 import math
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from dualrpo_mcore.verifiers.base import Context, param_bool, register_verifier
+from dualrpo_mcore.verifiers.base import Context, param_bool, param_pair, register_verifier
+from dualrpo_mcore.verifiers.tasks.detection import VTRIUNE_SCHEDULE, threshold_at
 from dualrpo_mcore.verifiers.vtriune_common import (
     RATIO_PARAMS, WholeRewardZero, answer_block, combine, ratios,
 )
@@ -51,7 +52,6 @@ from dualrpo_mcore.verifiers.vtriune_common import (
 from dualrpo_mcore.verifiers.vtriune_map import coco_map
 
 IOU_THRESHOLDS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.99)
-DYNAMIC = ((0.1, 0.85), (0.25, 0.95), (math.inf, 0.99))
 SIZE_PENALTY = 0.6
 RATIO_KEYS = ("iou_max_label_first", "iou_max_iou_first", "iou_completeness", "map", "map50", "map75")
 TERM_KEYS = ("iou_max_iou_first", "iou_max_label_first", "map", "map50", "map75")
@@ -197,8 +197,7 @@ def threshold(params: Mapping[str, Any], progress: Optional[float]):
     """The IoU threshold in force, or ``"average"``."""
     mode = params.get("iou_threshold", "dynamic")
     if mode == "dynamic":
-        ratio = 0.0 if progress is None else progress
-        return next(t for upto, t in DYNAMIC if ratio <= upto)
+        return threshold_at(progress, VTRIUNE_SCHEDULE)
     return mode if mode == "average" else float(mode)
 
 
@@ -216,10 +215,7 @@ def _check(answer: Any, params: Mapping[str, Any]) -> None:
             raise ValueError(f"params.det_reward_ratio.{key} must be a finite number, got {v!r}")
     if params.get("det_verifier_normalized") is not None:
         param_bool(params, "det_verifier_normalized", False)
-    hw = params.get("image_hw")
-    if hw is not None and not (isinstance(hw, (list, tuple)) and len(hw) == 2 and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in hw)):
-        raise ValueError(f"params.image_hw must be [height, width] > 0, got {hw!r}")
+    param_pair(params, "image_hw", "[height, width]")
     mode = params.get("iou_threshold", "dynamic")
     if mode not in ("dynamic", "average") and mode not in IOU_THRESHOLDS:
         raise ValueError(f"params.iou_threshold must be 'dynamic', 'average' or one of {list(IOU_THRESHOLDS)}")

@@ -32,15 +32,14 @@ from __future__ import annotations
 
 import functools
 import itertools
-import logging
 import re
 from dataclasses import replace
 from typing import Any, List, Mapping, Optional, Tuple
 
 from dualrpo_mcore.verifiers.base import Context, Unparsable, register_verifier
+from dualrpo_mcore.verifiers.tasks.math import MAX_GOLD_CHARS, math_verify_equal
 from dualrpo_mcore.verifiers.vtriune_common import RATIO_PARAMS, combine, ratios
 
-MAX_GOLD_CHARS = 20_000
 _TAGS = ("<think>\n", "\n</think>\n", "\n<answer>\n", "\n</answer>")
 _INT = re.compile(r"[-+]?\d+")
 _DECIMAL = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)")
@@ -227,11 +226,7 @@ def _equal(gold: Any, pred: Any) -> bool:
     if isinstance(gold, str) and isinstance(pred, str):
         return bool(gold.strip()) and gold.strip() == pred.strip()
     if isinstance(gold, (Basic, MatrixBase)) and isinstance(pred, (Basic, MatrixBase)):
-        from math_verify.grader import verify as mv_verify
-
-        logging.getLogger("math_verify.grader").setLevel(logging.ERROR)
-        # timeout_seconds=None: no SIGALRM (breaks off the main thread); the pool bounds our time
-        return bool(mv_verify(gold, pred, timeout_seconds=None, raise_on_error=False))
+        return math_verify_equal(gold, pred)
     return False
 
 
