@@ -28,25 +28,32 @@ to, the parameter storage.
 
 **Activations** (what autograd saves in one forward, per micro-batch in flight; counted per token,
 TP-local, no sequence parallelism as in ``config._common``). Local spec (the CPU path, measured by
-``tests/distributed/test_plan_measured.py``), per LM layer:
-each RMSNorm + following linear saves the norm input and x*rstd (for the weight grad) in fp32 (torch's
-RMSNorm upcasts), the linear input and rstd; unfused rotary (``apply_rope_fusion=False``) saves cos/sin per q and k (4*head_dim);
-the core attention saves q, k and v as its matmuls see them (with GQA, k and v repeated to all
-heads), the fp32 softmax output [heads, s, s] (plus its 16-bit cast when params are 16-bit) and the
-context; the gated MLP saves fc1's output (2*ffn) and three ffn-wide tensors (the gate's activation
-input and output, and fc2's input). 'selective' recompute re-runs the core attention: the score matrix and the
-repeated k/v go, the fused qkv storage (v is a view of it) and rotated q/k stay. 'full' recompute
-keeps each layer's input (h) plus one shared rotary table; in backward one layer is re-run at a time
-(its activations are a transient on top, reported separately). Transformer Engine spec (GPU): a
-LayerNormLinear saves input, normalised output and rstd (2h+1), attention is fused (no s^2 scores:
-q, k, v at their own widths, output and an fp32 log-sum-exp per head), the MLP keeps fc1's output and
-fc2's input. The ViT (local, and TE with its ``arbitrary`` block-diagonal mask, which TE runs
-unfused) attends over all patches of a micro-batch with a [heads, N, N] score matrix, masked per
-window; it is never recomputed, and saves nothing when it is frozen, but its forward still builds one
-layer's scores at a time. The 'transient working set' is the larger of that forward transient and the
-backward one (the re-run layer under recompute plus the logits' gradient). The causal padding mask is
-[rows, 1, s, s] bool. The 1F1B pipeline schedule holds min(PP - stage, micro-batches) micro-batches
-on a stage.
+``tests/distributed/test_plan_measured.py``), per LM layer: each RMSNorm + following linear saves the
+norm input and x*rstd (for the weight grad) in fp32 (torch's RMSNorm upcasts), the linear input and
+rstd; unfused rotary (``apply_rope_fusion=False``) saves cos/sin per q and k (4*head_dim); the core
+attention (``PackedDotProductAttention``: SDPA, whose CPU flash kernel keeps no [heads, s, s] score
+matrix) saves q, k, v as the kernel sees them (the rotated q; with GQA k and v repeated to all heads,
+new tensors, else the rotated k and v, a view of the fused qkv output), its output (linear_proj's
+input is a view of it) and an fp32 log-sum-exp per head; the gated MLP saves fc1's output (2*ffn) and
+three ffn-wide tensors (the gate's activation input and output, and fc2's input). The causal padding
+mask is saved once per stage as SDPA's additive float mask [rows, 1, s, s] in the activation dtype
+(built once per forward, shared by the layers). 'selective' recompute re-runs the core attention: the
+checkpoint keeps its inputs (the fused qkv storage, v is a view of it, and rotated q/k), its output and
+the bool mask; the re-run's repeated k/v, output and log-sum-exp are a backward transient. 'full'
+recompute keeps each layer's input (h), one shared rotary table and the bool mask; in backward one
+layer is re-run at a time (its activations are a transient on top, reported separately). Transformer
+Engine spec (GPU): a LayerNormLinear saves input, normalised output and rstd (2h+1), attention is fused
+(q, k, v at their own widths, output and an fp32 log-sum-exp per head), the MLP keeps fc1's output and
+fc2's input, the causal mask is [rows, 1, s, s] bool. The ViT is never recomputed and saves nothing
+when frozen. On the local spec each window (window layers) or image (full-attention layers) is one
+sequence of the packed path below (its two RowLayouts, windows and images, are shared by the layers),
+sized as if the windows filled their length buckets (exact when an image's grid is a multiple of the
+window; edge windows otherwise pad to their bucket's longest); its forward builds no score matrix. The
+TE spec's ViT attends over all patches of a micro-batch under a block-diagonal ``arbitrary`` mask,
+which TE runs unfused: [heads, N, N] fp32 softmax saved (plus its 16-bit cast), and one layer's scores
+alive during its forward even when frozen. The 'transient working set' is the larger of that forward
+transient and the backward one (the re-run layer or core under recompute plus the logits' gradient).
+The 1F1B pipeline schedule holds min(PP - stage, micro-batches) micro-batches on a stage.
 
 **Log-prob buffers** (last stage): GPTModel returns the logits [rows, s, V/TP] made contiguous (held by
 the schedule until backward) and ``Actor._stats`` slices off the last column, which copies when rows >
@@ -59,11 +66,14 @@ the weight gradient is summed in when there are several chunks ([V/TP, H]).
 
 **Packed micro-batches** (``MicroBatch.packed``, ``actor.model.packing``): the rows run as one stream of
 their T real tokens instead of ``rows x seq_len`` positions, so every per-token term above counts T. The
-local spec's attention (``PackedDotProductAttention``) gathers each sequence into a padded row of the
-longest one's length, so its scores (``rows x seq_len^2`` per head, as padded), its gathered q, k, v and
-each layer's own [rows, 1, seq_len, seq_len] bool mask (unless recomputed) are the padded layout's;
-TE's THD attention has none of them. The shifted logits (or hidden rows) of
-the one-row stream are a view, not a copy. The ViT is unchanged (the images are the padded batch's).
+local spec's attention groups the sequences into length buckets (same power-of-two ceiling) and gathers
+each bucket into padded rows of its longest: q, k, v (k, v after the GQA repeat), the output and the
+log-sum-exp are saved at those padded positions (``MicroBatch.attended``, for the plan's micro-batch of
+one ``seq_len`` row and equal shorter ones), and the real tokens' output gathered back into stream
+order at T; no mask, but the stream's ``RowLayout`` (int64 index and bool validity per padded position,
+int64 inverse per token), once per stage. TE's THD attention takes ``cu_seqlens`` and has none of these.
+The shifted logits (or hidden rows) of the one-row stream are a view, not a copy. The ViT is unchanged
+(the images are the padded batch's).
 
 **Reference model**: with ``actor.kl.beta0 > 0`` a full copy of the stage's params; on the GPU during
 the update unless ``offload_reference`` (then only during its own forward, when no activations are
@@ -157,11 +167,16 @@ class MicroBatch:
         return self.rows * self.seq_len
 
     @property
-    def score_elems(self) -> int:
-        """Query-key pairs of an unfused attention's score matrices per head: ``rows x seq_len^2`` in both
-        layouts (packed, the local spec's ``PackedDotProductAttention`` runs each sequence as a padded row
-        of the longest one's length)."""
-        return self.rows * self.seq_len * self.seq_len
+    def attended(self) -> int:
+        """Positions the local spec's attention runs: ``rows x seq_len`` padded; packed, its length buckets'
+        padded rows (``packed_attention.length_buckets``) for one ``seq_len`` row and the rest split evenly."""
+        if not self.packed or self.real_tokens is None:
+            return self.rows * self.seq_len
+        from dualrpo_mcore.models.qwen2_5_vl.packed_attention import length_buckets
+
+        rest, short = divmod(self.real_tokens - self.seq_len, max(1, self.rows - 1))
+        lengths = [self.seq_len] + [rest + (i < short) for i in range(self.rows - 1) if rest + (i < short)]
+        return sum(len(b) * max(lengths[i] for i in b) for b in length_buckets(lengths))
 
 
 @dataclass(frozen=True)
@@ -285,6 +300,10 @@ class _Attn:
     def qkv(self) -> int:
         return self.q + 2 * self.kv
 
+    @property
+    def kv_saved(self) -> int:  # k and v as the core saves them: GQA repeats them to every head (new tensors)
+        return 2 * self.q if self.heads > self.kv_heads else self.kv + self.qkv
+
 
 def _norm_linear(hidden: int, backend: str, dbytes: int) -> int:
     """Bytes per token an RMSNorm and the linear after it save. torch's RMSNorm (local spec) computes
@@ -295,26 +314,32 @@ def _norm_linear(hidden: int, backend: str, dbytes: int) -> int:
     return 2 * hidden * dbytes + 4
 
 
-def _block_per_token(a: _Attn, backend: str, recompute: str, dbytes: int) -> tuple:
-    """(bytes per token without the score matrix, score-matrix bytes per token per unit of sequence
-    length) that one block saves. See the module docstring for where each term comes from."""
-    norm = _norm_linear(a.hidden, backend, dbytes)
-    rope = 4 * a.head_dim * dbytes  # cos/sin for q and for k, in the activation dtype
-    mlp = norm + (5 if backend == "local" else 3) * (a.ffn // a.tp) * dbytes
+def _sdpa_core(a: _Attn, d: int, tokens: int, attended: Optional[int]) -> int:
+    """Bytes the local spec's SDPA core saves over ``tokens`` tokens: q, k, v, output, fp32 log-sum-exp per
+    head; packed (``attended`` padded positions), gathered there plus the output back in stream order."""
+    lse = 4 * (a.heads // a.tp)
+    if attended is None:
+        return tokens * ((a.q + a.kv_saved + a.q) * d + lse)
+    return attended * (4 * a.q * d + lse) + tokens * a.q * d
+
+
+def _block_bytes(a: _Attn, backend: str, recompute: str, d: int, tokens: int, attended: Optional[int] = None,
+                 scores: int = 0) -> int:
+    """Bytes one block saves over ``tokens`` tokens (module docstring). ``attended``: see ``_sdpa_core``;
+    ``scores`` > 0: an unfused attention with that many query-key pairs per head (the TE spec's ViT)."""
+    norm = _norm_linear(a.hidden, backend, d)
+    rope = 4 * a.head_dim * d  # cos/sin for q and for k, in the activation dtype
+    rest = 2 * norm + rope + (5 if backend == "local" else 3) * (a.ffn // a.tp) * d  # norms, rotary, MLP
     if backend == "te":
         # fused attention: rotated q and k, v (a view of the qkv output), output; fp32 log-sum-exp per head
-        attn = norm + rope + (a.q + a.kv + a.qkv + a.q) * dbytes + 4 * (a.heads // a.tp)
-        return attn + mlp, 0
+        return tokens * (rest + (a.q + a.kv + a.qkv + a.q) * d + 4 * (a.heads // a.tp))
     if recompute == "selective":
         # the checkpointed core keeps its inputs (rotated q, k; v as a view of qkv) and returns the context
-        attn = norm + rope + (a.q + a.kv + a.qkv + a.q) * dbytes
-        return attn + mlp, 0
-    grouped = a.heads > a.kv_heads
-    kv_saved = 2 * a.q if grouped else a.kv + a.qkv  # GQA repeats k and v to every head (new tensors)
-    attn = norm + rope + (a.q + kv_saved + a.q) * dbytes
-    # fp32 softmax output [heads, s, s] (attention_softmax_in_fp32), plus its cast for the bmm in 16 bit
-    scores = (a.heads // a.tp) * (4 + (dbytes if dbytes != 4 else 0))
-    return attn + mlp, scores
+        return tokens * (rest + (a.q + a.kv + a.qkv + a.q) * d)
+    if scores:
+        # unfused: q, k, v (GQA repeated), context, fp32 softmax [heads, s, s] plus its cast in 16 bit
+        return tokens * (rest + (a.q + a.kv_saved + a.q) * d) + scores * (a.heads // a.tp) * (4 + d * (d < 4))
+    return tokens * rest + _sdpa_core(a, d, tokens, attended)
 
 
 def lm_block(cfg, tp: int) -> _Attn:
@@ -326,15 +351,9 @@ def vision_block(cfg, tp: int) -> _Attn:
                  cfg.vision_ffn_hidden_size, tp)
 
 
-def _packed_core_copies(cfg, layout: Layout, mb: MicroBatch, d: int) -> int:
-    """Packed on the local spec without recompute, the core attention saves q, k and v gathered into
-    ``rows x seq_len`` padded positions (``PackedDotProductAttention``): the bytes beyond the T-token
-    terms that ``_block_per_token`` counts."""
-    if not mb.packed or layout.backend != "local" or layout.recompute != "none":
-        return 0
-    a = lm_block(cfg, layout.tp)
-    kv_saved = 2 * a.q if a.heads > a.kv_heads else a.kv + a.qkv
-    return max(0, mb.rows * mb.seq_len - mb.tokens) * (a.q + kv_saved) * d
+def _row_layout_bytes(positions: int, tokens: int) -> int:
+    """A stream's ``RowLayout`` (shared by the layers): int64 index, bool valid per position; int64 inverse."""
+    return 9 * positions + 8 * tokens
 
 
 def lm_activation_bytes(cfg, layout: Layout, mb: MicroBatch, layers: int, first: bool, last: bool) -> int:
@@ -343,20 +362,20 @@ def lm_activation_bytes(cfg, layout: Layout, mb: MicroBatch, layers: int, first:
     t, s = mb.tokens, mb.seq_len
     if layout.freeze_language:
         return 0
+    sdpa = layout.backend == "local" and layout.recompute == "none"  # the local core's saves are kept
     if layout.recompute == "full":
         # each layer's input, plus the rotary table the checkpoint keeps once (fp32, head_dim per token)
         body = layers * t * cfg.hidden_size * d + t * cfg.head_dim * 4
     else:
-        per_tok, per_score = _block_per_token(lm_block(cfg, layout.tp), layout.backend, layout.recompute, d)
-        body = layers * (t * per_tok + mb.score_elems * per_score)
-        body += layers * _packed_core_copies(cfg, layout, mb, d)
+        attended = mb.attended if mb.packed and layout.backend == "local" else None
+        body = layers * _block_bytes(lm_block(cfg, layout.tp), layout.backend, layout.recompute, d, t, attended)
     if not mb.packed:
-        extra = mb.rows * s * s  # causal padding mask [rows, 1, s, s] bool, shared by the stage's layers
+        # The causal padding mask [rows, 1, s, s], one for the stage's layers: saved as bool by TE's attention
+        # and by the recompute checkpoints; the local SDPA saves its additive form (activation dtype) instead.
+        extra = mb.rows * s * s * (d if sdpa else 1)
     else:
-        # Each local-spec layer builds its own [rows, 1, s, s] mask, which the masked fill saves unless the
-        # attention is recomputed; TE's THD attention takes cu_seqlens and builds none.
-        own_mask = layout.backend == "local" and layout.recompute == "none"
-        extra = layers * mb.rows * s * s if own_mask else 0
+        # TE's THD attention takes cu_seqlens; the local one saves the stream's RowLayout (not when recomputed)
+        extra = _row_layout_bytes(mb.attended, t) if sdpa else 0
     if first:
         extra += 8 * t  # token ids kept by the embedding
     if last:
@@ -365,8 +384,8 @@ def lm_activation_bytes(cfg, layout: Layout, mb: MicroBatch, layers: int, first:
 
 
 def vision_activation_bytes(cfg, layout: Layout, mb: MicroBatch) -> int:
-    """Bytes the ViT + merger save for one micro-batch (first stage): all its images form one patch
-    sequence under a block-diagonal (window / full) mask, so the score matrix is [heads, N, N]."""
+    """Bytes the ViT + merger save for one micro-batch (first stage): windows and images as packed
+    sequences filling their buckets (local spec), or a block-diagonal [heads, N, N] unfused attention (TE)."""
     n = mb.rows * mb.patches_per_row
     if n == 0:
         return 0
@@ -376,10 +395,14 @@ def vision_activation_bytes(cfg, layout: Layout, mb: MicroBatch) -> int:
     merger = 0 if layout.freeze_merger else n * (_norm_linear(vh, "local", d) + 2 * vh // layout.tp * d)
     if layout.freeze_vision:
         return merger
-    # the tower's masks are built by our code and its attention is unfused under both specs
-    per_tok, per_score = _block_per_token(vision_block(cfg, layout.tp), "local", "none", d)
-    tower = cfg.vision_depth * (n * per_tok + n * n * per_score)
-    tower += n * cfg.patch_dim * d + 2 * n * n + 4 * n  # pixels, full + window masks, window order
+    # TE's ViT keeps its terms as before: local-spec norms and MLP (above TE's own) and unfused attention.
+    block = vision_block(cfg, layout.tp)
+    if layout.backend == "te":
+        tower = cfg.vision_depth * _block_bytes(block, "local", "none", d, n, scores=n * n) + 2 * n * n  # 2 masks
+    else:
+        tower = cfg.vision_depth * _block_bytes(block, "local", "none", d, n, attended=n)
+        tower += 2 * _row_layout_bytes(n, n)  # the windows' and the images' RowLayout
+    tower += n * cfg.patch_dim * d + 4 * n  # pixels, window order and its inverse
     return tower + merger
 
 
@@ -389,15 +412,21 @@ def recompute_transient_bytes(cfg, layout: Layout, mb: MicroBatch) -> int:
         return 0
     d = DTYPE_BYTES[layout.dtype]
     a = lm_block(cfg, layout.tp)
-    per_tok, per_score = _block_per_token(a, layout.backend, "none", d)
-    if layout.recompute == "full":
-        return mb.tokens * per_tok + mb.score_elems * per_score
-    return mb.score_elems * per_score + 2 * mb.tokens * a.q * d
+    local, t = layout.backend == "local", mb.tokens
+    attended = mb.attended if mb.packed and local else None
+    if layout.recompute == "full":  # the layer's saves (the mask or RowLayout is the forward's, cached)
+        return _block_bytes(a, layout.backend, "none", d, t, attended)
+    if not local or attended is not None:  # TE; the packed local core saves only copies: all of them new
+        return _sdpa_core(a, d, t, attended) if local else 2 * t * a.q * d
+    # padded: the re-run's own output and log-sum-exp, and (GQA) k and v repeated to every head
+    return t * ((a.kv_saved if a.heads > a.kv_heads else 0) + a.q) * d + 4 * t * (a.heads // a.tp)
 
 
 def vision_forward_transient(cfg, layout: Layout, mb: MicroBatch) -> int:
-    """One ViT layer's score matrix and probabilities over a micro-batch's patches, alive during its
-    forward whether or not the ViT trains."""
+    """TE spec: one ViT layer's score matrix and probabilities over a micro-batch's patches, alive during
+    its forward whether or not the ViT trains. The local spec's SDPA builds no score matrix: none."""
+    if layout.backend == "local":
+        return 0
     n = mb.rows * mb.patches_per_row
     d = DTYPE_BYTES[layout.dtype]
     return (cfg.vision_heads // layout.tp) * n * n * (4 + d)

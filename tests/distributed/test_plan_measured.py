@@ -232,8 +232,9 @@ if __name__ == "__main__":
 # --- packed micro-batches (MicroBatch.packed) ----------------------------------------------------
 # A packed forward of the same tiny actors: activations and log-prob buffers within TOL, on a
 # micro-batch of a SEQ-token row and a SHORT-token one (T = SEQ + SHORT, where padded runs 2 x SEQ). The
-# local spec's packed attention keeps [heads, T, T] scores and one [T, T] mask per layer: that is what
-# is checked; the Transformer Engine terms (THD attention, no scores) are derived, not measured.
+# local spec's packed attention (SDPA over length buckets) keeps the bucket-padded q, k, v, output and
+# log-sum-exp and one row layout per stream: that is what is checked; the Transformer Engine terms (THD
+# attention) are derived, not measured.
 
 SHORT = 60  # row 1's real tokens; row 0 has SEQ
 PACKED_SETTINGS = [s for s in SETTINGS if s[0] in ("tp2", "tp2-selective", "pp2")]

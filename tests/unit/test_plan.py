@@ -248,20 +248,29 @@ def test_packed_plan_below_padded_for_a_long_tail(recompute):
     assert M.vision_activation_bytes(cfg, layout, shapes[True]) == M.vision_activation_bytes(cfg, layout, shapes[False])
 
 
-def test_packed_local_attention_costs_padded_rows():
-    """The local spec's packed attention runs each sequence as a padded row (scores rows x S^2, as
-    padded) and saves a mask per layer: below padded for a long tail (every other term counts only the
-    real tokens), above for rows of one length (a mask per layer instead of one for the stage)."""
+def test_local_attention_saves_sdpa_copies_not_scores():
+    """The local spec's attention is SDPA (no [heads, s, s] scores): padded, it saves one additive
+    [rows, 1, s, s] mask for the stage; packed, no mask but q, k, v and the output gathered into its length
+    buckets' padded rows (a bucket: one power-of-two ceiling), the output back in stream order and the
+    stream's RowLayout. Below padded for a long tail, above for rows of one length."""
     cfg = _seven_b()
-    layout = M.Layout(tp=2, backend="local")
+    layout = M.Layout(tp=2, backend="local")  # bf16
+    q = cfg.num_heads // 2 * cfg.head_dim
 
-    def act(rows, real, packed):
-        mb = M.MicroBatch(rows=rows, seq_len=4096, packed=packed, real_tokens=real)
+    def act(rows, real, packed, seq=4096):
+        mb = M.MicroBatch(rows=rows, seq_len=seq, packed=packed, real_tokens=real)
         return M.lm_activation_bytes(cfg, layout, mb, cfg.num_layers, True, True)
 
+    # The same 8192 tokens as one row or two: only the stage's bf16 mask differs (no s^2 term per layer).
+    assert act(1, 8192, False, seq=8192) - act(2, 8192, False) == 2 * (8192 ** 2 - 2 * 4096 ** 2)
+    # 512-token rows share no bucket with the 4096-token one; 3000-token rows do (padded to 4096).
+    assert M.MicroBatch(rows=8, seq_len=4096, packed=True, real_tokens=4096 + 7 * 512).attended == 4096 + 7 * 512
+    assert M.MicroBatch(rows=8, seq_len=4096, packed=True, real_tokens=4096 + 7 * 3000).attended == 8 * 4096
     tail = 4096 + 7 * 512
     assert act(8, tail, True) < act(8, tail, False)
-    assert act(2, 8192, True) > act(2, 8192, False)
+    # Rows of one length: the stream-order output copy per layer and the RowLayout, against the mask.
+    extra = cfg.num_layers * 8192 * q * 2 + 17 * 8192 - 2 * 2 * 4096 ** 2
+    assert act(2, 8192, True) - act(2, 8192, False) == extra > 0
 
 
 def test_worst_micro_batch_fills_the_token_budget():
