@@ -97,7 +97,21 @@ def wrap_and_optimizer(module, config: ActorConfig):
     on_cpu = not torch.cuda.is_available()
     optimizer = get_megatron_optimizer(ocfg, [ddp], config_overrides=megatron_overrides(config.model.training, o.lr)
                                        or None, use_gloo_process_groups=not on_cpu)
+    if on_cpu:
+        _foreach_steps(optimizer)
     return ddp, optimizer, use_dist
+
+
+def _foreach_steps(optimizer) -> None:
+    """Without TE or Apex Megatron falls back to ``torch.optim.AdamW``, whose default on CPU tensors is one
+    Python loop over the parameters; its multi-tensor (``foreach``) form does the same arithmetic in a
+    few batched calls (less Python per step; the arithmetic and its order are the same)."""
+    for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(inner, torch.optim.Optimizer):
+            for group in inner.param_groups:
+                if group.get("foreach", False) is None:
+                    group["foreach"] = True
 
 
 def _finalize_grads(module):
