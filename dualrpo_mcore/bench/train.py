@@ -19,8 +19,10 @@ Reported per device (GPU, or process on CPU):
 
 Baseline in the same run (``hf-eager-adamw``): transformers' ``Qwen2_5_VLForConditionalGeneration`` of the
 same config and dtype on one device, plain PyTorch: forward (SDPA attention), log-softmax log-probs,
-the same ``algo.policy_loss``, backward, gradient clip, ``torch.optim.AdamW``. The ratio column is
-the baseline's step time per device-token over the actor's (> 1 = the actor is faster).
+the same ``algo.policy_loss``, backward, gradient clip, ``torch.optim.AdamW``. Its steps alternate with
+the actor's (rank 0 runs it while the other ranks wait), so a drift of a shared machine's speed lands on
+both. The ratio column is the baseline's step time per device-token over the actor's (> 1 = the actor is
+faster).
 
 Notes: under the TE spec the Megatron ViT computes window attention as a masked dense product over all
 patches of the micro-batch, so its executed FLOPs exceed the model FLOPs counted here (MFU counts useful
@@ -245,36 +247,67 @@ def _worker(rank: int, world: int, args) -> Dict[str, Any]:
         both = packing_compare.measure(actor, batch, args.iters, args.warmup, _sync, say)
         out.update(megatron=both["packed"], megatron_padded=both["padded"],
                    layout_packed=both["packed"], layout_padded=both["padded"])
-    else:
+    elif args.no_baseline:
         out["megatron"] = median_time(lambda: actor.update(batch), args.iters, args.warmup, _sync,
                                       progress="megatron" if rank == 0 else "")
+    else:
+        # The baseline's steps alternate with the actor's (rank 0 runs it, the other ranks wait), so that a
+        # drift of a shared machine's speed lands on both alike.
+        say("bench train: the actor's steps alternate with a transformers step on rank 0", flush=True)
+        hf_step = _hf_step(hf_cfg, batch, args) if rank == 0 else None
+        out["megatron"], base = _interleaved(lambda: actor.update(batch), hf_step, args, say)
+        if rank == 0:
+            out["baseline"] = base
+            out["baseline_flops"] = flops.batch_flops(cfg, batch, vocab=cfg.vocab_size)
     peak = _peak(args)
     step_flops = flops.batch_flops(cfg, batch, vocab=actor.module.padded_vocab_size, recompute=args.recompute)
     out.update(peak=peak, flops=step_flops, tokens=tokens, world=world,
                params_per_rank=sum(p.numel() for p in actor.module.parameters()))
     del actor
-    if not args.no_baseline:
+    if args.compare_packing and not args.no_baseline:
         _sync()
         if rank == 0:
             say("bench train: transformers baseline on rank 0 (the other ranks wait)", flush=True)
-            out["baseline"] = _hf_baseline(hf_cfg, batch, args)
+            out["baseline"] = _interleaved(None, _hf_step(hf_cfg, batch, args), args, say)[1]
             out["baseline_flops"] = flops.batch_flops(cfg, batch, vocab=cfg.vocab_size)
         _sync()
     return out
+
+
+def _interleaved(actor_step, hf_step, args, say):
+    """Median wall times of the actor's step (on every rank; None: not run) and of the baseline's (where
+    given), one after the other in each round, after ``--warmup`` untimed rounds."""
+    import statistics
+    import time
+
+    times = {"megatron": [], "transformers": []}
+    sync_hf = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for i in range(args.warmup + args.iters):
+        for name, step, sync in (("megatron", actor_step, _sync), ("transformers", hf_step, sync_hf)):
+            if step is not None:
+                sync()
+                t0 = time.perf_counter()
+                step()
+                sync()
+                if i >= args.warmup:
+                    times[name].append(time.perf_counter() - t0)
+                    say(f"  {name}: iter {i + 1 - args.warmup}/{args.iters} {times[name][-1]:.3f} s", flush=True)
+            if actor_step is not None and name == "transformers":
+                _sync()  # the other ranks wait here while rank 0 runs the baseline
+    return tuple({"median_s": statistics.median(t), "times_s": t} if t else None for t in times.values())
 
 
 def _default_grid(args) -> str:
     return "8x8" if args.model in SMALL_MODELS else "28x28"
 
 
-def _hf_baseline(hf_cfg, batch, args) -> Dict[str, Any]:
-    """transformers model, plain PyTorch step: forward, log-probs, policy_loss, backward, AdamW."""
+def _hf_step(hf_cfg, batch, args):
+    """One step of the baseline as a function: transformers model, plain PyTorch step: forward, log-probs,
+    policy_loss, backward, gradient clip, AdamW."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from dualrpo_mcore.algo import policy_loss
     from dualrpo_mcore.models.qwen2_5_vl import presets
-
-    from .common import median_time
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if (args.precision or ("bf16" if device == "cuda" else "fp32")) == "bf16" else torch.float32
@@ -299,10 +332,7 @@ def _hf_baseline(hf_cfg, batch, args) -> Dict[str, Any]:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
 
-    res = median_time(step, args.iters, args.warmup, torch.cuda.synchronize if device == "cuda" else (lambda: None),
-                      progress="transformers")
-    del model, opt
-    return res
+    return step
 
 
 def summarize(res: Dict[str, Any]) -> Dict[str, Any]:

@@ -12,6 +12,7 @@ tensors with ``.cuda()`` and builds causal masks with ``device="cuda"``. On a ma
 * ``torch.cuda.synchronize`` / ``empty_cache`` become no-ops, and ``torch.cuda.current_stream`` /
   ``default_stream`` return a stream whose waits are no-ops (CPU work is already ordered);
   megatron-core >= 0.19 asks for the current stream in every ``start_grad_sync``;
+* gradient clipping's fallback scale (no Apex/TE) works in place instead of out of place plus a copy;
 * ``Tensor.type()`` (no argument: the type *name*) reports a CPU tensor under its CUDA name, because
   Megatron's optimizers gate on that string (``'torch.cuda.FloatTensor'`` in the distributed
   optimizer's parameter sharding and in ``clip_grads``); conversions ``Tensor.type(dtype)`` are untouched.
@@ -82,6 +83,25 @@ def _patch_rng_tracker() -> None:
     mrandom._set_cuda_rng_state = _cpu_set_rng_state
 
 
+def _in_place_scale(chunk_size, noop_flag, tensor_lists, scale):
+    """megatron-core's ``local_multi_tensor_scale`` (the fallback without Apex/TE) scales out of place and
+    copies back even when source and destination are one list, as in gradient clipping: a temporary and
+    a second pass over every gradient. Same products, written in place there."""
+    for src, dst in zip(tensor_lists[0], tensor_lists[1]):
+        if src is dst:
+            dst.mul_(scale)
+        else:
+            dst.copy_(src * scale)
+
+
+def _patch_clip_scale() -> None:
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.utils import local_multi_tensor_scale
+
+    if getattr(clip_grads, "multi_tensor_scale_impl", None) is local_multi_tensor_scale:
+        clip_grads.multi_tensor_scale_impl = _in_place_scale
+
+
 class _NullStream:
     """What megatron-core does with a CUDA stream, for CPU tensors: nothing to order.
 
@@ -135,6 +155,7 @@ def enable(force: bool = False) -> bool:
             return True
         _patch_torch_cuda()
         _patch_rng_tracker()
+        _patch_clip_scale()
         _mode = _CpuDeviceMode()
         # Entered for the life of the process: Megatron allocates lazily (buffers, masks), so a
         # scoped context would miss calls made later from arbitrary places.

@@ -1,6 +1,9 @@
-"""The CPU routing covers what megatron-core 0.19 calls on every grad sync (torch.cuda.current_stream)."""
+"""The CPU routing covers what megatron-core 0.19 calls on every grad sync (torch.cuda.current_stream), and
+its in-place clipping scale equals Megatron's own fallback."""
 import subprocess
 import sys
+
+import torch
 
 CHECK = """
 import torch
@@ -20,3 +23,24 @@ def test_stream_calls_are_no_ops_on_cpu():
     # A fresh interpreter: enable() patches torch.cuda and enters a TorchFunctionMode for good.
     res = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
+
+
+def test_clip_scale_in_place_equals_megatrons_fallback():
+    """The in-place clipping scale gives Megatron's own ``local_multi_tensor_scale`` results bitwise, in place
+    when source and destination are one list (clipping), into the destination otherwise."""
+    from megatron.core.utils import local_multi_tensor_scale
+
+    from dualrpo_mcore.parallel.cpu_compat import _in_place_scale
+
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(n, generator=g) for n in (7, 1000, 33)]
+    want = [t.clone() for t in grads]
+    local_multi_tensor_scale(2048, None, [want, want], 0.37)
+    storage = [t.data_ptr() for t in grads]
+    _in_place_scale(2048, None, [grads, grads], 0.37)
+    assert all(torch.equal(a, b) for a, b in zip(grads, want))
+    assert [t.data_ptr() for t in grads] == storage
+    src, dst, ref = [torch.randn(5, generator=g)], [torch.zeros(5)], [torch.zeros(5)]
+    _in_place_scale(2048, None, [src, dst], 3.0)
+    local_multi_tensor_scale(2048, None, [src, ref], 3.0)
+    assert torch.equal(dst[0], ref[0])
