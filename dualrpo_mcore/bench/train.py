@@ -19,9 +19,9 @@ Reported per device (GPU, or process on CPU):
 
 Baseline in the same run (``hf-eager-adamw``): transformers' ``Qwen2_5_VLForConditionalGeneration`` of the
 same config and dtype on one device, plain PyTorch: forward (SDPA attention), log-softmax log-probs,
-the same ``algo.policy_loss``, backward, gradient clip, ``torch.optim.AdamW``. Its steps alternate with
-the actor's (rank 0 runs it while the other ranks wait), so a drift of a shared machine's speed lands on
-both. The ratio column is the baseline's step time per device-token over the actor's (> 1 = the actor is
+the same ``algo.policy_loss``, backward, gradient clip, ``torch.optim.AdamW``. For tiny/small/medium its
+steps alternate with the actor's (rank 0 runs it while the other ranks wait), so a drift of a shared
+machine's speed lands on both; released sizes run it after the actor, which may not fit beside it. The ratio column is the baseline's step time per device-token over the actor's (> 1 = the actor is
 faster).
 
 Notes: under the TE spec the Megatron ViT computes window attention as a masked dense product over all
@@ -240,6 +240,8 @@ def _worker(rank: int, world: int, args) -> Dict[str, Any]:
     actor = _actor(args, hf_cfg, tokens)
     batch["old_logprob"] = actor.compute_token_stats(batch)["logprob"]  # untimed: what the rollout step provides
     out: Dict[str, Any] = dict(response_lengths=lengths)
+    # Every rank takes the same branches (they meet at barriers).
+    alternate = not (args.compare_packing or args.no_baseline) and args.model in SMALL_MODELS
     if args.compare_packing:
         from . import packing_compare
 
@@ -247,12 +249,13 @@ def _worker(rank: int, world: int, args) -> Dict[str, Any]:
         both = packing_compare.measure(actor, batch, args.iters, args.warmup, _sync, say)
         out.update(megatron=both["packed"], megatron_padded=both["padded"],
                    layout_packed=both["packed"], layout_padded=both["padded"])
-    elif args.no_baseline:
+    elif not alternate:
         out["megatron"] = median_time(lambda: actor.update(batch), args.iters, args.warmup, _sync,
                                       progress="megatron" if rank == 0 else "")
     else:
         # The baseline's steps alternate with the actor's (rank 0 runs it, the other ranks wait), so that a
-        # drift of a shared machine's speed lands on both alike.
+        # drift of a shared machine's speed lands on both alike. Released sizes run it after the actor is
+        # gone instead: both at once may not fit one device.
         say("bench train: the actor's steps alternate with a transformers step on rank 0", flush=True)
         hf_step = _hf_step(hf_cfg, batch, args) if rank == 0 else None
         out["megatron"], base = _interleaved(lambda: actor.update(batch), hf_step, args, say)
@@ -264,7 +267,7 @@ def _worker(rank: int, world: int, args) -> Dict[str, Any]:
     out.update(peak=peak, flops=step_flops, tokens=tokens, world=world,
                params_per_rank=sum(p.numel() for p in actor.module.parameters()))
     del actor
-    if args.compare_packing and not args.no_baseline:
+    if not (alternate or args.no_baseline):
         _sync()
         if rank == 0:
             say("bench train: transformers baseline on rank 0 (the other ranks wait)", flush=True)
