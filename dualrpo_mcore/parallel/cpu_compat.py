@@ -5,8 +5,8 @@ Megatron-Core assumes CUDA in a handful of spots: it allocates buffers on
 tensors with ``.cuda()`` and builds causal masks with ``device="cuda"``. On a machine without CUDA
 (tests, CI, the CPU demo) we route all of those to the CPU instead of forking Megatron code:
 
-* ``torch.cuda.current_device`` returns 0 and a ``TorchFunctionMode`` rewrites any ``device``
-  argument that names CUDA (or a bare int) to CPU, and turns ``Tensor.cuda()`` into a no-op;
+* ``torch.cuda.current_device`` returns 0; torch's factories, ``Tensor.new_*`` and ``Tensor.to`` get
+  any ``device`` that names CUDA (or a bare int) as CPU, and ``Tensor.cuda()`` is a no-op;
 * the CUDA RNG tracker reads and writes the CPU generator, so ``model_parallel_cuda_manual_seed``
   and ``get_cuda_rng_tracker().fork()`` behave as on GPU (distinct TP streams for init/dropout);
 * ``torch.cuda.synchronize`` / ``empty_cache`` become no-ops, and ``torch.cuda.current_stream`` /
@@ -22,14 +22,13 @@ unconditionally.
 """
 from __future__ import annotations
 
+import functools
 import threading
 
 import torch
-from torch.overrides import TorchFunctionMode
 
 _lock = threading.Lock()
 _enabled = False
-_mode: "_CpuDeviceMode | None" = None
 
 
 def _is_cuda_device(dev) -> bool:
@@ -45,27 +44,50 @@ def _is_cuda_device(dev) -> bool:
 
 
 _CPU = torch.device("cpu")
-# Tensor methods whose first positional argument may be a device (new_* take sizes there).
-_TO_METHODS = {torch.Tensor.to}
+# Every torch function and Tensor method through which megatron-core (0.16-0.19) names a device: a
+# module-level wrapper on each, rather than a TorchFunctionMode, because a mode runs Python on *every*
+# torch call (~1.7 us each; 13% of a tiny model's update step), where these wrappers run only on
+# allocation. A CUDA device reaching any other function still fails loudly ("Torch not compiled with CUDA").
+_FACTORIES = ("arange", "as_tensor", "empty", "empty_like", "empty_strided", "eye", "full", "full_like",
+              "linspace", "ones", "ones_like", "rand", "rand_like", "randint", "randn", "randn_like", "randperm",
+              "tensor", "zeros", "zeros_like")
+_NEW_METHODS = ("new_empty", "new_full", "new_ones", "new_tensor", "new_zeros")
 
 
-class _CpuDeviceMode(TorchFunctionMode):
-    """Rewrites CUDA device arguments to CPU for every torch call made under it."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.Tensor.cuda:
-            return args[0]
+def _on_cpu(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
         dev = kwargs.get("device")
         if dev is not None and _is_cuda_device(dev):
-            kwargs = dict(kwargs, device=_CPU)
-        if func in _TO_METHODS and len(args) > 1 and _is_cuda_device(args[1]):
-            args = (args[0], _CPU) + tuple(args[2:])
-        out = func(*args, **kwargs)
-        if func is torch.Tensor.type and len(args) == 1 and not kwargs and isinstance(out, str) \
-                and out.startswith("torch.") and not out.startswith("torch.cuda."):
+            kwargs["device"] = _CPU
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+def _patch_devices() -> None:
+    for name in _FACTORIES:
+        setattr(torch, name, _on_cpu(getattr(torch, name)))
+    for name in _NEW_METHODS:
+        setattr(torch.Tensor, name, _on_cpu(getattr(torch.Tensor, name)))
+    tensor_to, tensor_type = torch.Tensor.to, torch.Tensor.type
+
+    def to(self, *args, **kwargs):
+        if args and _is_cuda_device(args[0]):
+            args = (_CPU,) + args[1:]
+        dev = kwargs.get("device")
+        if dev is not None and _is_cuda_device(dev):
+            kwargs["device"] = _CPU
+        return tensor_to(self, *args, **kwargs)
+
+    def type_(self, *args, **kwargs):
+        out = tensor_type(self, *args, **kwargs)
+        if not args and not kwargs and out.startswith("torch.") and not out.startswith("torch.cuda."):
             return "torch.cuda." + out[len("torch."):]
         return out
+
+    torch.Tensor.to = to
+    torch.Tensor.type = type_
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
 
 
 def _cpu_get_rng_state(*_args, **_kwargs):
@@ -147,7 +169,7 @@ def enable(force: bool = False) -> bool:
 
     A no-op when CUDA is available (unless ``force``); safe to call many times.
     """
-    global _enabled, _mode
+    global _enabled
     if torch.cuda.is_available() and not force:
         return False
     with _lock:
@@ -156,9 +178,8 @@ def enable(force: bool = False) -> bool:
         _patch_torch_cuda()
         _patch_rng_tracker()
         _patch_clip_scale()
-        _mode = _CpuDeviceMode()
-        # Entered for the life of the process: Megatron allocates lazily (buffers, masks), so a
-        # scoped context would miss calls made later from arbitrary places.
-        _mode.__enter__()
+        # For the life of the process: Megatron allocates lazily (buffers, masks, the schedules' token
+        # counters), so a scoped patch would miss calls made later from arbitrary places.
+        _patch_devices()
         _enabled = True
     return True

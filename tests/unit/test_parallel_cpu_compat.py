@@ -15,12 +15,22 @@ assert s.query() and torch.cuda.current_stream() is s
 torch.cuda.synchronize(); torch.cuda.empty_cache()
 assert torch.cuda.current_device() == 0
 assert torch.empty(2, device="cuda").device.type == "cpu"
+# Every way megatron-core names a device: factories (a bare int is torch.cuda.current_device()), new_*,
+# .to/.cuda, and module constructors (they allocate through torch.empty).
+x = torch.zeros(3, device=torch.cuda.current_device())
+assert x.device.type == "cpu" and torch.arange(4, device=torch.device("cuda:0")).device.type == "cpu"
+assert x.new_zeros(2, device="cuda").device.type == "cpu" and x.new_tensor([1.0], device=0).device.type == "cpu"
+assert x.to("cuda").device.type == "cpu" and x.to(device="cuda", dtype=torch.float64).dtype == torch.float64
+assert x.cuda() is x and torch.nn.Linear(2, 2, device="cuda").weight.device.type == "cpu"
+# Megatron's optimizers gate on the type *name*; conversions are untouched.
+assert x.type() == "torch.cuda.FloatTensor" and x.type(torch.float64).dtype == torch.float64
+assert torch.ones(2, dtype=torch.int32).to(x).dtype == torch.float32
 print("ok")
 """
 
 
 def test_stream_calls_are_no_ops_on_cpu():
-    # A fresh interpreter: enable() patches torch.cuda and enters a TorchFunctionMode for good.
+    # A fresh interpreter: enable() patches torch.cuda and torch's factories for good.
     res = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
 
