@@ -28,7 +28,7 @@ TRANSFORMERS_PIN=${TRANSFORMERS_PIN:-transformers>=5.25,<6}
 PY312_TESTS=${PY312_TESTS:-"tests/distributed tests/e2e tests/unit/test_trainer_*.py tests/unit/test_rl_steps.py
   tests/unit/test_actor_token_padding.py tests/unit/test_token_stats.py tests/unit/test_env_report.py
   tests/unit/test_kernel_report.py tests/unit/test_build_discovery.py tests/unit/test_extras_ranges.py
-  tests/unit/test_parallel_cpu_compat.py tests/unit/test_cli.py
+  tests/unit/test_parallel_cpu_compat.py tests/unit/test_cli.py tests/unit/test_qwen_packing.py
   --ignore=tests/distributed/test_qwen_parity.py --ignore=tests/distributed/test_rollout_sync.py
   --ignore=tests/distributed/test_faults.py
   --ignore=tests/e2e/test_bench_step.py --ignore=tests/e2e/test_demo.py --ignore=tests/e2e/test_launch_local.py

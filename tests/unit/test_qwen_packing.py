@@ -111,7 +111,18 @@ def test_row_layout_puts_each_sequence_in_a_row_of_its_bucket():
         assert torch.cat(read)[layout.inverse].tolist() == list(range(total))
 
 
-def test_megatron_thd_rotary_keeps_every_tokens_own_position():
+@pytest.fixture
+def megatron_thd(monkeypatch):
+    """Megatron's own THD rotary, whether or not a model built in this process routed it through ours."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    own = rope_utils._apply_rotary_pos_emb_thd
+    own = getattr(own, "megatron_original", own)
+    monkeypatch.setattr(rope_utils, "_apply_rotary_pos_emb_thd", own)
+    return own
+
+
+def test_megatron_thd_rotary_keeps_every_tokens_own_position(megatron_thd):
     """What Packing.seq_params relies on, in the installed megatron-core: with boundaries that end at the
     stream's length, the unfused THD rotary gives each token its own row of the per-token (mrope) table,
     exactly as the padded layout does; it does not restart each sequence at position 0."""
@@ -128,3 +139,42 @@ def test_megatron_thd_rotary_keeps_every_tokens_own_position():
     thd = apply_rotary_pos_emb(x, freqs, config, cu_seqlens=cu, cp_group=one_rank)
     bshd = apply_rotary_pos_emb(x[:, None], freqs, config, cp_group=one_rank)[:, 0]
     assert torch.equal(thd, bshd)
+
+
+@pytest.mark.parametrize("case", ["per-token", "max-length table", "two cp ranks"])
+def test_stream_rotary_is_megatrons_thd_bitwise(megatron_thd, monkeypatch, case):
+    """The packed rotary without Megatron's per-sequence loop gives Megatron's own result bitwise (values and
+    gradients) through ``apply_rotary_pos_emb``, so with the installed version's own keyword arguments; it
+    keeps the loop's work only where the loop matters (a max-length table, context parallelism)."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    from dualrpo_mcore.models.qwen2_5_vl.packing import _stream_rotary
+
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return megatron_thd(*args, **kwargs)
+
+    t, heads, dim = 24, 2, 8
+    g = torch.Generator().manual_seed(1)
+    lengths = [5, 0, 7, 1, 3] if case != "two cp ranks" else [8, 4, 4]  # cp: rows split in 2 x 2 chunks
+    cu = Packing(cu_seqlens=torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32),
+                 total=t if case != "two cp ranks" else 16).seq_params().cu_seqlens_q
+    t = int(cu[-1]) // (2 if case == "two cp ranks" else 1)
+    longest = int((cu[1:] - cu[:-1]).max())  # the trailing padding is a sequence of its own
+    freqs = torch.randn(longest if case == "max-length table" else int(cu[-1]), 1, 1, dim, generator=g)
+    x = torch.randn(t, heads, dim, generator=g)
+    ranks = SimpleNamespace(size=lambda: 2 if case == "two cp ranks" else 1, rank=lambda: 0)
+    config = SimpleNamespace(apply_rope_fusion=False, rotary_interleaved=False, multi_latent_attention=False,
+                             mrope_section=[1, 1, 2])
+    outs, grads = [], []
+    for fn in (megatron_thd, _stream_rotary(spy)):
+        monkeypatch.setattr(rope_utils, "_apply_rotary_pos_emb_thd", fn)
+        xi = x.clone().requires_grad_()
+        out = rope_utils.apply_rotary_pos_emb(xi, freqs, config, cu_seqlens=cu, cp_group=ranks)
+        out.backward(torch.arange(out.numel(), dtype=out.dtype).view_as(out).sin())
+        outs.append(out.detach())
+        grads.append(xi.grad)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(grads[0], grads[1])
+    assert len(calls) == (0 if case == "per-token" else 1)

@@ -21,7 +21,7 @@ from . import geometry
 from .config import QwenVLConfig, check_parallel, language_config, merger_config, recompute_kwargs, vision_config
 from .image_dedup import encode_once
 from .options import ModelOptions
-from .packing import Packing
+from .packing import Packing, install_stream_rotary
 from .specs import language_layer_spec
 from .vision import VisionModel, with_ffn_hidden_size
 
@@ -45,6 +45,7 @@ class QwenVLModel(MegatronModule):
         options = options or ModelOptions()
         options.precision_config().check_runtime()
         check_parallel(cfg, tp, pp)
+        install_stream_rotary()
         backend = options.resolve_backend()
         lm_config, vit_config, mrg_config = transformer_configs(cfg, options, tp, pp)
         super().__init__(config=lm_config)

@@ -115,3 +115,38 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_grid_thw: 
     packing = Packing(cu_seqlens=cu.to(input_ids.device), total=total, index=index, padded_shape=(b, s))
     pos = geometry.packed_rope_index(ids, packing.cu_seqlens, image_grid_thw, image_token_id, spatial_merge_size)
     return ids, pos, packing
+
+
+def _stream_rotary(original):
+    """megatron-core's unfused THD rotary (``rope_utils._apply_rotary_pos_emb_thd``, 0.16 and 0.19), less its
+    per-sequence loop where the loop changes nothing.
+
+    With one context-parallel rank and a per-token table (``freqs`` has one entry per token, the boundaries
+    end at its length: Megatron's "CASE 1", the packed mrope and the segmented ViT), Megatron slices each
+    sequence's entries at its own offset and concatenates them: the table itself, rebuilt through one
+    ``.item()`` per sequence (a device sync each, per layer, on GPU) and a Python loop. The rotation is then one
+    call over the stream, which this makes directly: same ops on the same values, so the result is bitwise
+    Megatron's. Anything else (context parallelism, a max-length table, boundaries short of the stream) goes
+    to Megatron's own code."""
+    import inspect
+
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd as rotate
+    takes = set(inspect.signature(rotate).parameters)  # the options Megatron's THD passes on (0.16 and 0.19 differ)
+
+    def apply(t, cu_seqlens, freqs, *args, cp_group=None, **kwargs):
+        if (args or not takes.issuperset(kwargs) or cp_group is None or cp_group.size() != 1
+                or freqs.dim() < 1 or freqs.size(0) != t.size(0) or int(cu_seqlens[-1]) != t.size(0)):
+            return original(t, cu_seqlens, freqs, *args, cp_group=cp_group, **kwargs)
+        return rotate(t.unsqueeze(1), freqs, **kwargs).squeeze(1)
+
+    apply.megatron_original = original
+    return apply
+
+
+def install_stream_rotary() -> None:
+    """Routes Megatron's THD rotary through :func:`_stream_rotary` (idempotent; the module-level name is what
+    ``rope_utils.apply_rotary_pos_emb`` calls)."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    if not hasattr(rope_utils._apply_rotary_pos_emb_thd, "megatron_original"):
+        rope_utils._apply_rotary_pos_emb_thd = _stream_rotary(rope_utils._apply_rotary_pos_emb_thd)
