@@ -70,8 +70,8 @@ local spec's attention groups the sequences into length buckets (same power-of-t
 each bucket into padded rows of its longest: q, k, v (k, v after the GQA repeat), the output and the
 log-sum-exp are saved at those padded positions (``MicroBatch.attended``, for the plan's micro-batch of
 one ``seq_len`` row and equal shorter ones), and the real tokens' output gathered back into stream
-order at T; no mask, but the stream's ``RowLayout`` (int64 index and bool validity per padded position,
-int64 inverse per token), once per stage. TE's THD attention takes ``cu_seqlens`` and has none of these.
+order at T; no mask, but the stream's ``RowLayout`` (int64 index and take and bool validity per padded
+position, int64 slot per token), once per stage. TE's THD attention takes ``cu_seqlens`` and has none of these.
 The shifted logits (or hidden rows) of the one-row stream are a view, not a copy. The ViT is unchanged
 (the images are the padded batch's).
 
@@ -352,8 +352,9 @@ def vision_block(cfg, tp: int) -> _Attn:
 
 
 def _row_layout_bytes(positions: int, tokens: int) -> int:
-    """A stream's ``RowLayout`` (shared by the layers): int64 index, bool valid per position; int64 inverse."""
-    return 9 * positions + 8 * tokens
+    """A stream's ``RowLayout`` (shared by the layers): int64 index and take, bool valid per position; int64
+    slot per token."""
+    return 17 * positions + 8 * tokens
 
 
 def lm_activation_bytes(cfg, layout: Layout, mb: MicroBatch, layers: int, first: bool, last: bool) -> int:

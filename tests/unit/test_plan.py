@@ -269,7 +269,7 @@ def test_local_attention_saves_sdpa_copies_not_scores():
     tail = 4096 + 7 * 512
     assert act(8, tail, True) < act(8, tail, False)
     # Rows of one length: the stream-order output copy per layer and the RowLayout, against the mask.
-    extra = cfg.num_layers * 8192 * q * 2 + 17 * 8192 - 2 * 2 * 4096 ** 2
+    extra = cfg.num_layers * 8192 * q * 2 + 25 * 8192 - 2 * 2 * 4096 ** 2  # layout: 17 B a place, 8 a token
     assert act(2, 8192, True) - act(2, 8192, False) == extra > 0
 
 

@@ -106,9 +106,10 @@ def test_row_layout_puts_each_sequence_in_a_row_of_its_bucket():
                 assert mask is None
             else:
                 assert mask.shape == (len(rows), 1, 1, width) and torch.equal(mask[:, 0, 0], valid)
-            read.append(index[valid])
-        # The buckets' real tokens, put back through the inverse, are the stream in order.
-        assert torch.cat(read)[layout.inverse].tolist() == list(range(total))
+            read.append(valid.reshape(-1))
+        # take lays the buckets' places out in order; slot reads every stream token back from its real place.
+        assert torch.equal(layout.take, torch.cat([index.reshape(-1) for index, _, _ in layout.buckets]))
+        assert layout.take[layout.slot].tolist() == list(range(total)) and bool(torch.cat(read)[layout.slot].all())
 
 
 @pytest.fixture
@@ -178,3 +179,31 @@ def test_stream_rotary_is_megatrons_thd_bitwise(megatron_thd, monkeypatch, case)
         grads.append(xi.grad)
     assert torch.equal(outs[0], outs[1]) and torch.equal(grads[0], grads[1])
     assert len(calls) == (0 if case == "per-token" else 1)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_packed_attention_equals_each_sequence_alone_in_float64(causal):
+    """The bucketed attention (gathers with their own backward) against softmax(q k^T) v written out per
+    sequence in float64: outputs and the gradients of query, key and value, an empty row and the trailing
+    padding (a sequence of its own) included."""
+    from dualrpo_mcore.models.qwen2_5_vl.packed_attention import RowLayout, attend
+
+    cu, total, heads, dim = torch.tensor([0, 5, 5, 6, 14, 17], dtype=torch.int32), 20, 2, 4
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(total, heads, dim, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    weight = torch.randn(total, heads, dim, generator=g, dtype=torch.float64)
+    out = attend(q, k, v, RowLayout(cu, total, causal=causal), causal, scale=0.5)
+    grads = torch.autograd.grad((out * weight).sum(), (q, k, v))
+
+    bounds = cu.tolist() + [total]
+    want = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        s = torch.einsum("qhd,khd->hqk", q[a:b], k[a:b]) * 0.5
+        if causal:
+            s = s.masked_fill(torch.ones(b - a, b - a, dtype=torch.bool).triu(1), float("-inf"))
+        want.append(torch.einsum("hqk,khd->qhd", s.softmax(-1), v[a:b]))
+    want = torch.cat(want)
+    want_grads = torch.autograd.grad((want * weight).sum(), (q, k, v))
+    assert torch.allclose(out, want, rtol=1e-10, atol=1e-12)
+    for got, ref in zip(grads, want_grads):
+        assert torch.allclose(got, ref, rtol=1e-10, atol=1e-12)

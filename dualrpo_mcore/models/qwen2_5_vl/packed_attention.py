@@ -59,15 +59,18 @@ def length_buckets(lengths: Sequence[int]) -> List[List[int]]:
 
 
 class RowLayout:
-    """Where each bucket's padded rows read the stream (``index [n_b, L_b]``, a clamped copy past a row's
-    end), which of their places are real (``valid [n_b, L_b]``), the key mask of rows that have padding
-    (``[n_b, 1, 1, L_b]``, True = attend; None when every row is full, or causal: a real query never sees
-    a later key), and ``inverse``: the stream position -> place among the buckets' real tokens."""
+    """Where the buckets' padded rows read the stream and where the stream reads them back.
+
+    ``buckets``: per bucket ``(index [n_b, L_b], valid [n_b, L_b], mask)``: the stream position each place
+    reads (a clamped copy past a row's end), which places are real, and the key mask of rows that have
+    padding (``[n_b, 1, 1, L_b]``, True = attend; None when every row is full, or causal: a real query never
+    sees a later key). ``take``: every bucket's ``index`` flattened, bucket after bucket (the places, in the
+    order the rows are laid out); ``slot``: for each stream position, its one real place in ``take``."""
 
     def __init__(self, cu_seqlens: torch.Tensor, total: int, device=None, causal: bool = True):
         starts, lengths = segments(cu_seqlens, total, device)
         self.buckets: List[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = []
-        real = []
+        places = []
         for rows in length_buckets(lengths.tolist()):
             sel = torch.tensor(rows, dtype=torch.long, device=device)
             n, longest = lengths[sel], int(lengths[sel].max())
@@ -76,11 +79,45 @@ class RowLayout:
             index = (starts[sel, None] + pos[None, :]).clamp(max=max(total - 1, 0))
             mask = None if causal or bool(valid.all()) else valid[:, None, None, :]
             self.buckets.append((index, valid, mask))
-            real.append(index[valid])
-        self.inverse = torch.empty(total, dtype=torch.long, device=device)
-        if real:
-            order = torch.cat(real)
-            self.inverse[order] = torch.arange(order.numel(), device=device)
+            places.append((index.reshape(-1), valid.reshape(-1)))
+        self.take = torch.cat([i for i, _ in places]) if places else torch.empty(0, dtype=torch.long, device=device)
+        self.slot = torch.empty(total, dtype=torch.long, device=device)
+        if places:
+            real = torch.cat([v for _, v in places])
+            self.slot[self.take[real]] = torch.nonzero(real).squeeze(1)
+
+
+class _ToRows(torch.autograd.Function):
+    """``x[layout.take]``: the stream's tokens at their bucket places. The backward reads each token's
+    gradient at its one real place (``layout.slot``), a gather, where autograd's indexing would scatter-add
+    over every place: the places past a row's end get exactly zero gradient (no real query attends to those
+    keys, and their queries' outputs are dropped), so the sum is the real place's value, bitwise."""
+
+    @staticmethod
+    def forward(ctx, x, take, slot):
+        ctx.save_for_backward(slot)
+        return x.index_select(0, take)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (slot,) = ctx.saved_tensors
+        return grad.index_select(0, slot), None, None
+
+
+class _ToStream(torch.autograd.Function):
+    """``rows[layout.slot]``: each stream token's output from its real place; the backward puts the gradient
+    at those places and zero elsewhere (no accumulation: each place is read at most once)."""
+
+    @staticmethod
+    def forward(ctx, rows, slot):
+        ctx.save_for_backward(slot)
+        ctx.places = rows.shape[0]
+        return rows.index_select(0, slot)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (slot,) = ctx.saved_tensors
+        return grad.new_zeros((ctx.places,) + grad.shape[1:]).index_copy_(0, slot, grad), None
 
 
 @functools.lru_cache(maxsize=16)
@@ -101,6 +138,19 @@ def _additive(mask: torch.Tensor, dtype) -> torch.Tensor:
         bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, _MASKED_SCORE)
         _last_bias[:] = [mask, bias]
     return bias
+
+
+def attend(query, key, value, layout: RowLayout, causal: bool, scale: Optional[float]) -> torch.Tensor:
+    """Attention within each sequence of ``layout`` for ``[T, heads, head_dim]`` query/key/value (as many
+    key/value heads as query heads); returns ``[T, heads, head_dim]``."""
+    places = [index.numel() for index, _, _ in layout.buckets]
+    qkv = [_ToRows.apply(x, layout.take, layout.slot).split(places) for x in (query, key, value)]
+    outs = []
+    for (index, _, mask), q, k, v in zip(layout.buckets, *qkv):
+        q, k, v = (x.view(*index.shape, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))  # [n_b, h, L_b, d]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+        outs.append(o.transpose(1, 2).reshape(-1, o.shape[1], o.shape[3]))  # [n_b * L_b, h, d]
+    return _ToStream.apply(torch.cat(outs), layout.slot)
 
 
 class PackedDotProductAttention(DotProductAttention):
@@ -145,12 +195,7 @@ class PackedDotProductAttention(DotProductAttention):
         causal = self.attn_mask_type == AttnMaskType.causal
         layout = _cached_layout(tuple(cu_q.tolist()), query.shape[0], query.device, causal)
         key, value = self._heads(key, value, dim=1)
-        outs = []
-        for index, valid, mask in layout.buckets:
-            q, k, v = (x[index].transpose(1, 2) for x in (query, key, value))  # [n_b, heads, L_b, d]
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.softmax_scale)
-            outs.append(o.transpose(1, 2)[valid])  # real tokens, bucket order
-        out = torch.cat(outs)[layout.inverse]
+        out = attend(query, key, value, layout, causal, self.softmax_scale)
         return out.reshape(out.shape[0], -1)
 
     def _padded(self, query, key, value, attention_mask):
