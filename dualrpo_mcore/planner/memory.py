@@ -66,7 +66,7 @@ the weight gradient is summed in when there are several chunks ([V/TP, H]).
 
 **Packed micro-batches** (``MicroBatch.packed``, ``actor.model.packing``): the rows run as one stream of
 their T real tokens instead of ``rows x seq_len`` positions, so every per-token term above counts T. The
-local spec's attention groups the sequences into length buckets (same power-of-two ceiling) and gathers
+local spec's attention groups the sequences into length buckets (same quarter-octave ceiling) and gathers
 each bucket into padded rows of its longest: q, k, v (k, v after the GQA repeat), the output and the
 log-sum-exp are saved at those padded positions (``MicroBatch.attended``, for the plan's micro-batch of
 one ``seq_len`` row and equal shorter ones), and the real tokens' output gathered back into stream

@@ -251,7 +251,7 @@ def test_packed_plan_below_padded_for_a_long_tail(recompute):
 def test_local_attention_saves_sdpa_copies_not_scores():
     """The local spec's attention is SDPA (no [heads, s, s] scores): padded, it saves one additive
     [rows, 1, s, s] mask for the stage; packed, no mask but q, k, v and the output gathered into its length
-    buckets' padded rows (a bucket: one power-of-two ceiling), the output back in stream order and the
+    buckets' padded rows (a bucket: one quarter-octave ceiling), the output back in stream order and the
     stream's RowLayout. Below padded for a long tail, above for rows of one length."""
     cfg = _seven_b()
     layout = M.Layout(tp=2, backend="local")  # bf16
@@ -263,9 +263,9 @@ def test_local_attention_saves_sdpa_copies_not_scores():
 
     # The same 8192 tokens as one row or two: only the stage's bf16 mask differs (no s^2 term per layer).
     assert act(1, 8192, False, seq=8192) - act(2, 8192, False) == 2 * (8192 ** 2 - 2 * 4096 ** 2)
-    # 512-token rows share no bucket with the 4096-token one; 3000-token rows do (padded to 4096).
+    # 512-token rows share no bucket with the 4096-token one; 3500-token rows do (padded to 4096).
     assert M.MicroBatch(rows=8, seq_len=4096, packed=True, real_tokens=4096 + 7 * 512).attended == 4096 + 7 * 512
-    assert M.MicroBatch(rows=8, seq_len=4096, packed=True, real_tokens=4096 + 7 * 3000).attended == 8 * 4096
+    assert M.MicroBatch(rows=8, seq_len=4096, packed=True, real_tokens=4096 + 7 * 3500).attended == 8 * 4096
     tail = 4096 + 7 * 512
     assert act(8, tail, True) < act(8, tail, False)
     # Rows of one length: the stream-order output copy per layer and the RowLayout, against the mask.

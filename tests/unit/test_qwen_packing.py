@@ -79,10 +79,15 @@ def test_packing_checks_and_megatron_params():
     assert params.cu_seqlens_q.dtype == torch.int32 and params.max_seqlen_kv == 8
 
 
-def test_length_buckets_share_a_power_of_two_ceiling():
-    from dualrpo_mcore.models.qwen2_5_vl.packed_attention import length_buckets
+def test_length_buckets_share_a_quarter_octave_ceiling():
+    from dualrpo_mcore.models.qwen2_5_vl.packed_attention import length_buckets, length_ceiling
 
-    assert length_buckets([3, 4, 1, 3, 9, 16, 17, 2]) == [[2], [7], [0, 1, 3], [4, 5], [6]]
+    # The ceiling against the smallest k with n <= 2 ** (k / 4), searched in floating point.
+    for n in range(2, 5000):
+        assert length_ceiling(n) == next(k for k in range(200) if n <= 2 ** (k / 4) * (1 + 1e-12)), n
+    assert length_ceiling(0) == length_ceiling(1) == 0
+    # 1 | 2 | 3, 3 | 4 | 9 | 16 | 17, 19 (2^(17/4) = 19.03) | 20
+    assert length_buckets([3, 4, 1, 3, 9, 16, 17, 2, 19, 20]) == [[2], [7], [0, 3], [1], [4], [5], [6, 8], [9]]
     assert length_buckets([]) == []
 
 
@@ -91,10 +96,10 @@ def test_row_layout_puts_each_sequence_in_a_row_of_its_bucket():
 
     cu, total = torch.tensor([0, 3, 3, 7, 8], dtype=torch.int32), 11
     # Row 1 of cu is empty; 8..10 is the trailing padding: sequences (start, length) (0,3) (3,4) (7,1) (8,3).
-    want = [[(7, 1)], [(0, 3), (3, 4), (8, 3)]]  # buckets of ceiling 1 and 4
+    want = [[(7, 1)], [(0, 3), (8, 3)], [(3, 4)]]  # quarter-octave ceilings 1, 3.4 and 4
     for causal in (True, False):
         layout = RowLayout(cu, total, causal=causal)
-        assert len(layout.buckets) == 2
+        assert len(layout.buckets) == 3
         read = []
         for (index, valid, mask), rows in zip(layout.buckets, want):
             width = max(n for _, n in rows)

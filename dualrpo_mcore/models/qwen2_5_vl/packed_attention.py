@@ -4,9 +4,9 @@ Megatron's ``DotProductAttention`` refuses ``packed_seq_params`` (only TE's atte
 local spec is what CPU runs and tests use, so it must compute exactly what TE computes on a packed
 stream: attention within each sequence of ``cu_seqlens`` (causal in the LM, whole-window in the ViT)
 and none across. Here the stream's sequences are grouped by length into buckets (lengths with the same
-power-of-two ceiling), each bucket's sequences gathered into padded rows ``[n_b, heads, L_b, head_dim]``
+quarter-octave ceiling), each bucket's sequences gathered into padded rows ``[n_b, heads, L_b, head_dim]``
 (L_b its longest) for ``torch.nn.functional.scaled_dot_product_attention``, and the real tokens gathered
-back in stream order. The score work is ``sum_b n_b L_b^2`` (under twice the per-row ``sum L_i^2``
+back in stream order. The score work is ``sum_b n_b L_b^2`` (under 1.41x the per-row ``sum L_i^2``
 per bucket), not ``T^2`` for the stream (a dense stream-wide mask made packed 2.4x slower than padded)
 nor ``n L_max^2`` (one padded row each, as before: packed only tied padded on the demo's lengths,
 benchmarks/results/train_packing_cpu.md). Rows are separate batch entries, so one row's tokens can never
@@ -48,13 +48,21 @@ def segments(cu_seqlens: torch.Tensor, total: int, device=None):
     return starts[keep], lengths[keep]
 
 
+def length_ceiling(n: int) -> int:
+    """The bucket of a sequence of ``n`` tokens: the smallest ``k`` with ``n <= 2 ** (k / 4)`` (quarter-octave
+    ceilings), in integers: ``n ** 4 <= 2 ** k``."""
+    return max(int(n) ** 4 - 1, 0).bit_length()
+
+
 def length_buckets(lengths: Sequence[int]) -> List[List[int]]:
-    """Indices of the sequences in each bucket: those whose lengths share a power-of-two ceiling, shortest
-    bucket first. Padding a bucket to its longest costs under 4x its rows' own ``L^2`` score work (under
-    2x of their tokens), at one kernel call per bucket (at most log2 of the longest)."""
+    """Indices of the sequences in each bucket: those with one :func:`length_ceiling`, shortest bucket first.
+    Padding a bucket to its longest costs under 2 ** (1/4) = 1.19x its rows' tokens and 1.41x their ``L^2``
+    score work, at one kernel call per bucket (four per doubling of the length). Power-of-two ceilings (up to
+    2x and 4x) left 13.7% more LM FLOPs executed than useful on the demo's lengths, these 2.0%
+    (benchmarks/results/train_packing_cpu.md)."""
     groups: dict = {}
     for i, n in enumerate(lengths):
-        groups.setdefault(max(int(n) - 1, 0).bit_length(), []).append(i)
+        groups.setdefault(length_ceiling(n), []).append(i)
     return [groups[k] for k in sorted(groups)]
 
 
