@@ -7,6 +7,7 @@ are only comparable within one run, which is why each benchmark measures its bas
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import platform
@@ -43,12 +44,10 @@ def machine() -> Dict[str, Any]:
     """CPU model, core count, load, torch version, and the GPU when CUDA is present."""
     info: Dict[str, Any] = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                             "python": platform.python_version()}
-    try:
+    with contextlib.suppress(OSError):
         with open("/proc/cpuinfo") as f:
             info["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
         info["loadavg_at_start"] = list(os.getloadavg())
-    except OSError:
-        pass
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
         info["gpus"] = torch.cuda.device_count()

@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, help="write results here as JSON")
 
 
-def _timed(fn, n):
+def _timed(fn, n, what):
+    print(f"measuring {what} ...", file=sys.stderr, flush=True)
     t = time.perf_counter()
     fn()
     return n / (time.perf_counter() - t)
@@ -65,12 +66,9 @@ def run(args) -> int:
                 proc([open_image(e) for e in row["images"]])
 
     results = {}
-    print("measuring raw datasets ...", file=sys.stderr, flush=True)
-    results["raw datasets"] = _timed(raw, n)
-    print("measuring per-sample processing ...", file=sys.stderr, flush=True)
-    results[f"per-sample (x{g})"] = _timed(per_sample, n)
-    print("measuring loader ...", file=sys.stderr, flush=True)
-    results["loader (once/prompt)"] = _timed(lambda: loader.next_prompts(n), n)
+    results["raw datasets"] = _timed(raw, n, "raw datasets")
+    results[f"per-sample (x{g})"] = _timed(per_sample, n, "per-sample processing")
+    results["loader (once/prompt)"] = _timed(lambda: loader.next_prompts(n), n, "loader")
     base = results[f"per-sample (x{g})"]
     print(f"\nrows = prompts; each prompt feeds G={g} samples; {n} prompts per measurement")
     print(f"{'path':<24}{'prompts/s':>12}{'samples/s':>12}{'vs per-sample':>15}")

@@ -26,6 +26,7 @@ probes run, and the result file is written (``dry_run: true``) to ``--out``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib.util
 import json
@@ -109,13 +110,11 @@ def versions() -> Dict[str, Optional[str]]:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             out[dist] = None
-    try:
+    with contextlib.suppress(Exception):  # versions are a record, not a requirement
         import torch
 
         out["cuda"] = torch.version.cuda
         out["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    except Exception:  # noqa: BLE001 - versions are a record, not a requirement
-        pass
     return out
 
 

@@ -71,17 +71,17 @@ def requests_for(cfg, args):
     return out
 
 
-def _hf_engine_method(model, requests, args, device):
+def _engine_call(engine, requests, args):
+    """The timed call of an engine (``--n`` samples per request, T = 1); returns the tokens generated."""
     from dualrpo_mcore.rollout.engine import SamplingParams
-    from dualrpo_mcore.rollout.hf_engine import HFEngine
 
-    engine = HFEngine(model, eos_token_ids=[], device=device)  # no EOS: every sample runs to the cap
     params = SamplingParams(n=args.n, temperature=1.0, max_new_tokens=args.max_new_tokens, seed=0)
 
     def call():
         out = engine.generate(requests, params)
         return sum(len(s.token_ids) for row in out for s in row)
 
+    call.engine = engine
     return call
 
 
@@ -116,7 +116,7 @@ def _sglang_method(requests, args, cfg) -> Any:
         return "--model-dir not given (SGLang needs an HF checkpoint dir with tokenizer and processor)"
     from PIL import Image
 
-    from dualrpo_mcore.rollout.engine import RolloutRequest, SamplingParams
+    from dualrpo_mcore.rollout.engine import RolloutRequest
     from dualrpo_mcore.rollout.sglang_engine import SGLangEngine
 
     from .train import parse_grid
@@ -127,16 +127,8 @@ def _sglang_method(requests, args, cfg) -> Any:
     raw = [[Image.fromarray(torch.randint(0, 256, (h * px, w * px, 3), generator=g, dtype=torch.uint8).numpy())
             for _ in range(args.images_per_prompt)] for _ in requests]
     reqs = [RolloutRequest(input_ids=r.input_ids, images=imgs, uid=r.uid) for r, imgs in zip(requests, raw)]
-    engine = SGLangEngine(args.model_dir, image_token_id=cfg.image_token_id)
     # SamplingParams has no ignore-EOS switch: SGLang samples may stop early; tokens are counted as produced.
-    params = SamplingParams(n=args.n, temperature=1.0, max_new_tokens=args.max_new_tokens, seed=0)
-
-    def call():
-        out = engine.generate(reqs, params)
-        return sum(len(s.token_ids) for row in out for s in row)
-
-    call.engine = engine
-    return call
+    return _engine_call(SGLangEngine(args.model_dir, image_token_id=cfg.image_token_id), reqs, args)
 
 
 def _model(args, device):
@@ -184,6 +176,7 @@ def run(args) -> int:
     import warnings
 
     from dualrpo_mcore.models.qwen2_5_vl import from_hf
+    from dualrpo_mcore.rollout.hf_engine import HFEngine
 
     from .common import write_json
 
@@ -201,7 +194,8 @@ def run(args) -> int:
     requests = requests_for(cfg, args)
     print(f"bench rollout: {args.prompts} prompts x n={args.n} x {args.max_new_tokens} tokens on {device}", flush=True)
     rows = [measure(_generate_method(model, requests, args, device), args, "generate (baseline)"),
-            measure(_hf_engine_method(model, requests, args, device), args, "hf-engine")]
+            # no EOS: every sample runs to the cap
+            measure(_engine_call(HFEngine(model, eos_token_ids=[], device=device), requests, args), args, "hf-engine")]
     skipped: Dict[str, str] = {}
     sg = _sglang_method(requests, args, cfg)
     if isinstance(sg, str):

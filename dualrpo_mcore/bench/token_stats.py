@@ -143,12 +143,7 @@ def _time_cuda(fn, repeats):
 
 
 def _methods(args):
-    out = {"fused": fused}
-    if "naive" not in args.skip:
-        out["naive"] = naive
-    if "mcore" not in args.skip:
-        out["mcore"] = mcore
-    return out
+    return {name: fn for name, fn in (("fused", fused), ("naive", naive), ("mcore", mcore)) if name not in args.skip}
 
 
 def run_cpu(args, ctx):

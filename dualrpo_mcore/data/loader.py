@@ -246,11 +246,10 @@ class PromptLoader:
         return [next(self) for _ in range(n)]
 
     def _try_build(self, s: int, idx: int) -> Optional[Prompt]:
-        src = self.sources[s]
         try:
             return self.build(s, idx)
         except BadRow as e:
-            self._on_bad(e, src)
+            self._on_bad(e, self.sources[s])
         except _Filtered as f:
             self.filtered[f.reason] = self.filtered.get(f.reason, 0) + 1
             log.debug("%s:%d filtered (%s)", f.file, f.row, f.reason)

@@ -52,11 +52,7 @@ def expand_image_pads(text: str, counts: Sequence[int]) -> str:
     parts = text.split(IMAGE_PAD)
     if len(parts) - 1 != len(counts):
         raise ValueError(f"{len(parts) - 1} image pads in the text but {len(counts)} images")
-    out = [parts[0]]
-    for n, rest in zip(counts, parts[1:]):
-        out.append(IMAGE_PAD * int(n))
-        out.append(rest)
-    return "".join(out)
+    return parts[0] + "".join(IMAGE_PAD * int(n) + rest for n, rest in zip(counts, parts[1:]))
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048):

@@ -44,11 +44,11 @@ import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from dualrpo_mcore.atomic import atomic_path
+from dualrpo_mcore.data.config import REWARD_PROFILES
 from dualrpo_mcore.data.schema import arrow_schema, make_row, validate_row
 
 log = logging.getLogger("dualrpo.data")
 
-PROFILES = ("vtriune", "native")
 OTHER_TASK = "other"
 VTRIUNE_VERIFIERS = {"mathverify": "vtriune_math", "detection": "vtriune_detection"}
 VERIFIER_MAP = {
@@ -152,8 +152,7 @@ def native_boxes(ans: Any) -> List[Dict[str, Any]]:
     return usable
 
 
-def _native_spec(rm, ability, images, image_size) -> Dict[str, Any]:
-    name = str(rm.get("verifier") or "").strip().lower()
+def _native_spec(rm, name: str, ability, images, image_size) -> Dict[str, Any]:
     verifier = VERIFIER_MAP.get(name) or ABILITY_VERIFIER.get(task_of(ability))
     if verifier is None:
         raise ValueError(f"reward_model.verifier: unknown verifier {name!r} and ability {ability!r}")
@@ -194,8 +193,8 @@ def convert_spec(rm: Mapping[str, Any], ability: Optional[str], images: List[Map
     pixel bounds it decides the size the model sees, which normalised boxes are scaled by.
     ``size_images=False`` leaves that size out of ``vtriune_detection`` specs (the loader fills it
     from the processed image instead of decoding the image twice)."""
-    if profile not in PROFILES:
-        raise ValueError(f"profile must be one of {PROFILES}, got {profile!r}")
+    if profile not in REWARD_PROFILES:
+        raise ValueError(f"profile must be one of {REWARD_PROFILES}, got {profile!r}")
     name = str(rm.get("verifier") or "").strip().lower()
 
     def image_hw():
@@ -203,7 +202,7 @@ def convert_spec(rm: Mapping[str, Any], ability: Optional[str], images: List[Map
 
     if profile == "vtriune" and name in VTRIUNE_VERIFIERS:
         return _vtriune_spec(VTRIUNE_VERIFIERS[name], rm, image_hw if images and size_images else None)
-    return _native_spec(rm, ability, images, image_hw)
+    return _native_spec(rm, name, ability, images, image_hw)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,13 +33,10 @@ class StorageCensus(TorchDispatchMode):
                 ptr = st.data_ptr()
                 if ptr not in self.existing and ptr not in self.live and st.nbytes() > 0:
                     self.live[ptr] = (StorageWeakRef(st), st.nbytes())
-        self._update()
-        return out
-
-    def _update(self) -> None:
         for ptr in [p for p, (ref, _) in self.live.items() if ref.expired()]:
             del self.live[ptr]
         self.peak = max(self.peak, sum(n for _, n in self.live.values()))
+        return out
 
 
 def peak_new_bytes(fn: Callable[[], object], existing: Iterable[torch.Tensor] = ()) -> int:

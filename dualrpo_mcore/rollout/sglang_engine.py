@@ -112,13 +112,12 @@ def _prompt_ids(r: RolloutRequest, image_token_id: int) -> List[int]:
     return ids
 
 
-def _image_data(requests: Sequence[RolloutRequest]) -> Optional[List[List[Any]]]:
+def _add_image_data(kwargs: Dict[str, Any], requests: Sequence[RolloutRequest]) -> None:
     # An image-less prompt gets [] and never None: SGLang keeps a list of lists only when the
     # first entry is a list, otherwise it wraps every entry once more and then fails on the
     # nested lists / None with "Invalid image" (io_struct._normalize_image_data, load_image).
-    if not any(r.images for r in requests):
-        return None
-    return [list(r.images) for r in requests]
+    if any(r.images for r in requests):
+        kwargs["image_data"] = [list(r.images) for r in requests]
 
 
 def build_generate_kwargs(requests: Sequence[RolloutRequest], params: SamplingParams, image_token_id: int,
@@ -131,15 +130,12 @@ def build_generate_kwargs(requests: Sequence[RolloutRequest], params: SamplingPa
     ids = [_prompt_ids(r, image_token_id) for r in requests]
     if seed is None:
         kwargs: Dict[str, Any] = dict(input_ids=ids, sampling_params=sampling_dict(params), return_logprob=True)
-        images = _image_data(requests)
+        _add_image_data(kwargs, requests)
     else:
-        reps = [r for r in requests for _ in range(params.n)]
         kwargs = dict(input_ids=[x for x in ids for _ in range(params.n)], return_logprob=True,
                       sampling_params=[sampling_dict(params, n=1, sampling_seed=seed_for(seed, r.uid or str(i), j))
                                        for i, r in enumerate(requests) for j in range(params.n)])
-        images = _image_data(reps)
-    if images is not None:
-        kwargs["image_data"] = images
+        _add_image_data(kwargs, [r for r in requests for _ in range(params.n)])
     return kwargs
 
 
@@ -347,9 +343,7 @@ class SGLangEngine(RolloutEngine):
             input_ids=[_prompt_ids(r, self.image_token_id) + comps[i] for r, i in zip(reqs, todo)],
             sampling_params=dict(max_new_tokens=1, temperature=1.0, skip_special_tokens=False),
             return_logprob=True, logprob_start_len=[len(r.input_ids) - 1 for r in reqs])
-        images = _image_data(reqs)
-        if images is not None:
-            kwargs["image_data"] = images
+        _add_image_data(kwargs, reqs)
         outputs = self._engine.generate(**kwargs)
         if len(outputs) != len(reqs):
             raise RuntimeError(f"SGLang returned {len(outputs)} outputs for {len(reqs)} scored prompts")

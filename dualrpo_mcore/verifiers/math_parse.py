@@ -44,6 +44,7 @@ _COMMA_NUMBER = re.compile(r"^-?\d{1,3}(?:(?:,| |\{,\})\d{3})+(?:\.\d+)?$")
 _PLAIN_NUMBER = re.compile(r"^-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d{1,3})?$")
 
 
+@functools.lru_cache(maxsize=1)
 def _lazy_converter():
     # imported lazily: the ANTLR runtime costs ~0.5 s to import and most workers never need it
     from latex2sympy2_extended.latex2sympy2 import ConversionConfig, _Latex2Sympy
@@ -56,9 +57,6 @@ def _lazy_converter():
             return number_to_sympy(text, sympy)
 
     return SafeLatex2Sympy, ConversionConfig
-
-
-_CONVERTER = None
 
 
 def number_to_sympy(text: str, sympy=None):
@@ -276,10 +274,7 @@ def _last_of_chain(s: str) -> Optional[str]:
 
 
 def _convert(s: str):
-    global _CONVERTER
-    if _CONVERTER is None:
-        _CONVERTER = _lazy_converter()
-    conv_cls, conv_cfg = _CONVERTER
+    conv_cls, conv_cfg = _lazy_converter()
     try:
         return conv_cls(is_real=not _looks_complex(s), convert_degrees=False,
                         config=conv_cfg()).parse(s)

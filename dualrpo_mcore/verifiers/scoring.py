@@ -31,9 +31,7 @@ def _validate_single(spec: Mapping[str, Any], prefix: str) -> None:
     vdef = VERIFIERS.get(name)
     if vdef.needs_answer and spec.get("answer") is None:
         raise ValueError(f"{_where(prefix, 'answer')} is required for verifier {name!r}")
-    params = spec.get("params", {})
-    if params is None:
-        params = {}
+    params = {} if spec.get("params") is None else spec["params"]
     if not isinstance(params, Mapping):
         raise ValueError(f"{_where(prefix, 'params')} must be a dict, got {type(params).__name__}")
     unknown = sorted(str(k) for k in params if k not in vdef.params)

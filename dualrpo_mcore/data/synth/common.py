@@ -103,5 +103,13 @@ def pick(rng: random.Random, seq, k: Optional[int] = None):
     return rng.choice(list(seq)) if k is None else rng.sample(list(seq), k)
 
 
+def distinct(rng: random.Random, target: Tuple[str, str], same_shape_ok: bool = True) -> Tuple[str, str]:
+    """A random (shape, colour) other than ``target`` (and of another shape unless ``same_shape_ok``)."""
+    while True:
+        cand = (pick(rng, SHAPES), pick(rng, COLOURS))
+        if cand != target and (same_shape_ok or cand[0] != target[0]):
+            return cand
+
+
 def box_text(boxes: List[Box]) -> str:
     return "[" + ", ".join(f"[{b[0]}, {b[1]}, {b[2]}, {b[3]}]" for b in boxes) + "]"

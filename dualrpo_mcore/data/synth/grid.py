@@ -17,7 +17,7 @@ import random
 from typing import List, Sequence, Tuple
 
 from dualrpo_mcore.data.synth.common import (
-    ANSWER_FORMAT, COLOURS, SHAPES, Box, Sample, box_text, canvas, draw_shape, font, pick,
+    ANSWER_FORMAT, COLOURS, SHAPES, Box, Sample, box_text, canvas, distinct, draw_shape, font, pick,
 )
 from dualrpo_mcore.data.synth.perception import BOX_FORMAT, WORDS
 from dualrpo_mcore.data.synth.reasoning import LETTERS, beaker_sample, pattern_sample
@@ -50,18 +50,11 @@ def _scene(rng: random.Random, n_target: int, others: Sequence[Tuple[str, str]],
     return img, sorted(boxes)
 
 
-def _distinct(rng: random.Random, target: Tuple[str, str], same_shape_ok: bool = True) -> Tuple[str, str]:
-    while True:
-        cand = (pick(rng, SHAPES), pick(rng, COLOURS))
-        if cand != target and (same_shape_ok or cand[0] != target[0]):
-            return cand
-
-
 def counting_task(rng: random.Random, d: int) -> Sample:
     target = (pick(rng, SHAPES), pick(rng, COLOURS))
     n_t = rng.randint(0 if d > 1 else 1, {1: 4, 2: 6, 3: 8}[d])
     n_o = {1: 0, 2: rng.randint(1, 3), 3: rng.randint(2, 5)}[d]
-    img, _ = _scene(rng, n_t, [_distinct(rng, target) for _ in range(n_o)], target)
+    img, _ = _scene(rng, n_t, [distinct(rng, target) for _ in range(n_o)], target)
     what = f"{target[1]} {target[0]}s" if d > 1 else f"{target[0]}s"
     return Sample("counting", img, f"How many {what} are in the image? {ANSWER_FORMAT}",
                   {"verifier": "counting", "answer": n_t}, str(n_t), d, reasoning=f"I count {n_t}.", kind="grid")
@@ -70,7 +63,7 @@ def counting_task(rng: random.Random, d: int) -> Sample:
 def grounding_task(rng: random.Random, d: int) -> Sample:
     target = (pick(rng, SHAPES), pick(rng, COLOURS))
     n_o = {1: rng.randint(1, 2), 2: rng.randint(2, 4), 3: rng.randint(4, 6)}[d]
-    img, boxes = _scene(rng, 1, [_distinct(rng, target, same_shape_ok=d > 1) for _ in range(n_o)], target)
+    img, boxes = _scene(rng, 1, [distinct(rng, target, same_shape_ok=d > 1) for _ in range(n_o)], target)
     b, desc = boxes[0], f"the {target[1]} {target[0]}"
     q = f"Find {desc} in the image. Give its box as [x1, y1, x2, y2] in pixels. {ANSWER_FORMAT}"
     # Hit or miss at IoU 0.5 (Acc@0.5), not the IoU itself: under a graded IoU a box over the whole

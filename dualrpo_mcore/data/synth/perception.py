@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 
 from dualrpo_mcore.data.synth.common import (
-    ANSWER_FORMAT, COLOURS, SHAPES, Sample, box_text, canvas, draw_shape, font, pick, place_boxes,
+    ANSWER_FORMAT, COLOURS, SHAPES, Sample, box_text, canvas, distinct, draw_shape, font, pick, place_boxes,
 )
 
 _SIZE = 112
@@ -41,7 +41,6 @@ def detection_task(rng: random.Random, d: int) -> Sample:
     n_o = rng.randint(0 if d == 1 else 1, {1: 1, 2: 3, 3: 4}[d])
     img, boxes = _scene(rng, d, n_t, n_o, (shape, pick(rng, COLOURS)),
                         lambda: (pick(rng, others), pick(rng, COLOURS)))
-    # colour of the targets varies at d3 (detect by shape, whatever the colour)
     q = f"Detect every {shape} in the image. {BOX_FORMAT} {ANSWER_FORMAT}"
     spec = {"verifier": "detection", "answer": [list(b) for b in boxes],
             "params": {"coords": "abs"}}
@@ -54,14 +53,10 @@ def grounding_task(rng: random.Random, d: int) -> Sample:
     n_o = {1: rng.randint(1, 2), 2: rng.randint(2, 4), 3: rng.randint(4, 6)}[d]
 
     def other():
-        while True:
-            # harder levels share the shape or the colour with the target
-            if d == 1:
-                cand = (pick(rng, [s for s in SHAPES if s != target[0]]), pick(rng, COLOURS))
-            else:
-                cand = (pick(rng, SHAPES), pick(rng, COLOURS))
-            if cand != target:
-                return cand
+        # harder levels share the shape or the colour with the target
+        if d == 1:
+            return pick(rng, [s for s in SHAPES if s != target[0]]), pick(rng, COLOURS)
+        return distinct(rng, target)
 
     img, boxes = _scene(rng, d, 1, n_o, target, other)
     desc = f"the {target[1]} {target[0]}"
@@ -76,14 +71,7 @@ def counting_task(rng: random.Random, d: int) -> Sample:
     target = (pick(rng, SHAPES), pick(rng, COLOURS))
     n_t = rng.randint(0 if d > 1 else 1, {1: 4, 2: 6, 3: 9}[d])
     n_o = {1: 0, 2: rng.randint(1, 3), 3: rng.randint(2, 5)}[d]
-
-    def other():
-        while True:
-            cand = (pick(rng, SHAPES), pick(rng, COLOURS))
-            if cand != target:
-                return cand
-
-    img, boxes = _scene(rng, d, n_t, n_o, target, other)
+    img, boxes = _scene(rng, d, n_t, n_o, target, lambda: distinct(rng, target))
     what = f"{target[1]} {target[0]}s" if d > 1 else f"{target[0]}s"
     q = f"How many {what} are in the image? {ANSWER_FORMAT}"
     return Sample("counting", img, q, {"verifier": "counting", "answer": n_t}, str(n_t), d,

@@ -44,8 +44,7 @@ def _geometry(rng: random.Random, d: int) -> Sample:
     f = font(12)
     if d < 3:
         w, h = rng.randint(2, 9 if d == 1 else 15), rng.randint(2, 9 if d == 1 else 15)
-        pw, ph = 20 + 4 * w, 20 + 4 * h
-        pw, ph = min(pw, 80), min(ph, 80)
+        pw, ph = min(20 + 4 * w, 80), min(20 + 4 * h, 80)
         x0, y0 = (112 - pw) // 2, (112 - ph) // 2
         draw.rectangle((x0, y0, x0 + pw, y0 + ph), outline=(0, 0, 0), width=2)
         draw.text((x0 + pw // 2, y0 - 2), str(w), fill=(200, 0, 0), font=f, anchor="md")

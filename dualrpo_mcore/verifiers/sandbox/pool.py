@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
 import json
 import logging
 import math
@@ -284,10 +285,8 @@ class VerifierPool:
         with self._lock:  # close() closes the pipe under the same lock: no write to a reused fd
             if self._wake_w is None:
                 return
-            try:
+            with contextlib.suppress(OSError):  # full (BlockingIOError): the dispatcher is already due to wake
                 os.write(self._wake_w, b"x")
-            except OSError:
-                pass  # full (BlockingIOError): the dispatcher is already due to wake
 
     def _run(self) -> None:
         try:
@@ -402,11 +401,9 @@ class VerifierPool:
 
     def _on_event(self, key, events) -> None:
         if key.data is None:  # the wake pipe
-            try:
+            with contextlib.suppress(BlockingIOError):
                 while os.read(self._wake_r, 4096):
                     pass
-            except BlockingIOError:
-                pass
             return
         worker, which = key.data
         if worker.state == "dead":
@@ -509,10 +506,9 @@ class VerifierPool:
         """Kill (if needed) and reap a worker; its sample, if any, scores 0 with ``status``."""
         was, job = worker.state, worker.job
         if status == "crash":
-            try:  # an EOF arrives just before the exit status; wait for it to tell why
+            # an EOF arrives just before the exit status; wait for it to tell why
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 worker.proc.wait(timeout=0.2)
-            except subprocess.TimeoutExpired:
-                pass
         self._kill(worker)
         code = worker.proc.returncode
         if was == "starting":
@@ -536,27 +532,19 @@ class VerifierPool:
     def _kill(self, worker: _Worker) -> None:
         worker.state, worker.job = "dead", None
         if worker.proc.poll() is None:
-            try:  # the whole session: a grandchild must not outlive its worker
+            # the whole session: a grandchild must not outlive its worker
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(worker.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        try:  # reap it, release its pipes, remove its temp dir
+        # reap it, release its pipes, remove its temp dir; TimeoutExpired: a process stuck in the kernel
+        with contextlib.suppress(subprocess.TimeoutExpired):
             worker.proc.wait(timeout=5.0)
-        except subprocess.TimeoutExpired:  # pragma: no cover -- a process stuck in the kernel
-            pass
         for f in (worker.proc.stdin, worker.proc.stdout, worker.proc.stderr):
-            try:
+            with contextlib.suppress(KeyError, ValueError):  # not registered, or already closed
                 self._sel.unregister(f.fileno())
-            except (KeyError, ValueError):  # not registered, or already closed
-                pass
-            try:
+            with contextlib.suppress(OSError):
                 f.close()
-            except OSError:
-                pass
-        try:
+        with contextlib.suppress(OSError):
             os.chmod(worker.tmpdir, 0o700)
-        except OSError:
-            pass
         shutil.rmtree(worker.tmpdir, ignore_errors=True)
 
     def _fail_queue(self, why: str, in_flight: Sequence[_Job] = ()) -> None:
@@ -572,18 +560,14 @@ class VerifierPool:
         for worker in self._workers:
             worker.job = None
             if worker.state != "dead":
-                try:
+                with contextlib.suppress(OSError):
                     worker.proc.stdin.close()  # EOF: an idle worker exits by itself
-                except OSError:
-                    pass
         self._fail_queue(self._broken or "VerifierPool closed while scoring", in_flight)
         end = time.monotonic() + 1.0
         for worker in self._workers:
             if worker.state != "dead":
-                try:
+                with contextlib.suppress(subprocess.TimeoutExpired):
                     worker.proc.wait(timeout=max(0.0, end - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    pass
                 self._kill(worker)
         self._workers = []
         self._ready_event.set()  # release wait_ready(); it then reports the pool as closed

@@ -59,8 +59,7 @@ def _check(answer: Any, params: Mapping[str, Any]) -> None:
     param_number(params, "iou_threshold", lo=0.0, hi=1.0, allow_none=True)
     param_int(params, "max_boxes", _DEFAULT_MAX_BOXES, lo=1, hi=MAX_BOXES)
     param_choice(params, "fallback", FALLBACKS, "full")
-    if "use_labels" in params:
-        param_bool(params, "use_labels", True)
+    param_bool(params, "use_labels", True)
     sched = params.get("schedule")
     if sched is not None:
         ok = isinstance(sched, (list, tuple)) and len(sched) > 0 and all(

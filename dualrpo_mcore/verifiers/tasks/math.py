@@ -45,6 +45,7 @@ What comes from math-verify 0.9.0 / latex2sympy2_extended, and what is ours:
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -148,10 +149,8 @@ def _parse_found(found: Found):
     import sympy
 
     if found.joined and len(found.parts) > 1:
-        try:
+        with contextlib.suppress(Unparsable):
             return to_sympy(",".join(found.parts))
-        except Unparsable:
-            pass
     parsed = [_parse_part(part, found.plain) for part in found.parts]
     if len(parsed) == 1:
         return parsed[0]

@@ -45,10 +45,6 @@ def similarity(a: str, b: str) -> float:
     return 1.0 - Levenshtein.distance(a, b) / max(len(a), len(b))
 
 
-def _answers(answer: Any):
-    return [answer] if isinstance(answer, str) else list(answer)
-
-
 def _check(answer: Any, params: Mapping[str, Any]) -> None:
     param_choice(params, "mode", ("similarity", "exact"), "similarity")
     param_choice(params, "fallback", FALLBACKS, "full")
@@ -72,7 +68,7 @@ def score_ocr(answer: Any, response: str, params: Mapping[str, Any], ctx: Contex
                      [-4 * cap:], **opts)[:cap]
     exact = params.get("mode", "similarity") == "exact"
     best = 0.0
-    for ref in _answers(answer):
+    for ref in ([answer] if isinstance(answer, str) else answer):
         ref_n = normalise(ref[:4 * cap], **opts)[:cap]
         best = max(best, float(ref_n == pred) if exact else similarity(ref_n, pred))
     return best

@@ -233,14 +233,9 @@ def format_score(response: str) -> float:
 def _iou_terms(pred, gt, w, thr) -> Dict[str, float]:
     ious = [[iou(p["bbox_2d"], g["bbox_2d"]) for g in gt] for p in pred]
     c = w["iou_completeness"]
-    out = {}
-    for key, fn in _STRATEGIES.items():
-        if thr == "average":
-            vals = [weighted_iou(fn(pred, gt, ious, t), len(pred), len(gt), c) for t in IOU_THRESHOLDS]
-            out[key] = sum(vals) / len(IOU_THRESHOLDS)
-        else:
-            out[key] = weighted_iou(fn(pred, gt, ious, thr), len(pred), len(gt), c)
-    return out
+    thrs = IOU_THRESHOLDS if thr == "average" else (thr,)  # "average": the mean over the eleven
+    return {key: sum(weighted_iou(fn(pred, gt, ious, t), len(pred), len(gt), c) for t in thrs) / len(thrs)
+            for key, fn in _STRATEGIES.items()}
 
 
 def accuracy_score(response: str, answer: str, params: Mapping[str, Any], progress: Optional[float]) -> float:

@@ -30,6 +30,7 @@ that. docs/vtriune.md lists where this still differs from theirs.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import re
@@ -194,10 +195,8 @@ def _extract_expr(match: re.Match) -> Tuple[Optional[object], str]:
         return (convert_to_pct(number) if gd.get("percent") else number), text
     expr = gd.get("expr") or ""
     if expr:
-        try:
+        with contextlib.suppress(Exception):
             return _parse_arithmetic(expr), expr
-        except Exception:
-            pass
     return None, expr
 
 
