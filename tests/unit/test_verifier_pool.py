@@ -253,3 +253,12 @@ def test_numpy_values_travel_as_plain_json():
                                     ["3", "[1, 2]"], progress=np.float32(0.5))
     assert [r.status for r in results] == ["ok", "ok"]
     assert results[0].reward == 1.0
+
+
+def test_workers_find_the_package_from_a_source_checkout():
+    """The workers' PYTHONPATH starts at the directory that holds ``dualrpo_mcore`` (a checkout without an
+    install must still import the scorers there); moving the pool into ``sandbox/`` once pointed it at the
+    package itself."""
+    from dualrpo_mcore.verifiers.sandbox import pool
+
+    assert os.path.isfile(os.path.join(pool._PACKAGE_ROOT, "dualrpo_mcore", "verifiers", "sandbox", "pool.py"))

@@ -46,6 +46,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
+import dualrpo_mcore
 from dualrpo_mcore.verifiers.base import response_text
 from dualrpo_mcore.verifiers.sandbox.worker import DEFAULT_WARMUP, EXIT_MEMORY, HEADER, encode_frame, worker_command, worker_env
 
@@ -54,7 +55,9 @@ DEFAULT_SCORER = "dualrpo_mcore.verifiers.scoring:score_with_info"
 MAX_RESULT_BYTES = 1 << 20  # a result frame is a float and a short info dict
 _STDERR_TAIL = 4096
 _log = logging.getLogger(__name__)
-_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The directory that holds the dualrpo_mcore package (on the workers' PYTHONPATH: a source checkout runs
+# without an install).
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(dualrpo_mcore.__file__)))
 
 
 class VerifierPoolError(RuntimeError):
