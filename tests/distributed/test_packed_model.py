@@ -162,6 +162,47 @@ def _refusals(model, cfg, batch):
     return messages
 
 
+def _sdpa_rules(model):
+    """The local core attention against Megatron's own ``DotProductAttention.forward`` on one LM layer's
+    padded inputs, per configuration: (max abs difference, whether it took SDPA, the packed call's refusal).
+    SDPA must agree within float rounding; where a setting rules SDPA out (attention dropout in training,
+    a sliding window) the layer must be Megatron's own path, bitwise (same RNG state), and packed refuses."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    core = model.language_model.decoder.layers[0].self_attention.core_attention
+    s, b, h, d = 12, 2, core.num_attention_heads_per_partition, core.hidden_size_per_attention_head
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(s, b, h, d, generator=g)
+    k, v = (torch.randn(s, b, core.num_query_groups_per_partition, d, generator=g) for _ in range(2))
+    real = torch.ones(b, s, dtype=torch.bool)
+    real[1, 9:] = False  # row 1 ends with padding
+    mask = ~(real[:, None, :, None] & real[:, None, None, :] & torch.ones(s, s, dtype=torch.bool).tril())
+    cu = torch.tensor([0, 7, s], dtype=torch.int32)
+    thd = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=7, max_seqlen_kv=7)
+    out = {}
+    for name, dropout, window in (("default", 0.0, None), ("dropout", 0.5, None), ("window", 0.0, (4, 0))):
+        core.attention_dropout.p, core.scale_mask_softmax.window_size = dropout, window
+        core.train(dropout > 0)
+        tracker = get_cuda_rng_tracker()  # attention dropout draws from the model-parallel RNG stream
+        states = tracker.get_states()
+        got = core(q, k, v, mask, core.attn_mask_type)
+        tracker.set_states(states)
+        want = DotProductAttention.forward(core, q, k, v, mask, core.attn_mask_type)
+        try:
+            core(q[:, 0], k[:, 0], v[:, 0], None, core.attn_mask_type, packed_seq_params=thd)
+            refused = None
+        except NotImplementedError as e:
+            refused = str(e)
+        # Real queries only: a padding query sees no key, where Megatron's fill makes its softmax uniform and an
+        # additive mask keeps the scores' order (its output is dropped either way).
+        out[name] = (float((got - want)[real.T].abs().max()), core.sdpa_applies(), refused)
+    core.attention_dropout.p, core.scale_mask_softmax.window_size = 0.0, None
+    core.eval()
+    return out
+
+
 def _all_settings(rank, world_size):
     out = {}
     cfg, model = _model(2)
@@ -184,6 +225,7 @@ def _all_settings(rank, world_size):
     out["tp1_leak"] = _leak(model, cfg, batch)
     out["tp1_grads"] = _grad_diffs(cfg, model, batch)
     out["tp1_vit"] = _vit_segmented_vs_masked(model, batch)
+    out["tp1_sdpa_rules"] = _sdpa_rules(model)
     # Recomputation re-runs attention in backward, which must see the packed layout again.
     cfg, model = _model(1, recompute="selective")
     out["tp1_selective_grads"] = _grad_diffs(cfg, model, batch)
@@ -246,3 +288,13 @@ def test_vit_windows_as_rows_equal_the_block_diagonal_mask(results):
             f"rank {rank}: ViT gradients differ: {max(vit['grads'].items(), key=lambda kv: kv[1])}"
         others, own = vit["leak"]
         assert others == 0.0 and own > 1e-3, f"rank {rank}: other images moved {others:.3g}, own {own:.3g}"
+
+
+def test_sdpa_only_where_it_computes_megatrons_attention(results):
+    rules = results[0]["tp1_sdpa_rules"]
+    diff, sdpa, refused = rules["default"]
+    assert sdpa and diff < 1e-5 and refused is None
+    for name in ("dropout", "window"):
+        diff, sdpa, refused = rules[name]
+        assert not sdpa and diff == 0.0, name  # Megatron's own path, bitwise
+        assert refused and "packed attention needs attention dropout 0" in refused, name
