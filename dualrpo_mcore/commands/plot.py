@@ -17,6 +17,7 @@ import json
 import math
 import os
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -111,9 +112,7 @@ def load_runs(run_dirs: Sequence[str], labels: Optional[Sequence[str]] = None) -
 
 
 def _disambiguate(runs: List[Run]) -> None:
-    counts: Dict[str, int] = {}
-    for r in runs:
-        counts[r.label] = counts.get(r.label, 0) + 1
+    counts = Counter(r.label for r in runs)
     for r in runs:
         if counts[r.label] > 1:
             r.label = f"{r.label} ({os.path.basename(os.path.normpath(r.path))})"
@@ -122,9 +121,7 @@ def _disambiguate(runs: List[Run]) -> None:
 def task_names(runs: Sequence[Run], prefix: str = ACCURACY_PREFIX) -> List[str]:
     """Tasks with a ``<prefix><task>`` curve in any run, sorted, with the overall mean last."""
     tasks = {k[len(prefix):] for r in runs for rec in r.records for k in rec if k.startswith(prefix)}
-    has_all = OVERALL in tasks
-    tasks.discard(OVERALL)
-    return sorted(tasks) + ([OVERALL] if has_all else [])
+    return sorted(tasks, key=lambda t: (t == OVERALL, t))
 
 
 def _draw_panel(ax, runs: Sequence[Run], key: str, window: int, title: str, levels: Sequence[str] = ("",)) -> int:

@@ -11,7 +11,6 @@ Runs as one process (TP=1) or under ``torchrun`` (``--tp``/``--pp``; the rest is
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import shutil
 import sys
@@ -21,7 +20,6 @@ import torch
 
 from dualrpo_mcore.actor import batching
 
-log = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "preprocessor_config.json", "dualrpo_tokens.json")
 

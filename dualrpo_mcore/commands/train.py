@@ -104,16 +104,12 @@ def run(args) -> int:
 
     try:
         records = train(cfg)
-    except Preempted as e:
-        # Not a failure: a requeued job (or the operator) resumes from the step just checkpointed.
+    except (Preempted, StorageError, CheckpointLoadError) as e:
+        # The same line on every rank, and no traceback: the message is the whole story. Preempted is
+        # not a failure: a requeued job (or the operator) resumes from the step just checkpointed.
         print(f"dualrpo train: {e}", file=sys.stderr, flush=True)
         shutdown()
-        return REQUEUE_EXIT
-    except (StorageError, CheckpointLoadError) as e:
-        # The same line on every rank, and no traceback: the message is the whole story.
-        print(f"dualrpo train: {e}", file=sys.stderr, flush=True)
-        shutdown()
-        return 1
+        return REQUEUE_EXIT if isinstance(e, Preempted) else 1
     if dist.get_rank() == 0 and records:
         last = records[-1]
         print(f"train: {len(records)} steps (last {last['step']}); "

@@ -16,7 +16,6 @@ nemo-run is an optional extra: it is imported inside the functions that need it.
 from __future__ import annotations
 
 import glob
-import inspect
 import os
 import re
 import shlex
@@ -65,20 +64,14 @@ def require_nemo_run():
 
 
 def recipe_parallel(recipe: str) -> Tuple[int, int]:
-    """The ``(tp, pp)`` a recipe is registered with (its ``layout``), else its signature's defaults (no
-    config is built, no file read)."""
-    from dualrpo_mcore.trainer.recipes import RECIPES
+    """The ``(tp, pp)`` of the layout a recipe is registered with (no config is built, no file read)."""
+    from dualrpo_mcore.trainer.recipes import recipe_layout
 
     try:
-        fn = RECIPES.get(recipe)
+        layout = recipe_layout(recipe)
     except KeyError as e:
         raise LaunchError(f"--recipe: {e.args[0]}") from None
-    layout = getattr(fn, "layout", None)
-    if layout is not None:
-        return layout.tp, layout.pp
-    params = inspect.signature(fn).parameters
-    return tuple(params[k].default if k in params and params[k].default is not inspect.Parameter.empty else 1
-                 for k in ("tp", "pp"))
+    return layout.tp, layout.pp
 
 
 @dataclass
@@ -274,10 +267,8 @@ def slurm_executor(opts: SlurmOptions, exp_base_dir: str, run_dir: Optional[str]
     (:func:`exit_lines`); without it a preempted job ends as failed (1)."""
     run = require_nemo_run()
     job_dir = opts.job_dir or os.path.join(exp_base_dir, "experiments")
-    if opts.ssh_host:
-        tunnel = run.SSHTunnel(host=opts.ssh_host, user=opts.ssh_user, job_dir=job_dir)
-    else:
-        tunnel = run.LocalTunnel(job_dir=job_dir)
+    tunnel = (run.SSHTunnel(host=opts.ssh_host, user=opts.ssh_user, job_dir=job_dir) if opts.ssh_host
+              else run.LocalTunnel(job_dir=job_dir))
     packager = run.GitArchivePackager() if opts.packager == "git" else run.Packager()
     env = {**agent_env(opts), **opts.nccl_env()}  # the latter ends with opts.env: the user's word wins
     if not opts.container_image:

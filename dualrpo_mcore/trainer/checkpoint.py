@@ -33,8 +33,8 @@ loader. The optimizer is saved with Megatron's ``sharded_state_dict`` (for the d
 with the ``dp_reshardable`` layout, which does no communication; see :data:`OPTIM_METADATA`).
 
 A poisoned step (NaN/inf) must never be saved: the loop passes ``poisoned=True`` when the step was
-skipped, and ``check_finite`` (on by default) refuses to save non-finite parameters, agreed across
-ranks so every rank raises together instead of some hanging in a collective.
+skipped, and a save refuses non-finite parameters, agreed across ranks so every rank raises
+together instead of some hanging in a collective.
 """
 from __future__ import annotations
 
@@ -52,6 +52,7 @@ import torch
 
 from ..atomic import atomic_write, fsync_dir, fsync_tree
 from . import faults, storage
+from .context import broadcast
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
 TMP_SUFFIX = ".tmp"
@@ -102,25 +103,9 @@ def _megatron_tracker():
 
 
 # ----------------------------------------------------------------------------- dist plumbing
-def _dist():
-    import torch.distributed as dist
-
-    return dist if dist.is_available() and dist.is_initialized() else None
-
-
-def _rank() -> int:
-    d = _dist()
-    return d.get_rank() if d else 0
-
-
-def _world() -> int:
-    d = _dist()
-    return d.get_world_size() if d else 1
-
-
 def _any_rank(flag: bool) -> bool:
     """True on every rank if ``flag`` is true on any rank."""
-    d = _dist()
+    d = storage.live_dist()
     if not d:
         return flag
     t = torch.tensor([1.0 if flag else 0.0])
@@ -164,7 +149,7 @@ def _write_rank_state(path: str, payload: Dict[str, Any]) -> None:
 
 
 # -------------------------------------------------------------------------- Megatron backend
-def _sync_save_strategy(checkpoint_point=None):
+def _sync_save_strategy(checkpoint_point):
     """``checkpoint_point(phase, error=None)``: called on every rank just before the collective write
     (so a failure of Megatron's rank-0-only common file is agreed on there, not met by the peers inside
     the collective) and after it (see ``CheckpointManager._write``)."""
@@ -180,8 +165,7 @@ def _sync_save_strategy(checkpoint_point=None):
             from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
             from torch.distributed import checkpoint as dcp
 
-            if checkpoint_point is not None:
-                checkpoint_point("common")  # Megatron's common.pt, written by rank 0 alone, is done
+            checkpoint_point("common")  # Megatron's common.pt, written by rank 0 alone, is done
             sd, _, _ = mtorch._replace_state_dict_keys_with_sharded_keys(
                 sharded_state_dict, self.keep_only_main_replica)
             pyt = mtorch.mcore_to_pyt_state_dict(sd, False)
@@ -192,15 +176,12 @@ def _sync_save_strategy(checkpoint_point=None):
             # Megatron writes this file next, on rank 0 alone, before a bare barrier where a failure
             # could not be agreed on; written here first, Megatron's rewrite needs no new space.
             error = None
-            if _rank() == 0:
+            if storage.dist_rank() == 0:
                 try:
                     save_config(CheckpointingConfig(self.backend, self.version), str(checkpoint_dir))
                 except Exception as e:  # noqa: BLE001 - agreed on below
                     error = e
-            if checkpoint_point is not None:
-                checkpoint_point("metadata", error)
-            elif error is not None:
-                raise error
+            checkpoint_point("metadata", error)
 
     return SyncTorchDistSave()
 
@@ -230,11 +211,8 @@ def _model_key(i: int, n: int) -> str:
 
 
 def _sharded_state(chunks, optimizer, is_loading: bool) -> Dict[str, Any]:
-    sd: Dict[str, Any] = {}
-    model_sd: Dict[str, Any] = {}
-    for i, m in enumerate(chunks):
-        model_sd[_model_key(i, len(chunks))] = m.sharded_state_dict()
-    sd.update(model_sd)
+    model_sd = {_model_key(i, len(chunks)): m.sharded_state_dict() for i, m in enumerate(chunks)}
+    sd: Dict[str, Any] = dict(model_sd)
     if optimizer is not None:
         flat = model_sd["model"] if len(chunks) == 1 else model_sd
         sd["optimizer"] = optimizer.sharded_state_dict(flat, is_loading=is_loading, metadata=OPTIM_METADATA)
@@ -284,13 +262,11 @@ class CheckpointManager:
     initialised); only rank 0 touches directories and markers.
     """
 
-    def __init__(self, root: str, keep_last: Optional[int] = 3, check_finite: bool = True,
-                 check_space: bool = True):
+    def __init__(self, root: str, keep_last: Optional[int] = 3, check_space: bool = True):
         if keep_last is not None and keep_last < 1:
             raise ValueError(f"keep_last must be >= 1 or None (keep all), got {keep_last}")
         self.root = os.path.abspath(root)
         self.keep_last = keep_last
-        self.check_finite = check_finite
         # Off where free space is not what a write can use (compressing file systems).
         self.check_space = check_space
 
@@ -356,7 +332,7 @@ class CheckpointManager:
         chunks = _as_list(model)
         if poisoned:
             raise PoisonedStepError(f"refusing to checkpoint step {step}: it was marked poisoned (NaN/inf)")
-        if _any_rank(self.check_finite and _nonfinite_params(chunks)):
+        if _any_rank(_nonfinite_params(chunks)):
             raise PoisonedStepError(f"refusing to checkpoint step {step}: non-finite parameters on some rank")
         tmp = self.step_dir(step) + TMP_SUFFIX
         try:
@@ -372,7 +348,7 @@ class CheckpointManager:
     def _write(self, step: int, tmp: str, chunks, optimizer, extra_state, save_rng: bool, layout) -> None:
         """The save's phases; each ends where every rank agrees on whether any rank failed in it."""
         error = None
-        if _rank() == 0:
+        if storage.dist_rank() == 0:
             try:
                 os.makedirs(self.root, exist_ok=True)
                 self.clean_stale()
@@ -388,12 +364,12 @@ class CheckpointManager:
                                     os.path.join(tmp, "dist"), sharded_strategy=_sync_save_strategy(_agreement))
         payload = {"step": int(step), "extra": extra_state or {},
                    "rng": capture_rng_state() if save_rng else None, "adam_steps": _adam_steps(optimizer)}
-        rank_file = os.path.join(tmp, f"rank_{_rank():05d}.pt")
+        rank_file = os.path.join(tmp, f"rank_{storage.dist_rank():05d}.pt")
         _write_rank_state(rank_file, payload)
         faults.at("mid_checkpoint", step, rank_file)
         _agreement("rank state")
         error = None
-        if _rank() == 0:
+        if storage.dist_rank() == 0:
             try:
                 self._publish(step, tmp, self.step_dir(step), has_model=bool(chunks),
                               has_optimizer=optimizer is not None, spec_backend=_spec_backend(chunks), layout=layout)
@@ -415,21 +391,21 @@ class CheckpointManager:
 
     def _save_failed(self, step: int, tmp: str, failures) -> Exception:
         text = None
-        if _rank() == 0:
+        if storage.dist_rank() == 0:
             rank, _, exc = failures[0]
-            who = f" (rank {rank})" if _world() > 1 else ""
+            who = f" (rank {rank})" if storage.dist_world() > 1 else ""
             kept = (f"Nothing of step {step} was kept: {os.path.basename(tmp)} is partial, never loaded, and "
                     f"removed at the next start" if os.path.exists(tmp) else f"Nothing of step {step} was written")
             text = storage.write_failed(f"checkpoint of step {step}{who}", self.root, exc, self.latest(), kept=kept,
                                         target=tmp)
-        error = storage.CheckpointSaveError(storage.broadcast_text(text))
-        local = [exc for r, _, exc in failures if r == _rank()]
+        error = storage.CheckpointSaveError(broadcast(text))
+        local = [exc for r, _, exc in failures if r == storage.dist_rank()]
         error.__cause__ = local[0] if local else None
         return error
 
     def _publish(self, step: int, tmp: str, final: str, has_model: bool, has_optimizer: bool,
                  spec_backend: Optional[str] = None, layout: Optional[Dict[str, Any]] = None) -> None:
-        meta = {"step": int(step), "world_size": _world(), "format": FORMAT_VERSION, "time": time.time(),
+        meta = {"step": int(step), "world_size": storage.dist_world(), "format": FORMAT_VERSION, "time": time.time(),
                 "model": has_model, "optimizer": has_optimizer, "optimizer_metadata": OPTIM_METADATA}
         if spec_backend is not None:
             meta["spec_backend"] = spec_backend
@@ -447,12 +423,10 @@ class CheckpointManager:
 
     def clean_stale(self) -> List[str]:
         """Remove leftover ``*.tmp`` dirs of saves that never completed (rank 0, before a save)."""
-        removed = []
-        if os.path.isdir(self.root):
-            for name in os.listdir(self.root):
-                if name.endswith(TMP_SUFFIX) and STEP_RE.match(name[: -len(TMP_SUFFIX)]):
-                    shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
-                    removed.append(name)
+        names = os.listdir(self.root) if os.path.isdir(self.root) else []
+        removed = [n for n in names if n.endswith(TMP_SUFFIX) and STEP_RE.match(n[: -len(TMP_SUFFIX)])]
+        for name in removed:
+            shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
         return removed
 
     def prune(self) -> List[str]:
@@ -499,10 +473,10 @@ class CheckpointManager:
                 where = storage.filename_of(e) or ", ".join(storage.short_shards(os.path.join(path, "dist"))) or \
                     os.path.join(path, "dist")
                 raise storage.CheckpointLoadError(f"{where}: {storage.cause(e)}") from e
-        rank_file = os.path.join(path, f"rank_{_rank():05d}.pt")
+        rank_file = os.path.join(path, f"rank_{storage.dist_rank():05d}.pt")
         if not os.path.isfile(rank_file):
             raise FileNotFoundError(f"{rank_file} missing: {path} was saved by {meta.get('world_size')} "
-                                    f"ranks, this run has {_world()}")
+                                    f"ranks, this run has {storage.dist_world()}")
         try:
             payload = torch.load(rank_file, map_location="cpu", weights_only=False)
         except Exception as e:  # noqa: BLE001 - a truncated or corrupt file: say which

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 import torch.distributed as dist
 
+from . import storage
 from .metrics import PhaseTimer
 
 if TYPE_CHECKING:  # the heavy modules load only when a run is set up
@@ -77,8 +78,9 @@ class Context:
 
 
 def broadcast(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank (plain lists/floats/strings only, via pickle over the world group)."""
-    if dist.get_world_size() == 1:
+    """Rank 0's ``obj`` on every rank (plain lists/floats/strings only, via pickle over the world group);
+    without a process group, ``obj`` itself."""
+    if storage.dist_world() == 1:
         return obj
     box = [obj if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)
@@ -100,19 +102,16 @@ def build_engine(cfg, tokenizer):
         # SGLang loads architecture, tokenizer and processor from a checkpoint directory itself.
         if not cfg.actor.model.hf_dir:
             raise ValueError("rollout.engine='sglang' needs actor.model.hf_dir (SGLang reads its config there)")
+        from dualrpo_mcore.actor.megatron_setup import resolve_model_config
+
         # The trainer's image-processor bounds, so that both sides expand each image to the same
         # number of tokens (the engine checks the counts it sees against the trainer's prompt).
-        return make("sglang", model_path=cfg.actor.model.hf_dir, image_token_id=_image_token_id(cfg),
+        return make("sglang", model_path=cfg.actor.model.hf_dir,
+                    image_token_id=resolve_model_config(cfg.actor.model).image_token_id,
                     bucket_bytes=cfg.rollout.bucket_mb << 20, random_seed=cfg.rollout.seed,
                     min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels, **opts)
     return make(cfg.rollout.engine, hf_config=_hf_config(cfg), tokenizer=tokenizer,
                 eos_token_ids=[tokenizer.convert_tokens_to_ids(tokenizer.eos_token)], **opts)
-
-
-def _image_token_id(cfg) -> int:
-    from dualrpo_mcore.actor.megatron_setup import resolve_model_config
-
-    return resolve_model_config(cfg.actor.model).image_token_id
 
 
 def setup(cfg, resume_step: Optional[int] = None) -> Context:
@@ -180,7 +179,6 @@ def save(ctx: Context, step: int, poisoned: bool) -> Optional[str]:
     extra = {"step": step, "loader": ctx.loader.state_dict(), "actor": ctx.actor.state_dict()}
     return ctx.manager.save(step, model=ctx.actor.model, optimizer=ctx.actor.optimizer, extra_state=extra,
                             layout=recovery.layout(ctx))
-
 
 
 def show_config(cfg, run_dir: str) -> Dict[str, Any]:

@@ -15,7 +15,7 @@ from dualrpo_mcore.atomic import atomic_write_json
 
 from .context import Context
 from .metrics import HELDOUT, HELDOUT_LEVELS, per_task_means
-from .rollouts import _generate, rollout
+from .rollouts import _generate, decode, rollout
 
 EVAL_DIR = "eval"
 
@@ -36,13 +36,11 @@ def evaluate(ctx: Context, step: int) -> Dict[str, float]:
                                  temperature=0.0 if cfg.eval.greedy else cfg.rollout.sampling.temperature)
     if cfg.rollout.engine_on_every_rank:
         groups = rollout(ctx, ctx.heldout, params)  # each engine a share, gathered everywhere
-        if not ctx.rank0:
-            return {}
-    elif not ctx.rank0:
-        return {}  # one engine: nothing to broadcast, only rank 0 scores
-    else:
-        groups = _generate(ctx, ctx.heldout, params)
-    texts = [ctx.tokenizer.decode(g[0][0], skip_special_tokens=True) for g in groups]
+    elif ctx.rank0:
+        groups = _generate(ctx, ctx.heldout, params)  # one engine: nothing to broadcast, only rank 0 scores
+    if not ctx.rank0:
+        return {}
+    texts = [g[0] for g in decode(ctx.tokenizer, groups)]  # n=1: one response per prompt
     results = ctx.pool.verify_batch([p.reward for p in ctx.heldout], texts, progress=step / cfg.schedule.steps)
     rewards = [float(r.reward) for r in results]
     accuracy = per_task_means([p.task for p in ctx.heldout], accuracy=rewards)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 ENV = "DUALRPO_FAULT"
-# In the order a step passes them. The log of a step precedes its checkpoint (see loop.commit_step).
+# In the order a step passes them. The log of a step precedes its checkpoint (see recovery.commit).
 POINTS = (
     "after_rollout",     # the step's samples are verified and shaped; nothing updated yet
     "in_update",         # after the step's first optimizer update: weights moved, nothing saved
@@ -73,12 +73,9 @@ def arm(spec: Optional[str] = None) -> Optional[Fault]:
 def at(point: str, step: int, path: Optional[str] = None) -> None:
     """Fire the armed fault if it names ``point`` and ``step`` (``path``: the file an injected
     ``OSError`` names, as a real one would)."""
-    if _armed is None or _armed.point != point or _armed.step != step:
+    fault = _armed
+    if fault is None or fault.point != point or fault.step != step:
         return
-    _fire(_armed, path)
-
-
-def _fire(fault: Fault, path: Optional[str]) -> None:
     from dualrpo_mcore.parallel import global_rank
 
     rank = global_rank()

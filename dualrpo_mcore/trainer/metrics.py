@@ -252,12 +252,11 @@ class MetricsLogger:
     ``log(step, metrics)`` writes one record to each; ``log_config(cfg)`` writes ``config.json`` once
     (the plotter reads ``reward_mode`` from it) and opens the config's sinks (:data:`CONFIG_SINKS`)
     with it, so call it before the first ``log``. ``tensorboard=False`` / ``progress=False`` turn
-    sinks off (tests, non-interactive jobs); ``sinks`` adds ready ones.
+    sinks off (tests, non-interactive jobs).
     """
 
     def __init__(self, run_dir: str, total_steps: Optional[int] = None, resume_step: Optional[int] = None,
-                 tensorboard: bool = True, progress: bool = True, enabled: Optional[bool] = None,
-                 sinks: Sequence[MetricSink] = ()):
+                 tensorboard: bool = True, progress: bool = True, enabled: Optional[bool] = None):
         from dualrpo_mcore.parallel import global_rank
 
         self.run_dir = run_dir
@@ -275,7 +274,6 @@ class MetricsLogger:
             self.sinks.append(TensorBoardSink(run_dir, resume_step))
         if progress:
             self.sinks.append(ProgressSink(total_steps, resume_step))
-        self.sinks.extend(sinks)
 
     def log_config(self, config: Mapping[str, Any]) -> None:
         if not self.enabled:
@@ -293,8 +291,7 @@ class MetricsLogger:
         """Write one step's record to every sink; returns it (non-finite values as None). ``durable``:
         fsync every file sink before returning (the record then survives a power loss, not only a kill)."""
         record: Dict[str, Any] = {"step": int(step), "time": time.time()}
-        for k, v in metrics.items():
-            record[k] = v if isinstance(v, str) else to_float(v)
+        record.update({k: v if isinstance(v, str) else to_float(v) for k, v in metrics.items()})
         if not self.enabled:
             return record
         for sink in self.sinks:
@@ -325,11 +322,8 @@ def read_jsonl(path: str) -> list:
     out = []
     with open(path, "r", encoding="utf-8") as f:
         for line in f:
-            line = line.strip()
-            if not line:
-                continue
             try:
                 out.append(json.loads(line))
             except json.JSONDecodeError:
-                continue  # a line torn by a crash mid-write
+                continue  # a line torn by a crash mid-write (or a blank one)
     return out

@@ -116,11 +116,7 @@ def alias_items(aliases: Dict[str, str], values: Dict[str, Any]) -> List[str]:
     unknown = sorted(set(values) - set(aliases))
     if unknown:
         raise TypeError(f"unknown settings {unknown}; known: {sorted(aliases)} (or --set a dotted path)")
-    return [f"{aliases[k]}={_text(v)}" for k, v in values.items() if v is not None]
-
-
-def _text(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value)
+    return [f"{aliases[k]}={v if isinstance(v, str) else json.dumps(v)}" for k, v in values.items() if v is not None]
 
 
 class _SetAlias(argparse.Action):

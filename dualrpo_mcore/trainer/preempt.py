@@ -20,17 +20,17 @@ hard kill that follows costs what any kill costs (the steps since the last check
 """
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import threading
 import time
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
 
-log = logging.getLogger(__name__)
+from . import storage
+
 REQUEUE_EXIT = 75
 SIGNALS = ("SIGTERM", "SIGUSR1")
 MARKER = "preempted"
@@ -93,20 +93,18 @@ class Watch:
 
     def agreed(self) -> Optional[str]:
         """The signal any rank received (the same answer on every rank), or None."""
-        codes: List[str] = list(SIGNALS)
-        mine = float(codes.index(self.received) + 1) if self.received in codes else 0.0
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        mine = float(SIGNALS.index(self.received) + 1) if self.received in SIGNALS else 0.0
+        if storage.dist_world() > 1:
             t = torch.tensor([mine], dtype=torch.float64)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             mine = float(t[0])
-        return codes[int(mine) - 1] if mine else None
+        return SIGNALS[int(mine) - 1] if mine else None
 
     def stopped(self, step: int, signame: str) -> Preempted:
         """Call once ``step`` is checkpointed: rank 0 leaves the marker; returns the exception to raise.
         A marker that cannot be written costs only the exit status (the job shows a failure, 1), not
         the checkpoint, so it is reported and the run still stops."""
-        rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-        if self.run_dir and rank0:
+        if self.run_dir and storage.dist_rank() == 0:
             try:
                 write_marker(self.run_dir, step, signame)
             except OSError as e:

@@ -92,6 +92,13 @@ def synth_data_config(data_dir: str, file: str, seed: int, shuffle: bool = True)
                       processor_dir=model_dir, min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
 
 
+def heldout_eval(data_dir: str, every: int, max_samples: int) -> EvalConfig:
+    """Evaluation every ``every`` steps on ``data_dir/heldout.parquet``; off when the file is absent."""
+    heldout = os.path.join(data_dir, "heldout.parquet")
+    present = os.path.exists(heldout)
+    return EvalConfig(every=every if present else 0, heldout=heldout if present else None, max_samples=max_samples)
+
+
 # The CPU demo's two gloo processes (data parallel at TP=1); one process runs it as well.
 @recipe("tiny_cpu", Layout(tp=1, pp=1, nodes=1, gpus_per_node=2))
 def tiny_cpu(data_dir: str, init: Optional[str] = None, run_dir: str = "runs/tiny_cpu", *, seed: int = 0) -> RLConfig:
@@ -111,7 +118,6 @@ def tiny_cpu(data_dir: str, init: Optional[str] = None, run_dir: str = "runs/tin
                         # Distributed optimizer off: the tiny model gains nothing from sharding Adam state.
                         optim=OptimConfig(lr=1e-4, warmup_fraction=0.0, distributed_optimizer=False),
                         micro=MicroBatchConfig(max_tokens=4096), seed=seed + 1234)
-    heldout = os.path.join(data_dir, "heldout.parquet")
     return RLConfig(
         actor=actor, data=synth_data_config(data_dir, "train.parquet", seed),
         rollout=RolloutConfig(engine="hf", group_size=4, bucket_mb=16, seed=seed,
@@ -119,8 +125,7 @@ def tiny_cpu(data_dir: str, init: Optional[str] = None, run_dir: str = "runs/tin
         reward=RewardConfig(mode="dualrpo"), verifier=VerifierConfig(workers=2, timeout_s=5.0),
         schedule=ScheduleConfig(steps=steps, prompts_per_step=4),
         checkpoint=CheckpointConfig(every=steps // 4, keep_last=2),
-        eval=EvalConfig(every=steps // 2 if os.path.exists(heldout) else 0,
-                        heldout=heldout if os.path.exists(heldout) else None, max_samples=16),
+        eval=heldout_eval(data_dir, every=steps // 2, max_samples=16),
         logging=LoggingConfig(run_dir=run_dir))
 
 

@@ -30,8 +30,8 @@ from dualrpo_mcore.rollout.engine import SamplingParams
 
 from dualrpo_mcore.actor.config import ActorConfig, KLConfig, MicroBatchConfig, ModelSourceConfig, OptimConfig
 from .overrides import apply_overrides
-from .recipes import Layout, default_world, recipe  # noqa: F401 (default_world: launch.plan imports it here)
-from .rl_config import (CheckpointConfig, EvalConfig, LoggingConfig, RewardConfig, RLConfig, RolloutConfig,
+from .recipes import Layout, default_world, heldout_eval, recipe  # noqa: F401 (default_world: planner imports it)
+from .rl_config import (CheckpointConfig, LoggingConfig, RewardConfig, RLConfig, RolloutConfig,
                         ScheduleConfig, VerifierConfig)
 
 GPUS_PER_H100_NODE = 8
@@ -100,13 +100,9 @@ _FILE = re.compile(r"^train_(?P<task>[a-z]+)_(?P<source>.+?)_(?P<size>\d+)(?:_x(
 def discover_orsta(data_dir: str) -> List[Tuple[str, OrstaSource]]:
     """``(path, source)`` for every ``train_{task}_{source}_{n}[_xK].parquet`` in ``data_dir`` (sorted);
     empty when the directory or the files are absent (the recipe then falls back to the table)."""
-    found = []
-    for path in sorted(glob.glob(os.path.join(data_dir, "train_*.parquet"))):
-        m = _FILE.match(os.path.basename(path))
-        if m is None:
-            continue
-        found.append((path, OrstaSource(m["task"], m["source"], int(m["size"]), True, int(m["copies"] or 1))))
-    return found
+    paths = sorted(glob.glob(os.path.join(data_dir, "train_*.parquet")))
+    return [(p, OrstaSource(m["task"], m["source"], int(m["size"]), True, int(m["copies"] or 1)))
+            for p in paths if (m := _FILE.match(os.path.basename(p)))]
 
 
 def orsta_data(data_dir: str, processor_dir: str, seed: int) -> Tuple[DataConfig, int]:
@@ -125,13 +121,6 @@ def orsta_data(data_dir: str, processor_dir: str, seed: int) -> Tuple[DataConfig
                       reward_profile="vtriune", instructions=dict(VTRIUNE_INSTRUCTIONS),
                       image_resize={t: list(b) for t, b in VTRIUNE_IMAGE_RESIZE.items()})
     return data, samples
-
-
-def _eval(data_dir: str, every: int) -> EvalConfig:
-    # A held-out file is optional: Orsta's test split is many files, so point DATA/heldout.parquet at one mix.
-    heldout = os.path.join(data_dir, "heldout.parquet")
-    present = os.path.exists(heldout)
-    return EvalConfig(every=every if present else 0, heldout=heldout if present else None, max_samples=512)
 
 
 def _model(init: Optional[str], preset: str, recompute: str) -> ModelSourceConfig:
@@ -168,7 +157,8 @@ def paper_config(data_dir: str, init: Optional[str], run_dir: str, *, preset: st
         schedule=ScheduleConfig(steps=math.ceil(samples / prompts_per_step), prompts_per_step=prompts_per_step),
         checkpoint=CheckpointConfig(every=25, keep_last=3),
         # The tokenizer is data.processor_dir's (RLConfig.tokenizer_path): one stored path.
-        eval=_eval(data_dir, every=25), logging=LoggingConfig(run_dir=run_dir))
+        # A held-out file is optional: Orsta's test split is many files, so point DATA/heldout.parquet at one mix.
+        eval=heldout_eval(data_dir, every=25, max_samples=512), logging=LoggingConfig(run_dir=run_dir))
 
 
 # One 8xH100 node; TP=2 (28 heads / 4 KV heads split evenly) leaves DP=4 for throughput.

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from . import faults, storage
+from .context import broadcast
 
 log = logging.getLogger(__name__)
 # The QwenVLConfig fields that fix the weights' shapes: a checkpoint differing in any cannot load.
@@ -39,12 +41,8 @@ def record(ctx, step: int, metrics: Dict[str, Any], durable: bool = False) -> No
     """Only rank 0 writes records; whether that worked reaches every rank before anyone goes on, so a
     full disk stops all ranks here with the same message (not rank 0 alone, its peers later in a
     collective with "Connection closed by peer")."""
-    text = None
-    try:
+    with _agreed_write(ctx, f"the record of step {step}"):
         ctx.logger.log(step, metrics, durable=durable)
-    except OSError as e:
-        text = storage.write_failed(f"the record of step {step}", ctx.cfg.logging.run_dir, e, _latest(ctx))
-    _stop_if(storage.broadcast_text(text))
 
 
 def open_logger(ctx, resolved: Dict[str, Any], start: int) -> None:
@@ -52,37 +50,39 @@ def open_logger(ctx, resolved: Dict[str, Any], start: int) -> None:
     resolved config written next to it; a failure stops every rank alike."""
     from .metrics import MetricsLogger
 
-    cfg, text = ctx.cfg, None
-    try:
+    cfg = ctx.cfg
+    with _agreed_write(ctx, "opening the metrics files"):
         ctx.logger = MetricsLogger(cfg.logging.run_dir, cfg.schedule.steps, resume_step=records_to_keep(cfg, start),
                                    tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress)
         ctx.logger.log_config(resolved)
+
+
+@contextmanager
+def _agreed_write(ctx, what: str) -> Iterator[None]:
+    """The body's ``OSError`` (a write on rank 0) as one :class:`~.storage.StorageError` raised on every
+    rank once the body is over, naming ``what`` failed, where, and the last good checkpoint."""
+    text = None
+    try:
+        yield
     except OSError as e:
-        text = storage.write_failed("opening the metrics files", cfg.logging.run_dir, e, _latest(ctx))
-    _stop_if(storage.broadcast_text(text))
-
-
-def _stop_if(text: str) -> None:
+        text = storage.write_failed(what, ctx.cfg.logging.run_dir, e, _latest(ctx.manager))
+    text = broadcast(text)
     if text:
-        raise storage.StorageError(text)
+        raise storage.StorageError(text) from None  # the message names the cause: no chained traceback
 
 
 def records_to_keep(cfg, start: int) -> Optional[int]:
     """The ``resume_step`` of the metrics logger: records after ``start`` are dropped (the resumed run
     writes them again); a resume that found no checkpoint drops them all (-1), step 0's held-out
     eval included, which it redoes. None: a fresh run (the logger sets an old file aside)."""
-    if not _resuming(cfg):
+    if str(cfg.checkpoint.resume or "").strip().lower() in ("", "none", "no"):
         return None
     return start if start > 0 else -1
 
 
-def _resuming(cfg) -> bool:
-    return str(cfg.checkpoint.resume or "").strip().lower() not in ("", "none", "no")
-
-
-def _latest(ctx) -> Optional[str]:
+def _latest(manager) -> Optional[str]:
     try:
-        return ctx.manager.latest()
+        return manager.latest()
     except OSError:
         return None
 
@@ -92,10 +92,7 @@ def preflight(cfg) -> None:
     they see the same file system, so they stop together)."""
     from .checkpoint import CheckpointManager
 
-    try:
-        last = CheckpointManager(cfg.checkpoint_dir, keep_last=None).latest()
-    except OSError:
-        last = None
+    last = _latest(CheckpointManager(cfg.checkpoint_dir, keep_last=None))
     storage.check_writable([cfg.logging.run_dir, cfg.checkpoint_dir], last_good=last)
 
 
@@ -108,17 +105,14 @@ def resume(ctx) -> int:
     :class:`~.storage.CheckpointLoadError` on every rank with one line naming the file and the cause.
     A checkpoint of another configuration raises :class:`~.storage.CheckpointMismatchError` (older
     ones are of the same configuration, so there is no fallback)."""
-    from .context import broadcast
-
     mgr, spec = ctx.manager, ctx.cfg.checkpoint.resume
-    if ctx.rank0:
+    auto = str(spec or "").strip().lower() == "auto"
+    candidates, error = None, None
+    if ctx.rank0:  # rank 0's view of the directory decides for everyone
         removed = mgr.clean_stale()
         if removed:
             log.warning("removed %s under %s: partial checkpoint(s) of a save that did not finish (never loaded)",
                         ", ".join(removed), mgr.root)
-    auto = str(spec or "").strip().lower() == "auto"
-    candidates, error = None, None
-    if ctx.rank0:  # rank 0's view of the directory decides for everyone
         try:
             named = [] if auto else [mgr.resolve_resume(spec)]
             candidates = [p for _, p in reversed(mgr.complete())] if auto else [p for p in named if p]
@@ -160,7 +154,7 @@ def _load(ctx, path: str) -> Tuple[Optional[Dict[str, Any]], list]:
 
 def _failure_text(path: str, failures) -> str:
     ranks = sorted({r for r, _, _ in failures})
-    where = "" if _world() == 1 else f" (rank {ranks[0]})" if len(ranks) == 1 else \
+    where = "" if storage.dist_world() == 1 else f" (rank {ranks[0]})" if len(ranks) == 1 else \
         f" (ranks {', '.join(map(str, ranks))})"
     text = failures[0][1]
     text = text[len(path) + 2:] if text.startswith(path + ": ") else text
@@ -172,17 +166,11 @@ def _agreed_error(failures, text: str) -> Exception:
     return (storage.CheckpointMismatchError if mismatch else storage.CheckpointLoadError)(text)
 
 
-def _world() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 # ------------------------------------------------------------------------------------ layout
 def layout(ctx) -> Dict[str, Any]:
     """What a checkpoint of this run is tied to: the parallel layout and the model's shape."""
     info = ctx.actor.info
-    return {"tp": info.tp_size, "pp": info.pp_size, "world_size": _world(),
+    return {"tp": info.tp_size, "pp": info.pp_size, "world_size": storage.dist_world(),
             "distributed_optimizer": bool(ctx.actor.distributed_optimizer),
             "model": {k: getattr(ctx.actor.arch, k, None) for k in SHAPE_KEYS}}
 

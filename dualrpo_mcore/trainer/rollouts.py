@@ -8,6 +8,7 @@ that selecting rows (dynamic sampling, data-parallel shares) keeps everything al
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Dict, List, Sequence
 
 import torch
@@ -78,10 +79,7 @@ def verify(ctx: Context, prompts: Sequence[Any], samples: List[List[tuple]], pro
         specs = [p.reward for p, group in zip(prompts, texts) for _ in group]
         flat = [t for group in texts for t in group]
         results = ctx.pool.verify_batch(specs, flat, progress=progress)
-        statuses: Dict[str, int] = {}
-        for r in results:
-            statuses[r.status] = statuses.get(r.status, 0) + 1
-        out = ([float(r.reward) for r in results], statuses)
+        out = ([float(r.reward) for r in results], dict(Counter(r.status for r in results)))
     rewards, statuses = broadcast(out)
     return torch.tensor(rewards, dtype=torch.float32), statuses
 
@@ -152,7 +150,6 @@ def mask_overlong(batch: Dict[str, Any]) -> int:
     return int(rows.sum())
 
 
-
 def sync(ctx: Context) -> None:
     """New policy weights into the engines (collective over all ranks; engines on rank 0 or on all)."""
     buckets = ctx.exporter.buckets(ctx.actor.model)
@@ -163,7 +160,6 @@ def sync(ctx: Context) -> None:
     # The new weights are loaded before the engine re-allocates its KV cache, so the two never
     # peak together (resume_memory's contract).
     ctx.engine.resume_memory(weights=(t for bucket in buckets for t in bucket))
-
 
 
 def sample_metrics(batch: Dict[str, Any]) -> Dict[str, float]:

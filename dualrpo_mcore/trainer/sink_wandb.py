@@ -34,17 +34,13 @@ def _import_wandb():
     return wandb
 
 
-def _wandb_section(config: Mapping[str, Any]) -> Mapping[str, Any]:
-    logging = config.get("logging") if isinstance(config, Mapping) else None
-    section = logging.get("wandb") if isinstance(logging, Mapping) else None
-    return section if isinstance(section, Mapping) else {}
-
-
 def from_config(config: Mapping[str, Any], run_dir: str, resume_step: Optional[int]) -> Optional["WandbSink"]:
     """The sink the resolved config's ``logging.wandb`` asks for, or None when it is disabled."""
     from .rl_config import WandbConfig
 
-    section = dict(_wandb_section(config))
+    logging = config.get("logging") if isinstance(config, Mapping) else None
+    section = logging.get("wandb") if isinstance(logging, Mapping) else None
+    section = dict(section) if isinstance(section, Mapping) else {}
     if section.get("mode", "disabled") == "disabled":
         return None
     return WandbSink(WandbConfig(**section), run_dir, resume_step)
@@ -52,9 +48,8 @@ def from_config(config: Mapping[str, Any], run_dir: str, resume_step: Optional[i
 
 class WandbSink(MetricSink):
     def __init__(self, cfg, run_dir: str, resume_step: Optional[int] = None):
-        wandb = _import_wandb()
         self.cfg, self.run_dir = cfg, run_dir
-        self._wandb = wandb
+        self._wandb = _import_wandb()
         self._run = None
         self._resume_step = resume_step
 

@@ -138,17 +138,11 @@ def cause(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def is_disk_full(exc: BaseException, path: str) -> bool:
-    if errno_of(exc) in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    free, _ = disk_space(path)
-    return free is not None and free < NEARLY_FULL
-
-
 def describe(exc: BaseException, path: str) -> str:
     """``cause``, led by "disk full" when it is one that does not say so (torch's short writes)."""
     text = cause(exc)
-    hidden = errno_of(exc) not in (errno.ENOSPC, errno.EDQUOT) and is_disk_full(exc, path)
+    free, _ = disk_space(path)
+    hidden = errno_of(exc) not in (errno.ENOSPC, errno.EDQUOT) and free is not None and free < NEARLY_FULL
     return f"disk full: {text}" if hidden and "disk full" not in text else text
 
 
@@ -193,24 +187,38 @@ def write_failed(what: str, path: str, exc: BaseException, last_good: Optional[s
 
 
 # ------------------------------------------------------------------------------------ agreement
+def live_dist():
+    """``torch.distributed`` when a process group is up, else None (one process)."""
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def dist_rank() -> int:
+    d = live_dist()
+    return d.get_rank() if d else 0
+
+
+def dist_world() -> int:
+    d = live_dist()
+    return d.get_world_size() if d else 1
+
+
 def agree(local: Optional[BaseException], where: str = "") -> List[Tuple[int, str, BaseException]]:
     """Every rank's failure at this point, on every rank: ``[(rank, one-line cause, exception)]``
     (the exception itself on the rank that raised it, a stand-in with its text and file elsewhere); empty
     when no rank failed. ``rank`` is where the failure arose: a collective write that failed on rank 1
     raises on every rank, naming rank 1. Collective: every rank calls it at the same point, failed or not."""
-    import torch.distributed as dist
-
-    live = dist.is_available() and dist.is_initialized()
-    rank = dist.get_rank() if live else 0
+    rank, world = dist_rank(), dist_world()
     mine = None
     if local is not None:
         origins = getattr(local, "failures", None)
         origin = min(origins) if isinstance(origins, dict) and origins else rank
         mine = (cause(local), filename_of(local) or where or None, errno_of(local), origin)
     parts = [mine]
-    if live and dist.get_world_size() > 1:
-        parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, mine)
+    if world > 1:
+        parts = [None] * world
+        live_dist().all_gather_object(parts, mine)
     out, seen = [], set()
     for r, part in enumerate(parts):
         if part is None or part[3] in seen:
@@ -220,17 +228,6 @@ def agree(local: Optional[BaseException], where: str = "") -> List[Tuple[int, st
         exc = local if r == rank else (OSError(code, os.strerror(code), fname) if code else _Remote(text, fname))
         out.append((origin, text, exc))
     return sorted(out, key=lambda f: f[0])
-
-
-def broadcast_text(text: Optional[str]) -> str:
-    """Rank 0's message on every rank (so each rank raises the identical line)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return text or ""
-    box = [text if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0] or ""
 
 
 # ------------------------------------------------------------------------------------ preflight
