@@ -158,7 +158,7 @@ def attend(query, key, value, layout: RowLayout, causal: bool, scale: Optional[f
         q, k, v = (x.view(*index.shape, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))  # [n_b, h, L_b, d]
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
         outs.append(o.transpose(1, 2).reshape(-1, o.shape[1], o.shape[3]))  # [n_b * L_b, h, d]
-    return _ToStream.apply(torch.cat(outs), layout.slot)
+    return _ToStream.apply(torch.cat(outs) if len(outs) > 1 else outs[0], layout.slot)  # one bucket: no copy
 
 
 class PackedDotProductAttention(DotProductAttention):
