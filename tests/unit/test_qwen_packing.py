@@ -186,14 +186,21 @@ def test_stream_rotary_is_megatrons_thd_bitwise(megatron_thd, monkeypatch, case)
     assert len(calls) == (0 if case == "per-token" else 1)
 
 
+@pytest.mark.parametrize("stream", ["mixed", "one-length"])
 @pytest.mark.parametrize("causal", [True, False])
-def test_packed_attention_equals_each_sequence_alone_in_float64(causal):
+def test_packed_attention_equals_each_sequence_alone_in_float64(causal, stream):
     """The bucketed attention (gathers with their own backward) against softmax(q k^T) v written out per
     sequence in float64: outputs and the gradients of query, key and value, an empty row and the trailing
-    padding (a sequence of its own) included."""
+    padding (a sequence of its own) included; and a stream of back-to-back sequences of one length (the
+    ViT's windows), attended as a view without gathers."""
     from dualrpo_mcore.models.qwen2_5_vl.packed_attention import RowLayout, attend
 
-    cu, total, heads, dim = torch.tensor([0, 5, 5, 6, 14, 17], dtype=torch.int32), 20, 2, 4
+    if stream == "mixed":
+        cu, total = torch.tensor([0, 5, 5, 6, 14, 17], dtype=torch.int32), 20
+    else:
+        cu, total = torch.tensor([0, 5, 10, 15], dtype=torch.int32), 20
+    heads, dim = 2, 4
+    assert (RowLayout(cu, total, causal=causal).rows is None) == (stream == "mixed")
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(total, heads, dim, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
     weight = torch.randn(total, heads, dim, generator=g, dtype=torch.float64)

@@ -73,7 +73,9 @@ class RowLayout:
     reads (a clamped copy past a row's end), which places are real, and the key mask of rows that have
     padding (``[n_b, 1, 1, L_b]``, True = attend; None when every row is full, or causal: a real query never
     sees a later key). ``take``: every bucket's ``index`` flattened, bucket after bucket (the places, in the
-    order the rows are laid out); ``slot``: for each stream position, its one real place in ``take``."""
+    order the rows are laid out); ``slot``: for each stream position, its one real place in ``take``.
+    ``rows``: ``(n, L)`` when the stream is ``n`` back-to-back sequences of ``L`` tokens (the ViT's windows and
+    images of one size), whose rows are then a view of the stream, else None."""
 
     def __init__(self, cu_seqlens: torch.Tensor, total: int, device=None, causal: bool = True):
         starts, lengths = segments(cu_seqlens, total, device)
@@ -93,6 +95,9 @@ class RowLayout:
         if places:
             real = torch.cat([v for _, v in places])
             self.slot[self.take[real]] = torch.nonzero(real).squeeze(1)
+        index, valid, _ = self.buckets[0] if len(self.buckets) == 1 else (None, None, None)
+        whole = index is not None and bool(valid.all()) and torch.equal(self.take, torch.arange(total, device=device))
+        self.rows = tuple(index.shape) if whole else None
 
 
 class _ToRows(torch.autograd.Function):
@@ -151,6 +156,11 @@ def _additive(mask: torch.Tensor, dtype) -> torch.Tensor:
 def attend(query, key, value, layout: RowLayout, causal: bool, scale: Optional[float]) -> torch.Tensor:
     """Attention within each sequence of ``layout`` for ``[T, heads, head_dim]`` query/key/value (as many
     key/value heads as query heads); returns ``[T, heads, head_dim]``."""
+    if layout.rows is not None:  # no gathers: the stream is already the rows (2-3% of a tiny step's ViT)
+        (_, _, mask), = layout.buckets
+        q, k, v = (x.reshape(*layout.rows, *x.shape[1:]).transpose(1, 2) for x in (query, key, value))
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+        return o.transpose(1, 2).reshape(query.shape)
     places = [index.numel() for index, _, _ in layout.buckets]
     qkv = [_ToRows.apply(x, layout.take, layout.slot).split(places) for x in (query, key, value)]
     outs = []
