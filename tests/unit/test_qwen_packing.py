@@ -219,3 +219,17 @@ def test_packed_attention_equals_each_sequence_alone_in_float64(causal, stream):
     assert torch.allclose(out, want, rtol=1e-10, atol=1e-12)
     for got, ref in zip(grads, want_grads):
         assert torch.allclose(got, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_stream_rotary_reads_each_streams_own_end():
+    """The stream's end is read once per boundaries tensor (every layer of a forward passes the same one), and
+    a new tensor is read again: boundaries short of the stream then go to Megatron's loop."""
+    from dualrpo_mcore.models.qwen2_5_vl.packing import _stream_rotary
+
+    calls = []
+    apply = _stream_rotary(lambda *args, **kwargs: calls.append(1) or args[0])
+    one_rank, x = SimpleNamespace(size=lambda: 1), torch.randn(6, 2, 4)
+    freqs = torch.randn(6, 1, 1, 4)
+    for cu, want in ((torch.tensor([0, 2, 6]), 0), (torch.tensor([0, 2, 6]), 0), (torch.tensor([0, 2, 5]), 1)):
+        apply(x, cu, freqs, cp_group=one_rank)
+        assert len(calls) == want

@@ -1,16 +1,10 @@
 """Megatron's local (no Transformer Engine) core attention, taught the packed THD layout.
 
-Megatron's ``DotProductAttention`` refuses ``packed_seq_params`` (only TE's attention reads them). The
-local spec is what CPU runs and tests use, so it must compute exactly what TE computes on a packed
-stream: attention within each sequence of ``cu_seqlens`` (causal in the LM, whole-window in the ViT)
-and none across. Here the stream's sequences are grouped by length into buckets (lengths with the same
-quarter-octave ceiling), each bucket's sequences gathered into padded rows ``[n_b, heads, L_b, head_dim]``
-(L_b its longest) for ``torch.nn.functional.scaled_dot_product_attention``, and the real tokens gathered
-back in stream order. The score work is ``sum_b n_b L_b^2`` (under 1.41x the per-row ``sum L_i^2``
-per bucket), not ``T^2`` for the stream (a dense stream-wide mask made packed 2.4x slower than padded)
-nor ``n L_max^2`` (one padded row each, as before: packed only tied padded on the demo's lengths,
-benchmarks/results/train_packing_cpu.md). Rows are separate batch entries, so one row's tokens can never
-change another's output by a single bit.
+Megatron's ``DotProductAttention`` refuses ``packed_seq_params`` (only TE's attention reads them), and the
+CPU runs and tests use the local spec, so it must compute exactly what TE computes on a packed stream:
+the layout, the length buckets and the ViT's use of them are in docs/design.md §5. Why buckets: a dense
+stream-wide mask made packed 2.4x slower than padded, and one padded row per sequence (``n L_max^2``)
+only tied padded on the demo's lengths (benchmarks/results/train_packing_cpu.md).
 
 SDPA computes what Megatron's masked softmax does when attention dropout is off, the softmax is the
 vanilla one and no query-key layer scaling or sliding window is configured (the Qwen2.5-VL configs);

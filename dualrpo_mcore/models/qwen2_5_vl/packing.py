@@ -1,11 +1,5 @@
-"""Padding-free micro-batches: the rows of a batch concatenated into one token stream.
-
-A padded micro-batch ``[B, S]`` spends attention, MLP and output-head compute on its padding; the packed
-form keeps only the real tokens, row after row, as ``input_ids [1, T]``. Row ``r`` is
-``[cu_seqlens[r], cu_seqlens[r + 1])``; tokens from ``cu_seqlens[-1]`` to ``T`` are trailing padding (a
-multiple that FP8 GEMMs or sequence parallelism need), which no real token attends to. Each row keeps its
-own 3D mrope positions, computed from its own images as in the padded batch, and attends causally within
-itself only. Images stay in row order, so ``pixel_values`` / ``image_grid_thw`` are the padded batch's.
+"""Padding-free micro-batches: the rows of a batch concatenated into one token stream (the layout, its
+attention and its rotary: docs/design.md §5).
 
 :func:`pack` builds the stream from a padded batch; :meth:`Packing.unpack` puts per-token outputs back at
 their ``[B, S]`` places. :class:`~.model.QwenVLModel` takes the stream with ``packed=Packing``.
@@ -52,12 +46,10 @@ class Packing:
     def seq_params(self):
         """Megatron's :class:`PackedSeqParams` in the THD layout for this stream.
 
-        The trailing padding is a sequence of its own here, so the boundaries handed to Megatron cover all
-        ``T`` tokens. That matters twice: attention kernels see no token outside a sequence (and no real
-        token attends to the padding, which comes after every row); and Megatron's THD rotary path maps
-        each token to its own entry of the per-token mrope table only when the boundaries end at the
-        table's length (``rope_utils._apply_rotary_pos_emb_thd``, "CASE 1", megatron-core 0.16 and 0.19),
-        otherwise it restarts every sequence at position 0 and image rows lose their 3D positions."""
+        The trailing padding is a sequence of its own, so the boundaries cover all ``T`` tokens: attention
+        sees no token outside a sequence, and Megatron's THD rotary keeps each token's own mrope entry only
+        then (``rope_utils._apply_rotary_pos_emb_thd``, "CASE 1", megatron-core 0.16 and 0.19; docs/design.md
+        §5 "Rotary")."""
         cu = self.cu_seqlens.to(torch.int32)
         if self.total > self.tokens:
             cu = torch.cat([cu, cu.new_tensor([self.total])])
@@ -133,9 +125,17 @@ def _stream_rotary(original):
     from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd as rotate
     takes = set(inspect.signature(rotate).parameters)  # the options Megatron's THD passes on (0.16 and 0.19 differ)
 
+    last = [None, None]  # (cu_seqlens, its end): every layer of a forward passes the same tensor
+
+    def stream_end(cu_seqlens) -> int:
+        # One read of the end per forward, not per layer: each read is a device sync on GPU.
+        if last[0] is not cu_seqlens:
+            last[:] = [cu_seqlens, int(cu_seqlens[-1])]
+        return last[1]
+
     def apply(t, cu_seqlens, freqs, *args, cp_group=None, **kwargs):
         if (args or not takes.issuperset(kwargs) or cp_group is None or cp_group.size() != 1
-                or freqs.dim() < 1 or freqs.size(0) != t.size(0) or int(cu_seqlens[-1]) != t.size(0)):
+                or freqs.dim() < 1 or freqs.size(0) != t.size(0) or stream_end(cu_seqlens) != t.size(0)):
             return original(t, cu_seqlens, freqs, *args, cp_group=cp_group, **kwargs)
         return rotate(t.unsqueeze(1), freqs, **kwargs).squeeze(1)
 
