@@ -22,24 +22,24 @@ __all__ = ["atomic_write", "atomic_write_json", "atomic_path", "atomic_dir", "fs
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-def fsync_dir(path: PathLike) -> None:
-    """fsync a directory, which makes the renames and creations inside it durable."""
-    fd = os.open(os.fspath(path) or ".", os.O_RDONLY)
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
+def fsync_dir(path: PathLike) -> None:
+    """fsync a directory, which makes the renames and creations inside it durable."""
+    _fsync(os.fspath(path) or ".")
+
+
 def fsync_tree(path: PathLike) -> None:
     """fsync every file and directory under ``path`` (before renaming it into place)."""
     for dirpath, _, files in os.walk(os.fspath(path)):
         for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fsync(os.path.join(dirpath, name))
         fsync_dir(dirpath)
 
 
@@ -65,11 +65,7 @@ def atomic_path(path: PathLike, *, fsync: bool = True) -> Iterator[str]:
         if not os.path.isfile(tmp):
             raise FileNotFoundError(f"atomic write of {path}: the writer created no file at {tmp}")
         if fsync:
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         try:

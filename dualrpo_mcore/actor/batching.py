@@ -1,20 +1,8 @@
 """Cutting an actor batch into micro-batches (rows, trimmed padding, their images).
 
-An actor batch is a dict of right-padded ``[B, S]`` tensors sharing one token axis:
-
-* ``input_ids`` (long), ``attention_mask`` (1 = real token), ``response_mask`` (1 = the token at
-  this position was sampled by the policy; its log-prob is taken from the logits one position
-  earlier, so column 0 never counts);
-* optional per-token ``[B, S]`` float tensors aligned the same way (``old_logprob``,
-  ``ref_logprob``, ``rollout_logprob``, per-token ``advantages``) and per-row ``[B]`` tensors
-  (``advantages``, ``self_certainty``, ``kl_coef``);
-* optional images: ``pixel_values [P, D]`` and ``image_grid_thw [N, 3]`` of every image of every
-  row, in row-major order of their ``image_token_id`` runs (as the processor emits them).
-
-This module is the one place that cuts, joins and shares such batches: :func:`collate` builds one,
-:func:`select` / :func:`concat` take rows out and put batches together, :func:`group_rows` maps GRPO
-groups to rows, :func:`dp_bounds` is the one rule for a data-parallel rank's share of the groups
-(:func:`dp_slice` applies it), :func:`mini_batches` cuts a step's batch for several optimizer updates.
+The batch's fields: docs/design.md section 3.2. This module is the one place that cuts, joins and
+shares such batches; :func:`dp_bounds` is the one rule for a data-parallel rank's share of the groups
+(docs/design.md section 2.2, "Shares of groups").
 """
 from __future__ import annotations
 
@@ -184,9 +172,8 @@ def num_groups(batch: Batch, group_size: int) -> int:
 
 
 def dp_bounds(n: int, dp: int) -> List[int]:
-    """The one rule for sharing ``n`` groups among ``dp`` ranks: rank r takes groups
-    ``[bounds[r], bounds[r + 1])``. Shares differ by at most one group and every group is taken; a rank
-    gets none only when there are fewer groups than ranks."""
+    """The one rule for sharing ``n`` groups among ``dp`` ranks (docs/design.md section 2.2): rank r
+    takes groups ``[bounds[r], bounds[r + 1])``."""
     if dp < 1 or n < 0:
         raise ValueError(f"dp_bounds: need dp >= 1 and n >= 0, got n={n}, dp={dp}")
     return [n * r // dp for r in range(dp + 1)]
@@ -194,12 +181,8 @@ def dp_bounds(n: int, dp: int) -> List[int]:
 
 def dp_slice(batch: Batch, group_size: int, image_token_id: int, merge: int,
              dp: int, rank: int) -> Batch:
-    """Data-parallel rank ``rank``'s share of the groups (:func:`dp_bounds`).
-
-    A rank whose share is empty (fewer groups than ranks) gets a *filler*: the first group with its
-    response mask cleared and ``filler`` set, so that it takes part in the update's collectives and adds
-    nothing to the loss, the gradient or the counts. Uneven shares are exact because the actor divides by
-    counts summed over all ranks, never by a rank's own."""
+    """Data-parallel rank ``rank``'s share of the groups (:func:`dp_bounds`), or a *filler* where the
+    share is empty (docs/design.md section 2.2)."""
     n = num_groups(batch, group_size)
     if n == 0:
         raise ValueError("dp_slice: the batch has no groups")

@@ -1,13 +1,6 @@
-"""The actor's micro-batches as packed token streams (``actor.model.packing``; docs/design.md section 5).
-
-A micro-batch (rows trimmed to their longest, from ``batching.select_rows``) is laid out as its rows' real
-tokens one after another, ``[1, T]``, by ``models.qwen2_5_vl.packing.pack``. The model returns one output
-per stream position; position ``p`` predicts stream token ``p + 1`` only when both lie in one row. A
-response token is never the first token of its row (``batching.check_batch``), so "token ``p + 1`` is a
-response token" already implies "same row": the label of the last token of a row is the next row's first
-token, which is never a response token, so it is never read. Statistics of the ``T - 1`` predicting
-positions go back to ``[b, s]`` through ``Packing.unpack``: the padded layout's column ``j`` of row ``r``
-(token ``j`` predicted from position ``j - 1``), so losses and callers see what they saw before.
+"""The actor's micro-batches as packed token streams (``actor.model.packing``): docs/design.md
+section 5, "Layout" and "In the actor" (which positions are targets, why labels never cross a row
+boundary, and how statistics go back to ``[b, s]``).
 """
 from __future__ import annotations
 

@@ -1,10 +1,8 @@
-"""Learning-rate schedule of the paper: linear warm-up over the first ``warmup_fraction`` of the
-updates, then constant; optionally a linear decay over the last ``decay_fraction`` (off by default).
+"""Learning-rate schedule of the paper (docs/design.md section 3.7): linear warm-up over ``W`` updates,
+then constant; optionally a linear decay over the last ``decay_fraction`` (off by default).
 
-Step ``s`` (0-based index of the optimizer update about to be taken) gets
-``lr * (s + 1) / W`` for ``s < W`` and ``lr`` afterwards, with ``W = ceil(warmup_fraction * total)``.
-The first update therefore uses ``lr / W`` rather than 0: an update at lr 0 would spend a whole
-rollout batch on nothing. ``W = 0`` (fraction 0) means constant from the first update.
+Update ``s`` (0-based) gets ``lr * (s + 1) / W`` for ``s < W``: the first uses ``lr / W`` rather than 0
+because an update at lr 0 would spend a whole rollout batch on nothing. ``W = 0`` means constant.
 
 With ``D = ceil(decay_fraction * total) > 0`` the last ``D`` updates get ``lr * k / (D + 1)``, ``k`` the
 number of updates left counting this one (``D, D-1, ..., 1``), and updates past the planned end keep

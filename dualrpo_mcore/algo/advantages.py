@@ -1,21 +1,10 @@
-"""Group-relative advantages (docs/design.md eq. 3) and their broadcast to response tokens.
+"""Group-relative advantages and their broadcast to response tokens: equations (3), (3a) and (3b)
+of docs/design.md (the estimators, Bessel's std and why, exact zeros for a flat group, float64).
 
-``rewards`` is ``[num_groups * group_size]`` with each prompt's G responses contiguous. The
-estimators, chosen through ``ADVANTAGE_ESTIMATORS``, map a ``[num_groups, G]`` view to advantages:
-
-* ``grpo``   (r - mean) / (std + eps). **std is the unbiased sample std (Bessel, divide by G - 1)**,
-  which is what ``torch.std`` defaults to and what verl's GRPO outcome advantage and TRL's
-  ``GRPOTrainer`` compute; matching them keeps advantages (and therefore learning-rate and clip
-  settings) transferable between the two code bases and this one. The biased std is available
-  with ``correction=0`` for ablations. Unbiased std needs G >= 2.
-* ``drgrpo`` r - mean (Dr. GRPO: no std division, so low-variance groups are not up-weighted).
-* ``rloo``   r_i - mean of the other G - 1 rewards (leave-one-out baseline; needs G >= 2). It equals
-  ``G / (G - 1) * (r_i - mean)``, which is how it is computed (one pass, no per-i loop).
-
-Every estimator gives each group advantages that sum to 0, and a group whose rewards are all
-equal gets **exactly** 0 (enforced explicitly: ``r - mean(r)`` of equal floats can be off by an
-ulp, which ``/ (0 + eps)`` would then blow up to ~1e-10..1e-2 of pure noise). Computation is in
-float64 (rewards are tiny tensors) and the result is cast back to the rewards' float dtype.
+``rewards`` is ``[num_groups * group_size]`` with each prompt's G responses contiguous; the estimators
+in ``ADVANTAGE_ESTIMATORS`` map a ``[num_groups, G]`` view to advantages. ``drgrpo`` drops the std so
+that low-variance groups are not up-weighted; ``rloo`` is computed as ``G / (G - 1) * (r_i - mean)``
+(one pass, no per-i loop). The result is cast back to the rewards' float dtype.
 """
 from __future__ import annotations
 

@@ -1,19 +1,10 @@
-"""Self-certainty (docs/design.md eq. 1) and the masked-mean helper the rest of ``algo`` shares.
+"""Self-certainty, equation (1) of docs/design.md (its shifted evaluation form, why, and the dtype
+rule), and the masked-mean helper the rest of ``algo`` shares.
 
-``sc_t = KL(U || p_t) = logsumexp(z_t) - mean_j z_tj - log V`` for a row of logits ``z_t`` over
-``V`` real tokens. It is evaluated here in the algebraically equal, shift-invariant form
-
-    sc_t = log(mean_j exp(z_tj - m_t)) - mean_j (z_tj - m_t),     m_t = max_j z_tj
-
-because that form is non-negative *by construction in floating point* as well as in exact
-arithmetic: after the shift every entry is <= 0 (rounding is monotone, so the max maps to exactly
-0), hence the second term is >= 0 and the first lies in [-log V, 0]; uniform logits give exactly
-``log(1) - 0 = 0``. The textbook form subtracts two numbers of size |z| and, for logits around 1e4
-in float32, loses ~1e-3 absolutely, which can make a uniform row come out negative. The shift is
-detached: sc is shift invariant, so its gradient is unchanged.
-
-Precision: float64 inputs are computed in float64, everything else (bf16, fp16, fp32) in float32.
-This is the plain-torch reference; the fused, vocab-sharded version lives in ``ops.token_stats``.
+The shifted form is non-negative in floating point too, not only in exact arithmetic: after the
+shift every entry is <= 0 (rounding is monotone, so the max maps to exactly 0), hence the second
+term is >= 0 and the first lies in [-log V, 0]. This is the plain-torch reference; the fused,
+vocab-sharded version lives in ``ops.token_stats``.
 """
 from __future__ import annotations
 
@@ -95,8 +86,7 @@ def self_certainty(logits: Tensor, mask: Optional[Tensor] = None, *, temperature
 
     Returns:
         ``[...]`` in float32 (float64 for float64 logits), >= 0; larger means more confident.
-        A sequence with no masked tokens (empty response) gets 0, the certainty of a uniform
-        policy, so it neither rewards nor penalises anything downstream.
+        A sequence with no masked tokens gets 0 (eq. 1 of docs/design.md says why).
     """
     if logits.dim() < 2:
         raise ValueError(f"logits must be [..., T, V], got shape {tuple(logits.shape)}")

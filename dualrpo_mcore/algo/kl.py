@@ -1,22 +1,12 @@
-"""KL penalty pieces: per-token estimators of KL(pi || pi_ref) and the certainty-modulated weight.
+"""KL penalty pieces: the per-token estimators of KL(pi || pi_ref) in ``KL_ESTIMATORS``, (5c) of
+docs/design.md with ``d = ref_logp - logp``, and the certainty-modulated weight ``kl_coefficient``,
+equation (4).
 
-Estimators (``KL_ESTIMATORS``), written with the log-ratio ``d = ref_logp - logp`` of a token sampled
-from the policy (``r = pi_ref / pi = exp(d)``), each a function ``(logp, ref_logp, **opts) -> [...]``:
-
-* ``k1``          -d                       unbiased, high variance, can be negative.
-* ``k2``          d**2 / 2                 biased, low variance, >= 0.
-* ``k3``          exp(d) - d - 1           unbiased, low variance, >= 0 (docs/design.md eq. 5 exactly).
-* ``k3_clamped``  k3 of clamp(d, lo, hi)   default (lo, hi) = (-10, 10), option ``clamp``.
-
-Why clamp the *log-ratio* and not the value: exp(d) overflows float32 at d ~ 88, and clamping the
-already-infinite value would give ``0 * inf = NaN`` in the backward pass; clamping d first keeps
-forward and backward finite (the value is then at most e^10 - 11 ~ 2.2e4, and tokens beyond the
-range get zero gradient from the KL term, as a PPO clip does). Plain ``k3`` is left unclamped on
-purpose, so that it is eq. 5 verbatim.
-
-``kl_coefficient`` is docs/design.md eq. 4: ``beta(c) = beta0 * (beta_min + (1 - beta_min) * (1 - c))``
-for c in [0, 1] (c = normalised self-certainty, see ``normalize.py``): confident samples (c -> 1)
-keep only ``beta0 * beta_min`` of the penalty, uncertain ones the full ``beta0``.
+``k1`` is unbiased but high-variance and can be negative; ``k2`` is biased, low-variance, >= 0.
+``k3_clamped`` clamps d, not the value, because exp(d) overflows float32 at d ~ 88 and clamping the
+already-infinite value would give ``0 * inf = NaN`` in backward: with d clamped the value is at most
+e^10 - 11 ~ 2.2e4, and tokens beyond the range get zero gradient from the KL term, as a PPO clip does.
+Plain ``k3`` stays unclamped so that it is eq. 5 verbatim.
 """
 from __future__ import annotations
 
@@ -74,12 +64,8 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str = "k3", **options)
 
 
 def kl_coefficient(c: Union[Tensor, float], beta0: float, beta_min: float = 0.05) -> Tensor:
-    """Certainty-modulated KL weight, eq. 4, elementwise on ``c`` (values in [0, 1]).
-
-    Returns a float tensor of ``c``'s shape in ``[beta0 * beta_min, beta0]``, decreasing in c.
-    ``beta0 = 0`` gives zeros (the paper's main runs: no reference KL).
-    Raises ValueError for beta0 < 0, beta_min outside [0, 1], or c outside [0, 1] / non-finite.
-    """
+    """Certainty-modulated KL weight, eq. 4, elementwise on ``c`` (values in [0, 1]): a float tensor
+    of ``c``'s shape in ``[beta0 * beta_min, beta0]``, decreasing in c."""
     if not beta0 >= 0:
         raise ValueError(f"beta0 must be >= 0, got {beta0}")
     if not 0.0 <= beta_min <= 1.0:

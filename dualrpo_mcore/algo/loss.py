@@ -1,43 +1,9 @@
-"""The DualRPO policy loss (docs/design.md eq. 5): clipped surrogate + certainty-weighted KL, minimised.
+"""The DualRPO policy loss: equation (5) of docs/design.md with (5a)-(5d) (ratio, clipping, TIS, KL
+estimators, aggregations, sign); aggregations and empty rows in full: docs/loss_aggregation.md.
 
-Sign convention: the objective to *maximise* per token is
-``J_t = min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A) - beta * KL_t``; the function
-returns ``loss = agg(-J_t)``, so ``loss.backward()`` followed by an optimiser step ascends J.
-With ratio == 1 and no KL the token-mean loss is exactly ``-mean_tokens(A)``.
-
-Per token, in order:
-
-1. ``ratio = exp(logp - old_logp)``, the log-ratio clamped to +-``log_ratio_clamp`` (default 20)
-   so exp cannot overflow; far beyond any clip range, so this only bites on broken inputs.
-2. Clipped surrogate ``pg = max(-A * ratio, -A * clip(ratio))``, with separate lower and upper
-   clip (clip-higher). Dual clip (``dual_clip = c > 1``): for A < 0 the loss is additionally
-   capped at ``-A * c``, so a token whose ratio has run away above c stops pushing.
-3. Truncated importance sampling (``tis_cap``): ``pg *= min(exp(old_logp - rollout_logp), cap)``,
-   detached. It corrects for the rollout engine (SGLang, bf16/FP8 kernels) sampling from a
-   slightly different distribution than the trainer's old policy.
-4. KL: ``+ beta * KL_est(logp, ref_logp)`` with ``beta`` a scalar, per sequence or per token
-   (``kl_coefficient`` of the normalised certainty) and ``KL_est`` from ``KL_ESTIMATORS``.
-5. Aggregation (``LOSS_AGGREGATIONS``) over the response mask, each ``total / count`` with a total
-   that adds up over rows, so a batch cut into micro-batches (and data-parallel ranks) gives the
-   loss of the whole batch when every piece divides its total by the whole batch's count:
-   ``token-mean`` the sum over all tokens / the number of tokens (default);
-   ``seq-mean`` the sum of each row's token mean / the number of non-empty rows;
-   ``seq-mean-token-sum-norm`` (Dr. GRPO) the sum of each row's token sum / ``L`` / the number of
-   non-empty rows, ``L`` a constant of the run (:attr:`PolicyLossConfig.token_sum_norm`, by default
-   the rollout's ``max_new_tokens``), never a tensor width, which would count prompt tokens and
-   change with the micro-batch a row lands in. Without ``L`` this aggregation is an error.
-   ``denominator`` replaces the count, so the trainer can pass the count over the whole batch and
-   every data-parallel rank (:func:`aggregation_count` of the whole batch's mask: the same rule).
-
-   **Empty rows** (no response token in the loss: overlong-filtered rows, filler micro-batches)
-   count in no denominator, locally (a micro-batch's own count) or globally (the whole batch's over
-   every rank): ``token-mean`` counts response tokens, so an empty row adds nothing; ``seq-mean``
-   and Dr. GRPO count non-empty rows. A batch's loss thus equals the loss of the batch without its
-   empty rows. verl's trainer counts all rows for the per-row aggregations; we do not, because then
-   the overlong filter would shrink every other row's step by the share of responses that hit the
-   budget, a step size that depends on response length. A truncated answer is neither right nor
-   wrong; leaving it out should not also change how far the others move the policy.
-   See ``docs/loss_aggregation.md``.
+Two reasons beyond that page: the log-ratio clamp (``log_ratio_clamp``, default 20) lies far beyond
+any clip range, so it only bites on broken inputs; and with the dual clip a token whose ratio has run
+away above c stops pushing.
 
 Metrics (detached 0-dim tensors, token-means over the mask, 0 when the mask is empty; they stay
 on device so logging does not force a sync): ``pg_loss``, ``clip_frac_low`` (A < 0 and
@@ -71,11 +37,7 @@ DR_GRPO = "seq-mean-token-sum-norm"
 
 @dataclass(frozen=True)
 class Aggregation:
-    """A loss aggregation as ``total(x, mask, L) / count(mask)``.
-
-    ``total`` adds up over rows (the sum of per-row contributions), so pieces of a batch sum to the
-    batch's total; ``count`` is the denominator rule (tokens, or non-empty rows), used alike on a
-    micro-batch's mask (local) and on the whole batch's mask (global, :func:`aggregation_count`)."""
+    """A loss aggregation as ``total(x, mask, L) / count(mask)`` (docs/loss_aggregation.md, "The rule")."""
 
     total: Callable[[Tensor, Tensor, Optional[int]], Tensor]
     count: Callable[[Tensor], Tensor]
@@ -87,11 +49,6 @@ LOSS_AGGREGATIONS: Registry[Aggregation] = Registry("loss aggregation")
 def _safe_div(num: Tensor, den: Tensor) -> Tensor:
     """num / den, and 0 where den == 0 (num is then 0 too: nothing was summed)."""
     return num / torch.where(den > 0, den, torch.ones_like(den))
-
-
-def _as_count(denominator: Union[Tensor, float], like: Tensor) -> Tensor:
-    """A caller's count (float or an all-reduced tensor) on ``like``'s device; no host sync."""
-    return torch.as_tensor(denominator, dtype=like.dtype, device=like.device)
 
 
 def _tokens(mask: Tensor) -> Tensor:
@@ -118,18 +75,17 @@ LOSS_AGGREGATIONS.register(DR_GRPO, Aggregation(total=_token_sum_over_length, co
 
 def aggregation_count(mask: Tensor, agg: str = "token-mean") -> Tensor:
     """The denominator of ``agg`` over ``mask [..., T]`` (tokens, or non-empty rows), float64 so that
-    sums over micro-batches and ranks stay exact. The trainer's global count: the same rule as the
-    local count :func:`aggregate` uses when no ``denominator`` is given."""
+    sums over micro-batches and ranks stay exact; the same rule as :func:`aggregate`'s local count."""
     return LOSS_AGGREGATIONS.get(agg).count(mask.to(torch.float64))
 
 
 def aggregate(x: Tensor, mask: Tensor, agg: str = "token-mean", *, max_response_length: Optional[int] = None,
               denominator: Union[Tensor, float, None] = None) -> Tensor:
-    """Reduce per-token values ``[B, T]`` to a scalar with the named aggregation (see module doc);
+    """Reduce per-token values ``[B, T]`` to a scalar with the named aggregation ((5d) of docs/design.md);
     ``max_response_length`` is Dr. GRPO's constant ``L`` (required by it, unused by the others)."""
     a = LOSS_AGGREGATIONS.get(agg)
     m = mask.to(x.dtype)
-    den = a.count(m) if denominator is None else _as_count(denominator, x)
+    den = a.count(m) if denominator is None else torch.as_tensor(denominator, dtype=x.dtype, device=x.device)
     return _safe_div(a.total(x, m, max_response_length), den)
 
 
@@ -290,8 +246,9 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Union[Tensor, float]
         metrics["rollout_logp_absdiff"] = masked_mean((old - roll).abs(), keep)
         if cfg.tis_cap is not None:
             raw_w = torch.exp(old - roll)
-            pg = pg * raw_w.clamp(max=cfg.tis_cap)
-            metrics["tis_weight_mean"] = masked_mean(raw_w.clamp(max=cfg.tis_cap), keep)
+            w = raw_w.clamp(max=cfg.tis_cap)
+            pg = pg * w
+            metrics["tis_weight_mean"] = masked_mean(w, keep)
             metrics["tis_trunc_frac"] = masked_mean((raw_w > cfg.tis_cap).to(dtype), keep)
 
     agg = dict(agg=cfg.agg, max_response_length=cfg.token_sum_norm, denominator=denominator)

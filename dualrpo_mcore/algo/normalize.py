@@ -1,34 +1,17 @@
-"""Normalising self-certainty u (>= 0, unbounded) to c in [0, 1] for the KL weight beta(c) (eq. 4).
+"""Normalising self-certainty u (>= 0, unbounded) to c in [0, 1] for the KL weight beta(c): (4a) and
+(4b) of docs/design.md, which also says why ``running`` is the default.
 
-The map is a config choice, made through ``CERTAINTY_NORMALIZERS``; every normaliser is an object
-``c = norm(u)`` with ``state_dict()`` / ``load_state_dict()`` so a checkpoint resumes it exactly.
+Every normaliser in ``CERTAINTY_NORMALIZERS`` is an object ``c = norm(u)`` with ``state_dict()`` /
+``load_state_dict()`` so a checkpoint resumes it exactly. Beyond that page: a flat batch gets
+c = 0.5 under ``batch_minmax`` because no sample is more or less certain than another, so each gets
+the midpoint weight rather than an arbitrary extreme. ``running``'s decay 0.9 is a horizon of ~10
+steps, its reference means "more / less certain than the policy has recently been", one degenerate,
+very confident response (a repetition loop) moves its mean by 1/N of its excess, and the sigmoid
+keeps c strictly inside (0, 1) with a smooth slope.
 
-* ``batch_minmax`` (stateless): c = (u - min) / (max - min) over the batch; a batch whose u are all
-  equal gets c = 0.5 everywhere (no sample is more or less certain than another, so every one gets
-  the midpoint weight rather than an arbitrary extreme).
-* ``running`` (**default**): c = sigmoid((u - m) / (sqrt(s2 + eps) * temperature)), where m and s2
-  are an exponential moving average (``decay``, default 0.9 per call, horizon ~10 steps) of the
-  batch mean and variance. The EMA is updated with the batch *before* normalising it, and the
-  first batch initialises it, so the first step is well defined. The variance update is the
-  variance of the two-component mixture ``decay * old + (1 - decay) * batch``, which keeps the
-  between-batch shift of the mean in the spread.
-
-Why ``running`` is the default:
-
-1. It does not make a sample's beta depend on which other samples share its batch. Min-max
-   stretches every batch, however homogeneous, over the full [beta0 * beta_min, beta0] range, so
-   beta would follow within-batch noise; the running reference means "more / less certain than the
-   policy has recently been".
-2. Outliers: one degenerate, extremely confident response (a repetition loop) squashes everybody
-   else towards c = 0 under min-max; here it moves the mean by 1/N of its excess.
-3. Drift: u grows as RL sharpens the policy. A fixed absolute scale would saturate; the EMA follows
-   it, while the sigmoid keeps c strictly inside (0, 1) with a smooth slope.
-
-Its costs, and where they are paid: it is state, so it is checkpointed (``state_dict``), and under
-data parallelism every rank must see the same statistics. ``algo`` never touches process groups,
-so the trainer either gathers u before calling, or all-reduces the (count, sum, sum of squares) of
-its local u and calls ``update_moments`` followed by ``normalize`` (same for ``batch_minmax``:
-gather, or all-reduce min and max). ``batch_minmax`` remains the simple stateless alternative.
+``algo`` never touches process groups, so under data parallelism the caller either gathers u, or
+all-reduces the (count, sum, sum of squares) of its local u and calls ``update_moments`` followed by
+``normalize`` (same for ``batch_minmax``: gather, or all-reduce min and max).
 """
 from __future__ import annotations
 

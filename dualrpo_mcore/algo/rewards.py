@@ -1,15 +1,5 @@
 """Reward shaping: how the verifier reward v and the self-certainty u become the scalar reward r.
-
-Modes (docs/design.md eqs. 2 and 6), chosen by name through ``REWARD_MODES``:
-
-* ``grpo``     r = v                                   (external reward only)
-* ``dualrpo``  r = v * (1 + mu * u) - lam * (1 - v) * u (certainty-modulated reward)
-* ``internal`` r = u                                   (RLIF / Intuitor: self-certainty only)
-
-With mu, lam >= 0 and u >= 0 the ``dualrpo`` reward is increasing in v (dr/dv = 1 + (mu + lam) u):
-a confident correct answer earns a bonus, a confident wrong one a penalty, and certainty never
-turns a worse answer into a better one. Negative mu/lam are accepted (ablations) but lose that
-guarantee.
+Modes ``grpo``, ``dualrpo``, ``internal`` (``REWARD_MODES``): equations (2) and (6) of docs/design.md.
 
 Inputs are validated eagerly (equal shapes, finite values, v in [0, 1]) because a silently
 broadcast or NaN reward corrupts every advantage of its group; rewards are small per-sample
@@ -60,8 +50,6 @@ def shape_rewards(v: Union[Tensor, float], u: Union[Tensor, float], mu: float = 
                   lam: float = 0.005, mode: str = "dualrpo") -> Tensor:
     """Combine verifier rewards ``v`` and self-certainty ``u`` elementwise into rewards ``r``.
 
-    ``v``, ``u`` are eq. 2's symbols for what the rest of the code names ``accuracy``, ``self_certainty``.
-
     Args:
         v: verifier rewards in [0, 1], any shape (usually ``[num_samples]``).
         u: self-certainty of the same samples, same shape as ``v`` (>= 0 by construction).
@@ -71,10 +59,6 @@ def shape_rewards(v: Union[Tensor, float], u: Union[Tensor, float], mu: float = 
 
     Returns:
         ``r`` with the shape of ``v``, in the promoted floating dtype of ``v`` and ``u``.
-
-    Raises:
-        KeyError for an unknown mode; ValueError for mismatched shapes, non-finite values or
-        v outside [0, 1], naming the first offending index.
     """
     fn = REWARD_MODES.get(mode)
     v, u = _as_float(v, "v"), _as_float(u, "u")

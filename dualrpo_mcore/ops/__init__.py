@@ -1,10 +1,8 @@
 """Python face of ``csrc/``: fused vocab-parallel token statistics (see ``token_stats.py``).
 
 ``token_stats`` runs the compiled kernel (C++ on CPU, CUDA on GPU) when ``dualrpo_mcore._C`` is
-built, else a pure-torch fallback with the same semantics (logged once). ``fused_head`` is the
-output layer fused with the same statistics, in token chunks, so the logits are never stored
-(``fused_head.py``); ``fused_head_loss`` adds a token-separable loss and forms the gradients in the
-same pass (``fused_head_loss.py``).
+built, else a pure-torch fallback with the same semantics (logged once). ``fused_head`` and
+``fused_head_loss``: the output layer fused with the statistics (docs/fused_head.md).
 """
 from ._ext import BACKEND_ENV, load_error, load_extension
 from .fused_head import fused_head

@@ -1,33 +1,12 @@
 r"""The output layer fused with the token statistics: logits are never stored.
 
-``fused_head(hidden [T, H], weight [V_local, H], labels [T], ...)`` returns what
-``token_stats(hidden @ weight.T, labels, ...)`` returns (log-prob, entropy, self-certainty and
-optionally the full KL to a reference given as its own hidden + weight), with the same definitions,
-the same vocab-parallel partials and the same merge (``token_stats.py`` holds the equations), but
-works in token chunks: a chunk's logits ``[rows, V_local]`` exist only inside the op.
-
-**Forward.** Per chunk: one GEMM (ATen: MKL/oneDNN on CPU, cuBLAS on CUDA) over the shard's real
-vocabulary rows, then the statistics kernel reduces the chunk's logits to ``[rows, 6|9]`` partials
-and the logits are dropped. The partials of all chunks then go through the *one* all-gather and the
-fixed-order merge of ``token_stats`` (one collective per call, whatever the number of chunks).
-
-**Backward.** Per chunk: the logits are recomputed (one more GEMM than the unfused head), the
-statistics kernel writes dz (``grad_logits``), and dHidden_c = dz W, dW += dz^T h_c. Saved for
-backward: 3 floats per token (5 with a reference) and references to the inputs. With a TP group each
-rank's dHidden covers only its vocabulary shard, so it is summed over the group (the all-reduce that
-Megatron's ``ColumnParallelLinear`` issues in its backward; one per call). The reference gets no
-gradient. With a bf16/fp16 weight, dW is summed in an fp32 buffer of the weight's shape (one rounding
-per chunk product, not per running sum; none for a single chunk) and returned in the weight's dtype.
-
-**Chunk size** comes from a memory budget in bytes (``chunk_bytes``), not a constant: backward holds a
-chunk's logits and their gradient (plus the reference's logits, plus one product block for a
-half-precision dW), so ``rows = chunk_bytes // (V_local * itemsize * k)``, at least 1. Forward uses
-the same chunks: a BLAS may round a row differently in a GEMM of another height, and the logits that
-backward recomputes must be bitwise the ones whose (max, log-sum) forward saved.
-
-**Mask.** ``mask [T]`` (1 = compute) selects the rows the op computes at all: the others cost no GEMM,
-return 0 for every statistic and get no gradient (the actor's prompt tokens). Labels of -100 inside
-the mask behave as in ``token_stats`` (log-prob 0, entropy and self-certainty computed).
+How it works (forward, backward, chunk size, the mask) and what it returns: docs/fused_head.md.
+Beyond that page: the reference gets no gradient; a half-precision dW is summed in fp32
+with one rounding per chunk product, not per running sum (none for a single chunk); forward cuts
+the same chunks as backward because a BLAS may round a row differently in a GEMM of another height,
+and the logits that backward recomputes must be bitwise the ones whose (max, log-sum) forward
+saved; labels of -100 inside the mask behave as in ``token_stats`` (log-prob 0, entropy and
+self-certainty computed).
 """
 from __future__ import annotations
 
@@ -43,7 +22,7 @@ from .token_stats import TokenStats, _all_gather, autograd_outputs, check_range,
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_BYTES = 512 * 2**20
-"""Default memory budget of one chunk (see the module doc): ~440 rows at V_local = 151936 in fp32.
+"""Default memory budget of one chunk (docs/fused_head.md): ~440 rows at V_local = 151936 in fp32.
 Measured on the 2-core CPU: a 220-row chunk's GEMMs cost 1.11x those of 1760-row ones, 440 rows
 1.02x (docs/fused_head.md); a GPU's GEMMs reach full rate at fewer rows."""
 
@@ -182,14 +161,10 @@ def fused_head(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                vocab_size: Optional[int] = None, group=None, ref_hidden: Optional[torch.Tensor] = None,
                ref_weight: Optional[torch.Tensor] = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                backend: Optional[str] = None) -> TokenStats:
-    """Token statistics of ``hidden @ weight.T`` without storing the logits (module doc).
+    """Token statistics of ``hidden @ weight.T`` without storing the logits (docs/fused_head.md).
 
-    ``weight [V_local, H]`` is this rank's vocabulary shard of the output layer (or of the tied
-    embedding) starting at global row ``vocab_start``; ``group``, ``vocab_size``, ``labels`` and
-    ``temperature`` mean what they mean for ``token_stats``. ``mask [T]`` limits the rows computed
-    (others return 0, no gradient). ``ref_hidden [T, H_ref]`` + ``ref_weight [V_local, H_ref]`` add
-    ``out.kl`` = KL(pi || pi_ref). Differentiable w.r.t. ``hidden`` (summed over ``group``) and
-    ``weight``. ``backend``: ``auto`` | ``ext`` | ``torch`` as for ``token_stats``.
+    ``group``, ``vocab_size``, ``labels``, ``temperature`` and ``backend`` mean what they mean for
+    ``token_stats``; ``ref_hidden [T, H_ref]`` + ``ref_weight [V_local, H_ref]`` add ``out.kl``.
     """
     vocab_size, n_real, labels = _checked(hidden, weight, labels, mask, ref_hidden, ref_weight, temperature,
                                           vocab_start, vocab_size, group)

@@ -1,31 +1,11 @@
 r"""The output layer, the token statistics and the loss in one pass: gradients formed in the forward.
 
-``fused_head`` must recompute every chunk's logits in its backward, because the per-token gradients
-of the loss are only known after the whole micro-batch's statistics are: four GEMMs where the unfused
-head runs three. A *token-separable* loss removes that: if the loss's gradient at a token depends only
-on that token's own statistics (and on constants: advantages, old and reference log-probs, the
-aggregation's weights and denominator), then as soon as a chunk's statistics are merged its per-token
-gradients are known, and the chunk's logits, still in memory, give dz at once:
-
-    per chunk c:  z = h_c W^T  ->  partials  ->  (one collective over TP)  ->  merge  ->  stats_c
-                  g_c = d loss / d stats_c  (``loss_fn`` under autograd, on [T] vectors)
-                  dz = grad_logits(z, stats_c, g_c);   dH_c = dz W;   dW += dz^T h_c
-
-Three GEMMs, as unfused, and no [T, V] tensor. The loss value comes from one final ``loss_fn`` call
-on the complete statistics. The backward only scales the stored dH and dW by the incoming gradient,
-in place (and sums dH over the TP group, as ``ColumnParallelLinear``'s backward does); so the result
-can be run backward once (``retain_graph`` and a second backward raise).
-
-**Contract of** ``loss_fn(stats: TokenStats) -> (loss, aux)``: ``stats`` hold all ``T`` rows (rows
-outside ``mask`` and rows not yet computed hold 0), ``loss`` is a 0-dim tensor, ``aux`` anything (it
-is returned as computed by the final call, so put detached metrics there). It must be separable as
-said above; every loss that is a weighted sum of per-token terms is (the clipped surrogate, the k1/k2/k3
-KL penalties, cross-entropy, under token-mean, seq-mean and Dr. GRPO with their denominators fixed).
-A loss that couples tokens (e.g. a sequence-level importance ratio) is not, and must use ``fused_head``.
-``tests/test_fused_head_loss.py`` checks the actor's losses against the unfused head in float64.
-
-**Collectives.** One all-gather of the chunk's partials per chunk (the statistics must be global
-before the chunk's gradient can be formed), plus one all-reduce of dH in the backward.
+What it computes, why (no recompute: three GEMMs, as unfused), which losses qualify (token-separable
+ones) and its collectives: docs/fused_head.md, "The loss path". Beyond that page:
+``loss_fn(stats: TokenStats) -> (loss, aux)`` must return a 0-dim ``loss``; ``aux`` is returned as
+computed by the final call, so put detached metrics there. The result can be run backward once
+(``retain_graph`` and a second backward raise). ``tests/unit/test_fused_head_loss.py`` checks the
+actor's losses against the unfused head in float64.
 
 **Memory.** A chunk's logits and dz (``chunk_rows`` as for ``fused_head``), plus dH ``[T_masked, H]``
 and dW (the shard's shape, fp32 for a half-precision weight) kept from forward to backward; both are
@@ -110,7 +90,7 @@ class _StoredGrads(torch.autograd.Function):
 
 
 def _run_chunks(h, w, labels, loss_fn, full, row_of, args, need_dw):
-    """The chunk loop (module doc). Fills ``full`` (the three [T] statistics) and returns (dH, dW)."""
+    """The chunk loop (docs/fused_head.md). Fills ``full`` (the three [T] statistics) and returns (dH, dW)."""
     vocab_start, n_real, vocab_size, inv_t, rows, group, backend = args
     partials_op, grad_op = _ext.ops(backend)
     acc = _fallback.acc_dtype(h.dtype)

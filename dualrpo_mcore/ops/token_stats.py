@@ -229,15 +229,10 @@ def token_stats(logits: torch.Tensor, labels: torch.Tensor, *, vocab_start: int 
                 ref_logits: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> TokenStats:
     """Per-token log-prob, entropy and self-certainty of a vocab-parallel logits shard.
 
-    ``logits [T, V_local]`` (fp32/bf16/fp16; fp64 for gradcheck) is this rank's shard starting at
-    global column ``vocab_start``; ``labels [T]`` are global ids (-100 = ignore: logprob 0, no
-    gradient); ``group`` is the tensor-parallel group (None = unsharded); ``vocab_size`` is the
-    global number of real tokens (default: ``vocab_start + V_local`` unsharded, ``V_local *
-    world`` with a group), columns at or past it are padding. ``ref_logits`` (same shard shape,
-    constant) adds ``out.kl`` = KL(pi || pi_ref) over the full vocabulary. Outputs are float32
-    (float64 for float64 logits), identical on every rank, differentiable w.r.t. ``logits``.
-    ``backend``: ``auto`` | ``ext`` | ``torch`` (see ``_ext.choose``). The formulas and their
-    derivatives are in this module's docstring.
+    Contract: docs/design.md section 3.1. Beyond it: ``logits`` may be fp64 (gradcheck), ``group``
+    None means unsharded, ``vocab_size`` defaults to ``vocab_start + V_local`` unsharded and
+    ``V_local * world`` with a group, and ``backend`` is ``auto`` | ``ext`` | ``torch`` (see
+    ``_ext.choose``). The formulas and their derivatives are in this module's docstring.
     """
     vocab_size, n_real = shard_sizes(logits.shape[-1], vocab_start, vocab_size, group)
     _check(logits, labels, ref_logits, vocab_start, vocab_size, temperature)

@@ -258,9 +258,8 @@ def grad_buffer_elems(trainable: int, layout: Layout) -> int:
         return trainable
     # The bucket ends on a multiple of lcm(DP, 128). Params also start 64-aligned, which costs at most 63
     # elements per tensor whose size is not a multiple of 64 (a few in the ViT): ignored, < 0.01%.
-    n = trainable
     div = math.lcm(layout.dp, 128)
-    return -(-n // div) * div
+    return -(-trainable // div) * div
 
 
 def grad_bytes(trainable: int, layout: Layout) -> int:

@@ -7,11 +7,8 @@ training and rollout phases against the GPU's capacity) and a verdict.
 Workload assumptions (worst case, so a plan that fits does not OOM on a long batch): the longest row is
 ``prompt + max_new_tokens`` tokens, every prompt ``data.max_prompt_tokens`` when the recipe
 sets it (else the image tokens + 256 text tokens), and carries ``--images-per-prompt``
-images of ``data.max_pixels`` pixels; responses may end after one token, so the shortest row is
-``prompt + 1`` tokens (``--shortest-row``). Micro-batches hold rows up to ``actor.micro.max_tokens`` real
-tokens (``actor.micro``'s partition); the worst one holds a longest row and as many shortest rows as
-fit. Packed (``actor.model.packing``, the default) it runs as one stream of T <= max_tokens real tokens;
-padded, as ``rows x the longest row``, so a long tail of short rows costs it the padding of every row.
+images of ``data.max_pixels`` pixels. The worst micro-batch (its shortest rows: ``--shortest-row``) and
+what it costs packed or padded: docs/design.md section 5, "Memory plan".
 
 Exit status: 0 = fits and the KV cache holds the step's rollouts, 1 = DOES NOT FIT (the peak exceeds
 the GPU, or SGLang's share of the memory the actor leaves free is below its weights), 3 = fits but the
@@ -122,11 +119,9 @@ def plan_backend(model_src) -> str:
 def _recipe_world(name: str) -> Optional[Tuple[int, int]]:
     try:
         from dualrpo_mcore.trainer.recipes_paper import default_world
-    except ImportError:
-        return None
-    try:
+
         return default_world(name)
-    except KeyError:
+    except (ImportError, KeyError):
         return None
 
 

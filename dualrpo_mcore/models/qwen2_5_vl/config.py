@@ -182,13 +182,20 @@ def _common(precision: Precision, tp: int) -> Dict[str, Any]:
     )
 
 
-def language_config(cfg: QwenVLConfig, tp: int = 1, pp: int = 1, precision: Optional[Precision] = None,
-                    **overrides: Any):
+def _transformer_config(part: str, precision: Optional[Precision], tp: int, overrides: Dict[str, Any],
+                        **fields: Any):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    precision = precision or Precision()
-    kw = _common(precision.for_part("language"), tp)
-    kw.update(
+    kw = _common((precision or Precision()).for_part(part), tp)
+    kw.update(fields)
+    kw.update(overrides)
+    return TransformerConfig(**kw)
+
+
+def language_config(cfg: QwenVLConfig, tp: int = 1, pp: int = 1, precision: Optional[Precision] = None,
+                    **overrides: Any):
+    return _transformer_config(
+        "language", precision, tp, overrides,
         pipeline_model_parallel_size=pp,
         num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_heads,
         num_query_groups=cfg.num_kv_heads, kv_channels=cfg.head_dim, ffn_hidden_size=cfg.ffn_hidden_size,
@@ -198,17 +205,12 @@ def language_config(cfg: QwenVLConfig, tp: int = 1, pp: int = 1, precision: Opti
         # gloo has no batched isend/irecv: plain p2p between pipeline stages off-GPU.
         batch_p2p_comm=torch.cuda.is_available(),
     )
-    kw.update(overrides)
-    return TransformerConfig(**kw)
 
 
 def vision_config(cfg: QwenVLConfig, tp: int = 1, precision: Optional[Precision] = None, **overrides: Any):
     """The ViT lives whole on the first pipeline stage, hence pipeline size 1 here."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    precision = precision or Precision()
-    kw = _common(precision.for_part("vision"), tp)
-    kw.update(
+    return _transformer_config(
+        "vision", precision, tp, overrides,
         pipeline_model_parallel_size=1,
         num_layers=cfg.vision_depth, hidden_size=cfg.vision_hidden_size,
         num_attention_heads=cfg.vision_heads, num_query_groups=cfg.vision_heads,
@@ -216,24 +218,17 @@ def vision_config(cfg: QwenVLConfig, tp: int = 1, precision: Optional[Precision]
         layernorm_epsilon=VISION_NORM_EPS, gated_linear_unit=True, activation_func=F.silu,
         add_bias_linear=True, add_qkv_bias=True,
     )
-    kw.update(overrides)
-    return TransformerConfig(**kw)
 
 
 def merger_config(cfg: QwenVLConfig, tp: int = 1, precision: Optional[Precision] = None, **overrides: Any):
     """Merger MLP: RMSNorm(vision) -> fc1 (4*vision -> 4*vision) -> exact GELU -> fc2 (-> LM hidden)."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    precision = precision or Precision()
-    kw = _common(precision.for_part("merger"), tp)
-    kw.update(
+    return _transformer_config(
+        "merger", precision, tp, overrides,
         pipeline_model_parallel_size=1, num_layers=1, hidden_size=cfg.out_hidden_size,
         num_attention_heads=max(1, tp), ffn_hidden_size=cfg.merger_hidden_size,
         layernorm_epsilon=VISION_NORM_EPS, gated_linear_unit=False, activation_func=F.gelu,
         add_bias_linear=True,
     )
-    kw.update(overrides)
-    return TransformerConfig(**kw)
 
 
 def check_parallel(cfg: QwenVLConfig, tp: int, pp: int) -> None:

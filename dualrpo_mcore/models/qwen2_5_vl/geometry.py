@@ -71,10 +71,8 @@ def rope_index(input_ids: torch.Tensor, image_grid_thw: Optional[torch.Tensor], 
 
 def packed_rope_index(input_ids: torch.Tensor, cu_seqlens: torch.Tensor, image_grid_thw: Optional[torch.Tensor],
                       image_token_id: int, spatial_merge_size: int) -> torch.Tensor:
-    """[3, 1, T] position ids of a packed stream ``input_ids [1, T]`` whose row ``r`` is
-    ``[cu_seqlens[r], cu_seqlens[r + 1])``: :func:`rope_index` of each row alone, with that row's own
-    images (the next ones in ``image_grid_thw``, which lists them in stream order), so every row's
-    positions start at 0 exactly as in a padded batch. Tokens after ``cu_seqlens[-1]`` get 0."""
+    """[3, 1, T] position ids of a packed stream ``input_ids [1, T]``: :func:`rope_index` of each row
+    alone, with its own images (layout: docs/design.md section 5)."""
     ids = input_ids.reshape(-1)
     pos = torch.zeros(3, 1, ids.numel(), dtype=torch.long)
     grids = image_grid_thw.cpu() if image_grid_thw is not None else torch.zeros(0, 3, dtype=torch.long)

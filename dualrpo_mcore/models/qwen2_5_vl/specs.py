@@ -20,13 +20,8 @@ memory or export weights take one of these, never 'auto'."""
 
 def resolve_backend(requested: str = "auto", needs_te: bool = False, *, cuda_available: Optional[bool] = None,
                     te_available: Optional[bool] = None) -> str:
-    """The layer spec a run uses. The rule:
-
-    * 'auto' -> 'te' when CUDA is available and Transformer Engine imports, else 'local';
-    * 'te' -> 'te' (Transformer Engine must import);
-    * 'local' -> 'local';
-    * ``needs_te`` (FP8 is on) -> 'te' from 'auto' or 'te', and an error for 'local'; without TE it
-      fails naming the extra to install, whatever CUDA says.
+    """The layer spec a run uses: 'auto' means 'te' when CUDA is available and Transformer Engine
+    imports, else 'local'; ``needs_te`` (FP8) forces 'te' and, without TE, fails naming the extra.
 
     ``cuda_available`` / ``te_available`` default to probing this process; pass them to resolve for
     another machine (``dualrpo plan`` for the GPU nodes) or in tests. Resolve once per run and hand
