@@ -11,89 +11,88 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 
-def _image_positions(start: int, grid: Sequence[int], merge: int) -> torch.Tensor:
-    """[3, t*h*w/merge^2] (t, h, w) positions of one image's LM tokens, offset by ``start``."""
-    t, h, w = int(grid[0]), int(grid[1]) // merge, int(grid[2]) // merge
-    tt = torch.arange(t).view(t, 1, 1).expand(t, h, w)
-    hh = torch.arange(h).view(1, h, 1).expand(t, h, w)
-    ww = torch.arange(w).view(1, 1, w).expand(t, h, w)
-    return torch.stack([tt, hh, ww]).reshape(3, -1) + start
+def _row_positions(ids: torch.Tensor, row: torch.Tensor, rows: int, grids: torch.Tensor, image_token_id: int,
+                   merge: int, names: Tuple[str, str]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """mrope positions ``[3, N]`` of ``N`` real tokens laid out row after row (``row [N]``: each token's row,
+    non-decreasing, of ``rows``), and each row's rope delta ``[rows]``; ``grids [K, 3]`` are the images in
+    the order of their token runs. In tensor ops, not a Python loop over tokens (4% of a tiny CPU step).
+
+    Text tokens advance all three axes together; image k's ``n_k`` tokens get its (t, h, w) grid from the
+    row's current position, after which text resumes at that position plus ``max(h, w) / merge``. So a
+    token's position is its row's text tokens before it plus ``max(h, w) / merge`` of the row's images that
+    ended before it. ``names``: how errors name a row and the whole ("row", "the batch has")."""
+    n = ids.numel()
+    hm, wm = grids[:, 1] // merge, grids[:, 2] // merge
+    per = grids[:, 0] * hm * wm
+    ends = per.cumsum(0)
+    at = ends - per  # each image's first index among the image tokens
+    image = ids == image_token_id
+    where = image.nonzero().squeeze(1)  # stream index of each image token
+    m = where.numel()
+    k = torch.searchsorted(ends, torch.arange(m), right=True)  # each image token's image
+    starts = torch.searchsorted(row, torch.arange(rows))  # each row's first token
+    if bool((k >= len(grids)).any()):
+        extra = int(where[int(ends[-1]) if len(ends) else 0])
+        raise ValueError(f"{names[0]} {int(row[extra])}: more image tokens than images in image_grid_thw")
+    # Every begun image's tokens lie back to back in one row, all of them.
+    first = where[at[k]]
+    broken = (where != first + torch.arange(m) - at[k]) | (row[where] != row[first])
+    begun = int(k[-1]) + 1 if m else 0
+    if bool(broken.any()) or (m and m < int(ends[begun - 1])):
+        img = int(k[broken.nonzero()[0, 0]]) if bool(broken.any()) else begun - 1
+        f = int(where[at[img]])
+        raise ValueError(f"{names[0]} {int(row[f])}: image {img} expects {int(per[img])} image tokens at "
+                         f"{f - int(starts[row[f]])}")
+    if begun != len(grids):
+        raise ValueError(f"image_grid_thw has {len(grids)} images but {names[1]} tokens for {begun}")
+    text = (~image).long()
+    before = text.cumsum(0) - text  # text tokens before each token, in the whole stream
+    bump = torch.zeros(n + 1, dtype=torch.long)
+    if len(grids):
+        bump.index_add_(0, where[at] + per, torch.maximum(hm, wm))  # at the token after each image
+    bump = bump.cumsum(0)[:n]  # max(h, w) / merge of every image ended before each token
+    cur = before + bump
+    cur = cur - cur[starts.clamp(max=max(n - 1, 0))][row]  # from the row's own start
+    pos = cur.expand(3, n).clone()
+    if m:
+        j, plane = torch.arange(m) - at[k], (hm * wm)[k]
+        pos[:, where] = cur[first] + torch.stack([j // plane, j % plane // wm[k], j % wm[k]])
+    top = torch.full((rows,), -1, dtype=torch.long).scatter_reduce(0, row, pos.amax(0), "amax")
+    count = torch.bincount(row, minlength=rows)
+    deltas = torch.where(count > 0, top + 1 - count, torch.zeros_like(count))
+    return pos, deltas
 
 
 def rope_index(input_ids: torch.Tensor, image_grid_thw: Optional[torch.Tensor], image_token_id: int,
                spatial_merge_size: int, attention_mask: Optional[torch.Tensor] = None
                ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """3D (temporal, height, width) position ids ``[3, B, S]`` and rope deltas ``[B, 1]``.
-
-    Text tokens advance all three axes together; an image's tokens get a (t, h, w) grid starting at
-    the current position, after which text resumes at ``start + max(h, w) / merge``. Images are
-    consumed in order across the batch (row-major), as their embeddings are. Padding positions
-    (``attention_mask == 0``) get 0.
-    """
+    """3D (temporal, height, width) position ids ``[3, B, S]`` and rope deltas ``[B, 1]`` of a padded batch
+    (the rule: :func:`_row_positions`). Images are consumed in order across the batch (row-major), as their
+    embeddings are. Padding positions (``attention_mask == 0``) get 0."""
     b, s = input_ids.shape
+    valid = attention_mask.bool().cpu() if attention_mask is not None else torch.ones(b, s, dtype=torch.bool)
+    grids = image_grid_thw.cpu().long() if image_grid_thw is not None else torch.zeros(0, 3, dtype=torch.long)
+    row = torch.arange(b)[:, None].expand(b, s)[valid]
+    got, deltas = _row_positions(input_ids.cpu()[valid], row, b, grids, image_token_id, spatial_merge_size,
+                                 ("row", "the batch has"))
     pos = torch.zeros(3, b, s, dtype=torch.long)
-    deltas = torch.zeros(b, 1, dtype=torch.long)
-    grids = image_grid_thw.tolist() if image_grid_thw is not None else []
-    next_image = 0
-    merge2 = spatial_merge_size ** 2
-    for row in range(b):
-        valid = attention_mask[row].bool().cpu() if attention_mask is not None else torch.ones(s, dtype=torch.bool)
-        ids = input_ids[row].cpu()[valid].tolist()
-        pieces: List[torch.Tensor] = []
-        cur, i = 0, 0
-        while i < len(ids):
-            if ids[i] == image_token_id:
-                if next_image >= len(grids):
-                    raise ValueError(f"row {row}: more image tokens than images in image_grid_thw")
-                grid = grids[next_image]
-                next_image += 1
-                n = int(grid[0] * grid[1] * grid[2]) // merge2
-                if ids[i:i + n] != [image_token_id] * n:
-                    raise ValueError(f"row {row}: image {next_image - 1} expects {n} image tokens at {i}")
-                pieces.append(_image_positions(cur, grid, spatial_merge_size))
-                cur += max(int(grid[1]), int(grid[2])) // spatial_merge_size
-                i += n
-            else:
-                j = i
-                while j < len(ids) and ids[j] != image_token_id:
-                    j += 1
-                pieces.append(torch.arange(cur, cur + j - i).view(1, -1).expand(3, -1))
-                cur += j - i
-                i = j
-        if pieces:
-            full = torch.cat(pieces, dim=1)
-            pos[:, row, valid] = full
-            deltas[row, 0] = int(full.max()) + 1 - len(ids)
-    if next_image != len(grids):
-        raise ValueError(f"image_grid_thw has {len(grids)} images but the batch has tokens for {next_image}")
-    return pos.to(input_ids.device), deltas.to(input_ids.device)
+    pos[:, valid] = got
+    return pos.to(input_ids.device), deltas[:, None].to(input_ids.device)
 
 
 def packed_rope_index(input_ids: torch.Tensor, cu_seqlens: torch.Tensor, image_grid_thw: Optional[torch.Tensor],
                       image_token_id: int, spatial_merge_size: int) -> torch.Tensor:
     """[3, 1, T] position ids of a packed stream ``input_ids [1, T]``: :func:`rope_index` of each row
     alone, with its own images (layout: docs/design.md section 5)."""
-    ids = input_ids.reshape(-1)
+    ids = input_ids.reshape(-1).cpu()
+    cu = cu_seqlens.cpu().long()
+    grids = image_grid_thw.cpu().long() if image_grid_thw is not None else torch.zeros(0, 3, dtype=torch.long)
+    rows = cu.numel() - 1
+    row = torch.repeat_interleave(torch.arange(rows), cu[1:] - cu[:-1])
+    got, _ = _row_positions(ids[:int(cu[-1])], row, rows, grids, image_token_id, spatial_merge_size,
+                            ("packed row", "the packed rows have"))
     pos = torch.zeros(3, 1, ids.numel(), dtype=torch.long)
-    grids = image_grid_thw.cpu() if image_grid_thw is not None else torch.zeros(0, 3, dtype=torch.long)
-    tokens = (grids.prod(-1) // spatial_merge_size ** 2).tolist()
-    bounds = [int(c) for c in cu_seqlens.tolist()]
-    first = 0
-    for r in range(len(bounds) - 1):
-        row = ids[bounds[r]:bounds[r + 1]].cpu()
-        want, last = int((row == image_token_id).sum()), first
-        while want > 0 and last < len(tokens):
-            want -= tokens[last]
-            last += 1
-        if want != 0:
-            raise ValueError(f"packed row {r}: its image tokens do not add up to whole images of image_grid_thw "
-                             f"(images {first}.. of {len(tokens)})")
-        row_pos, _ = rope_index(row[None], grids[first:last] if last > first else None, image_token_id,
-                                spatial_merge_size)
-        pos[:, 0, bounds[r]:bounds[r + 1]] = row_pos[:, 0]
-        first = last
-    if first != len(tokens):
-        raise ValueError(f"image_grid_thw has {len(tokens)} images but the packed rows have tokens for {first}")
+    pos[:, 0, :got.shape[1]] = got
     return pos.to(input_ids.device)
 
 
