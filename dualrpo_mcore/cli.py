@@ -1,9 +1,8 @@
 """The ``dualrpo`` command line (also ``python -m dualrpo_mcore``).
 
-Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
-this file only maps names to modules, so subsystems add commands without touching each other.
-A name whose module is not part of this build yet is left out of ``--help`` rather than
-offered as a stub.
+This file only maps names to modules (the modules' interface: docs/design.md §2.3), so subsystems
+add commands without touching each other. A name whose module is not part of this build yet is left
+out of ``--help`` rather than offered as a stub.
 """
 from __future__ import annotations
 

@@ -6,11 +6,9 @@ outputs weighted by 1, producing d hidden and d weight:
 
 * ``unfused``  the output-layer GEMM (``hidden @ weight.T``, as Megatron's ColumnParallelLinear) and
   today's ``ops.token_stats`` on the stored logits;
-* ``fused``    ``ops.fused_head`` (chunked GEMM + statistics; logits never stored; its backward
-  recomputes each chunk's logits: four GEMMs);
-* ``fused-loss`` ``ops.fused_head_loss`` with the same loss (the sum of the three statistics): the
-  gradients are formed in the forward while each chunk's logits are live (three GEMMs). The actor's
-  update runs this one; its log-prob passes run ``fused`` forward-only.
+* ``fused``    ``ops.fused_head`` (four GEMMs: its backward recomputes each chunk's logits);
+* ``fused-loss`` ``ops.fused_head_loss`` with the same loss (the sum of the three statistics; three
+  GEMMs). How the two work, and which the actor runs where: docs/fused_head.md.
 
 Measured in one run, for each T: forward+backward time (the actor's update), forward-only time
 under ``no_grad`` (the log-prob passes), and peak extra memory during forward+backward beyond the

@@ -1,18 +1,8 @@
 """``dualrpo demo`` (``make demo``): the tiny CPU demo end to end.
 
-Stages, each a subprocess so every one runs exactly as a user would run it by hand:
-
-1. ``dualrpo data synth --layout grid``: the synthetic eight-task set on the tiny policy's token grid (train +
-   held-out split, tokenizer, processor);
-2. ``dualrpo sft`` (data parallel over the processes): a short supervised warm start of a tiny
-   Qwen2.5-VL-architecture policy;
-3. RL under ``torchrun`` (2 processes, TP=2) via :mod:`.demo_rl`: held-out eval of the warm start,
-   DualRPO (or GRPO with ``--reward-mode grpo``) steps until ``--steps`` or the time budget (a clean
-   stop at a step boundary, checkpointed), held-out eval after, export as a Hugging Face directory;
-4. ``dualrpo plot``: training curves (every run under ``--out``, so a GRPO run is drawn next to DualRPO);
-5. the before/after per-task table with 95% paired bootstrap intervals (:mod:`.bootstrap`: this run's
-   change, and DualRPO - GRPO when both modes ran in ``--out``), printed and written to
-   ``<out>/results_<mode>.json``.
+Its stages (synth, SFT, RL under ``torchrun`` via :mod:`.demo_rl`, plot, the before/after table
+with :mod:`.bootstrap` intervals): docs/demo.md, "What it runs". Each is a subprocess, so every one
+runs exactly as a user would run it by hand.
 
 ``--resume`` skips the stages whose outputs exist (and continues an interrupted RL stage from its
 newest checkpoint). Data and warm start are shared by the reward modes of one ``--out``.
@@ -41,8 +31,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     # The defaults below were chosen by measurement: docs/demo.md, "Why the demo's defaults are what they are".
     g = parser.add_argument_group("data and warm start")
-    # grid: on the free layout the tiny policy's answers never come to depend on the image in the time
-    # a CPU demo has, so RL has no perception to sharpen (see dualrpo_mcore/data/synth/grid.py).
     from dualrpo_mcore.data.synth import LAYOUTS
 
     g.add_argument("--layout", default="grid", choices=tuple(LAYOUTS),

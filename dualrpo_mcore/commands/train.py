@@ -9,9 +9,8 @@ one line giving the ``torchrun`` and ``dualrpo launch`` commands that start them
 them itself: how many processes (the data-parallel size), on which devices and nodes, and who
 forwards a preemption signal to them are the launcher's decisions; a trainer that re-spawned itself
 would hide a second process tree from the scheduler. (``dualrpo demo`` owns its processes because it
-is a fixed script.) Storage faults and unreadable checkpoints end with one line on every rank
-(exit status 1), naming the path, the cause and how to resume. SIGTERM or SIGUSR1 (preemption, a
-time limit's warning) checkpoint the step in flight and exit with status 75 (see ``preempt``).
+is a fixed script.) Exit statuses (1 on a storage fault, 75 after SIGTERM or SIGUSR1, see
+``preempt``): docs/design.md §3.6.
 """
 from __future__ import annotations
 

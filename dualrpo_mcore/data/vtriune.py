@@ -10,19 +10,14 @@ Their layout (paper fig. 3; the rows as published)::
                   {det_verifier_normalized, det_reward_ratio: {...}}}
     extra_info   {id, image_path}                     -> id
 
-Such rows load as they are: the loader (``PromptLoader``) recognises the layout (``is_vtriune_row``)
-and converts each row when it reads it, from parquet with HF ``Image`` features or from jsonl (images
-as paths, relative to the file). ``convert_row``/``convert_file`` do the same offline; relative image
-paths become absolute there, so a converted file loads from wherever it is written.
+Loading such rows as they are (``PromptLoader`` recognises them with ``is_vtriune_row``) and
+converting them offline (``convert_row``/``convert_file``): docs/vtriune.md, "Loading Orsta".
 
-How their rewards are reproduced (``DataConfig.reward_profile``):
+How their rewards are reproduced (``DataConfig.reward_profile``; docs/vtriune.md, "The reward profile"):
 
-* ``vtriune`` (default): their reward server is public (github.com/MiniMax-AI/One-RL-to-See-Them-All,
-  commit 39bcf0d, ``reward_server/``, MIT). A row naming ``mathverify`` gets the ``vtriune_math``
-  verifier and one naming ``detection`` gets ``vtriune_detection``, with the row's ground truth,
-  ratios and ``verifier_parm`` as they are; see ``verifiers/vtriune_common.py`` and docs/vtriune.md.
-  The ground truth is kept as text and sanitised when scored, as theirs, so a degenerate box
-  (x1 == x2) never refuses a row.
+* ``vtriune`` (default): a row naming ``mathverify`` gets the ``vtriune_math`` verifier and one
+  naming ``detection`` gets ``vtriune_detection``, with the row's ground truth (kept as text and
+  sanitised when scored), ratios and ``verifier_parm`` as they are.
 * ``native``: this package's verifiers (``VERIFIER_MAP``; an unknown name falls back to the row's
   ability): ``answer`` is ``reward_model.answer`` when present, else ``ground_truth`` without one
   outer ``\\boxed{}`` or ``<answer>`` block; boxes go through their sanitation (malformed, x1 > x2

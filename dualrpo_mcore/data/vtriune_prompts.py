@@ -2,19 +2,15 @@
 ``DataConfig.image_resize``; the paper recipe turns both on with :data:`VTRIUNE_INSTRUCTIONS` and
 :data:`VTRIUNE_IMAGE_RESIZE`).
 
-Orsta's prompts do not say how to answer: V-Triune's loader (``verl/utils/dataset/rl_dataset.py``
-in github.com/MiniMax-AI/One-RL-to-See-Them-All at 39bcf0d) appends, to the last message of every
-row its ``mathverify`` verifier scores, one "reason step by step" sentence and one "put the answer
-in \\boxed{}" sentence drawn from a pool: the think/answer pool when the row's ``format_ratio`` is
-non-zero, the plain pool when it is 0 (paper section 4.3, "CoT prompt pool"). Detection and
-grounding rows get nothing (their prompts carry their own format). The sentences below are that
-pool as published (MIT licence, Copyright (c) 2025 MiniMax), kept verbatim as data so that prompts
-read as the paper's did: that includes the two sentences of the first plain pool that a missing
-comma there joins into one entry (19 entries, not 20). Their draw is ``random.choice`` on every
-read; ours is seeded by the row and the epoch, so a resumed run rebuilds the same prompts.
+What V-Triune's loader (``verl/utils/dataset/rl_dataset.py``, the "CoT prompt pool" of paper
+section 4.3, ``process_image``) adds and resizes, and how ours differs: docs/vtriune.md, "Prompts
+and image sizing". The sentence goes to the last message; detection and grounding rows get none
+(their prompts carry their own format); the resize is ``images.resize_to_area``. The draw is seeded
+so that a resumed run rebuilds the same prompts.
 
-Their loader also resizes every image before the processor (``process_image``): above 2048 x 2048
-pixels of area it shrinks, below 512 x 512 it enlarges (``images.resize_to_area``).
+The sentences below are that pool as published (MIT licence, Copyright (c) 2025 MiniMax), kept
+verbatim as data so that prompts read as the paper's did: that includes the two sentences of the
+first plain pool that a missing comma there joins into one entry (19 entries, not 20).
 """
 from __future__ import annotations
 

@@ -1,1 +1,1 @@
-"""Launch and scale: nemo-run recipes (local torchrun, Slurm) and the per-GPU memory planner."""
+"""Launch: nemo-run tasks and executors (local torchrun, Slurm); the memory planner is ``planner/``."""

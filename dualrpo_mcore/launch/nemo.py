@@ -1,15 +1,10 @@
 """``dualrpo train`` as a nemo-run task, and the executors that run it.
 
-* :func:`train_task`: the task, a ``run.Script`` running ``python -m dualrpo_mcore train ...``;
-  nemo-run's torchrun launcher wraps it (``torchrun --nnodes .. --nproc-per-node .. -m dualrpo_mcore``).
-* :func:`local_executor`: ``run.LocalExecutor`` + torchrun on this machine (gloo on CPU, NCCL on GPUs).
-* :func:`slurm_executor`: ``run.SlurmExecutor`` for multi-node H100 clusters, in a Pyxis container or
-  bare metal (no ``--container``: the job runs this interpreter, so the package must be installed on a
-  filesystem the nodes share): one torchrun per node, rendezvous (c10d) on the first node's address.
-* :func:`check_slurm`: asks the cluster (``sbatch --test-only``) whether it can ever run the request, so
-  an unknown partition or too many nodes fail before anything is submitted, in Slurm's own words.
-* :func:`run_experiment`: one ``run.Experiment`` holding one or more jobs, run or dry-run (nemo-run
-  prints the generated job scripts without submitting anything).
+:func:`train_task` is the task; :func:`local_executor` runs it under torchrun on this machine,
+:func:`slurm_executor` on a Slurm cluster (one torchrun per node, c10d rendezvous on the first node),
+in a Pyxis container or bare metal (no ``--container``: the job runs this interpreter, so the package
+must be installed on a filesystem the nodes share); :func:`check_slurm` asks the cluster first, so a bad
+request fails before anything is submitted; :func:`run_experiment` runs or dry-runs the jobs.
 
 nemo-run is an optional extra: it is imported inside the functions that need it.
 """
@@ -299,14 +294,10 @@ def slurm_executor(opts: SlurmOptions, exp_base_dir: str, run_dir: Optional[str]
 
 
 def agent_env(opts: SlurmOptions) -> Dict[str, str]:
-    """Environment for torchrun's elastic agent, which Slurm signals along with the trainers.
-
-    By default it handles only TERM/INT/HUP/QUIT, so SIGUSR1 (the usual time-limit warning) kills the
-    agent, and srun then kills the step with the trainers mid-checkpoint: it must handle USR1 too. On a
-    signal it passes the signal on and SIGKILLs the trainers after its shutdown timeout (30 s by default),
-    which must cover the rest of a step plus a checkpoint: with ``--signal SIG@SECONDS`` it gets those
-    seconds (Slurm kills the job at the limit anyway). torch 2.13's torchrun reads both variables (read
-    in its source); a torchrun without them ignores them, and there only TERM reaches the trainers safely."""
+    """Environment for torchrun's elastic agent, which Slurm signals along with the trainers (why it must
+    handle USR1, and its shutdown timeout: docs/slurm.md, step 2). torch 2.13's torchrun reads both
+    variables (read in its source); a torchrun without them ignores them, and there only TERM reaches the
+    trainers safely."""
     env = {"PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"}
     if opts.signal:  # sbatch's lead time is 60 s when --signal names none
         env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = opts.signal.rpartition("@")[2] if "@" in opts.signal else "60"
@@ -316,10 +307,9 @@ def agent_env(opts: SlurmOptions) -> Dict[str, str]:
 def exit_lines(run_dir: str, requeue: bool = False, max_requeues: int = 10) -> str:
     """Bash for the job script (nemo-run's ``setup_lines``): an EXIT trap that gives the job status 75
     when the trainer stopped on a signal after a checkpoint, and with ``requeue`` puts the job back in the
-    queue. Why a trap: torchrun turns the trainer's 75 into 1, and the script nemo-run generates ends
-    with ``exit $exitcode`` after srun; an EXIT trap is the one place that runs after that and may change
-    the status. The evidence is the marker rank 0 wrote in ``run_dir`` (:mod:`dualrpo_mcore.trainer.preempt`)
-    naming this attempt; one left by an earlier attempt does not count. ``run_dir`` as the node sees it."""
+    queue (the marker it reads and why: docs/slurm.md, steps 4 and 6). Why a trap: the script nemo-run
+    generates ends with ``exit $exitcode`` after srun; an EXIT trap is the one place that runs after that
+    and may change the status. ``run_dir`` as the node sees it."""
     from dualrpo_mcore.trainer.preempt import MARKER, REQUEUE_EXIT
 
     marker = shlex.quote(os.path.join(run_dir, MARKER))

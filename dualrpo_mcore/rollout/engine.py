@@ -1,14 +1,8 @@
 """The rollout engine interface: sample G responses per prompt with the current policy.
 
-Two engines implement it (chosen through :data:`ENGINES`): ``"sglang"`` (production, colocated on
-the trainer GPUs) and ``"hf"`` (transformers, CPU and tests). Both receive the trainer's weights
-through :meth:`RolloutEngine.update_weights` from the same bucketed exporter (``rollout.sync``).
-
-Log-prob convention (both engines, and what the trainer must compute for importance sampling):
-``logprob[t] = log softmax(logits_t / T)[token_t]`` -- the chosen token under the temperature-scaled
-policy *before* top-p / top-k truncation. This is what SGLang returns in ``output_token_logprobs``
-(its sampler takes ``log`` of the temperature-scaled softmax before the top-k/top-p filter; the
-unscaled variant is opt-in). With ``temperature == 0`` (greedy) the log-probs are those at T = 1.
+Contract (engines, log-prob convention, seeds, statuses): docs/design.md §3.3. The convention is
+what SGLang returns in ``output_token_logprobs`` (its sampler takes ``log`` of the temperature-scaled
+softmax before the top-k/top-p filter; the unscaled variant is opt-in).
 """
 from __future__ import annotations
 

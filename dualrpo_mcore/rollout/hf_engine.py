@@ -1,12 +1,9 @@
 """Hugging Face transformers rollout engine (CPU, tests, small demos).
 
-Own sampling loop rather than ``model.generate`` so the semantics are exactly the documented ones
-(:mod:`.engine`): temperature, then top-k, then top-p on the probabilities, a multinomial draw from a
-per-(prompt, sample) ``torch.Generator``, and log-probs of the chosen token under softmax(logits/T)
-before truncation. Prompts are prefilled together, left-padded (images go through the ViT once per
-prompt), the KV cache is repeated for each prompt's n samples, and all rows then decode in one
-batched forward per token (up to ``max_batch_rows`` rows at a time). Every sample draws from its own
-generator, so its tokens do not depend on which other prompts share the call (deterministic on CPU).
+Own sampling loop rather than ``model.generate`` so the semantics are exactly the contract's
+(docs/design.md §3.3): temperature, then top-k, then top-p on the probabilities, a multinomial draw
+from a per-(prompt, sample) ``torch.Generator``; deterministic on CPU. Batching: :meth:`HFEngine._prefill`,
+:meth:`HFEngine._decode` (up to ``max_batch_rows`` rows at a time).
 
 3D rope positions are computed here (the same ``geometry.rope_index`` as the Megatron actor) and
 passed explicitly, instead of relying on transformers' cached ``rope_deltas`` state.

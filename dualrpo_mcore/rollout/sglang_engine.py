@@ -1,23 +1,18 @@
 """SGLang rollout engine, colocated with the Megatron trainer on the same GPUs.
 
 Written against the offline ``sglang.Engine`` Python API, read in the sources of SGLang 0.5.10 to
-0.5.23 (the ``sglang`` extra allows 0.5.11 to <0.6: 0.5.3-0.5.9 pin transformers 4.57, and 0.5.10
-does not hand ``mm_process_config`` to the image processor):
-``Engine(model_path=..., enable_memory_saver=True, enable_weights_cpu_backup=...,
-enable_deterministic_inference=..., mm_process_config=...)``, ``release_memory_occupation(tags)`` /
-``resume_memory_occupation(tags)`` with tags ``"weights"``, ``"kv_cache"``, ``"cuda_graph"``,
-``begin_weight_update()`` / ``end_weight_update()`` (0.5.21 on: outside such a session
-``update_weights_from_tensor`` loads nothing and answers ``(False, message)``),
-``update_weights_from_tensor(named_tensors, load_format=None, flush_cache=...)``, ``flush_cache()``,
-``generate(input_ids=..., image_data=..., sampling_params=..., return_logprob=True,
-logprob_start_len=...)``, ``shutdown()``. Every status SGLang returns is checked
-(:func:`check_status`); a refusal raises with SGLang's own message.
+0.5.23 (the ``sglang`` extra's range and why: docs/compatibility.md): ``Engine(model_path=...,
+enable_memory_saver=True, enable_weights_cpu_backup=..., enable_deterministic_inference=...,
+mm_process_config=...)``, ``release_memory_occupation(tags)`` / ``resume_memory_occupation(tags)``
+with tags ``"weights"``, ``"kv_cache"``, ``"cuda_graph"``, ``begin_weight_update()`` /
+``end_weight_update()`` (0.5.21 on: outside such a session ``update_weights_from_tensor`` loads
+nothing and answers ``(False, message)``), ``update_weights_from_tensor(named_tensors,
+load_format=None, flush_cache=...)``, ``flush_cache()``, ``generate(input_ids=..., image_data=...,
+sampling_params=..., return_logprob=True, logprob_start_len=...)``, ``shutdown()``; every status
+is checked (:func:`check_status`).
 
-Per RL step (see :meth:`SGLangEngine.resume_memory`): after training, the weights region is resumed
-first and the new weights are copied in bucket by bucket (the trainer's exporter bounds the extra
-memory), and only then are the KV cache and CUDA graphs re-allocated, so weights + KV cache + trainer
-never peak together; the prefix cache is flushed because it holds KV computed with the old weights.
-Before training, :meth:`release_memory` hands everything back.
+Per RL step: :meth:`SGLangEngine.release_memory` before training, :meth:`SGLangEngine.resume_memory`
+after it (why in that order: docs/design.md §2.2, "Colocation").
 
 Seeds: SGLang honours ``sampling_seed`` only under ``enable_deterministic_inference`` (its seeded
 sampler draws from a hash of (seed, position); without the mode the seed is ignored), and the
@@ -224,8 +219,6 @@ class SGLangEngine(RolloutEngine):
                                dtype=dtype, random_seed=random_seed, enable_memory_saver=True,
                                enable_weights_cpu_backup=weights_cpu_backup,
                                enable_deterministic_inference=deterministic, **engine_kwargs)
-        # Without the host backup, released weights come back uninitialised: every tensor,
-        # frozen ones included, must then be re-sent after each release.
         self.retains_weights_on_release = weights_cpu_backup
         self._held = {tag: True for tag in MEMORY_TAGS}  # what SGLang currently occupies
         self._known: Set[str] = set()  # every name ever loaded

@@ -1,22 +1,16 @@
 """Weight sync: live Megatron shards -> full HF-named tensors, handed over in bounded buckets.
 
-Same mapping table as checkpoint conversion (``models.qwen2_5_vl.mapping``): each rule's TP shards
-are gathered into one buffer, merged and converted to its HF tensor(s), which join the current
-bucket. Memory bound (the exporter's own accounting, cross-checked by the allocator in the tests):
-before a rule of global size G is gathered, the bucket is flushed if ``bucket + G`` would exceed the
-bucket size B, and the gather buffer is freed before the HF copies are made, so the bytes held at once
-never exceed ``max(B, L) + L`` (L = largest global tensor; a tensor is never split across buckets, so
-a bucket is at least L). One transient exception: the ViT's fused qkv is unfused and re-packed
-(``Converter.to_hf``), 3 x its size for a moment -- far below L (the embedding) in Qwen2.5-VL. Gloo
-(CPU) stages the gathered bytes once more inside the collective; NCCL does not. Tensors that are the model's own parameters (no TP split, no conversion) are
-handed over as views and cost nothing.
+Contract (mapping, bucket bound ``max(B, L) + L``, PP, frozen parameters): docs/design.md §3.4.
+How the bound holds (the exporter's own accounting, cross-checked by the allocator in the tests):
+before a rule of global size G is gathered, the bucket is flushed if ``bucket + G`` would exceed B,
+and the gather buffer is freed before the HF copies are made. One transient exception: the ViT's
+fused qkv is unfused and re-packed (``Converter.to_hf``), 3 x its size for a moment -- far below L
+(the embedding) in Qwen2.5-VL. Gloo (CPU) stages the gathered bytes once more inside the collective;
+NCCL does not. Tensors that are the model's own parameters (no TP split, no conversion) are handed
+over as views and cost nothing.
 
-Frozen parameters (``requires_grad`` False, e.g. a frozen ViT) are sent on the first export only;
-the exporter remembers them, so later syncs skip them without any communication.
-
-With pipeline parallelism each rule's owner stage gathers and converts, then broadcasts the HF
-tensors over the pipeline group so that every rank sees the same buckets; the caller feeds its
-engine from the rank(s) it lives on.
+The exporter remembers frozen parameters, so later syncs skip them without any communication.
+Under PP every rank sees the same buckets; the caller feeds its engine from the rank(s) it lives on.
 """
 from __future__ import annotations
 

@@ -9,11 +9,7 @@ The interval is the percentile interval of the resampled means (numpy's linear q
 fixed seed, so the same files give the same interval in ``results_*.json`` and in the plots.
 
 Per-prompt results come from the evaluation records :mod:`.evaluation` writes (``eval/step_<k>.json``,
-copied by the demo's RL stage to ``eval_before.json`` / ``eval_after.json``)::
-
-    {"step": 0, "accuracy": {...}, "per_prompt": [{"uid": "heldout:heldout.parquet:17", "task": "math",
-                                                   "difficulty": 2, "accuracy": 1.0}, ...]}
-
+``per_prompt``; copied by the demo's RL stage to ``eval_before.json`` / ``eval_after.json``). Their
 ``accuracy`` is the verifier's score of the prompt's answer (0/1 for most tasks, a fraction for the
 IoU-based ones), or a mean over samples; the bootstrap needs only that it is finite.
 """

@@ -1,27 +1,12 @@
 """Atomic, resumable training checkpoints: model + optimizer through Megatron-Core's distributed
 checkpointing, plus per-rank loop state (step, data position, RNG streams, normaliser, ...).
+Layout, atomicity, what is never saved: docs/design.md §3.6.
 
-Layout under ``root``::
-
-    step_00000042/            one complete checkpoint (only ever appears by rename)
-        dist/                 megatron.core.dist_checkpointing (torch_dist format, any TP/PP/DP)
-        rank_00000.pt ...     per-rank loop state + RNG states (torch.save)
-        meta.json             written last inside the temp dir: step, world size, format
-    step_00000043.tmp/        a save in progress (or one that crashed): never loaded, cleaned
-    latest                    text file naming the newest complete checkpoint (temp + rename)
-
-Atomicity: everything is written into ``step_N.tmp/``, every file and directory is fsynced, then
-rank 0 renames the directory to ``step_N/`` and rewrites ``latest``. A crash at any point leaves
-either the old set of complete checkpoints or the old set plus the new one; ``latest()`` trusts
-the marker only if it names a directory holding ``meta.json`` and otherwise scans.
-
-Failures: a write that fails on one rank would leave its peers waiting in the next collective until
-they die with "Connection closed by peer". So a save runs in phases (prepare, Megatron's common file,
-the sharded write, the per-rank files, the publish), each ending where every rank learns whether any
-rank failed (:func:`.storage.agree`); then every rank raises the same
+Failures (why they are agreed on: :mod:`.storage`): a save runs in phases (prepare, Megatron's
+common file, the sharded write, the per-rank files, the publish), each ending where every rank learns
+whether any rank failed (:func:`.storage.agree`); then every rank raises the same
 :class:`~.storage.CheckpointSaveError`, naming the file, the free space and the last good checkpoint.
-Before writing, a save refuses when the newest checkpoint's size (``bytes`` in its ``meta.json``) no
-longer fits. The tiny ``metadata.json`` Megatron writes from rank 0 alone behind a bare barrier is
+The tiny ``metadata.json`` Megatron writes from rank 0 alone behind a bare barrier is
 written once before that barrier, inside our strategy, where a failure can still be agreed on.
 
 Backend on CPU (gloo) and GPU: Megatron's stock ``torch_dist`` save strategy hands the writing to
@@ -32,9 +17,8 @@ calling process with ``torch.distributed.checkpoint``; loading uses Megatron's s
 loader. The optimizer is saved with Megatron's ``sharded_state_dict`` (for the distributed optimizer
 with the ``dp_reshardable`` layout, which does no communication; see :data:`OPTIM_METADATA`).
 
-A poisoned step (NaN/inf) must never be saved: the loop passes ``poisoned=True`` when the step was
-skipped, and a save refuses non-finite parameters, agreed across ranks so every rank raises
-together instead of some hanging in a collective.
+The loop passes ``poisoned=True`` when the step was skipped; non-finite parameters are agreed on
+across ranks, so every rank raises together instead of some hanging in a collective.
 """
 from __future__ import annotations
 
@@ -325,8 +309,7 @@ class CheckpointManager:
         unwrapped); ``optimizer``: a Megatron optimizer; ``extra_state``: this rank's loop state
         (data loader ``state_dict()``, normaliser, config, ...), any torch-picklable objects;
         ``layout``: the run's parallel layout and model shape (:func:`.recovery.layout_differences`
-        checks it on load). A failed write on any rank raises :class:`~.storage.CheckpointSaveError`
-        on every rank, naming the file, the free space and the last good checkpoint; a partial
+        checks it on load). A failed write raises on every rank (module doc); a partial
         ``step_N.tmp`` stays (never loaded) until the next save or start removes it.
         """
         chunks = _as_list(model)

@@ -1,9 +1,6 @@
 """What one rank holds for a run (:class:`Context`), and its set-up, checkpointing and tear-down.
 
-Process layout: every rank runs the loop (:mod:`.loop`); every rank draws the same prompts from its own
-loader (same seed, same position), so prompts never travel. The engine and the verifier pool live on the
-global rank 0 (the engine on every rank with ``rollout.engine_on_every_rank``); their results (plain
-token lists, floats, strings) are broadcast to all ranks (:func:`broadcast`).
+Process layout (prompts, engine, verifier pool, what is broadcast): docs/design.md §2.1-2.2.
 """
 from __future__ import annotations
 

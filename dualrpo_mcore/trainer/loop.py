@@ -147,12 +147,11 @@ def merge_updates(outs: List[Dict[str, float]]) -> Dict[str, float]:
 def train(cfg, hooks: Optional[Hooks] = None, stop_after: Optional[int] = None) -> List[Dict[str, float]]:
     """Run (or resume) the configured training; returns the metrics of the steps this call ran.
 
-    Each step is recorded before it is checkpointed (:func:`.recovery.commit`), so after a kill
-    anywhere and ``checkpoint.resume='auto'`` every step has exactly one record.
-    ``stop_after``: return after this step as if killed there (tests of resume). SIGTERM / SIGUSR1
-    (preemption, a time limit's warning) checkpoint the step in flight and raise
-    :class:`.preempt.Preempted`. ``hooks.should_stop`` (e.g. a deadline) ends the run early at a step
-    that is then evaluated and checkpointed as the last; ``hooks.after_run`` runs with the live context."""
+    Records before checkpoints: :func:`.recovery.commit`, docs/design.md §3.6. ``stop_after``: return
+    after this step as if killed there (tests of resume). SIGTERM / SIGUSR1 (preemption, a time limit's
+    warning) checkpoint the step in flight and raise :class:`.preempt.Preempted`. ``hooks.should_stop``
+    (e.g. a deadline) ends the run early at a step that is then evaluated and checkpointed as the last;
+    ``hooks.after_run`` runs with the live context."""
     hooks = hooks or Hooks()
     faults.arm()
     recovery.preflight(cfg)

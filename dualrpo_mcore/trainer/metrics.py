@@ -1,16 +1,14 @@
 """Training metrics: per-task aggregation, phase timing, and the JSONL / TensorBoard / console sinks.
 
-One record per optimizer step goes to ``metrics.jsonl`` (one flushed line each, so a crash loses at
-most the step being written), to TensorBoard, and to a tqdm progress bar. Only the global rank 0
-writes anything; other ranks hold a logger that silently drops records, so the loop calls it
-unconditionally. ``log(..., durable=True)`` also fsyncs every file sink: the loop asks for it before
-each checkpoint, so no checkpoint ever exists whose step has no record (:mod:`.recovery`).
-Each backend is a :class:`MetricSink` (JSONL, TensorBoard, console; W&B in :mod:`.sink_wandb` when
-``logging.wandb.mode`` turns it on) under that same flush/purge/fsync contract.
+One record per optimizer step goes to every sink: ``metrics.jsonl`` (one flushed line each, so a
+crash loses at most the step being written), TensorBoard, a tqdm progress bar, and W&B
+(:mod:`.sink_wandb`) when ``logging.wandb.mode`` turns it on; each keeps :class:`MetricSink`'s
+contract. Only the global rank 0 writes anything; other ranks hold a logger that silently drops
+records, so the loop calls it unconditionally. ``log(..., durable=True)`` also fsyncs every file
+sink, which the loop asks for before each checkpoint (docs/design.md §3.6, :mod:`.recovery`).
 
-Resuming: ``MetricsLogger(..., resume_step=k)`` keeps the lines with ``step <= k`` and drops the
-rest (they came from steps the resumed run will redo), so a curve never has two points per step;
-TensorBoard hides the dropped steps' events through ``purge_step=k + 1``. ``k = -1`` drops all.
+Resuming: ``resume_step=k`` keeps the JSONL lines with ``step <= k`` (``k = -1`` drops all);
+TensorBoard hides the dropped steps' events through ``purge_step=k + 1``.
 """
 from __future__ import annotations
 
@@ -49,9 +47,7 @@ def per_task_means(tasks: Sequence[str], **fields: Any) -> Dict[str, float]:
     """Means per task and overall of per-sample arrays.
 
     ``tasks[i]`` names sample i's task; each keyword is a length-N array or tensor, and its name is
-    the metric prefix: the loop calls ``per_task_means(tasks, accuracy=v, reward=r, self_certainty=u,
-    entropy=h, length=n)`` (the verifier's accuracy, shaped reward, self-certainty, entropy, response
-    length); step-level scalars (KL, beta(c), clip fraction, loss) go to ``log`` directly.
+    the metric prefix (``accuracy=v`` gives ``accuracy/<task>``); step-level scalars go to ``log``.
     Returns ``{"<field>/<task>": mean, "<field>/all": mean, "count/<task>": n}``. Non-finite
     samples are left out of the mean they would poison (and counted under ``nonfinite/<field>``)
     so one bad sample never blanks a whole curve.

@@ -1,11 +1,9 @@
 """``--set section.field=value`` on a config tree: the one way a command line changes a config.
 
 ``dualrpo train`` applies them to a recipe's :class:`~.rl_config.RLConfig`, ``dualrpo sft`` to the
-defaults of :class:`~.sft_config.SFTConfig`. A value is parsed by the type the field holds now (bool,
-int, float, str; JSON for lists, dicts and fields that are None). The overrides build a new tree: every
-dataclass on a changed path is constructed again from the final values, so its checks run once, on
-what the run will use, and a validated config is never edited. Convenience flags (``--steps``,
-``--tp``) are :func:`add_alias` spellings of a ``--set`` entry, applied in command-line order with them.
+defaults of :class:`~.sft_config.SFTConfig`. Parsing and rebuilding: docs/design.md §3.7 (a
+validated config is never edited). Convenience flags (``--steps``, ``--tp``) are :func:`add_alias`
+spellings of a ``--set`` entry, applied in command-line order with them.
 Errors name the key and list the choices.
 """
 from __future__ import annotations

@@ -1,19 +1,11 @@
 """Preemption and time limits, the way clusters end jobs.
 
-Slurm signals a job before killing it: SIGTERM at preemption or ``scancel --signal=TERM``, and the
-signal named by ``sbatch --signal=SIG@SECONDS`` (usually SIGUSR1) that long before the time limit. A
-trainer that dies there loses every step since its last checkpoint. Here the signal only sets a flag;
-at the end of the step in flight every rank learns whether any rank was signalled (one tiny
-all-reduce per step, so all ranks stop at the same step), the step is checkpointed if it was not
-already, and :class:`Preempted` ends the run. ``dualrpo train`` turns it into exit status
-:data:`REQUEUE_EXIT` (75, EX_TEMPFAIL: "try again"), which a job script or a requeue policy can tell
-from a failure (1) and from a finished run (0); ``--resume auto`` then continues from that step.
-
-Under torchrun that status does not survive: the elastic agent reports any non-zero worker exit as
-its own failure (1). So rank 0 also leaves :data:`MARKER` in the run dir, written atomically once the
-step is checkpointed, naming the step and the job attempt (``SLURM_JOB_ID.SLURM_RESTART_COUNT``); the
-Slurm job script reads it after torchrun ends and exits 75, or requeues the job, only for its own
-attempt (``launch.nemo.exit_lines``, docs/slurm.md).
+The signal only sets a flag; at the end of the step in flight every rank learns whether any rank was
+signalled (one tiny all-reduce per step, so all ranks stop at the same step), the step is checkpointed
+if it was not already, rank 0 leaves :data:`MARKER`, and :class:`Preempted` ends the run
+(``dualrpo train`` exits :data:`REQUEUE_EXIT`). The path from Slurm's signal through torchrun to the
+job script's trap (``launch.nemo.exit_lines``), and why a marker as well as the status:
+docs/slurm.md; exit statuses: docs/design.md §3.6.
 
 Steps lost: none when the grace time covers the rest of the step plus one checkpoint; otherwise the
 hard kill that follows costs what any kill costs (the steps since the last checkpoint).

@@ -3,14 +3,11 @@
 A rollout engine that silently keeps its old weights (SGLang >= 0.5.21 refuses weight updates outside
 a begin/end session and says so only in a status nobody read) lets RL go on with samples from the
 initial policy: rewards, advantages and losses all look plausible. The only direct evidence is that
-the engine's log-probs stop following the trainer's. So after each sync both sides score a few fixed
-prompts (at least one with an image, so the ViT's weights are covered too) on one fixed completion,
-teacher-forced at temperature 1, and the mean absolute gap per token must stay under a tolerance.
+the engine's log-probs stop following the trainer's. What is scored, the tolerance and the metrics:
+docs/design.md §3.4 (the image prompt is there so the ViT's weights are covered too).
 
-``probe/gap`` is logged every step; ``probe/moved`` is how far the trainer's own probe log-probs moved
-since the previous check. A gap near ``moved`` while ``moved`` is large means the engine did not
-follow; a ``moved`` far below the tolerance means the probe could not have seen a missed sync that
-step (tiny learning rates), which is worth knowing before trusting a quiet gap.
+A gap near ``probe/moved`` while ``moved`` is large means the engine did not follow; a ``moved`` far
+below the tolerance means the probe could not have seen a missed sync that step (tiny learning rates).
 """
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
-"""Recipes: Python functions returning the root :class:`~.rl_config.RLConfig`, chosen by name.
+"""Recipes: Python functions returning the root :class:`~.rl_config.RLConfig`, registered by name
+with the :class:`Layout` they were sized for (docs/design.md §3.7).
 
-``dualrpo train --recipe NAME`` builds the recipe from the command line's data dir, init dir and run
-dir, then applies its ``--set`` overrides (and the flags that are aliases of them) to the returned
-tree: a recipe takes no per-setting arguments. Each recipe is registered with the :class:`Layout`
-it was sized for (TP x PP and the nodes x GPUs), which its config's parallel section is built from
-and which the launcher reads without building the config.
+``dualrpo train --recipe NAME`` builds the recipe from the command line's data, init and run dirs,
+then applies its ``--set`` overrides to the returned tree: a recipe takes no per-setting arguments.
+The layout is what the config's parallel section is built from and what the launcher reads without
+building the config.
 """
 from __future__ import annotations
 

@@ -1,14 +1,10 @@
 """Recipes at scale: the DualRPO paper reproduction on Qwen2.5-VL-7B and a 32B multi-node run.
 
-The training set is V-Triune's Orsta-Data-47k ("One RL to See Them All", arXiv:2505.18129), the
-corpus the DualRPO paper trains on: 47.7K samples from 18 datasets over eight tasks (math,
-puzzle, science, chart; detection, grounding, counting, OCR), ~27.1K reasoning and ~20.6K
-perception samples (V-Triune section 5.1.1). ``DATA`` is the dataset's ``train/`` folder as
-downloaded (``train_{task}_{source}_{n}.parquet``): the loader reads those rows as published, and
-their rewards are V-Triune's own (``data.reward_profile='vtriune'``: the ``vtriune_math`` and
-``vtriune_detection`` verifiers reproduce their reward server), with their prompt instructions and
-image sizing turned on (``data.instructions``, ``data.image_resize``; see ``data/vtriune_prompts.py``).
-No conversion step is needed.
+The training set is V-Triune's Orsta-Data-47k, the corpus the DualRPO paper trains on (its totals:
+:data:`PAPER_TOTAL` and below). ``DATA`` is the dataset's ``train/`` folder as downloaded
+(``train_{task}_{source}_{n}.parquet``), read as published, with V-Triune's rewards, prompt
+instructions and image sizing on (``data.reward_profile='vtriune'``, ``data.instructions``,
+``data.image_resize``): docs/vtriune.md.
 
 Every recipe here builds without any file existing (``init=None`` gives the released architecture
 as a randomly initialised preset): the memory planner and the benchmarks only need the shapes.

@@ -1,11 +1,9 @@
 """Kill anywhere, lose nothing: the order of a step's record and its checkpoint, resuming with a
 fallback past unreadable checkpoints, and the checks that a checkpoint fits this run.
 
-The invariant: every step from 1 to N ends up with exactly one record in every sink, whatever killed
-the run and where. A step's record is written, flushed and fsynced before its checkpoint (the other
-order loses the record for good when a kill lands between the two: the resume starts after the
-checkpoint). A resume from checkpoint k drops the records of steps after k, which the resumed run
-writes again with bitwise the same values (every random stream and the sampling seeds are restored).
+The invariant and the order of a record and its checkpoint: docs/design.md §3.6 ("Records before
+checkpoints"). The other order would lose the record for good when a kill lands between the two: the
+resume starts after the checkpoint.
 """
 from __future__ import annotations
 
@@ -98,13 +96,10 @@ def preflight(cfg) -> None:
 
 # ------------------------------------------------------------------------------------ resume
 def resume(ctx) -> int:
-    """Restore the checkpoint named by ``checkpoint.resume``; returns its step (0: start fresh).
-
-    ``auto``: the newest complete checkpoint that every rank can read; one that fails on any rank is
-    named in a warning and the previous one is tried. An explicit path that fails raises
-    :class:`~.storage.CheckpointLoadError` on every rank with one line naming the file and the cause.
-    A checkpoint of another configuration raises :class:`~.storage.CheckpointMismatchError` (older
-    ones are of the same configuration, so there is no fallback)."""
+    """Restore the checkpoint named by ``checkpoint.resume`` (docs/design.md §3.6); returns its step
+    (0: start fresh). A checkpoint of another configuration raises
+    :class:`~.storage.CheckpointMismatchError` under ``auto`` too: older ones are of the same
+    configuration, so there is no fallback."""
     mgr, spec = ctx.manager, ctx.cfg.checkpoint.resume
     auto = str(spec or "").strip().lower() == "auto"
     candidates, error = None, None

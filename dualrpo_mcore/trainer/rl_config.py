@@ -1,9 +1,7 @@
 """Root configuration of the RL loop (``dualrpo train``): a tree of typed dataclasses.
 
 The actor's branch is :class:`~.config.ActorConfig` and the data branch :class:`DataConfig`; this
-module adds rollout, reward, verifier, schedule, checkpoint, eval and logging branches. Every field
-has a docstring; ``__post_init__`` checks name the bad field by its dotted path. Recipes
-(:mod:`.recipes`) are functions returning an :class:`RLConfig`.
+module adds the others. Conventions (docstrings, checks, derived fields, recipes): docs/design.md §3.7.
 """
 from __future__ import annotations
 
@@ -143,17 +141,13 @@ class ScheduleConfig:
     """Drop groups without signal (see ``dynamic_sampling_on``) and refill with new prompts."""
     dynamic_sampling_on: str = "accuracy"
     """What must vary inside a group for it to be kept: 'accuracy' (the verifier's reward, v of eq. 2:
-    all right or all wrong groups are dropped, as in DAPO) or 'reward' (the shaped reward). Under
-    'dualrpo' the shaped rewards of an all-wrong group differ only by ``-lam * u``, and the group std
-    normalisation blows that up into unit-size advantages that push every such group toward low
-    certainty whatever it says; 'accuracy' keeps the certainty terms where an answer was right.
-    'internal' mode has no verifier signal and needs 'reward'."""
+    all right or all wrong groups are dropped, as in DAPO) or 'reward' (the shaped reward; 'internal'
+    mode needs it). Why 'accuracy' under 'dualrpo': docs/design.md, eq. 3."""
     max_refill_rounds: int = 2
     """Extra rollout rounds dynamic sampling may spend per step; a short batch then trains as is."""
     mini_batches: int = 1
     """Optimizer updates per pass over a step's batch: its groups split into this many contiguous
-    parts. Old log-probs stay the rollout policy's, so from the second update on the ratio moves
-    off 1 and the clipping of eq. 5 bounds how far the policy goes (PPO-style reuse of rollouts)."""
+    parts (PPO-style reuse of rollouts; the clip of eq. 5 bounds how far the policy goes)."""
     epochs: int = 1
     """Passes over the mini-batches per step."""
     overlong_filter: bool = False
@@ -304,16 +298,13 @@ class RLConfig:
             raise ValueError("tokenizer_dir (or data.processor_dir) must name the tokenizer directory")
 
     def _derived(self):
-        """``(path, stored value, derived value, source path)`` of each actor field the run derives."""
+        """``(path, stored value, derived value, source path)`` of each actor field the run derives
+        (why each is derived: docs/design.md §3.7)."""
         return [
-            # Old log-probs and certainty must use the temperature the engine sampled at.
             ("actor.temperature", self.actor.temperature, self.rollout.sampling.temperature,
              "rollout.sampling.temperature"),
-            # The warm-up/decay lengths are fractions of the run's optimizer updates.
             ("actor.optim.total_steps", self.actor.optim.total_steps, self.optimizer_updates,
              "schedule.steps x schedule.mini_batches x schedule.epochs"),
-            # Dr. GRPO divides every row by one constant of the run: by default nothing is longer than the
-            # budget (actor.loss.max_response_length chooses another constant).
             ("actor.loss.response_budget", self.actor.loss.response_budget, self.rollout.sampling.max_new_tokens,
              "rollout.sampling.max_new_tokens"),
         ]

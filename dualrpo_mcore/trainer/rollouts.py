@@ -1,10 +1,7 @@
 """Rollout, verification and the actor batch of a step, on every rank (:mod:`.loop` strings them together).
 
-Rollout runs on the engine's rank(s) with the results broadcast; the verifier pool scores on rank 0.
-Actor batches (:mod:`.batching`) carry per-row ``[B]`` tensors next to the per-token ones:
-``accuracy`` (the verifier's reward, v of eq. 2), ``reward`` (shaped r), ``self_certainty`` (u),
-``entropy`` (row mean), ``length``, ``overlong`` and ``task_id`` (index into :data:`TASK_NAMES`), so
-that selecting rows (dynamic sampling, data-parallel shares) keeps everything aligned.
+Where each part runs: docs/design.md §2.2; the actor batch's fields: §3.2 (``task_id`` indexes
+:data:`TASK_NAMES`).
 """
 from __future__ import annotations
 
@@ -157,8 +154,6 @@ def sync(ctx: Context) -> None:
         for _ in buckets:  # the other ranks take part in the export's collectives
             pass
         return
-    # The new weights are loaded before the engine re-allocates its KV cache, so the two never
-    # peak together (resume_memory's contract).
     ctx.engine.resume_memory(weights=(t for bucket in buckets for t in bucket))
 
 

@@ -5,10 +5,9 @@ The public front door (docs/design.md section 3.5)::
     from dualrpo_mcore.verifiers import verify
     reward = verify({"verifier": "math", "answer": "\\frac{1}{2}"}, response)
 
-``verify`` never raises for any response string and returns within its time budget: the sample
-is scored in a process-wide :class:`VerifierPool` (created lazily on first use, its workers
-started in the background), and the whole call, cold start included, is bounded by
-``timeout_s`` (default ``DUALRPO_VERIFY_TIMEOUT`` or 5 s; past it the reward is 0). The default
+``verify``'s guarantees (never raises, bounded by ``DUALRPO_VERIFY_TIMEOUT``, cold start
+included): docs/design.md §3.5. It scores in a process-wide :class:`VerifierPool` (created lazily
+on first use, its workers started in the background); past the budget the reward is 0. The default
 pool has ``DUALRPO_VERIFY_WORKERS`` (default 2) workers. A trainer scoring whole rollouts should
 own a pool (``with VerifierPool(num_workers=16) as pool: pool.verify_batch(...)``), which also
 gives it statuses and counters for its metrics.
@@ -19,14 +18,8 @@ not at import: the pool's parent side (the trainer) never needs sympy, and a wor
 (``python -m dualrpo_mcore.verifiers.sandbox.worker``, which imports this package first) must be able to
 set its limits before the heavy imports happen. In-process ``score`` has no time or memory limit:
 use it on trusted strings only (data validation, tests, the serial baseline of the benchmark).
-A verifier registered with ``register_verifier`` in the trainer is not visible to pool workers
-(separate interpreters): name its module in ``VerifierPool(imports=[...])``.
 
-Layout: the top level is this front door and the parts the scorers share (``base``, ``scoring``,
-``extract``, ``boxes``, ``geometry_params``, ``math_parse``, ``math_extract``, ``vtriune_common``,
-``vtriune_map``); ``tasks/`` holds one module per built-in verifier, named by the verifier it
-registers (``tasks/math.py`` registers ``math``, ``tasks/format.py`` registers ``format``);
-``sandbox/`` is where scoring runs (the pool, its worker, the hostile inputs it is tested with).
+Layout (this front door and the scorers' shared parts, ``tasks/``, ``sandbox/``): docs/design.md §2.3.
 """
 from __future__ import annotations
 

@@ -1,31 +1,15 @@
 """Verifier registry and the per-sample *spec* format (V-Triune sample-level rewards).
 
-Every dataset row carries a spec naming the verifier that scores its responses, so one batch can
-mix tasks. A spec is a JSON-like dict in one of two forms::
+The spec's two forms, the weights' rules, the built-in names and the verifier signature:
+docs/design.md §3.5. E.g. ``{"components": [{"verifier": "math", "answer": "3", "weight": 0.9},
+{"verifier": "format", "weight": 0.1, "params": {"mode": "think_answer"}}]}``.
 
-    # single verifier
-    {"verifier": "math", "answer": "\\frac{1}{2}", "params": {"fallback": "last_line"}}
-
-    # weighted combination: weighted mean of the component scores
-    {"components": [
-        {"verifier": "math",   "answer": "3", "weight": 0.9},
-        {"verifier": "format", "weight": 0.1, "params": {"mode": "think_answer"}},
-    ]}
-
-* ``verifier`` names an entry of :data:`VERIFIERS` (built-ins: ``math, choice, numeric, counting,
-  ocr, grounding, detection, format``, plus ``vtriune_math`` and ``vtriune_detection``, which
-  reproduce V-Triune's reward server for Orsta rows; add one with :func:`register_verifier`).
-* ``answer`` is the ground truth, required unless the verifier declares ``needs_answer=False``
-  (only ``format`` does). Its type depends on the verifier (string, number, box list, ...).
-* ``params`` is optional; unknown keys are rejected so that a typo in a dataset is caught when the
-  data loader calls ``validate_spec``, not silently ignored during a week-long run.
-* ``weight`` (components only) is a finite number >= 0; the weights of a spec must sum to > 0.
-  Components may not nest.
-
-A verifier function has the signature ``fn(answer, response, params, ctx) -> float`` where
-``ctx.progress`` is the training progress in [0, 1] (or None outside training). It may raise
-:class:`Unparsable` to say "no answer could be read from the response" (scored 0, reported as
-status ``unparsable``); any other exception is caught by ``scoring`` and reported as ``error``.
+``answer`` is required unless the verifier declares ``needs_answer=False`` (only ``format`` does);
+its type depends on the verifier (string, number, box list, ...). Unknown ``params`` keys are
+rejected so that a typo in a dataset is caught when the data loader calls ``validate_spec``, not
+silently ignored during a week-long run. ``ctx.progress`` is None outside training. A verifier may
+raise :class:`Unparsable` to say "no answer could be read from the response" (scored 0, status
+``unparsable``); any other exception is caught by ``scoring`` and reported as ``error``.
 """
 from __future__ import annotations
 

@@ -1,9 +1,7 @@
 """In-process scoring: ``score(spec, response, progress=None) -> float in [0, 1]``.
 
-This is what the sandboxed pool (``verifiers/__init__.py``) runs inside its workers. It never
-raises: a malformed spec scores 0 with status ``bad_spec``, an unreadable response 0 with status
-``unparsable``, a verifier bug 0 with status ``error``; ``score_with_info`` returns the status and a
-short detail next to the reward. The spec format is documented in ``verifiers/base.py``.
+This is what the sandboxed pool runs inside its workers. It never raises; ``score_with_info``
+returns the status (docs/design.md §3.5, with the spec format) and a short detail next to the reward.
 """
 from __future__ import annotations
 

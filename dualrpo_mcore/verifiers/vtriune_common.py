@@ -1,14 +1,7 @@
 """What V-Triune's two verifiers share: the reward weighting and the ``<answer>`` block.
 
-The ``vtriune`` reward profile reproduces the reward server of "One RL to See Them All"
-(github.com/MiniMax-AI/One-RL-to-See-Them-All, commit 39bcf0d, MIT licence): ``reward_server/
-verify.py``, ``reward_server/utils/det_helper.py`` and the ``/judge`` handler of
-``reward_serving_fastapi.py``. Their rules were read there and are written anew here; none of
-their code is in this package. docs/vtriune.md lists where the two still differ.
-
-Their handler scores a response as ``acc * ar / (ar + fr) + fmt * fr / (ar + fr)`` with ``ar`` =
-``reward_model.accuracy_ratio`` (1.0 when absent) and ``fr`` = ``reward_model.format_ratio``
-(0.1 when absent); any exception while scoring makes the whole reward 0, format part included.
+What the ``vtriune`` profile reproduces (their server, commit, licence), the weighting formula and
+where the two still differ: docs/vtriune.md.
 """
 from __future__ import annotations
 

@@ -1,11 +1,8 @@
 """Sandboxed verifier pool: score untrusted model output in killable worker processes.
 
-``VerifierPool(num_workers=2, timeout_s=5.0).verify_batch(specs, responses)`` returns one
-:class:`VerifyResult` per sample, in input order, and always completes: a sample whose worker
-runs past its budget is SIGKILLed with its worker (reward 0, status ``timeout``); a worker that
-dies (segfault, MemoryError, ``os._exit``, EOF, garbage on the pipe) is replaced and its sample
-scores 0 with status ``crash``. Other statuses come from the scorer: ``ok``, ``bad_spec``,
-``unparsable``, ``error``.
+Contract (results in input order, always completes, the statuses): docs/design.md §3.5. A
+``crash`` is a worker that died of anything: segfault, MemoryError, ``os._exit``, EOF, garbage on
+the pipe.
 
 Design, and why:
 
@@ -130,8 +127,7 @@ class VerifierPool:
         startup_timeout_s: a worker not ready by then is killed and counted as a failed start.
         pythonpath: extra import roots for the worker (e.g. a tests directory).
         imports: modules each worker imports before the scorer, e.g. the module that calls
-            ``register_verifier`` for a custom verifier (a registration made in the trainer
-            process is invisible to the workers, which are separate interpreters).
+            ``register_verifier`` for a custom verifier (docs/design.md §3.5).
         warmup: ``[spec, response]`` pairs each new worker scores before reporting ready;
             None uses a math sample when the scorer is the default one.
     """

@@ -3,8 +3,7 @@
 code and the shared parts one level up stay apart from the scorers.
 
 Importing this package registers every built-in; ``scoring`` is the one module that imports it
-for that, which keeps the scorers (and their lazily imported sympy) out of the pool's parent
-side and out of a worker until it has set its limits (see ``verifiers/__init__.py``).
+for that (why: ``verifiers/__init__.py``).
 
 ``math`` and ``format`` do not shadow the standard library inside the package (imports are
 absolute), but a caller should import them under an alias, e.g.

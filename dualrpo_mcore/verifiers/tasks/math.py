@@ -12,13 +12,12 @@ params:
 
 Reading. The span is the last ``<answer>`` block, else the response tail when it holds a closed
 ``\\boxed{}``, else the fallback. Inside it (and inside the gold, which may be a whole solution)
-:mod:`math_extract` finds the answer: the last group of boxes, else what follows "final answer is"
-or "answer:", else the span itself when it reads as math, else the last math environment or
-plain number. Several answers (``\\boxed{1}, \\boxed{2}``, ``1, 2``, ``$1$ and $2$``) form one
-multi-answer: when the gold holds several answers, every one must be present and nothing extra,
-in any order; a single gold answer is never matched by a list that contains it. Number formats:
-``1,000`` / ``1 000`` / ``32,\\! 349`` are thousands; a comma before 2+ digits (``2,74``,
-``1000,99``, not ``1,234``) is a decimal comma in plain text only, since in LaTeX ``1,2`` is a list.
+:mod:`math_extract` finds the answer, in the order its docstring gives. Several answers
+(``\\boxed{1}, \\boxed{2}``, ``1, 2``, ``$1$ and $2$``) form one multi-answer: when the gold
+holds several answers, every one must be present and nothing extra, in any order; a single gold
+answer is never matched by a list that contains it. Number formats: ``1,000`` / ``1 000`` /
+``32,\\! 349`` are thousands; a comma before 2+ digits (``2,74``, ``1000,99``, not ``1,234``) is a
+decimal comma in plain text only, since in LaTeX ``1,2`` is a list.
 
 Comparing. Numbers are compared by value (0.5 = 1/2 = ``\\dfrac12``; a percentage equals both its
 value and its value / 100: ``45.2\\%`` equals 0.452 and 45.2. math-verify does that for whole

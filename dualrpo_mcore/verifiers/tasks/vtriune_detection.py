@@ -15,26 +15,15 @@ params:
                      integers) using ``image_hw``.
   image_hw           ``[height, width]`` of the image as the model saw it (grid * 14); without it
                      no mapping happens (as theirs, which only logs a warning).
-  iou_threshold      ``dynamic`` (default: 0.85 up to 10 % of training, 0.95 up to 25 %, then
-                     0.99; 0.85 without a progress), ``average`` (the mean over the eleven
-                     thresholds 0.5, 0.55, ..., 0.95, 0.99) or one of those eleven numbers.
+  iou_threshold      ``dynamic`` (default; ``detection``'s V-Triune schedule, 0.85 without a
+                     progress), ``average`` (the mean over the eleven thresholds 0.5, 0.55, ...,
+                     0.95, 0.99) or one of those eleven numbers.
 
-Scoring, as their server does it:
-
-* format: the response holds ``\\n<answer>\\n`` and exactly one ``\\n</answer>``, and its first
-  ``<answer>`` block holds a box list that survives the sanitation below: 1, else 0.
-* box lists (``boxes_from``): ``[[``/``]]`` become ``[``/``]``, a list not ending in ``]`` is cut
-  after its last complete ``},``, quotes become double, backslashes go, then JSON. Kept: dicts
-  with a ``label`` string and a ``bbox_2d`` of four numbers (booleans count) with x1 <= x2 and
-  y1 <= y2, first of each position only. Text is lower-cased first. Nothing kept: no boxes.
-* per strategy, at the threshold: matches, then ``(1 - c) * sum(IoU) / #gt + c * completeness``
-  with ``c = iou_completeness`` and completeness ``1 - (miss rate + false-alarm rate) / 2``; that
-  times ``0.6 ** |#pred - #gt|``. ``max_iou_first`` is their global-maximum greedy loop, including
-  its slip: the pair it records is the last unmatched prediction with the last unmatched
-  ground truth (their loop variables after the scan), scored with the global maximum IoU when
-  those two labels agree. ``max_label_first`` matches each ground truth, in order, to the
-  unmatched same-label prediction of highest IoU at or above the threshold.
-* mAP terms: COCO box AP of the single image (``vtriune_map``), times the same count penalty.
+Scoring, as their server does it (format, box sanitation in ``boxes_from``, the IoU terms, the
+``max_iou_first`` slip, the mAP terms of ``vtriune_map``): docs/vtriune.md, "The reward profile".
+Left out there: the sanitation's four numbers may be booleans, as in theirs, and
+``max_label_first`` matches each ground truth, in order, to the unmatched same-label prediction of
+highest IoU at or above the threshold.
 """
 from __future__ import annotations
 

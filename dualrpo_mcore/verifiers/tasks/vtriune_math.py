@@ -5,28 +5,12 @@ answer: the row's ``reward_model.ground_truth`` as published (``\\boxed{45.2}``,
 ``12``, a worked solution, ...). params: ``accuracy_ratio``, ``format_ratio`` (see
 ``vtriune_common``).
 
-Format, theirs: 0.25 for each of ``<think>\\n``, ``\\n</think>\\n``, ``\\n<answer>\\n`` and
-``\\n</answer>`` that occurs exactly once in the response.
-
-Accuracy, theirs: response and gold are lower-cased; the gold is read as math-verify's default
-``parse`` reads it (LaTeX environments, ``\\boxed{}``, "answer: ..." and plain numbers or
-arithmetic, first match); the response only from ``\\boxed{}`` (priority) and from ``$..$`` /
-``\\(..\\)`` / ``\\[..\\]`` environments that follow "answer" or "final answer ... is" (nothing
-is read from unmarked text); in each, the rightmost-ending candidate of the first kind that has
-one is taken, and if it does not parse nothing else is tried. Several environments joined by
-``,``/``and``/``or``, or several boxes close together, form one set, so ``\\boxed{3} \\boxed{4}``
-is {3, 4} and never equals 3. Reward 1 when the two parsed objects are equal by math-verify's
-comparison or their normalised texts are identical, else 0; a gold from which nothing is read
-gives 0.
-
-What runs here: the extraction regexes are math-verify's own (imported from the installed
-package, built for the two configurations their verifier uses) and so is its LaTeX
-normalisation and object comparison; every string is turned into a sympy object by this
-package's converter (latex2sympy2_extended's grammar with numbers built without ``sympify``,
-behind ``math_parse.guard``), never by ``math_verify.parse`` or sympy's ``parse_expr``. Model
-text is never evaluated as code. Those regexes backtrack on some crafted inputs (seconds to a
-minute for a few thousand characters), as they do in theirs; the pool's per-sample budget bounds
-that. docs/vtriune.md lists where this still differs from theirs.
+Format and accuracy as theirs, what runs here (math-verify's own extraction regexes, its
+normalisation and comparison; our converter; never ``eval``) and where it still differs:
+docs/vtriune.md. Left out there: the gold is read as math-verify's default ``parse`` reads it
+(LaTeX environments, ``\\boxed{}``, "answer: ..." and plain numbers or arithmetic, first match),
+and a gold from which nothing is read gives 0; of the response's candidates the rightmost-*ending*
+one is taken; the regexes are built for the two configurations their verifier uses.
 """
 from __future__ import annotations
 
