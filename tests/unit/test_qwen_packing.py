@@ -147,11 +147,12 @@ def test_megatron_thd_rotary_keeps_every_tokens_own_position(megatron_thd):
     assert torch.equal(thd, bshd)
 
 
-@pytest.mark.parametrize("case", ["per-token", "max-length table", "two cp ranks"])
+@pytest.mark.parametrize("case", ["per-token", "partial rotary", "max-length table", "two cp ranks"])
 def test_stream_rotary_is_megatrons_thd_bitwise(megatron_thd, monkeypatch, case):
     """The packed rotary without Megatron's per-sequence loop gives Megatron's own result bitwise (values and
-    gradients) through ``apply_rotary_pos_emb``, so with the installed version's own keyword arguments; it
-    keeps the loop's work only where the loop matters (a max-length table, context parallelism)."""
+    gradients) through ``apply_rotary_pos_emb``, so with the installed version's own keyword arguments, for
+    two tables in turn (its cos and sin are kept per table) and a rotary over part of the head; it keeps the
+    loop's work only where the loop matters (a max-length table, context parallelism)."""
     from megatron.core.models.common.embeddings import rope_utils
 
     from dualrpo_mcore.models.qwen2_5_vl.packing import _stream_rotary
@@ -169,7 +170,9 @@ def test_stream_rotary_is_megatrons_thd_bitwise(megatron_thd, monkeypatch, case)
                  total=t if case != "two cp ranks" else 16).seq_params().cu_seqlens_q
     t = int(cu[-1]) // (2 if case == "two cp ranks" else 1)
     longest = int((cu[1:] - cu[:-1]).max())  # the trailing padding is a sequence of its own
-    freqs = torch.randn(longest if case == "max-length table" else int(cu[-1]), 1, 1, dim, generator=g)
+    rot = dim // 2 if case == "partial rotary" else dim
+    tables = [torch.randn(longest if case == "max-length table" else int(cu[-1]), 1, 1, rot, generator=g)
+              for _ in range(2)]
     x = torch.randn(t, heads, dim, generator=g)
     ranks = SimpleNamespace(size=lambda: 2 if case == "two cp ranks" else 1, rank=lambda: 0)
     config = SimpleNamespace(apply_rope_fusion=False, rotary_interleaved=False, multi_latent_attention=False,
@@ -177,13 +180,16 @@ def test_stream_rotary_is_megatrons_thd_bitwise(megatron_thd, monkeypatch, case)
     outs, grads = [], []
     for fn in (megatron_thd, _stream_rotary(spy)):
         monkeypatch.setattr(rope_utils, "_apply_rotary_pos_emb_thd", fn)
-        xi = x.clone().requires_grad_()
-        out = rope_utils.apply_rotary_pos_emb(xi, freqs, config, cu_seqlens=cu, cp_group=ranks)
-        out.backward(torch.arange(out.numel(), dtype=out.dtype).view_as(out).sin())
-        outs.append(out.detach())
-        grads.append(xi.grad)
-    assert torch.equal(outs[0], outs[1]) and torch.equal(grads[0], grads[1])
-    assert len(calls) == (0 if case == "per-token" else 1)
+        for freqs in tables + tables[:1]:
+            xi = x.clone().requires_grad_()
+            out = rope_utils.apply_rotary_pos_emb(xi, freqs, config, cu_seqlens=cu, cp_group=ranks)
+            out.backward(torch.arange(out.numel(), dtype=out.dtype).view_as(out).sin())
+            outs.append(out.detach())
+            grads.append(xi.grad)
+    for k in range(3):
+        assert torch.equal(outs[k], outs[k + 3]) and torch.equal(grads[k], grads[k + 3])
+    assert not torch.equal(outs[0], outs[1])
+    assert len(calls) == (0 if case in ("per-token", "partial rotary") else 3)
 
 
 @pytest.mark.parametrize("stream", ["mixed", "one-length"])
