@@ -1,6 +1,7 @@
 """The packed layout's bookkeeping (``models.qwen2_5_vl.packing``, ``geometry.packed_rope_index``,
 ``packed_attention.RowLayout``) against the padded batch and brute force, and the one rotary
 behaviour of Megatron-Core the packed forward relies on. The model itself: tests/distributed/test_packed_model.py."""
+import inspect
 from types import SimpleNamespace
 
 import pytest
@@ -119,13 +120,14 @@ def test_row_layout_puts_each_sequence_in_a_row_of_its_bucket():
 
 @pytest.fixture
 def megatron_thd(monkeypatch):
-    """Megatron's own THD rotary, whether or not a model built in this process routed it through ours."""
+    """Megatron's own THD rotary (and the unfused rotation it calls), whether or not a model built in this
+    process routed them through ours."""
     from megatron.core.models.common.embeddings import rope_utils
 
-    own = rope_utils._apply_rotary_pos_emb_thd
-    own = getattr(own, "megatron_original", own)
-    monkeypatch.setattr(rope_utils, "_apply_rotary_pos_emb_thd", own)
-    return own
+    for name in ("_apply_rotary_pos_emb_bshd", "_apply_rotary_pos_emb_thd"):
+        own = getattr(rope_utils, name)
+        monkeypatch.setattr(rope_utils, name, getattr(own, "megatron_original", own))
+    return rope_utils._apply_rotary_pos_emb_thd
 
 
 def test_megatron_thd_rotary_keeps_every_tokens_own_position(megatron_thd):
@@ -239,3 +241,31 @@ def test_stream_rotary_reads_each_streams_own_end():
     for cu, want in ((torch.tensor([0, 2, 6]), 0), (torch.tensor([0, 2, 6]), 0), (torch.tensor([0, 2, 5]), 1)):
         apply(x, cu, freqs, cp_group=one_rank)
         assert len(calls) == want
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("rot", [8, 4])
+def test_table_rotary_is_megatrons_bitwise(megatron_thd, interleaved, rot):
+    """The padded layout's rotation with cos and sin kept per table is Megatron's ``_apply_rotary_pos_emb_bshd``
+    bitwise (values and gradients) for two tables in turn, over the whole head and over part of it."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    from dualrpo_mcore.models.qwen2_5_vl.packing import _table_rotary
+
+    megatron = rope_utils._apply_rotary_pos_emb_bshd
+    mla = "mla_rotary_interleaved" if "mla_rotary_interleaved" in inspect.signature(megatron).parameters \
+        else "multi_latent_attention"  # 0.19 renamed it and warns on the old name
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(6, 2, 3, 8, generator=g)
+    tables = [torch.randn(6, 1, 1, rot, generator=g) for _ in range(2)]
+    outs, grads = [], []
+    for fn in (megatron, _table_rotary(megatron)):
+        for freqs in tables + tables[:1]:
+            xi = x.clone().requires_grad_()
+            out = fn(xi, freqs, rotary_interleaved=interleaved, mscale=0.5, **{mla: False})
+            out.backward(torch.arange(out.numel(), dtype=out.dtype).view_as(out).cos())
+            outs.append(out.detach())
+            grads.append(xi.grad)
+    for k in range(3):
+        assert torch.equal(outs[k], outs[k + 3]) and torch.equal(grads[k], grads[k + 3])
+    assert not torch.equal(outs[0], outs[1])

@@ -109,6 +109,32 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_grid_thw: 
     return ids, pos, packing
 
 
+def _table_rotary(original):
+    """megatron-core's unfused rotation (``rope_utils._apply_rotary_pos_emb_bshd``, 0.16 and 0.19), less its
+    repeated work: it computes cos and sin of the table for q and for k in every layer, and copies its output
+    through a ``cat`` with an empty pass-through part when the rotary covers the whole head. Here cos and sin
+    are computed once per table (every layer of a forward passes the same one) and the copy is skipped: the
+    same expressions on the same values, so the result is bitwise Megatron's. Multi-latent attention's
+    interleave, and any call this does not know, go to Megatron's own code."""
+    from megatron.core.models.common.embeddings.rope_utils import _rotate_half
+
+    tables = [None, None, None]  # (freqs, (mscale, dtype), (cos, sin))
+
+    def rotate(t, freqs, *args, rotary_interleaved=False, mscale=1.0, **kwargs):
+        if args or any(kwargs.values()) or not {"multi_latent_attention", "mla_rotary_interleaved"}.issuperset(kwargs):
+            return original(t, freqs, *args, rotary_interleaved=rotary_interleaved, mscale=mscale, **kwargs)
+        if tables[0] is not freqs or tables[1] != (mscale, t.dtype):
+            tables[:] = [freqs, (mscale, t.dtype),
+                         ((torch.cos(freqs) * mscale).to(t.dtype), (torch.sin(freqs) * mscale).to(t.dtype))]
+        (cos_, sin_), rot = tables[2], freqs.shape[-1]
+        x = t[..., :rot]
+        out = (x * cos_) + (_rotate_half(x, rotary_interleaved) * sin_)
+        return out if rot == t.shape[-1] else torch.cat((out, t[..., rot:]), dim=-1)
+
+    rotate.megatron_original = original
+    return rotate
+
+
 def _stream_rotary(original):
     """megatron-core's unfused THD rotary (``rope_utils._apply_rotary_pos_emb_thd``, 0.16 and 0.19), less its
     per-sequence loop where the loop changes nothing.
@@ -117,29 +143,16 @@ def _stream_rotary(original):
     end at its length: Megatron's "CASE 1", the packed mrope and the segmented ViT), Megatron slices each
     sequence's entries at its own offset and concatenates them: the table itself, rebuilt through one
     ``.item()`` per sequence (a device sync each, per layer, on GPU) and a Python loop. The rotation is then one
-    call over the stream, which this makes directly: same ops on the same values, so the result is bitwise
-    Megatron's. That call (``_apply_rotary_pos_emb_bshd``) also recomputes cos and sin of the table for q and
-    for k in every layer, and copies its output through a ``cat`` with an empty pass-through part when the
-    rotary covers the whole head: here cos and sin are computed once per table, and the copy is skipped.
-    Anything else (context parallelism, a max-length table, boundaries short of the stream) goes to
-    Megatron's own code, and so does the rotation of multi-latent attention."""
+    call over the stream (:func:`_table_rotary`), which this makes directly: same ops on the same values, so
+    the result is bitwise Megatron's. Anything else (context parallelism, a max-length table, boundaries short
+    of the stream) goes to Megatron's own code."""
     import inspect
 
-    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd as rotate
-    from megatron.core.models.common.embeddings.rope_utils import _rotate_half
-    takes = set(inspect.signature(rotate).parameters)  # the options Megatron's THD passes on (0.16 and 0.19 differ)
-    tables = [None, None, None]  # (freqs, (mscale, dtype), (cos, sin)): every layer passes the same table
+    from megatron.core.models.common.embeddings import rope_utils
 
-    def rotate_stream(t, freqs, rotary_interleaved=False, mscale=1.0):
-        if tables[0] is not freqs or tables[1] != (mscale, t.dtype):
-            # Megatron's expressions, so the same values bitwise.
-            tables[:] = [freqs, (mscale, t.dtype),
-                         ((torch.cos(freqs) * mscale).to(t.dtype), (torch.sin(freqs) * mscale).to(t.dtype))]
-        (cos_, sin_), rot = tables[2], freqs.shape[-1]
-        x = t[..., :rot]
-        out = (x * cos_) + (_rotate_half(x, rotary_interleaved) * sin_)
-        return out if rot == t.shape[-1] else torch.cat((out, t[..., rot:]), dim=-1)
-
+    bshd = getattr(rope_utils._apply_rotary_pos_emb_bshd, "megatron_original", rope_utils._apply_rotary_pos_emb_bshd)
+    takes = set(inspect.signature(bshd).parameters)  # the options Megatron's THD passes on (0.16 and 0.19 differ)
+    rotate = _table_rotary(bshd)
     last = [None, None]  # (cu_seqlens, its end): every layer of a forward passes the same tensor
 
     def stream_end(cu_seqlens) -> int:
@@ -152,19 +165,18 @@ def _stream_rotary(original):
         if (args or not takes.issuperset(kwargs) or cp_group is None or cp_group.size() != 1
                 or freqs.dim() < 1 or freqs.size(0) != t.size(0) or stream_end(cu_seqlens) != t.size(0)):
             return original(t, cu_seqlens, freqs, *args, cp_group=cp_group, **kwargs)
-        if kwargs.get("multi_latent_attention") or kwargs.get("mla_rotary_interleaved"):
-            return rotate(t.unsqueeze(1), freqs, **kwargs).squeeze(1)
-        return rotate_stream(t.unsqueeze(1), freqs, kwargs.get("rotary_interleaved", False),
-                             kwargs.get("mscale", 1.0)).squeeze(1)
+        return rotate(t.unsqueeze(1), freqs, **kwargs).squeeze(1)
 
     apply.megatron_original = original
     return apply
 
 
 def install_stream_rotary() -> None:
-    """Routes Megatron's THD rotary through :func:`_stream_rotary` (idempotent; the module-level name is what
-    ``rope_utils.apply_rotary_pos_emb`` calls)."""
+    """Routes Megatron's unfused rotary through :func:`_stream_rotary` (THD) and :func:`_table_rotary` (the
+    padded layout), idempotent; the module-level names are what ``rope_utils.apply_rotary_pos_emb`` calls."""
     from megatron.core.models.common.embeddings import rope_utils
 
     if not hasattr(rope_utils._apply_rotary_pos_emb_thd, "megatron_original"):
         rope_utils._apply_rotary_pos_emb_thd = _stream_rotary(rope_utils._apply_rotary_pos_emb_thd)
+    if not hasattr(rope_utils._apply_rotary_pos_emb_bshd, "megatron_original"):
+        rope_utils._apply_rotary_pos_emb_bshd = _table_rotary(rope_utils._apply_rotary_pos_emb_bshd)
