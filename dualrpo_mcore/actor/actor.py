@@ -6,16 +6,12 @@
 * :meth:`Actor.compute_ref_logprobs` — the same log-probs under the frozen reference policy
   (only when the KL weight is on); its weights live on CPU between uses.
 * :meth:`Actor.update` — one optimizer update with the DualRPO policy loss (``algo.policy_loss``),
-  exact over micro-batches and data-parallel ranks (every aggregation divides by its count over the
-  whole batch and all ranks, Dr. GRPO's rows by a constant of the run, never by a micro-batch's width),
-  Megatron's DDP + (distributed) optimizer, gradient clipping and the warm-up-then-constant schedule.
+  exact over micro-batches and data-parallel ranks (docs/design.md (5d)), Megatron's DDP +
+  (distributed) optimizer, gradient clipping and the warm-up-then-constant schedule.
   A non-finite loss or gradient skips the update (nothing reaches the weights) and is counted.
 * :meth:`Actor.sft_step` — the same machinery with cross-entropy on the response tokens (warm start).
 
-Batch layout: see :mod:`.batching`. Every returned per-token tensor is ``[B, S]`` float32 on CPU,
-aligned with ``input_ids`` (position t holds the statistic of token t), zero off the response. The model
-itself sees each micro-batch as one packed stream of its rows' real tokens (``actor.model.packing``,
-:mod:`.packed`), or as the padded ``[b, s]`` rows with packing off; the results are the same.
+Batch and outputs: docs/design.md §3.2; packed micro-batches: §5, "In the actor".
 """
 from __future__ import annotations
 
@@ -102,14 +98,13 @@ class Actor:
                     pp=ps.get_pipeline_model_parallel_group(), pp_last=ps.get_pipeline_model_parallel_last_rank())
 
     def _split(self, batch: Dict[str, Any]) -> Tuple[List[List[int]], List[Dict[str, Any]]]:
-        """Token-balanced micro-batches; the same count on every data-parallel rank.
+        """Token-balanced micro-batches; the same count on every data-parallel rank (docs/design.md
+        §2.2, "Micro-batches"; packed: §5, "In the actor").
 
-        A rank with fewer rows than the agreed count fills up with filler micro-batches: its
-        shortest row with the response mask cleared (no loss, no gradient, results dropped).
-        Every micro-batch is padded to ``token_multiple`` tokens (FP8; see ``microbatch.pad_tokens``),
-        so it may be wider than its rows; packed (``self.packing``), it is instead trimmed to its rows and
-        carries its stream under ``packed.KEY`` (padded to :meth:`_stream_multiple`). Returns the row groups
-        of the real micro-batches (first) and all micro-batches."""
+        A rank's filler micro-batch is its shortest row with the response mask cleared (results dropped).
+        Padded, a micro-batch is widened to ``token_multiple`` tokens (``microbatch.pad_tokens``); packed,
+        it carries its stream under ``packed.KEY``. Returns the row groups of the real micro-batches
+        (first) and all micro-batches."""
         batching.check_batch(batch)
         lengths = batch["attention_mask"].sum(-1).tolist()
         spans = batching.image_spans(batch, self.arch.image_token_id, self.arch.spatial_merge_size)
@@ -129,17 +124,13 @@ class Actor:
             filler["response_mask"] = torch.zeros_like(filler["response_mask"])
             micro += [filler] * (k - len(micro))
         if self.packing:
-            multiple = self._stream_multiple()
+            # Sequence parallelism cuts the stream into TP equal parts.
+            sp = getattr(_stage_module(self.model).config, "sequence_parallel", False)
+            multiple = math.lcm(self.token_multiple, self.info.tp_size if sp else 1)
             packs = {id(mb): packed.pack_micro(mb, self.arch.image_token_id, self.arch.spatial_merge_size, multiple)
                      for mb in micro}  # the filler repeats one dict: packed once
             return groups, [dict(mb, **{packed.KEY: packs[id(mb)]}) for mb in micro]
         return groups, [pad_tokens(mb, self.token_multiple) for mb in micro]
-
-    def _stream_multiple(self) -> int:
-        """What a packed stream's T is padded to: the FP8 token multiple and, under sequence parallelism
-        (which cuts the stream into TP equal parts), TP."""
-        sp = getattr(_stage_module(self.model).config, "sequence_parallel", False)
-        return math.lcm(self.token_multiple, self.info.tp_size if sp else 1)
 
     @staticmethod
     def _targets(mb: Dict[str, Any]):
@@ -169,14 +160,15 @@ class Actor:
         (at the actor's temperature unless ``temperature`` is given). With ``head`` (the model stage,
         ``actor.model.fused_head``) ``logits`` are the final hidden states [s, b, H] instead. Packed
         micro-batches (``packed.KEY``) give [1, T, V/TP] logits or [T, 1, H] hidden states."""
+        temperature = self.temperature if temperature is None else temperature
         if head is not None:
-            return self._fused_stats(logits, mb, temperature, head)
+            # Only response tokens are projected onto the vocabulary, chunk by chunk; no logits are kept.
+            rows, weight, labels, kw, to_bs = self._head_rows(logits, mb, head)
+            return to_bs(fused_head(rows, weight, labels, temperature=temperature, **kw))
         labels, keep, to_bs = self._targets(mb)
-        tp = self.info.tp_size
         ts = token_stats(self._prediction_rows(logits, True), labels.masked_fill(~keep, IGNORE_INDEX),
                          vocab_start=self.info.tp_rank * logits.shape[-1], vocab_size=self.arch.vocab_size,
-                         group=self._groups()["tp"] if tp > 1 else None,
-                         temperature=self.temperature if temperature is None else temperature)
+                         group=self._groups()["tp"] if self.info.tp_size > 1 else None, temperature=temperature)
         return {k: to_bs(getattr(ts, k)) for k in STATS}
 
     def _head_rows(self, hidden: torch.Tensor, mb: Dict[str, Any], head):
@@ -193,14 +185,6 @@ class Actor:
         kw = dict(mask=keep, vocab_start=self.info.tp_rank * weight.shape[0], vocab_size=self.arch.vocab_size,
                   group=self._groups()["tp"] if self.info.tp_size > 1 else None)
         return rows, weight, labels, kw, to_bs
-
-    def _fused_stats(self, hidden: torch.Tensor, mb: Dict[str, Any], temperature: Optional[float],
-                     head) -> Dict[str, torch.Tensor]:
-        """As :meth:`_stats`, from the hidden states through ``ops.fused_head``: only response tokens
-        are projected onto the vocabulary, chunk by chunk, and no logits tensor is kept."""
-        rows, weight, labels, kw, to_bs = self._head_rows(hidden, mb, head)
-        return to_bs(fused_head(rows, weight, labels, temperature=self.temperature if temperature is None
-                                else temperature, **kw))
 
     def _fused_loss(self, hidden: torch.Tensor, mb: Dict[str, Any], head, loss_fn: LossFn,
                     denominator: Optional[torch.Tensor]):
@@ -220,8 +204,7 @@ class Actor:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         n = len(micro)
-        # The schedule divides each micro-batch loss by n, and DDP averages over data-parallel ranks;
-        # our losses are already sums over the global denominator, so both are undone here.
+        # Undo the schedule's 1/n and DDP's DP average (docs/design.md §2.2, "Micro-batches").
         scale = float(n * self.info.dp_size)
         # Fused head: the last stage hands over hidden states, and the stage module supplies the weight.
         head = _stage_module(model) if self.config.model.fused_head and self.info.is_last_stage else None
@@ -247,10 +230,8 @@ class Actor:
                 out = m(pm.input_ids, position_ids=pm.position_ids, packed=pm.packing, **common)
             return out, partial(loss_func, mb)
 
-        # Pipeline p2p: micro-batches differ in T (packed) or in rows and width (padded). megatron_setup
-        # sets ``variable_seq_lengths``, so each send is preceded by its shape and these are placeholders
-        # (Megatron requires one). Shapes are exchanged rather than every pack padded to one agreed T:
-        # that would spend up to max_tokens - T tokens of compute per pack to save a 3-integer message.
+        # megatron_setup sets ``variable_seq_lengths`` (docs/design.md §5, "In the actor"): each send is
+        # preceded by its shape, so these are placeholders (Megatron requires one).
         inputs = [x[packed.KEY].input_ids if packed.KEY in x else x["input_ids"] for x in micro]
         bsz = max(x.shape[0] for x in inputs)
         seq = max(x.shape[1] for x in inputs)
@@ -319,9 +300,7 @@ class Actor:
         cfg = self.config.loss
 
         def loss_fn(stats, mb, den):
-            kl = {}
-            if self.reference is not None:
-                kl = dict(ref_logp=mb["ref_logprob"], kl_coef=mb["kl_coef"])
+            kl = dict(ref_logp=mb["ref_logprob"], kl_coef=mb["kl_coef"]) if self.reference is not None else {}
             loss, metrics = policy_loss(stats["logprob"], mb["old_logprob"], mb["advantages"], mb["response_mask"],
                                         rollout_logp=mb.get("rollout_logprob"), denominator=den, config=cfg, **kl)
             keep = mb["response_mask"].bool()
@@ -334,8 +313,7 @@ class Actor:
     def sft_step(self, batch: Dict[str, Any]) -> Dict[str, float]:
         """Supervised step: token-mean cross-entropy on the response tokens (global over micro-batches)."""
         def loss_fn(stats, mb, den):
-            loss = -(stats["logprob"] * mb["response_mask"]).sum() / den
-            return loss, {}
+            return -(stats["logprob"] * mb["response_mask"]).sum() / den, {}
 
         return self._train_step(batch, loss_fn, self._denominator(batch, "token-mean"))
 
@@ -397,8 +375,7 @@ class Actor:
         else:
             self.model.zero_grad_buffer()
             self.optimizer.zero_grad()
-        out = {k: float(v) for k, v in metrics.items()}
-        out = self._broadcast_metrics(out)
+        out = self._broadcast_metrics({k: float(v) for k, v in metrics.items()})
         out.update(lr=lr, grad_norm=grad_norm, skipped=float(not ok), bad_steps_in_a_row=float(self.guard.consecutive),
                    num_microbatches=float(len(micro)))
         return out

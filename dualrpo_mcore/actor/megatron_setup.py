@@ -106,8 +106,8 @@ def wrap_and_optimizer(module, config: ActorConfig):
 
 def _foreach_steps(optimizer) -> None:
     """Without TE or Apex Megatron falls back to ``torch.optim.AdamW``, whose default on CPU tensors is one
-    Python loop over the parameters; its multi-tensor (``foreach``) form does the same arithmetic in a
-    few batched calls (less Python per step; the arithmetic and its order are the same)."""
+    Python loop over the parameters; its multi-tensor (``foreach``) form does the same arithmetic, in the
+    same order, in a few batched calls."""
     for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
         inner = getattr(opt, "optimizer", None)
         if isinstance(inner, torch.optim.Optimizer):

@@ -29,10 +29,9 @@ HEAVY_TAIL_SIGMA = 1.0
 def default_demo_file() -> str:
     """``benchmarks/results/response_lengths_demo.json`` of the checkout this package runs from, else
     of the working directory (an installed package has no ``benchmarks/``)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    path = os.path.join(here, "..", "..", "benchmarks", "results", "response_lengths_demo.json")
-    return os.path.normpath(path) if os.path.exists(path) else os.path.join("benchmarks", "results",
-                                                                            "response_lengths_demo.json")
+    rel = os.path.join("benchmarks", "results", "response_lengths_demo.json")
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", rel)
+    return os.path.normpath(path) if os.path.exists(path) else rel
 
 
 def load_histogram(path: str) -> Dict[int, int]:

@@ -14,8 +14,7 @@ layer; the output layer is left out because the fused head computes logits only 
 in both layouts): *useful* counts each row's real tokens; *padded* each micro-batch as ``b`` rows of its
 ``s`` columns; *packed* each stream's ``T`` tokens through the projections and, for attention, what the
 layer executes: on Transformer Engine (varlen THD kernels) each row's own square, on the local spec
-(``PackedDotProductAttention``, what CPU runs) each sequence as a padded row of its length bucket's
-longest sequence (``sum_b n_b L_b^2``).
+(what CPU runs) ``sum_b n_b L_b^2`` (docs/design.md §5, "Attention never crosses rows").
 ``padding_fraction`` = 1 - useful / padded: the share of the padded layout's LM FLOPs spent on padding.
 ``step_padding_fraction``: the same waste as a share of the padded step's model FLOPs (LM body, ViT with
 merger, and the output head at the response positions where both layouts compute it; forward and
@@ -40,6 +39,7 @@ def layout_accounting(actor, cfg, batch: Dict[str, Any]) -> Dict[str, Any]:
     """Tokens and LM-body forward FLOPs of the batch's micro-batches in each layout (see the module
     docstring), from the actor's own split of this batch."""
     from dualrpo_mcore.actor import packed as packed_mod
+    from dualrpo_mcore.models.qwen2_5_vl.packed_attention import length_buckets
 
     from . import flops
 
@@ -54,8 +54,6 @@ def layout_accounting(actor, cfg, batch: Dict[str, Any]) -> Dict[str, Any]:
     real = [int(x) for x in batch["attention_mask"].sum(-1).tolist()]
     padded_rows = [mb["input_ids"].shape[1] for mb in pads for _ in range(mb["input_ids"].shape[0])]
     streams = [mb[packed_mod.KEY] for mb in packs]
-    from dualrpo_mcore.models.qwen2_5_vl.packed_attention import length_buckets
-
     varlen = actor.backend == "te"
     linear = bucketed = per_row = 0.0
     for pm in streams:
@@ -94,14 +92,11 @@ def peak_step_bytes(step: Callable[[], Any]) -> int:
         return int(torch.cuda.max_memory_allocated() - base)
     from torch.profiler import ProfilerActivity, profile
 
+    from .common import profiler_peak_bytes
+
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    cur = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        cur += e.nbytes()
-        peak = max(peak, cur)
-    return int(peak)
+    return int(profiler_peak_bytes(prof))
 
 
 def _max_over_ranks(value: int) -> int:
@@ -157,12 +152,9 @@ def summarize(res: Dict[str, Any]) -> Dict[str, Any]:
     pk, pd = rows
     speedup = pk["tokens_per_s_per_device"] / pd["tokens_per_s_per_device"]
     saved = 1 - pk["step_s"] / pd["step_s"]
-    return dict(rows=rows, real_tokens=acc["real_tokens"], microbatches=acc["microbatches"],
-                padding_fraction=acc["padding_fraction"], step_padding_fraction=acc["step_padding_fraction"],
-                packed_excess=acc["packed_excess"],
-                packed_attention=acc["packed_attention"], flops_speedup_bound=acc["flops_speedup_bound"],
-                flops_speedup_bound_varlen=acc["flops_speedup_bound_varlen"],
-                speedup=speedup, time_saved=saved,
+    copied = ("real_tokens", "microbatches", "padding_fraction", "step_padding_fraction", "packed_excess",
+              "packed_attention", "flops_speedup_bound", "flops_speedup_bound_varlen")
+    return dict(rows=rows, **{k: acc[k] for k in copied}, speedup=speedup, time_saved=saved,
                 memory_ratio=pk["peak_extra_mib"] / pd["peak_extra_mib"] if pd["peak_extra_mib"] else float("nan"),
                 gain_matches_padding=saved >= acc["padding_fraction"],
                 gain_matches_step_padding=saved >= acc["step_padding_fraction"])

@@ -4,10 +4,11 @@ Runs the training loop itself (``trainer.loop.train``) on the ``tiny_cpu`` recip
 steps and reads the per-phase wall times the loop records in every step's metrics
 (``ctx.timer``: ``rollout`` = sampling G responses per prompt, ``verify`` = the verifier pool,
 ``logprob`` = the actor's forward for old log-probs / self-certainty, ``update`` = the policy update,
-``sync`` = weight export into the rollout engine, ``probe`` = the weight-sync guard). Printed: each phase's seconds (median over the
-measured steps, the first ``--warmup`` steps excluded), its share of the measured steps' summed time,
-and its seconds in every step (also in the JSON). ``other`` is the run's wall time minus the phases (set-up, the initial weight sync,
-logging); checkpoints and evaluation are switched off so they do not land in a step.
+``sync`` = weight export into the rollout engine, ``probe`` = the weight-sync guard). Printed: each
+phase's seconds (median over the measured steps, the first ``--warmup`` steps excluded), its share of
+the measured steps' summed time, and its seconds in every step (also in the JSON). ``other`` is the
+run's wall time minus the phases (set-up, the initial weight sync, logging); checkpoints and evaluation
+are switched off so they do not land in a step.
 
 The "baseline" here is the step itself: a phase's share says where an RL step's time goes, which is
 what the other benches (``rollout``, ``train``, ``weight-sync``) then break down further.

@@ -4,29 +4,27 @@ One step is ``Actor.update`` (forward + backward of the DualRPO policy loss over
 micro-batches, gradient clip, optimizer step) on a synthetic batch of rows that each hold text,
 ``--images-per-row`` images of ``--image`` patches and a response of up to ``--response-len`` tokens:
 all of them with ``--length-mix fixed`` (equal lengths: no padding), else drawn per row from the demo's
-rollouts or a heavy-tailed mix (``bench.length_mix``). ``--compare-packing`` times the same rows on the
-same actor both as packed streams and as padded micro-batches, alternating, and reports tokens/s, peak
-memory, the padding share of the padded layout's LM FLOPs and the speed-up (``bench.packing_compare``).
-Reported per device (GPU, or process on CPU):
+rollouts or a heavy-tailed mix (``bench.length_mix``). ``--compare-packing`` times the same rows as
+packed streams and as padded micro-batches (``bench.packing_compare``). Reported per device (GPU, or
+process on CPU):
 
 * tokens/s = real tokens of the batch / median step time / devices
 * MFU = model FLOPs of the step (``bench.flops``: LM + ViT + merger for the batch's actual lengths and
   image grids, 3 x forward) / step time / devices / peak FLOP/s of one device; HFU adds the
-  recomputed forward (``--recompute``). The peak is the table value of known GPUs (H100/H200 989,
-  A100 312 TFLOP/s dense bf16), or on CPU a *measured matmul roofline*: the best FLOP/s of a large
-  fp32 matmul in each process, measured in the same run with all processes busy, as the training
-  ranks are (``--peak-tflops`` overrides either).
+  recomputed forward (``--recompute``). The peak is the table value of known GPUs (``common.GPU_PEAKS``),
+  or on CPU a *measured matmul roofline*: the best FLOP/s of a large fp32 matmul in each process,
+  measured in the same run with all processes busy, as the training ranks are (``--peak-tflops``
+  overrides either).
 
-Baseline in the same run (``hf-eager-adamw``): transformers' ``Qwen2_5_VLForConditionalGeneration`` of the
+Baseline in the same run (``hf-sdpa-adamw``): transformers' ``Qwen2_5_VLForConditionalGeneration`` of the
 same config and dtype on one device, plain PyTorch: forward (SDPA attention), log-softmax log-probs,
 the same ``algo.policy_loss``, backward, gradient clip, ``torch.optim.AdamW``. For tiny/small/medium its
 steps alternate with the actor's (rank 0 runs it while the other ranks wait), so a drift of a shared
-machine's speed lands on both; released sizes run it after the actor, which may not fit beside it. The ratio column is the baseline's step time per device-token over the actor's (> 1 = the actor is
-faster).
+machine's speed lands on both; released sizes run it after the actor, which may not fit beside it. The
+ratio column is the baseline's step time per device-token over the actor's (> 1 = the actor is faster).
 
-Notes: under the TE spec the Megatron ViT computes window attention as a masked dense product over all
-patches of the micro-batch, so its executed FLOPs exceed the model FLOPs counted here (MFU counts useful
-work); the local spec attends per window.
+Notes: under the TE spec the ViT's window attention is a masked dense product (docs/design.md §5), so its
+executed FLOPs exceed the model FLOPs counted here (MFU counts useful work).
 Warm-up iterations are excluded; the median of ``--iters`` is reported. CPU runs use
 ``run_distributed`` (gloo); under ``torchrun`` every rank runs this command and rank 0 reports.
 """
@@ -230,8 +228,8 @@ def _worker(rank: int, world: int, args) -> Dict[str, Any]:
 
     cfg = from_hf(hf_cfg)
     lengths = response_lengths(args)
-    batch = synthetic_batch(cfg, args.rows, args.prompt_len, lengths, parse_grid(args.image or _default_grid(args)),
-                            args.images_per_row, seed=args.seed)
+    grid = parse_grid(args.image or ("8x8" if args.model in SMALL_MODELS else "28x28"))
+    batch = synthetic_batch(cfg, args.rows, args.prompt_len, lengths, grid, args.images_per_row, seed=args.seed)
     tokens = int(batch["attention_mask"].sum())
     if torch.cuda.is_available():  # Megatron builds the weights on the current GPU; the actor does not move inputs
         batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -252,10 +250,7 @@ def _worker(rank: int, world: int, args) -> Dict[str, Any]:
     elif not alternate:
         out["megatron"] = median_time(lambda: actor.update(batch), args.iters, args.warmup, _sync,
                                       progress="megatron" if rank == 0 else "")
-    else:
-        # The baseline's steps alternate with the actor's (rank 0 runs it, the other ranks wait), so that a
-        # drift of a shared machine's speed lands on both alike. Released sizes run it after the actor is
-        # gone instead: both at once may not fit one device.
+    else:  # alternating: see the module docstring
         say("bench train: the actor's steps alternate with a transformers step on rank 0", flush=True)
         hf_step = _hf_step(hf_cfg, batch, args) if rank == 0 else None
         out["megatron"], base = _interleaved(lambda: actor.update(batch), hf_step, args, say)
@@ -298,10 +293,6 @@ def _interleaved(actor_step, hf_step, args, say):
             if actor_step is not None and name == "transformers":
                 _sync()  # the other ranks wait here while rank 0 runs the baseline
     return tuple({"median_s": statistics.median(t), "times_s": t} if t else None for t in times.values())
-
-
-def _default_grid(args) -> str:
-    return "8x8" if args.model in SMALL_MODELS else "28x28"
 
 
 def _hf_step(hf_cfg, batch, args):

@@ -11,7 +11,6 @@ tensors with ``.cuda()`` and builds causal masks with ``device="cuda"``. On a ma
   and ``get_cuda_rng_tracker().fork()`` behave as on GPU (distinct TP streams for init/dropout);
 * ``torch.cuda.synchronize`` / ``empty_cache`` become no-ops, and ``torch.cuda.current_stream`` /
   ``default_stream`` return a stream whose waits are no-ops (CPU work is already ordered);
-  megatron-core >= 0.19 asks for the current stream in every ``start_grad_sync``;
 * gradient clipping's fallback scale (no Apex/TE) works in place instead of out of place plus a copy;
 * ``Tensor.type()`` (no argument: the type *name*) reports a CPU tensor under its CUDA name, because
   Megatron's optimizers gate on that string (``'torch.cuda.FloatTensor'`` in the distributed
@@ -57,8 +56,7 @@ _NEW_METHODS = ("new_empty", "new_full", "new_ones", "new_tensor", "new_zeros")
 def _on_cpu(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        dev = kwargs.get("device")
-        if dev is not None and _is_cuda_device(dev):
+        if _is_cuda_device(kwargs.get("device")):
             kwargs["device"] = _CPU
         return fn(*args, **kwargs)
     return wrapper
@@ -74,8 +72,7 @@ def _patch_devices() -> None:
     def to(self, *args, **kwargs):
         if args and _is_cuda_device(args[0]):
             args = (_CPU,) + args[1:]
-        dev = kwargs.get("device")
-        if dev is not None and _is_cuda_device(dev):
+        if _is_cuda_device(kwargs.get("device")):
             kwargs["device"] = _CPU
         return tensor_to(self, *args, **kwargs)
 

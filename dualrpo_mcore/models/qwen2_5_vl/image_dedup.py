@@ -11,6 +11,7 @@ a reference forward over a mixed batch) is only ever deduplicated where the pixe
 """
 from __future__ import annotations
 
+import itertools
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -57,9 +58,6 @@ def encode_once(vision, pixel_values: torch.Tensor, grid_thw: torch.Tensor, merg
     keep = sorted(set(first))
     encoded = vision(torch.cat([spans[j] for j in keep]), grid_thw[keep])
     tokens = [c // merge ** 2 for c in counts]
-    start, at = {}, 0
-    for j in keep:
-        start[j] = at
-        at += tokens[j]
+    start = dict(zip(keep, itertools.accumulate((tokens[j] for j in keep), initial=0)))
     index = torch.cat([torch.arange(start[j], start[j] + tokens[j]) for j in first]).to(encoded.device)
     return encoded.index_select(0, index)

@@ -4,8 +4,8 @@ as Megatron's GPTModel with multimodal rotary embeddings (mrope).
 Forward takes a padded batch ``[B, S]`` of token ids in which every image is a run of
 ``image_token_id`` tokens; image embeddings from the ViT replace those tokens' embeddings (in
 row-major order, like transformers), and 3D position ids are computed from the image grids when
-not given. With ``packed=`` it takes the rows concatenated into one stream ``[1, T]`` instead
-(``packing``): the same numbers per row, without computing on padding.
+not given. With ``packed=`` it takes the rows concatenated into one stream ``[1, T]`` instead:
+docs/design.md §5.
 """
 from __future__ import annotations
 
@@ -82,9 +82,7 @@ class QwenVLModel(MegatronModule):
                              f"got {tuple(input_ids.shape)}")
         if attention_mask is not None:
             raise ValueError("packed: no attention_mask; cu_seqlens says which tokens are real and where rows end")
-        if self.config.apply_rope_fusion:
-            # TE's fused THD rotary kernel restarts every sequence at position 0: image rows would lose
-            # their 3D mrope positions. The unfused path maps each token to its own entry (Packing.seq_params).
+        if self.config.apply_rope_fusion:  # docs/design.md §5, "Rotary"
             raise ValueError("packed: needs apply_rope_fusion=False (the fused THD rotary ignores mrope positions)")
         if self.config.context_parallel_size > 1:
             raise NotImplementedError("packed: context parallelism is not supported (docs/design.md)")
@@ -99,11 +97,8 @@ class QwenVLModel(MegatronModule):
         emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [S, B, H]
         if pixel_values is None:
             return emb
-        if self.dedup_images:
-            image = encode_once(self.vision, pixel_values, image_grid_thw, self.cfg.spatial_merge_size)
-        else:
-            image = self.vision(pixel_values, image_grid_thw)
-        image = image.to(emb.dtype)
+        image = (encode_once(self.vision, pixel_values, image_grid_thw, self.cfg.spatial_merge_size)
+                 if self.dedup_images else self.vision(pixel_values, image_grid_thw)).to(emb.dtype)
         where = (input_ids == self.cfg.image_token_id).nonzero(as_tuple=True)  # row-major (b, s)
         if where[0].numel() != image.shape[0]:
             raise ValueError(f"batch has {where[0].numel()} image tokens but the images give "
@@ -121,9 +116,9 @@ class QwenVLModel(MegatronModule):
         skips the output layer and returns the final (normed) hidden states [S, B, H] too, for
         ``ops.fused_head`` with :meth:`output_weight`.
 
-        ``packed``: input_ids is a packed stream [1, T] laid out by ``packed`` (no attention_mask;
-        position_ids [3, 1, T], computed per row when not given; pixel_values/image_grid_thw in stream
-        order), and everything above holds with B = 1, S = T: logits [1, T, V/TP], hidden [T, 1, H]."""
+        ``packed``: input_ids is a packed stream [1, T] laid out by ``packed`` (docs/design.md §5,
+        "Layout"; position_ids computed per row when not given), and everything above holds with B = 1,
+        S = T."""
         seq_params = None
         if packed is not None:
             position_ids, seq_params = self._packed_inputs(input_ids, attention_mask, position_ids, image_grid_thw,
@@ -138,6 +133,8 @@ class QwenVLModel(MegatronModule):
         mask = None if packed is not None else geometry.causal_padding_mask(attention_mask, s, b,
                                                                             device=input_ids.device)
         decoder_input = self._embed(input_ids, pixel_values, image_grid_thw) if self.pre_process else None
+        kw = dict(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, decoder_input=decoder_input,
+                  packed_seq_params=seq_params)
         lm = self.language_model
         if return_hidden and self.post_process:
             if labels is not None or getattr(lm, "mtp_process", False) or lm.config.sequence_parallel:
@@ -147,13 +144,10 @@ class QwenVLModel(MegatronModule):
             # layer when post_process is off; the flag is restored even if the forward raises.
             lm.post_process = False
             try:
-                return lm(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
-                          decoder_input=decoder_input, packed_seq_params=seq_params)
+                return lm(**kw)
             finally:
                 lm.post_process = True
-        return lm(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
-                  decoder_input=decoder_input, labels=labels, runtime_gather_output=runtime_gather_output,
-                  packed_seq_params=seq_params)
+        return lm(**kw, labels=labels, runtime_gather_output=runtime_gather_output)
 
     def output_weight(self) -> torch.Tensor:
         """This rank's vocabulary shard [V_pad / TP, H] of the output layer, or of the input embedding

@@ -4,11 +4,9 @@ Layers are Megatron ``TransformerLayer``s built from a ModuleSpec (TE or local),
 parallelism comes from Megatron's column/row-parallel linears. What Megatron does not have is
 assembled here: the 3D patch embedding, the 2D (row, col) rotary embedding, and the window
 attention (windows of merged units, full attention at ``fullatt_block_indexes``) over the
-window-permuted patch sequence. On the local spec each window (or image) is one THD sequence of
-``PackedSeqParams``, attended as its own row (``packed_attention``): a dense block-diagonal mask over all
-patches of a micro-batch cost ~20% of the ``small`` CPU step (four 16x16 images: 1024^2 scores per head
-where the windows need 16 x 64^2). Under TE the layers take that block-diagonal mask (arbitrary-mask
-attention); TE's THD path for the ViT has not run on a GPU yet.
+window-permuted patch sequence. How each layer attends, per spec: docs/design.md §5, "Attention never
+crosses rows". On the local spec the dense block-diagonal mask over all patches of a micro-batch cost ~20%
+of the ``small`` CPU step (four 16x16 images: 1024^2 scores per head where the windows need 16 x 64^2).
 
 Megatron's TransformerBlock is what opens the FP8 autocast region for the LM; these layers run
 outside one, so the ViT and the merger open it themselves (``precision.fp8_context``: a no-op unless
