@@ -14,6 +14,15 @@ from dualrpo_mcore.models.qwen2_5_vl.training import ModuleTraining
 COMM_BACKENDS = ("nccl", "gloo")
 
 
+def at_least(obj: Any, prefix: str, **minimums: float) -> None:
+    """Raise ``<prefix><field> must be >= <min>, got <value>`` for the first field of ``obj`` below its
+    minimum (NaN included)."""
+    for name, low in minimums.items():
+        value = getattr(obj, name)
+        if not value >= low:
+            raise ValueError(f"{prefix}{name} must be >= {low}, got {value}")
+
+
 @dataclass
 class ModelSourceConfig(ModelOptions):
     """The policy: where its architecture and weights come from (exactly one source), and how it is
@@ -122,8 +131,7 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if not self.lr > 0:
             raise ValueError(f"{self.path}.lr must be > 0, got {self.lr}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"{self.path}.weight_decay must be >= 0, got {self.weight_decay}")
+        at_least(self, f"{self.path}.", weight_decay=0)
         for name in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{self.path}.{name} must lie in [0, 1), got {getattr(self, name)}")
@@ -170,8 +178,7 @@ class KLConfig:
     """Keep the reference weights on CPU between uses (moved to the device only for its forward)."""
 
     def __post_init__(self) -> None:
-        if not self.beta0 >= 0:
-            raise ValueError(f"actor.kl.beta0 must be >= 0, got {self.beta0}")
+        at_least(self, "actor.kl.", beta0=0)
         if not 0.0 <= self.beta_min <= 1.0:
             raise ValueError(f"actor.kl.beta_min must lie in [0, 1], got {self.beta_min}")
         if self.normalizer not in CERTAINTY_NORMALIZERS:

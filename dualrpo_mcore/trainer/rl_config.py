@@ -14,16 +14,7 @@ from dualrpo_mcore.algo import ADVANTAGE_ESTIMATORS, REWARD_MODES
 from dualrpo_mcore.data import DataConfig
 from dualrpo_mcore.rollout.engine import SamplingParams
 
-from dualrpo_mcore.actor.config import ActorConfig
-
-
-def at_least(obj: Any, prefix: str, **minimums: float) -> None:
-    """Raise ``<prefix><field> must be >= <min>, got <value>`` for the first field of ``obj`` below its
-    minimum (NaN included)."""
-    for name, low in minimums.items():
-        value = getattr(obj, name)
-        if not value >= low:
-            raise ValueError(f"{prefix}{name} must be >= {low}, got {value}")
+from dualrpo_mcore.actor.config import ActorConfig, at_least
 
 
 @dataclass

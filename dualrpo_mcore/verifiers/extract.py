@@ -6,7 +6,7 @@ nested quantifiers, so a 1 MB adversarial response costs milliseconds, not minut
 from __future__ import annotations
 
 import re
-from typing import Optional
+from typing import Optional, Tuple
 
 from dualrpo_mcore.verifiers.base import Unparsable
 
@@ -22,40 +22,57 @@ def tail(text: str, n: int = TAIL_CHARS) -> str:
     return text[-n:] if len(text) > n else text
 
 
-def closing_brace(text: str, open_idx: int, limit: Optional[int] = None) -> Optional[int]:
+def closing_brace(text: str, open_idx: int, limit: Optional[int] = None, pair: str = "{}") -> Optional[int]:
     """Index of the ``}`` closing the group that opens at ``text[open_idx] == '{'`` (nested braces
-    counted), searched within ``limit`` characters; None if unclosed."""
+    counted), searched within ``limit`` characters; None if unclosed. ``pair="()"`` does the same
+    for parentheses."""
+    opener, closer = pair
     depth = 0
     for j in range(open_idx, len(text) if limit is None else min(len(text), open_idx + limit)):
         c = text[j]
-        if c == "{":
+        if c == opener:
             depth += 1
-        elif c == "}":
+        elif c == closer:
             depth -= 1
             if depth == 0:
                 return j
     return None
 
 
+def last_box_command(text: str, end: int) -> int:
+    """Start of the last ``\\boxed`` / ``\\fbox`` before ``end``, or -1."""
+    return max(text.rfind("\\boxed", 0, end), text.rfind("\\fbox", 0, end))
+
+
+def box_at(text: str, i: int, limit: Optional[int] = None, token: bool = True) -> Optional[Tuple[str, int]]:
+    """``(content, end)`` of the box command starting at ``i``: its ``{...}`` group (closed within
+    ``limit`` characters) or, with ``token``, the single token after a space (``\\boxed 5``: TeX takes
+    one token as the argument); None otherwise. The content is not stripped."""
+    cmd_end = i + (6 if text.startswith("\\boxed", i) else 5)
+    j = cmd_end
+    while j < len(text) and text[j] == " ":
+        j += 1
+    if j < len(text) and text[j] == "{":
+        k = closing_brace(text, j, limit)
+        return None if k is None else (text[j + 1:k], k + 1)
+    if token and j > cmd_end:
+        m = re.match(r"[^\s$]+", text[j:j + 64])
+        if m:
+            return m.group(0), j + m.end()
+    return None
+
+
 def last_boxed(text: str) -> Optional[str]:
-    """Content of the last complete ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces allowed)."""
+    """Content of the last complete ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces allowed), or
+    of a ``\\boxed 5``."""
     end = len(text)
     for _ in range(_MAX_BOXED_TRIES):
-        i = max(text.rfind("\\boxed", 0, end), text.rfind("\\fbox", 0, end))
+        i = last_box_command(text, end)
         if i < 0:
             return None
-        j = i + (6 if text.startswith("\\boxed", i) else 5)
-        while j < len(text) and text[j] == " ":
-            j += 1
-        if j < len(text) and text[j] == "{":
-            k = closing_brace(text, j, MAX_SPAN_CHARS + 2)
-            if k is not None:
-                return text[j + 1:k]
-        elif j < len(text) and text.startswith("\\boxed ", i):
-            # ``\boxed 5`` (TeX allows a single-token argument)
-            m = re.match(r"[^\s$]+", text[j:j + 64])
-            if m:
-                return m.group(0)
+        got = box_at(text, i, MAX_SPAN_CHARS + 2, token=text.startswith("\\boxed", i))
+        if got is not None:
+            return got[0]
         end = i
     return None
 
@@ -92,15 +109,22 @@ def answer_span(response: str, fallback: str = "none", *, prefer_boxed: bool = T
         boxed = last_boxed(text)
         if boxed is not None:
             return boxed.strip()
+    return fallback_span(text, fallback).strip()[-span_chars:]
+
+
+def fallback_span(text: str, fallback: str) -> str:
+    """What ``fallback`` reads when ``text`` has no box or ``<answer>`` block: the last non-empty
+    line (``last_line``) or the whole text (``full``), as is; :class:`Unparsable` for ``none`` or when
+    there is nothing to read."""
     if fallback == "last_line":
         for line in reversed(text.splitlines()):
             if line.strip():
-                return line.strip()[-span_chars:]
+                return line
         raise Unparsable("empty response")
     if fallback == "full":
-        if not text.strip():
-            raise Unparsable("empty response")
-        return text.strip()[-span_chars:]
+        if text.strip():
+            return text
+        raise Unparsable("empty response")
     raise Unparsable("no \\boxed{} or <answer> block")
 
 

@@ -31,7 +31,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Tuple
 
-from dualrpo_mcore.verifiers.extract import closing_brace
+from dualrpo_mcore.verifiers.extract import box_at, last_box_command
 
 MAX_TEXT_CHARS = 4096
 MAX_PARTS = 6
@@ -79,22 +79,6 @@ class Found:
 # ---------------------------------------------------------------------------------------------
 # boxes
 
-def _box_at(text: str, i: int) -> Optional[Tuple[str, int]]:
-    """``(content, end)`` of the box command starting at ``i``, or None when it is not closed."""
-    cmd_end = i + (6 if text.startswith("\\boxed", i) else 5)
-    j = cmd_end
-    while j < len(text) and text[j] == " ":
-        j += 1
-    if j < len(text) and text[j] == "{":
-        k = closing_brace(text, j)
-        return None if k is None else (text[j + 1:k].strip(), k + 1)
-    if j > cmd_end:  # "\boxed 5": TeX takes a single token as the argument
-        m = re.match(r"[^\s$]+", text[j:j + 64])
-        if m:
-            return m.group(0), j + m.end()
-    return None
-
-
 def box_group(text: str) -> Optional[List[str]]:
     """Contents of the last group of boxes, left to right; None when the text has no closed box."""
     got = _box_group(text)
@@ -106,16 +90,17 @@ def _box_group(text: str) -> Optional[Tuple[List[str], int]]:
     group: List[Tuple[int, int, str]] = []  # (start, end, content), right to left
     end = len(text)
     for _ in range(_MAX_BOXES):
-        i = max(text.rfind("\\boxed", 0, end), text.rfind("\\fbox", 0, end))
+        i = last_box_command(text, end)
         if i < 0:
             break
         end = i
-        got = _box_at(text, i)
-        if got is None or not got[0]:
+        got = box_at(text, i)
+        content = got[0].strip() if got else ""
+        if not content:
             if group:
                 break
             continue
-        content, stop = got
+        stop = got[1]
         if group and stop > group[-1][0]:  # a box around the one already taken
             continue
         if group:
@@ -141,6 +126,12 @@ class _Item:
     start: int
     end: int
     text: str
+
+
+def _with_percent(text: str, start: int, end: int, body: str) -> _Item:
+    """The item ``text[start:end]`` read as ``body``, with a percent sign that follows it."""
+    pct = _PERCENT.match(text, end)
+    return _Item(start, pct.end(), body + "\\%") if pct else _Item(start, end, body)
 
 
 def _env_at(text: str, j: int, opener: str) -> Optional[Tuple[int, int]]:
@@ -180,11 +171,7 @@ def _env_item_at(text: str, j: int) -> Optional[_Item]:
         return None
     cstart, k = got
     end = k + (1 if m.group(0) == "$" else 2)
-    body = text[cstart:k]
-    pct = _PERCENT.match(text, end)
-    if pct:
-        body, end = body + "\\%", pct.end()
-    return _Item(j, end, body)
+    return _with_percent(text, j, end, text[cstart:k])
 
 
 def environments(text: str) -> List[_Item]:
@@ -295,11 +282,7 @@ def plain_numbers(text: str) -> List[_Item]:
                 or _covered(masked, masked_starts, m.start(), strict=True)
                 or not _NUMBER_PREFIX.search(text, max(0, m.start() - 3), m.start())):
             continue
-        body, end = _number_text(m), m.end()
-        pct = _PERCENT.match(text, end)
-        if pct:
-            body, end = body + "\\%", pct.end()
-        items.append(_Item(m.start(), end, body))
+        items.append(_with_percent(text, m.start(), m.end(), _number_text(m)))
     items.sort(key=lambda it: it.start)
     return items
 

@@ -22,6 +22,7 @@ import re
 from typing import Optional
 
 from dualrpo_mcore.verifiers.base import Unparsable
+from dualrpo_mcore.verifiers.extract import closing_brace
 
 MAX_ANSWER_CHARS = 400
 _MAX_DIGIT_RUN = 100
@@ -95,13 +96,8 @@ def _sqrt_calls(s: str) -> str:
             out.append(s[i:])
             return "".join(out)
         start = j - 1 if j > 0 and s[j - 1] == "\\" else j
-        depth, k = 0, j + 4
-        while k < len(s):
-            depth += {"(": 1, ")": -1}.get(s[k], 0)
-            if depth == 0:
-                break
-            k += 1
-        if k >= len(s):  # unbalanced: leave the rest as is
+        k = closing_brace(s, j + 4, pair="()")
+        if k is None:  # unbalanced: leave the rest as is
             out.append(s[i:])
             return "".join(out)
         out.append(s[i:start] + "\\sqrt{" + s[j + 5:k] + "}")
@@ -161,12 +157,8 @@ def _exponent_spans(s: str):
         while j < len(s) and s[j] == " ":
             j += 1
         if j < len(s) and s[j] == "{":
-            depth, k = 0, j
-            while k < len(s):
-                depth += {"{": 1, "}": -1}.get(s[k], 0)
-                if depth == 0:
-                    break
-                k += 1
+            k = closing_brace(s, j)
+            k = len(s) if k is None else k  # unclosed: the rest
             yield numeric_base, s[j + 1:k]
             j = k
         else:

@@ -54,7 +54,7 @@ from typing import Any, Mapping, NamedTuple, Optional
 from dualrpo_mcore.verifiers.base import (
     Context, Unparsable, param_choice, param_number, register_verifier,
 )
-from dualrpo_mcore.verifiers.extract import FALLBACKS, last_answer_tag, tail
+from dualrpo_mcore.verifiers.extract import FALLBACKS, fallback_span, last_answer_tag, tail
 from dualrpo_mcore.verifiers.math_extract import Found, box_group, find_answers
 from dualrpo_mcore.verifiers.math_parse import MAX_ANSWER_CHARS, clean, to_sympy
 
@@ -211,13 +211,7 @@ def _span(response: str, fallback: str) -> str:
     text = tail(response)
     if box_group(text) is not None:
         return text
-    if fallback == "last_line":
-        for line in reversed(text.splitlines()):
-            if line.strip():
-                return line
-    elif fallback == "full" and text.strip():
-        return text
-    raise Unparsable("no \\boxed{} or <answer> block" if fallback == "none" else "empty response")
+    return fallback_span(text, fallback)
 
 
 def _gold_text(answer: Any) -> str:
