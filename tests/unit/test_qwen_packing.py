@@ -149,6 +149,23 @@ def test_megatron_thd_rotary_keeps_every_tokens_own_position(megatron_thd):
     assert torch.equal(thd, bshd)
 
 
+def _assert_bitwise_per_table(fns, tables, x, call):
+    """``call(fn, x, freqs)`` of every rotary in ``fns`` for each table and then the first again (a kept cos/sin
+    must follow the table): values and input gradients bitwise those of ``fns[0]``, and the tables' differ."""
+    outs, grads = [], []
+    for fn in fns:
+        for freqs in tables + tables[:1]:
+            xi = x.clone().requires_grad_()
+            out = call(fn, xi, freqs)
+            out.backward(torch.arange(out.numel(), dtype=out.dtype).view_as(out).sin())
+            outs.append(out.detach())
+            grads.append(xi.grad)
+    n = len(tables) + 1
+    for k in range(n, len(outs)):
+        assert torch.equal(outs[k], outs[k % n]) and torch.equal(grads[k], grads[k % n])
+    assert not torch.equal(outs[0], outs[1])
+
+
 @pytest.mark.parametrize("case", ["per-token", "partial rotary", "max-length table", "two cp ranks"])
 def test_stream_rotary_is_megatrons_thd_bitwise(megatron_thd, monkeypatch, case):
     """The packed rotary without Megatron's per-sequence loop gives Megatron's own result bitwise (values and
@@ -179,18 +196,12 @@ def test_stream_rotary_is_megatrons_thd_bitwise(megatron_thd, monkeypatch, case)
     ranks = SimpleNamespace(size=lambda: 2 if case == "two cp ranks" else 1, rank=lambda: 0)
     config = SimpleNamespace(apply_rope_fusion=False, rotary_interleaved=False, multi_latent_attention=False,
                              mrope_section=[1, 1, 2])
-    outs, grads = [], []
-    for fn in (megatron_thd, _stream_rotary(spy)):
+
+    def call(fn, xi, freqs):
         monkeypatch.setattr(rope_utils, "_apply_rotary_pos_emb_thd", fn)
-        for freqs in tables + tables[:1]:
-            xi = x.clone().requires_grad_()
-            out = rope_utils.apply_rotary_pos_emb(xi, freqs, config, cu_seqlens=cu, cp_group=ranks)
-            out.backward(torch.arange(out.numel(), dtype=out.dtype).view_as(out).sin())
-            outs.append(out.detach())
-            grads.append(xi.grad)
-    for k in range(3):
-        assert torch.equal(outs[k], outs[k + 3]) and torch.equal(grads[k], grads[k + 3])
-    assert not torch.equal(outs[0], outs[1])
+        return rope_utils.apply_rotary_pos_emb(xi, freqs, config, cu_seqlens=cu, cp_group=ranks)
+
+    _assert_bitwise_per_table((megatron_thd, _stream_rotary(spy)), tables, x, call)
     assert len(calls) == (0 if case in ("per-token", "partial rotary") else 3)
 
 
@@ -258,14 +269,6 @@ def test_table_rotary_is_megatrons_bitwise(megatron_thd, interleaved, rot):
     g = torch.Generator().manual_seed(2)
     x = torch.randn(6, 2, 3, 8, generator=g)
     tables = [torch.randn(6, 1, 1, rot, generator=g) for _ in range(2)]
-    outs, grads = [], []
-    for fn in (megatron, _table_rotary(megatron)):
-        for freqs in tables + tables[:1]:
-            xi = x.clone().requires_grad_()
-            out = fn(xi, freqs, rotary_interleaved=interleaved, mscale=0.5, **{mla: False})
-            out.backward(torch.arange(out.numel(), dtype=out.dtype).view_as(out).cos())
-            outs.append(out.detach())
-            grads.append(xi.grad)
-    for k in range(3):
-        assert torch.equal(outs[k], outs[k + 3]) and torch.equal(grads[k], grads[k + 3])
-    assert not torch.equal(outs[0], outs[1])
+    _assert_bitwise_per_table((megatron, _table_rotary(megatron)), tables, x,
+                              lambda fn, xi, freqs: fn(xi, freqs, rotary_interleaved=interleaved, mscale=0.5,
+                                                       **{mla: False}))
