@@ -21,7 +21,6 @@ import os
 import statistics
 import sys
 import time
-import warnings
 
 PHASES = ("split", "vit_fwd", "lm_fwd", "head_loss", "vit_bwd", "lm_bwd", "optim", "other")
 
@@ -81,37 +80,11 @@ def phases(acc, total: float) -> dict:
     return out
 
 
-def main(argv=None) -> int:
-    from dualrpo_mcore.bench import train as bench_train
+def _rank(rank: int, world: int, args) -> dict:
+    """The rounds on this (the only) rank: per layout, per phase, the list of ms per update."""
+    from dualrpo_mcore.bench.train import prepare
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    bench_train.add_arguments(p)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=4, help="updates per layout per round")
-    args = p.parse_args(["--model", "tiny", "--rows", "64", "--length-mix", "demo", "--micro-tokens", "4096"]
-                        + list(sys.argv[1:] if argv is None else argv))
-    if args.tp != 1 or args.pp != 1:
-        raise SystemExit("step_phases.py runs one process: --tp 1 --pp 1")
-    bench_train.check_args(args)
-    warnings.filterwarnings("ignore")
-    import torch
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from dualrpo_mcore.models.qwen2_5_vl import from_hf
-
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(1, 1)
-    torch.manual_seed(args.seed)
-    hf_cfg = bench_train.hf_config(args.model)
-    cfg = from_hf(hf_cfg)
-    batch = bench_train.synthetic_batch(cfg, args.rows, args.prompt_len, bench_train.response_lengths(args),
-                                        bench_train.parse_grid(args.image or "8x8"), args.images_per_row,
-                                        seed=args.seed)
-    actor = bench_train._actor(args, hf_cfg, int(batch["attention_mask"].sum()))
-    batch["old_logprob"] = actor.compute_token_stats(batch)["logprob"]
+    _, _, batch, actor, _ = prepare(rank, world, args)
     acc = collections.defaultdict(float)
     instrument(actor, acc)
     layouts = ("packed", "padded")
@@ -128,19 +101,35 @@ def main(argv=None) -> int:
                 actor.update(batch)
             total = (time.perf_counter() - t0) / args.steps
             for name, sec in phases({k: v / args.steps for k, v in acc.items()}, total).items():
-                rows[layout][name].append(sec)
-            rows[layout]["total"].append(total)
+                rows[layout][name].append(sec * 1e3)
+            rows[layout]["total"].append(total * 1e3)
         print(f"round {r + 1}/{args.rounds} done", flush=True)
+    return {k: dict(v) for k, v in rows.items()}
+
+
+def main(argv=None) -> int:
+    from dualrpo_mcore.bench import train as bench_train
+    from dualrpo_mcore.parallel.spawn import run_distributed
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    bench_train.add_arguments(p)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=4, help="updates per layout per round")
+    args = p.parse_args(["--model", "tiny", "--rows", "64", "--length-mix", "demo", "--micro-tokens", "4096"]
+                        + list(sys.argv[1:] if argv is None else argv))
+    if args.tp != 1 or args.pp != 1:
+        raise SystemExit("step_phases.py times one process: --tp 1 --pp 1")
+    bench_train.check_args(args)
+    rows = run_distributed(_rank, 1, args, threads=os.cpu_count() or 1, timeout=3600)[0]
     print(f"\n{args.model}, {args.rows} rows, --length-mix {args.length_mix}, ms per update (median of "
           f"{args.rounds} rounds of {args.steps})")
     print("| phase | packed | padded | packed / padded | share of padded step |")
     print("|---|---|---|---|---|")
-    med = {k: {n: statistics.median(v) * 1e3 for n, v in rows[k].items()} for k in layouts}
+    med = {k: {n: statistics.median(v) for n, v in rows[k].items()} for k in rows}
     for name in PHASES + ("total",):
         pk, pd = med["packed"][name], med["padded"][name]
         ratio = f"{pk / pd:.2f}" if pd > 0.5 else "-"
         print(f"| {name} | {pk:.1f} | {pd:.1f} | {ratio} | {100 * pd / med['padded']['total']:.0f}% |")
-    dist.destroy_process_group()
     return 0
 
 

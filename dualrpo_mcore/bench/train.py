@@ -33,7 +33,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from typing import Any, Dict
+from typing import Any, Dict, List, NamedTuple
 
 import torch
 
@@ -212,11 +212,18 @@ def _actor(args, hf_cfg, tokens: int):
     return Actor(cfg)
 
 
-def _worker(rank: int, world: int, args) -> Dict[str, Any]:
-    import warnings
+class Prepared(NamedTuple):
+    hf_cfg: Any
+    cfg: Any
+    batch: Dict[str, Any]
+    actor: Any
+    lengths: List[int]
 
-    from . import flops
-    from .common import median_time
+
+def prepare(rank: int, world: int, args) -> Prepared:
+    """This rank's configs, batch (with the old log-probs the rollout step would provide; untimed), actor
+    and response lengths, as the flags describe them. Also what ``benchmarks/probes/step_phases.py`` times."""
+    import warnings
 
     # Spawned ranks do not inherit the parent's filters; Megatron's CPU-path notices drown the progress.
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -227,16 +234,25 @@ def _worker(rank: int, world: int, args) -> Dict[str, Any]:
     from dualrpo_mcore.models.qwen2_5_vl import from_hf
 
     cfg = from_hf(hf_cfg)
-    lengths = response_lengths(args)
     grid = parse_grid(args.image or ("8x8" if args.model in SMALL_MODELS else "28x28"))
+    lengths = response_lengths(args)
     batch = synthetic_batch(cfg, args.rows, args.prompt_len, lengths, grid, args.images_per_row, seed=args.seed)
     tokens = int(batch["attention_mask"].sum())
     if torch.cuda.is_available():  # Megatron builds the weights on the current GPU; the actor does not move inputs
         batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    say = print if rank == 0 else (lambda *a, **k: None)
-    say(f"bench train: building the actor ({args.model}, tp={args.tp}, pp={args.pp}, world={world})", flush=True)
+    if rank == 0:
+        print(f"bench train: building the actor ({args.model}, tp={args.tp}, pp={args.pp}, world={world})", flush=True)
     actor = _actor(args, hf_cfg, tokens)
-    batch["old_logprob"] = actor.compute_token_stats(batch)["logprob"]  # untimed: what the rollout step provides
+    batch["old_logprob"] = actor.compute_token_stats(batch)["logprob"]
+    return Prepared(hf_cfg, cfg, batch, actor, lengths)
+
+
+def _worker(rank: int, world: int, args) -> Dict[str, Any]:
+    from . import flops
+    from .common import median_time
+
+    hf_cfg, cfg, batch, actor, lengths = prepare(rank, world, args)
+    say = print if rank == 0 else (lambda *a, **k: None)
     out: Dict[str, Any] = dict(response_lengths=lengths)
     # Every rank takes the same branches (they meet at barriers).
     alternate = not (args.compare_packing or args.no_baseline) and args.model in SMALL_MODELS
@@ -259,7 +275,7 @@ def _worker(rank: int, world: int, args) -> Dict[str, Any]:
             out["baseline_flops"] = flops.batch_flops(cfg, batch, vocab=cfg.vocab_size)
     peak = _peak(args)
     step_flops = flops.batch_flops(cfg, batch, vocab=actor.module.padded_vocab_size, recompute=args.recompute)
-    out.update(peak=peak, flops=step_flops, tokens=tokens, world=world,
+    out.update(peak=peak, flops=step_flops, tokens=int(batch["attention_mask"].sum()), world=world,
                params_per_rank=sum(p.numel() for p in actor.module.parameters()))
     del actor
     if not (alternate or args.no_baseline):
